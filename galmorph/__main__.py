@@ -1,0 +1,5 @@
+import sys
+
+from galmorph.cli import main
+
+sys.exit(main())

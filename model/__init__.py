@@ -1,0 +1,1 @@
+"""galmorph model component."""

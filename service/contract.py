@@ -1,0 +1,89 @@
+"""The ONNX model contract shared by export (training side) and serving/scoring.
+
+One place for each fact: the exported ONNX file carries class names, input size,
+normalisation, stretch, band mapping, pixel scale and provenance in its `metadata_props`.
+Everything downstream reads them from the file through `ModelCard`; nothing keeps a copy.
+
+Graph: input `images` uint8 [N, H, W, 3] (the Galaxy10 array layout; /255, mean/std and
+NHWC->NCHW happen inside the graph), output `probabilities` float32 [N, K] (softmax inside),
+optional second output `logits`. N is dynamic, H and W are fixed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+LOGITS_NAME = "logits"
+METADATA_PREFIX = "galmorph."
+
+GALAXY10_CLASS_NAMES: tuple[str, ...] = (
+    "Disturbed",
+    "Merging",
+    "Round Smooth",
+    "In-between Round Smooth",
+    "Cigar Shaped Smooth",
+    "Barred Spiral",
+    "Unbarred Tight Spiral",
+    "Unbarred Loose Spiral",
+    "Edge-on without Bulge",
+    "Edge-on with Bulge",
+)
+
+# Legacy Survey pixel scale in arcsec/pixel; Galaxy10 DECaLS images are rendered at it.
+LEGACY_SURVEY_PIXEL_SCALE = 0.262
+# Viewer colour mapping of dr2_rgb: image channel <- survey band.
+DR2_RGB_BANDS = {"R": "z", "G": "r", "B": "g"}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything a consumer needs to feed the model and read its answer."""
+
+    model_name: str
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int]  # (H, W)
+    mean: tuple[float, float, float]  # on the 0..1 scale, applied inside the graph
+    std: tuple[float, float, float]
+    stretch: str = "dr2_rgb"
+    bands: dict[str, str] = field(default_factory=lambda: dict(DR2_RGB_BANDS))
+    pixel_scale: float = LEGACY_SURVEY_PIXEL_SCALE  # arcsec/pixel of the training images
+    precision: str = "fp32"  # fp32 | fp16 | int8
+    model_config: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] = field(default_factory=dict)  # fingerprint of the data
+    metrics: dict[str, Any] = field(default_factory=dict)  # evaluation results when known
+    package_version: str = ""
+    created: str = ""  # ISO 8601 UTC
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_metadata(self) -> dict[str, str]:
+        """Flatten to ONNX metadata_props: one key per field, JSON-encoded values."""
+        return {METADATA_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> ModelCard:
+        """Rebuild from metadata_props; raises ValueError naming what is missing or wrong."""
+        values: dict[str, Any] = {}
+        for key, raw in props.items():
+            if key.startswith(METADATA_PREFIX):
+                try:
+                    values[key[len(METADATA_PREFIX) :]] = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"model metadata {key!r} is not valid JSON") from exc
+        required = ("model_name", "class_names", "input_size", "mean", "std")
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise ValueError(
+                "not a galmorph model: ONNX metadata lacks "
+                + ", ".join(METADATA_PREFIX + k for k in missing)
+            )
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        for key in ("class_names", "input_size", "mean", "std"):
+            known[key] = tuple(known[key])
+        return cls(**known)

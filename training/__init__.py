@@ -1,0 +1,1 @@
+"""galmorph training component."""
