@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[serve,train,dev]"
+	$(BIN)/python -m pip install -q -e ".[serve,train,dev,ray]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
