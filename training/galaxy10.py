@@ -1,0 +1,262 @@
+"""Lazy, validated access to HDF5 files in the Galaxy10 layout.
+
+Layout: `images` uint8 (N, H, W, 3), `ans` integer labels (N,), optional 1-D columns `ra`, `dec`,
+`redshift`, `pxscale`. Class names come from a root `class_names` attribute when present,
+otherwise the file is Galaxy10 and has its ten classes.
+
+The real file is 2.5 GB, so images are only ever read by index. The h5py handle is opened on
+first use and reopened in any other process (a forked or spawned DataLoader worker), because
+an HDF5 handle inherited across fork is not safe to use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.contract import GALAXY10_CLASS_NAMES
+
+if TYPE_CHECKING:
+    import h5py
+
+IMAGES_KEY = "images"
+LABELS_KEY = "ans"
+CLASS_NAMES_ATTR = "class_names"
+OPTIONAL_COLUMNS = ("ra", "dec", "redshift", "pxscale")
+# Rows hashed by fingerprint(): enough to tell files apart, cheap on a 2.5 GB file.
+FINGERPRINT_SAMPLE_ROWS = 16
+# Labels are read whole: refuse absurd row counts before allocating for them.
+MAX_IMAGES = 100_000_000
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+class Galaxy10Error(ValueError):
+    """The file is not a usable Galaxy10-layout HDF5 file; the message says why."""
+
+
+class Galaxy10File:
+    """A Galaxy10-layout HDF5 file, validated on construction, images read lazily by index."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._handle: h5py.File | None = None
+        self._handle_pid: int | None = None
+        self.labels, self.class_names, self.image_shape, self._columns = _validate(self.path)
+        self.close()  # validation handle: never carry an open HDF5 id into a fork
+
+    @property
+    def num_images(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Optional columns present in the file."""
+        return self._columns
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_classes)
+
+    def image(self, index: int) -> np.ndarray:
+        """One image, uint8 (H, W, 3)."""
+        index = self._check_index(index)
+        return np.asarray(self._file()[IMAGES_KEY][index], dtype=np.uint8)
+
+    def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images at `indices` (any order, repeats allowed), uint8 (len, H, W, 3).
+
+        Sorted unique rows are read as contiguous slices, which h5py serves far faster than
+        fancy indexing; the result is then put back in the caller's order.
+        """
+        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((wanted.size, *self.image_shape), np.uint8)
+        if wanted.size == 0:
+            return out
+        for i in (int(wanted.min()), int(wanted.max())):
+            self._check_index(i)
+        unique, inverse = np.unique(wanted, return_inverse=True)
+        rows = np.empty((unique.size, *self.image_shape), np.uint8)
+        dataset = self._file()[IMAGES_KEY]
+        run_starts = np.flatnonzero(np.diff(unique, prepend=unique[0] - 2) != 1)
+        run_ends = np.append(run_starts[1:], unique.size)
+        for start, end in zip(run_starts, run_ends, strict=True):
+            first = int(unique[start])
+            rows[start:end] = dataset[first : first + (end - start)]
+        out[:] = rows[inverse]
+        return out
+
+    def column(self, name: str) -> np.ndarray | None:
+        """An optional per-image column (ra, dec, redshift, pxscale), or None if absent."""
+        if name not in OPTIONAL_COLUMNS:
+            raise KeyError(f"unknown column {name!r}; known: {', '.join(OPTIONAL_COLUMNS)}")
+        if name not in self._columns:
+            return None
+        return np.asarray(self._file()[name][()], dtype=np.float64)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Cheap, stable identity of the contents (reads labels and a few sampled rows).
+
+        `digest` covers everything but the file name, so a renamed copy matches.
+        """
+        sample = np.unique(
+            np.linspace(0, self.num_images - 1, FINGERPRINT_SAMPLE_ROWS).round().astype(np.int64)
+        )
+        sample_hash = hashlib.sha256()
+        for row in self.images(sample):
+            sample_hash.update(row.tobytes())
+        content: dict[str, Any] = {
+            "num_images": self.num_images,
+            "image_shape": list(self.image_shape),
+            "class_names": list(self.class_names),
+            "labels_sha256": hashlib.sha256(self.labels.astype("<i8").tobytes()).hexdigest(),
+            "sample_rows": sample.tolist(),
+            "sample_sha256": sample_hash.hexdigest(),
+            "file_size": self.path.stat().st_size,
+        }
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return {"file_name": self.path.name, **content, "digest": digest}
+
+    def close(self) -> None:
+        if self._handle is not None and self._handle_pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+        self._handle_pid = None
+
+    def __enter__(self) -> Galaxy10File:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned DataLoader workers receive a copy without the handle and open their own.
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_handle_pid"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"Galaxy10File({str(self.path)!r}, num_images={self.num_images}, "
+            f"image_shape={self.image_shape}, num_classes={self.num_classes})"
+        )
+
+    def _file(self) -> h5py.File:
+        if self._handle is None or self._handle_pid != os.getpid():
+            import h5py
+
+            # An inherited handle belongs to the parent's HDF5 state: drop it, do not close it.
+            self._handle = h5py.File(self.path, "r")
+            self._handle_pid = os.getpid()
+        return self._handle
+
+    def _check_index(self, index: int) -> int:
+        index = int(index)
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image index {index} out of range for {self.num_images} images")
+        return index
+
+
+def _validate(
+    path: Path,
+) -> tuple[np.ndarray, tuple[str, ...], tuple[int, int, int], tuple[str, ...]]:
+    """Check the layout (shapes and dtypes first, then labels) and return what it describes."""
+    import h5py
+
+    if not path.is_file():
+        raise Galaxy10Error(f"{path}: no such file")
+    with open(path, "rb") as raw:
+        signature = raw.read(len(HDF5_SIGNATURE))
+    if signature != HDF5_SIGNATURE:
+        raise Galaxy10Error(f"{path}: not an HDF5 file (missing the HDF5 signature)")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise Galaxy10Error(f"{path}: cannot be opened as HDF5: {exc}") from exc
+    with handle:
+        images = _dataset(handle, path, IMAGES_KEY)
+        labels_ds = _dataset(handle, path, LABELS_KEY)
+        if images.ndim != 4 or images.shape[3] != 3:
+            raise Galaxy10Error(
+                f"{path}: '{IMAGES_KEY}' must have shape (N, H, W, 3), got {images.shape}"
+            )
+        if images.dtype != np.uint8:
+            raise Galaxy10Error(f"{path}: '{IMAGES_KEY}' must be uint8, got {images.dtype}")
+        num_images, height, width, _ = images.shape
+        if num_images == 0 or height == 0 or width == 0:
+            raise Galaxy10Error(f"{path}: '{IMAGES_KEY}' is empty (shape {images.shape})")
+        if num_images > MAX_IMAGES:
+            raise Galaxy10Error(f"{path}: {num_images} images exceeds the limit of {MAX_IMAGES}")
+        if labels_ds.ndim != 1:
+            raise Galaxy10Error(f"{path}: '{LABELS_KEY}' must be 1-D, got shape {labels_ds.shape}")
+        if labels_ds.dtype.kind not in "iu":
+            raise Galaxy10Error(
+                f"{path}: '{LABELS_KEY}' must hold integer class ids, got {labels_ds.dtype}"
+            )
+        if labels_ds.shape[0] != num_images:
+            raise Galaxy10Error(
+                f"{path}: {num_images} images but {labels_ds.shape[0]} labels in '{LABELS_KEY}'"
+            )
+        columns = []
+        for name in OPTIONAL_COLUMNS:
+            if name not in handle:
+                continue
+            column = _dataset(handle, path, name)
+            if column.shape != (num_images,) or column.dtype.kind not in "iuf":
+                raise Galaxy10Error(
+                    f"{path}: column '{name}' must be numeric with shape ({num_images},), "
+                    f"got {column.dtype} {column.shape}"
+                )
+            columns.append(name)
+        class_names = _class_names(handle, path)
+        labels = np.asarray(labels_ds[()], dtype=np.int64)
+    bad = (labels < 0) | (labels >= len(class_names))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        hint = (
+            f"; a file whose classes are not Galaxy10's must name them in a "
+            f"'{CLASS_NAMES_ATTR}' attribute"
+            if class_names is GALAXY10_CLASS_NAMES
+            else ""
+        )
+        raise Galaxy10Error(
+            f"{path}: {int(bad.sum())} label(s) outside 0..{len(class_names) - 1} "
+            f"(first at row {first}: {int(labels[first])}){hint}"
+        )
+    return labels, class_names, (int(height), int(width), 3), tuple(columns)
+
+
+def _dataset(handle: h5py.File, path: Path, key: str) -> h5py.Dataset:
+    import h5py
+
+    if key not in handle:
+        present = ", ".join(sorted(handle.keys())) or "nothing"
+        raise Galaxy10Error(f"{path}: missing dataset '{key}' (file has: {present})")
+    node = handle[key]
+    if not isinstance(node, h5py.Dataset):
+        raise Galaxy10Error(f"{path}: '{key}' is a group, expected a dataset")
+    return node
+
+
+def _class_names(handle: h5py.File, path: Path) -> tuple[str, ...]:
+    if CLASS_NAMES_ATTR not in handle.attrs:
+        return GALAXY10_CLASS_NAMES
+    raw = np.asarray(handle.attrs[CLASS_NAMES_ATTR]).reshape(-1)
+    names = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in raw.tolist())
+    if not names or any(not name.strip() for name in names):
+        raise Galaxy10Error(f"{path}: attribute '{CLASS_NAMES_ATTR}' has empty class names")
+    if len(set(names)) != len(names):
+        raise Galaxy10Error(f"{path}: attribute '{CLASS_NAMES_ATTR}' repeats a class name")
+    return names
