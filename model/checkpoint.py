@@ -1,0 +1,204 @@
+"""Model checkpoints without pickle: weights in safetensors, everything else in JSON.
+
+A run folder holds `model.safetensors` (the state dict) and `model.json` (the ModelSpec:
+which registered model to build, with what input size, classes and normalisation, plus the
+SHA-256 of the weights file so a mismatched or damaged pair is caught at load time). Both
+files are written to a temporary name and moved into place with os.replace, so a crash never
+leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.contract import DR2_RGB_BANDS, LEGACY_SURVEY_PIXEL_SCALE
+
+if TYPE_CHECKING:
+    from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMAT_VERSION = 1
+MAX_SPEC_BYTES = 1 << 20  # a spec is a few kB; refuse to parse anything absurd
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or does not fit its model."""
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild a model and feed it: the JSON half of a checkpoint."""
+
+    name: str
+    num_classes: int
+    img_size: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    stretch: str = "dr2_rgb"
+    pixel_scale: float = LEGACY_SURVEY_PIXEL_SCALE
+    training_data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    bands: dict[str, str] = field(default_factory=lambda: dict(DR2_RGB_BANDS))
+
+    def __post_init__(self) -> None:
+        self.class_names = tuple(self.class_names)
+        self.mean = _triple(self.mean, "mean")
+        self.std = _triple(self.std, "std")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"invalid model spec: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("model spec JSON must be an object")
+        return cls.from_dict(data)
+
+    def build(self) -> nn.Module:
+        """The registered architecture, freshly initialised, at this spec's size."""
+        from model.registry import create_model
+
+        return create_model(
+            self.name,
+            num_classes=self.num_classes,
+            img_size=self.img_size,
+            drop_rate=self.drop_rate,
+            drop_path_rate=self.drop_path_rate,
+        )
+
+
+def _triple(values: Any, what: str) -> tuple[float, float, float]:
+    items = tuple(float(v) for v in values)
+    if len(items) != 3:
+        raise ValueError(f"{what} needs 3 values (R, G, B), got {len(items)}")
+    return items[0], items[1], items[2]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path), then move tmp_path onto path; remove it on failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_paths(run_dir: str | os.PathLike[str], filename: str = "model") -> tuple[Path, Path]:
+    """(weights, spec) paths of a checkpoint inside run_dir."""
+    run = Path(run_dir)
+    return run / f"{filename}.safetensors", run / f"{filename}.json"
+
+
+def save_model(
+    run_dir: str | os.PathLike[str],
+    model: nn.Module,
+    spec: ModelSpec,
+    *,
+    filename: str = "model",
+) -> Path:
+    """Write run_dir/{filename}.safetensors and .json atomically; returns the weights path."""
+    from safetensors.torch import save_file
+
+    weights_path, spec_path = checkpoint_paths(run_dir, filename)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(weights_path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    document = {
+        **spec.to_dict(),
+        "format_version": FORMAT_VERSION,
+        "weights_sha256": _sha256(weights_path),
+    }
+    _atomic_write(spec_path, lambda tmp: tmp.write_text(json.dumps(document, indent=2)))
+    return weights_path
+
+
+def load_spec(run_dir: str | os.PathLike[str], filename: str = "model") -> ModelSpec:
+    return ModelSpec.from_dict(_read_spec_document(checkpoint_paths(run_dir, filename)[1]))
+
+
+def _read_spec_document(spec_path: Path) -> dict[str, Any]:
+    if not spec_path.is_file():
+        raise CheckpointError(f"checkpoint spec not found: {spec_path}")
+    size = spec_path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise CheckpointError(f"{spec_path} is {size} bytes, larger than any model spec")
+    try:
+        document = json.loads(spec_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{spec_path} is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{spec_path} must hold a JSON object")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{spec_path}: unsupported checkpoint format_version {version!r}")
+    return document
+
+
+def load_model(
+    run_dir: str | os.PathLike[str], *, filename: str = "model"
+) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the model named in the spec and load its weights (strict); model is in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path, spec_path = checkpoint_paths(run_dir, filename)
+    document = _read_spec_document(spec_path)
+    try:
+        spec = ModelSpec.from_dict(document)
+    except ValueError as exc:
+        raise CheckpointError(f"{spec_path}: {exc}") from exc
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {weights_path}")
+    if _sha256(weights_path) != document.get("weights_sha256"):
+        raise CheckpointError(
+            f"{weights_path} does not match {spec_path.name} (SHA-256 differs): "
+            "the weights file is damaged or from another run"
+        )
+    try:
+        state = load_file(str(weights_path))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights_path} is not a valid safetensors file: {exc}") from exc
+    model = spec.build()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights_path} does not fit model {spec.name!r}: {exc}") from exc
+    model.eval()
+    return model, spec

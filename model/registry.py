@@ -1,0 +1,90 @@
+"""Model registry (timm-like): `@register_model` on a factory, `create_model(name, ...)`.
+
+Factories live beside their architectures (model/astroformer.py, model/vit_small.py); those
+modules are imported on first lookup so that importing the registry (e.g. from a CLI module)
+stays free of torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Modules whose import registers models.
+_MODEL_MODULES = ("model.astroformer", "model.vit_small")
+
+ModelFactory = Callable[..., "nn.Module"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: ModelFactory
+    default_img_size: int
+    layout: str  # e.g. "C-C-C-T", or "ViT"
+    source: str  # where the configuration comes from (paper, or "galmorph")
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    name: str | None = None, *, default_img_size: int = 256, layout: str, source: str
+) -> Callable[[ModelFactory], ModelFactory]:
+    """Register `factory(*, num_classes, img_size, drop_rate, drop_path_rate)`.
+
+    The name defaults to the factory's own name, as with timm's `@register_model`.
+    """
+
+    def decorate(factory: ModelFactory) -> ModelFactory:
+        nonlocal name
+        name = name or factory.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelEntry(name, factory, default_img_size, layout, source)
+        return factory
+
+    return decorate
+
+
+def _load_model_modules() -> None:
+    for module in _MODEL_MODULES:
+        importlib.import_module(module)
+
+
+def list_models() -> list[str]:
+    _load_model_modules()
+    return sorted(_REGISTRY)
+
+
+def model_entry(name: str) -> ModelEntry:
+    _load_model_modules()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    img_size: int = 256,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """Build a registered model; forward takes normalised float NCHW and returns logits."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return model_entry(name).factory(
+        num_classes=num_classes,
+        img_size=img_size,
+        drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+    )
