@@ -1,0 +1,410 @@
+"""Catalog readers for batch scoring: every input kind becomes a stream of row blocks.
+
+A block is a `pyarrow.Table` with `row_index` (int64, position in the catalog), `id_str`
+(string), `source` (an absolute cutout path, or a Galaxy10 row number) and the passthrough
+columns. Blocks are produced only for the requested row ranges, in catalog order.
+
+Memory: CSV and Parquet are streamed (pyarrow's incremental CSV reader, Parquet row groups),
+so a catalog of any length is never held whole. ECSV and VOTable are not streamable formats:
+astropy reads them whole (they hold paths and coordinates, not pixels, so a million rows is
+~100 MB). FITS binary tables are memory-mapped by astropy, so only the rows read are touched.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from training.galaxy10 import Galaxy10File
+
+DEFAULT_PASSTHROUGH = ("ra", "dec")
+CUTOUT_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fz", ".png", ".jpg", ".jpeg")
+# Galaxy10 columns a user may pass through; `label` is the Galaxy10 class id (`ans`).
+GALAXY10_COLUMNS = ("ra", "dec", "redshift", "pxscale", "label")
+BLOCK_ROWS = 4096
+_HASH_CHUNK = 1 << 20
+
+
+class CatalogError(ValueError):
+    """The catalog cannot be read as asked (unknown format, missing column, ...)."""
+
+
+@dataclass(frozen=True)
+class CatalogOptions:
+    id_col: str = "id_str"
+    path_col: str = "file_loc"
+    passthrough: tuple[str, ...] = ()  # asked for explicitly; ra/dec are added when present
+
+
+class Catalog:
+    """Common interface; subclasses implement `_blocks` for one contiguous row range."""
+
+    kind: str = ""
+    # "path": `source` is a cutout file path; "galaxy10": `source` is an HDF5 row number.
+    source_kind: str = "path"
+
+    def __init__(self, path: Path, num_rows: int, passthrough: tuple[str, ...]) -> None:
+        self.path = path
+        self.num_rows = num_rows
+        self.passthrough = passthrough
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identity of the catalog content, recorded in the scoring manifest."""
+        return {"kind": self.kind, "name": self.path.name, "sha256": _file_sha256(self.path)}
+
+    def iter_blocks(
+        self, ranges: Sequence[range], block_rows: int = BLOCK_ROWS
+    ) -> Iterator[pa.Table]:
+        """Yield blocks covering exactly the rows in `ranges` (disjoint), in catalog order."""
+        merged = _merge_adjacent(ranges)
+        if merged:
+            yield from self._blocks(merged, block_rows)
+
+    def _blocks(self, ranges: list[range], block_rows: int) -> Iterator[pa.Table]:
+        """Default for formats with random access: slice each range directly."""
+        for rows in ranges:
+            for lo in range(rows.start, rows.stop, block_rows):
+                yield self._rows(lo, min(lo + block_rows, rows.stop))
+
+    def _rows(self, start: int, stop: int) -> pa.Table:
+        raise NotImplementedError
+
+
+def open_catalog(path: str | Path, options: CatalogOptions = CatalogOptions()) -> Catalog:
+    """Open a catalog by its file type: table formats, Galaxy10 HDF5, a folder or a glob."""
+    text = str(path)
+    p = Path(text)
+    if p.is_dir():
+        return FileListCatalog.from_folder(p, options)
+    if not p.exists():
+        if glob.has_magic(text):
+            return FileListCatalog.from_glob(text, options)
+        raise CatalogError(f"catalog not found: {text}")
+    name = p.name.lower()
+    if name.endswith((".csv", ".csv.gz", ".tsv")):
+        return CsvCatalog(p, options)
+    if name.endswith((".parquet", ".pq")):
+        return ParquetCatalog(p, options)
+    if name.endswith((".h5", ".hdf5")):
+        return Galaxy10Catalog(p, options)
+    for suffixes, fmt in _ASTROPY_FORMATS:
+        if name.endswith(suffixes):
+            return AstropyCatalog(p, options, fmt)
+    raise CatalogError(
+        f"unknown catalog type {p.name!r}: expected .csv, .ecsv, .fits, .vot/.xml, .parquet, "
+        ".h5 (Galaxy10 layout), a folder or a glob of cutouts"
+    )
+
+
+_ASTROPY_FORMATS = (
+    ((".ecsv",), "ascii.ecsv"),
+    ((".fits", ".fit", ".fits.gz", ".fit.gz"), "fits"),
+    ((".vot", ".votable", ".xml"), "votable"),
+)
+
+
+def _choose_columns(
+    available: Sequence[str], options: CatalogOptions, where: str
+) -> tuple[str, ...]:
+    """Check the id/path columns exist; passthrough = ra/dec when present + those asked."""
+    for role, col in (("id", options.id_col), ("path", options.path_col)):
+        if col not in available:
+            raise CatalogError(
+                f"{where}: no {role} column {col!r} (columns: {', '.join(available)}); "
+                f"name it with --{role}-col"
+            )
+    missing = [c for c in options.passthrough if c not in available]
+    if missing:
+        raise CatalogError(
+            f"{where}: passthrough column(s) {', '.join(missing)} not in the catalog "
+            f"(columns: {', '.join(available)})"
+        )
+    chosen = [c for c in DEFAULT_PASSTHROUGH if c in available]
+    chosen += [c for c in options.passthrough if c not in chosen]
+    return tuple(c for c in chosen if c not in (options.id_col, options.path_col))
+
+
+def _resolve_paths(values: pa.ChunkedArray | pa.Array, base: Path) -> pa.Array:
+    """file_loc values as absolute paths; relative ones resolve against the catalog folder."""
+    out: list[str | None] = []
+    for value in values.to_pylist():
+        if value is None or str(value).strip() == "":
+            out.append(None)
+            continue
+        p = Path(str(value).strip()).expanduser()
+        out.append(str(p if p.is_absolute() else base / p))
+    return pa.array(out, pa.string())
+
+
+def _block(
+    start: int,
+    ids: pa.Array | pa.ChunkedArray,
+    sources: pa.Array,
+    passthrough: dict[str, pa.Array | pa.ChunkedArray],
+) -> pa.Table:
+    n = len(sources)
+    columns: dict[str, Any] = {
+        "row_index": pa.array(np.arange(start, start + n, dtype=np.int64)),
+        "id_str": pc.cast(ids, pa.string()),
+        "source": sources,
+    }
+    columns.update(passthrough)
+    return pa.table(columns)
+
+
+class CsvCatalog(Catalog):
+    """CSV streamed with pyarrow's incremental reader; only the needed columns are parsed."""
+
+    kind = "csv"
+
+    def __init__(self, path: Path, options: CatalogOptions) -> None:
+        import pyarrow.csv as pacsv
+
+        self._options = options
+        self._parse = pacsv.ParseOptions(delimiter="\t" if path.name.endswith(".tsv") else ",")
+        header = pacsv.open_csv(path, parse_options=self._parse).schema.names
+        passthrough = _choose_columns(header, options, path.name)
+        self._convert = pacsv.ConvertOptions(
+            include_columns=[options.id_col, options.path_col, *passthrough],
+            column_types={options.id_col: pa.string(), options.path_col: pa.string()},
+        )
+        num_rows = sum(len(b) for b in self._reader(id_only=True))
+        super().__init__(path, num_rows, passthrough)
+
+    def _reader(self, id_only: bool = False) -> Iterator[pa.RecordBatch]:
+        import pyarrow.csv as pacsv
+
+        convert = self._convert
+        if id_only:
+            convert = pacsv.ConvertOptions(
+                include_columns=[self._options.id_col],
+                column_types={self._options.id_col: pa.string()},
+            )
+        yield from pacsv.open_csv(
+            self.path,
+            read_options=pacsv.ReadOptions(block_size=1 << 22),
+            parse_options=self._parse,
+            convert_options=convert,
+        )
+
+    def _blocks(self, ranges: list[range], block_rows: int) -> Iterator[pa.Table]:
+        # One pass over the file for all ranges: a CSV cannot be entered in the middle.
+        yield from _slice_stream(self._reader(), ranges, block_rows, self._to_block)
+
+    def _to_block(self, start: int, table: pa.Table) -> pa.Table:
+        opts = self._options
+        return _block(
+            start,
+            table.column(opts.id_col),
+            _resolve_paths(table.column(opts.path_col), self.path.parent),
+            {c: table.column(c) for c in self.passthrough},
+        )
+
+
+class ParquetCatalog(Catalog):
+    """Parquet streamed by row group; row groups outside the wanted ranges are not read."""
+
+    kind = "parquet"
+
+    def __init__(self, path: Path, options: CatalogOptions) -> None:
+        import pyarrow.parquet as pq
+
+        self._options = options
+        self._file = pq.ParquetFile(path)
+        passthrough = _choose_columns(self._file.schema_arrow.names, options, path.name)
+        super().__init__(path, self._file.metadata.num_rows, passthrough)
+
+    def _blocks(self, ranges: list[range], block_rows: int) -> Iterator[pa.Table]:
+        meta = self._file.metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        bounds = itertools.pairwise(itertools.accumulate(sizes, initial=0))
+        columns = [self._options.id_col, self._options.path_col, *self.passthrough]
+        for group, (lo, hi) in enumerate(bounds):
+            inside = [r for r in ranges if r.start < hi and r.stop > lo]
+            if not inside:
+                continue  # this row group is never decoded
+            batches = self._file.iter_batches(
+                batch_size=block_rows, row_groups=[group], columns=columns
+            )
+            yield from _slice_stream(batches, inside, block_rows, self._to_block, first_row=lo)
+
+    def _to_block(self, start: int, table: pa.Table) -> pa.Table:
+        opts = self._options
+        return _block(
+            start,
+            table.column(opts.id_col),
+            _resolve_paths(table.column(opts.path_col), self.path.parent),
+            {c: table.column(c) for c in self.passthrough},
+        )
+
+
+class AstropyCatalog(Catalog):
+    """ECSV, FITS binary table or VOTable through astropy.table (read whole; FITS memory-mapped)."""
+
+    def __init__(self, path: Path, options: CatalogOptions, fmt: str) -> None:
+        from astropy.table import Table
+
+        self.kind = fmt
+        self._options = options
+        kwargs: dict[str, Any] = {"memmap": True} if fmt == "fits" else {}
+        try:
+            self._table = Table.read(path, format=fmt, **kwargs)
+        except Exception as exc:  # astropy raises many types for unreadable tables
+            raise CatalogError(f"cannot read {path.name} as {fmt} table: {exc}") from exc
+        passthrough = _choose_columns(self._table.colnames, options, path.name)
+        super().__init__(path, len(self._table), passthrough)
+
+    def _column(self, name: str, start: int, stop: int) -> pa.Array:
+        column = self._table[name][start:stop]
+        values = np.asarray(column)
+        if values.dtype.kind == "S":  # FITS strings arrive as bytes
+            values = np.char.decode(values, "utf-8")
+        if values.dtype.byteorder == ">":
+            values = values.astype(values.dtype.newbyteorder("="))
+        mask = np.ma.getmaskarray(column) if hasattr(column, "mask") else None
+        if values.dtype.kind == "U":
+            values = np.char.strip(values)  # FITS pads strings with blanks
+        return pa.array(values, mask=mask)
+
+    def _rows(self, start: int, stop: int) -> pa.Table:
+        opts = self._options
+        return _block(
+            start,
+            self._column(opts.id_col, start, stop),
+            _resolve_paths(self._column(opts.path_col, start, stop), self.path.parent),
+            {c: self._column(c, start, stop) for c in self.passthrough},
+        )
+
+
+class Galaxy10Catalog(Catalog):
+    """A Galaxy10-layout HDF5: every image is scored; id_str is the row number."""
+
+    kind = "galaxy10"
+    source_kind = "galaxy10"
+
+    def __init__(self, path: Path, options: CatalogOptions) -> None:
+        from training.galaxy10 import Galaxy10File
+
+        self._file: Galaxy10File = Galaxy10File(path)
+        # Per-image columns are small (8 bytes a row) and read once, not per block.
+        columns = {name: self._file.column(name) for name in GALAXY10_COLUMNS[:-1]}
+        columns["label"] = self._file.labels
+        self._columns = {k: v for k, v in columns.items() if v is not None}
+        missing = [c for c in options.passthrough if c not in self._columns]
+        if missing:
+            raise CatalogError(
+                f"{path.name}: passthrough column(s) {', '.join(missing)} not available "
+                f"(Galaxy10 columns present: {', '.join(self._columns)})"
+            )
+        passthrough = [c for c in DEFAULT_PASSTHROUGH if c in self._columns]
+        passthrough += [c for c in options.passthrough if c not in passthrough]
+        super().__init__(path, self._file.num_images, tuple(passthrough))
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self._file.image_shape)
+
+    def fingerprint(self) -> dict[str, Any]:
+        # Hashing a 2.5 GB file on every run would dominate; the data layer's fingerprint is
+        # the agreed identity of a Galaxy10 file.
+        return {"kind": self.kind, "digest": self._file.fingerprint()["digest"]}
+
+    def _rows(self, start: int, stop: int) -> pa.Table:
+        rows = np.arange(start, stop, dtype=np.int64)
+        passthrough = {name: pa.array(self._columns[name][start:stop]) for name in self.passthrough}
+        return _block(start, pa.array(rows.astype(str)), pa.array(rows), passthrough)
+
+
+class FileListCatalog(Catalog):
+    """A folder or glob of cutouts, sorted by path; id_str is the path relative to the root."""
+
+    kind = "files"
+
+    def __init__(self, root: Path, files: list[Path], options: CatalogOptions) -> None:
+        if options.passthrough:
+            raise CatalogError("a folder or glob of cutouts has no columns to pass through")
+        if not files:
+            raise CatalogError(f"no cutouts ({', '.join(CUTOUT_SUFFIXES)}) found in {root}")
+        self._root = root
+        self._files = files
+        super().__init__(root, len(files), ())
+
+    @classmethod
+    def from_folder(cls, folder: Path, options: CatalogOptions) -> FileListCatalog:
+        files = sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(CUTOUT_SUFFIXES)
+        )
+        return cls(folder.resolve(), [p.resolve() for p in files], options)
+
+    @classmethod
+    def from_glob(cls, pattern: str, options: CatalogOptions) -> FileListCatalog:
+        files = sorted(Path(p).resolve() for p in glob.glob(pattern, recursive=True))
+        files = [p for p in files if p.is_file()]
+        root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
+        return cls(root, files, options)
+
+    def _relative(self, p: Path) -> str:
+        return p.relative_to(self._root).as_posix()
+
+    def fingerprint(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for p in self._files:
+            digest.update(f"{self._relative(p)}\t{p.stat().st_size}\n".encode())
+        return {"kind": self.kind, "name": self.path.name, "listing_sha256": digest.hexdigest()}
+
+    def _rows(self, start: int, stop: int) -> pa.Table:
+        files = self._files[start:stop]
+        ids = pa.array([self._relative(p) for p in files], pa.string())
+        return _block(start, ids, pa.array([str(p) for p in files], pa.string()), {})
+
+
+def _slice_stream(
+    batches: Iterator[pa.RecordBatch],
+    ranges: list[range],
+    block_rows: int,
+    to_block: Callable[[int, pa.Table], pa.Table],
+    first_row: int = 0,
+) -> Iterator[pa.Table]:
+    """Cut a stream of record batches (starting at catalog row `first_row`) to `ranges`."""
+    position = first_row
+    last = max(r.stop for r in ranges)
+    for batch in batches:
+        for rows in ranges:
+            lo, hi = max(rows.start - position, 0), min(rows.stop - position, len(batch))
+            if hi <= lo:
+                continue
+            piece = pa.Table.from_batches([batch.slice(lo, hi - lo)])
+            for off in range(0, len(piece), block_rows):
+                yield to_block(position + lo + off, piece.slice(off, block_rows))
+        position += len(batch)
+        if position >= last:
+            return
+
+
+def _merge_adjacent(ranges: Sequence[range]) -> list[range]:
+    merged: list[range] = []
+    for r in sorted((r for r in ranges if len(r)), key=lambda r: r.start):
+        if merged and merged[-1].stop == r.start:
+            merged[-1] = range(merged[-1].start, r.stop)
+        else:
+            merged.append(r)
+    return merged
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,178 @@
+"""`galmorph score` and `galmorph merge`: batch scoring of catalogs, sharded and resumable.
+
+Registration only; the work lives in service.score and service.shards, imported by the
+handlers so `galmorph --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SCORE_EPILOG = """\
+Catalog: CSV/ECSV/FITS table/VOTable/Parquet with id and cutout-path columns (relative paths
+resolve against the catalog's folder), a Galaxy10-layout .h5 (every image; id = row number),
+or a folder or quoted glob of FITS/PNG/JPEG cutouts.
+
+Output: OUT_DIR/part-NNNNN.parquet per shard (written atomically), manifest.json, and when
+the whole catalog is done, OUT_DIR/scores.<format>. A rerun skips finished shards; a rerun
+with another model or catalog is refused. Bad or missing cutouts become rows with `error`.
+
+Slurm job array: --shard-index $SLURM_ARRAY_TASK_ID --num-shards $SLURM_ARRAY_TASK_COUNT,
+then `galmorph merge OUT_DIR` once all tasks finished (scripts/slurm/score_array.sbatch).
+"""
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    score = subparsers.add_parser(
+        "score",
+        help="score a catalog of cutouts with an ONNX model (sharded, resumable)",
+        description="Classify every row of a catalog; one output row per input row.",
+        epilog=SCORE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("catalog", help="catalog file, Galaxy10 .h5, folder or glob of cutouts")
+    score.add_argument("--model", required=True, type=Path, help="galmorph ONNX model")
+    score.add_argument("--out", required=True, type=Path, help="output folder (parts, manifest)")
+    score.add_argument(
+        "--format",
+        choices=("parquet", "csv", "fits"),
+        default="parquet",
+        help="format of the merged output (parts are always Parquet; default parquet)",
+    )
+    score.add_argument("--id-col", default="id_str", help="catalog id column (default id_str)")
+    score.add_argument(
+        "--path-col", default="file_loc", help="catalog cutout-path column (default file_loc)"
+    )
+    score.add_argument(
+        "--passthrough",
+        type=_columns,
+        default=(),
+        metavar="COL,COL",
+        help="extra catalog columns to copy to the output (ra, dec are copied when present)",
+    )
+    score.add_argument(
+        "--shard-size", type=_positive, default=10_000, help="rows per part file (default 10000)"
+    )
+    score.add_argument(
+        "--shard-index", type=_non_negative, default=0, help="this task's index (Slurm array)"
+    )
+    score.add_argument(
+        "--num-shards",
+        type=_positive,
+        default=1,
+        help="number of tasks sharing the catalog; each scores a contiguous range of shards",
+    )
+    score.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=1,
+        help="decode worker processes (0: decode in the main process; default 1)",
+    )
+    score.add_argument("--batch-size", type=_positive, default=32, help="inference batch size")
+    score.add_argument(
+        "--ort-threads",
+        type=_positive,
+        default=None,
+        help="onnxruntime intra-op threads (default: CPU cores minus decode workers)",
+    )
+    score.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: process pool + one session; ray: Ray Data actor pool (pip extra 'ray')",
+    )
+    score.add_argument("--stretch", default=None, help="colour stretch (default: the model's)")
+    score.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="do not merge at the end even when this run covers the whole catalog",
+    )
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(func=run_score)
+
+    merge = subparsers.add_parser(
+        "merge",
+        help="combine a scoring run's parts into one file, checking every row appears once",
+        description="Combine OUT_DIR/part-*.parquet in input order; fails naming any missing, "
+        "damaged or foreign part.",
+    )
+    merge.add_argument("out_dir", type=Path, help="the folder given to `galmorph score --out`")
+    merge.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="merged file (.parquet, .csv or .fits; default OUT_DIR/scores.parquet)",
+    )
+    merge.set_defaults(func=run_merge)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from service.catalog import CatalogError, CatalogOptions
+    from service.engine import ModelLoadError
+    from service.score import ScoreConfig, score
+    from service.shards import ShardError
+
+    config = ScoreConfig(
+        catalog=args.catalog,
+        model=args.model,
+        out_dir=args.out,
+        output_format=args.format,
+        catalog_options=CatalogOptions(
+            id_col=args.id_col, path_col=args.path_col, passthrough=args.passthrough
+        ),
+        shard_size=args.shard_size,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        ort_threads=args.ort_threads,
+        stretch=args.stretch,
+        engine=args.engine,
+        progress=not args.quiet,
+        merge=False if args.no_merge else None,
+    )
+    try:
+        summary = score(config)
+    except (CatalogError, ShardError, ModelLoadError, ValueError) as exc:
+        print(f"galmorph score: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.to_dict(), indent=2))
+    if summary.errors:
+        logger.warning("%d rows have errors: %s", sum(summary.errors.values()), summary.errors)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from service.shards import ShardError, merge
+
+    try:
+        result = merge(args.out_dir, args.out)
+    except (ShardError, ValueError) as exc:
+        print(f"galmorph merge: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"path": str(result.path), "rows": result.rows, "errors": result.errors}))
+    return 0

@@ -1,0 +1,153 @@
+"""Streaming table writers for merged scoring output: Parquet, CSV and FITS binary table.
+
+Each writer takes Arrow tables one at a time and never holds more than the current one, so a
+merge of millions of rows runs in flat memory. FITS needs the row count and string widths in
+its header before any data: the caller passes them (the merge knows both from the parts).
+The file appears under its final name only when complete (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+FORMATS = ("parquet", "csv", "fits")
+SUFFIXES = {"parquet": ".parquet", "csv": ".csv", "fits": ".fits"}
+# FITS has no null for integers except a declared TNULL value; floats use NaN.
+FITS_INT_NULL = np.iinfo(np.int64).min
+
+
+def format_from_path(path: Path) -> str:
+    name = path.name.lower()
+    for fmt, suffix in SUFFIXES.items():
+        if name.endswith(suffix) or (fmt == "fits" and name.endswith(".fit")):
+            return fmt
+    raise ValueError(f"cannot tell the output format of {path.name}: use .parquet, .csv or .fits")
+
+
+class StreamingTableWriter:
+    """Write Arrow tables of one schema to `path` in `fmt`; use as a context manager."""
+
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        schema: pa.Schema,
+        *,
+        num_rows: int,
+        string_widths: dict[str, int] | None = None,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+        self.path = path
+        self._temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self._fmt = fmt
+        self._schema = schema
+        self._rows_written = 0
+        self._num_rows = num_rows
+        self._writer: Any
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            self._writer = pq.ParquetWriter(self._temp, schema)
+        elif fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            self._writer = pacsv.CSVWriter(self._temp, schema)
+        else:
+            self._writer = _FitsTableWriter(self._temp, schema, num_rows, string_widths or {})
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table.select(self._schema.names).cast(self._schema))
+        self._rows_written += len(table)
+
+    def __enter__(self) -> StreamingTableWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._writer.close()
+        if exc_type is not None:
+            self._temp.unlink(missing_ok=True)
+            return
+        if self._rows_written != self._num_rows:
+            self._temp.unlink(missing_ok=True)
+            raise RuntimeError(f"wrote {self._rows_written} rows, expected {self._num_rows}")
+        os.replace(self._temp, self.path)
+
+
+def string_widths(table: pa.Table) -> dict[str, int]:
+    """Longest UTF-8 length per string column (FITS fixed-width strings need it up front)."""
+    widths = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            longest = pc.max(pc.binary_length(column)).as_py()
+            widths[name] = int(longest or 0)
+    return widths
+
+
+class _FitsTableWriter:
+    """A FITS binary table streamed with astropy's StreamingHDU (header first, then rows)."""
+
+    def __init__(
+        self, path: Path, schema: pa.Schema, num_rows: int, widths: dict[str, int]
+    ) -> None:
+        from astropy.io import fits
+
+        columns = []
+        dtype = []
+        for f in schema:
+            form, np_type, null = _fits_column(f, widths.get(f.name, 0))
+            columns.append(fits.Column(name=f.name, format=form, null=null))
+            dtype.append((f.name, np_type))
+        header = fits.BinTableHDU.from_columns(fits.ColDefs(columns), nrows=0).header
+        header["NAXIS2"] = num_rows
+        self._dtype = np.dtype(dtype)
+        self._stream = fits.StreamingHDU(str(path), header)
+
+    def write_table(self, table: pa.Table) -> None:
+        records = np.zeros(len(table), self._dtype)
+        for name in table.column_names:
+            records[name] = _fits_values(table.column(name), self._dtype[name])
+        # StreamingHDU expects the raw bytes of the big-endian record array.
+        self._stream.write(records.view(np.uint8))
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _fits_column(f: pa.Field, width: int) -> tuple[str, str, int | None]:
+    t = f.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        width = max(width, 1)
+        return f"{width}A", f"S{width}", None
+    if pa.types.is_boolean(t):
+        return "L", "S1", None
+    if pa.types.is_integer(t):
+        return "K", ">i8", int(FITS_INT_NULL)
+    if pa.types.is_float32(t):
+        return "E", ">f4", None
+    if pa.types.is_floating(t):
+        return "D", ">f8", None
+    raise ValueError(f"column {f.name!r} of type {t} cannot be written to a FITS table")
+
+
+def _fits_values(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
+    t = column.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return np.array([(v or "").encode() for v in column.to_pylist()], dtype=dtype)
+    if pa.types.is_boolean(t):
+        return np.array([{True: b"T", False: b"F"}.get(v, b"\0") for v in column.to_pylist()])
+    if pa.types.is_integer(t):
+        return column.fill_null(FITS_INT_NULL).to_numpy().astype(np.int64)
+    return column.fill_null(float("nan")).to_numpy()
