@@ -1,0 +1,365 @@
+"""Read the first image of an untrusted FITS file (plain, gzip or fpack) with limits first.
+
+The file is walked HDU by HDU: each header is parsed alone (astropy `Header.fromstring`), the
+declared shape is checked against `DecodeLimits` (413) and only then are the data bytes
+read or decompressed. gzip is decompressed incrementally, never past what the headers
+declare or `max_decompressed_bytes`, so a gzip bomb costs at most the cap. The chosen HDU
+is then handed to astropy (BSCALE/BZERO, BLANK, tile decompression) and its bands are
+picked by name.
+
+Policies:
+- Bands: `BANDn` keys (n = 0..planes-1), else `BANDS` ('grz' or 'g,r,z'); g, r and z are
+  picked by name (griz cubes work); a missing one is a 422 naming it. A 3-plane cube without
+  names is read as g, r, z with a warning; other unnamed cubes are a 422. Leading axes of
+  length 1 are dropped, so (1, H, W) and (1, 1, H, W) are single-band images.
+- NaN/inf pixels become 0 flux (the Legacy Survey "no coverage" value) with a warning giving
+  the fraction; an image with no finite pixel is a 422.
+- Pixel scale: astropy WCS (celestial part, `proj_plane_pixel_scales`), in arcsec per pixel
+  along x and y; None when the header has no usable celestial WCS.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.io import fits
+
+from service.cutout_limits import CutoutError, DecodeLimits
+
+BLOCK = 2880
+CARD = 80
+MAX_HEADER_BLOCKS = 200  # 7200 cards; HST drizzled headers have ~1600
+FITS_MAGIC = b"SIMPLE  ="
+GZIP_MAGIC = b"\x1f\x8b"
+VALID_BITPIX = {8, 16, 32, 64, -32, -64}
+COLOUR_BANDS = ("g", "r", "z")
+_GZIP_INPUT_CHUNK = 1 << 16
+_SKIP_CHUNK = 1 << 20
+
+
+@dataclass
+class FitsImage:
+    """The planes of the first image HDU, cleaned, in FITS row order (row 0 = south)."""
+
+    planes: dict[str, np.ndarray]  # {"g","r","z"} for colour, or {name: plane} for one band
+    original_shape: tuple[int, ...]
+    pixel_scale: tuple[float, float] | None  # arcsec/px along x (columns) and y (rows)
+    compressed: str | None  # "gzip", "fpack" or None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def single_band(self) -> bool:
+        return len(self.planes) == 1
+
+
+class _PlainSource:
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        chunk = bytes(self._view[self._pos : self._pos + n])
+        self._pos += len(chunk)
+        return chunk
+
+    def skip(self, n: int) -> None:
+        self._pos += n
+
+
+class _GzipSource:
+    """Incremental gzip reader that refuses (413) to expand past `cap` bytes in total."""
+
+    def __init__(self, data: bytes, cap: int) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+        self._tail = b""
+        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._cap = cap
+        self._produced = 0
+
+    def _reserve(self, n: int) -> None:
+        if self._produced + n > self._cap:
+            raise CutoutError(
+                413,
+                f"gzip-compressed FITS would expand past the limit of {self._cap} bytes "
+                "(its headers declare more data than allowed)",
+            )
+
+    def read(self, n: int) -> bytes:
+        self._reserve(n)
+        parts: list[bytes] = []
+        need = n
+        try:
+            while need > 0 and not self._inflater.eof:
+                if not self._tail:
+                    if self._pos >= len(self._view):
+                        break
+                    self._tail = bytes(self._view[self._pos : self._pos + _GZIP_INPUT_CHUNK])
+                    self._pos += len(self._tail)
+                out = self._inflater.decompress(self._tail, need)
+                self._tail = self._inflater.unconsumed_tail
+                parts.append(out)
+                need -= len(out)
+        except zlib.error as exc:
+            raise CutoutError(422, f"corrupt gzip stream: {exc}") from None
+        chunk = b"".join(parts)
+        self._produced += len(chunk)
+        return chunk
+
+    def skip(self, n: int) -> None:
+        self._reserve(n)
+        while n > 0:
+            got = len(self.read(min(n, _SKIP_CHUNK)))
+            if got == 0:
+                return
+            n -= got
+
+
+_Source = _PlainSource | _GzipSource
+
+
+@dataclass
+class _Hdu:
+    index: int
+    header: fits.Header
+    header_bytes: bytes
+    data_size: int  # unpadded bytes of the data unit
+
+
+def read_fits(data: bytes, limits: DecodeLimits) -> FitsImage:
+    """Decode the first HDU with image data; raises CutoutError (413/415/422)."""
+    gzipped = data[:2] == GZIP_MAGIC
+    source: _Source = (
+        _GzipSource(data, limits.max_decompressed_bytes) if gzipped else _PlainSource(data)
+    )
+    hdu, raw, compressed = _find_image_hdu(source, limits)
+    array, header = _load_hdu(hdu, raw, compressed)
+    image = _select_bands(array, header)
+    image.compressed = "gzip" if gzipped else ("fpack" if compressed else None)
+    image.pixel_scale = pixel_scale_arcsec(header)
+    return image
+
+
+def _find_image_hdu(source: _Source, limits: DecodeLimits) -> tuple[_Hdu, bytes, bool]:
+    index = 0
+    while True:
+        hdu = _read_header(source, index)
+        if hdu is None:
+            raise CutoutError(422, "FITS file has no HDU with image data")
+        header = hdu.header
+        compressed = bool(header.get("ZIMAGE", False))
+        is_image = (index == 0 and header.get("NAXIS", 0) > 0) or (
+            index > 0 and str(header.get("XTENSION", "")).strip() == "IMAGE"
+        )
+        if index == 0 and header.get("GROUPS", False):
+            raise CutoutError(422, "FITS random-groups files are not images")
+        if is_image or compressed:
+            prefix = "Z" if compressed else ""
+            shape = _declared_shape(header, prefix)
+            if shape and all(side > 0 for side in shape):
+                limits.check_declared_shape(shape, f"FITS HDU {index}")
+                raw = source.read(hdu.data_size)
+                if len(raw) < hdu.data_size:
+                    raise CutoutError(
+                        422,
+                        f"FITS file is truncated: HDU {index} declares {hdu.data_size} data "
+                        f"bytes but only {len(raw)} are present",
+                    )
+                return hdu, raw, compressed
+        source.skip(_padded(hdu.data_size))
+        index += 1
+
+
+def _read_header(source: _Source, index: int) -> _Hdu | None:
+    blocks: list[bytes] = []
+    for _ in range(MAX_HEADER_BLOCKS):
+        block = source.read(BLOCK)
+        if not block and not blocks and index > 0:
+            return None
+        if len(block) < BLOCK:
+            raise CutoutError(422, f"FITS file is truncated inside the header of HDU {index}")
+        if not blocks:
+            _check_first_card(block, index)
+        blocks.append(block)
+        if any(block[i : i + 8] == b"END     " for i in range(0, BLOCK, CARD)):
+            break
+    else:
+        raise CutoutError(422, f"FITS header of HDU {index} has no END card")
+    header_bytes = b"".join(blocks)
+    try:
+        header = fits.Header.fromstring(header_bytes.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CutoutError(422, f"corrupt FITS header in HDU {index}: {exc}") from None
+    return _Hdu(index, header, header_bytes, _data_size(header, index))
+
+
+def _check_first_card(block: bytes, index: int) -> None:
+    if index == 0 and not block.startswith(FITS_MAGIC):
+        raise CutoutError(415, "not a FITS file: it does not start with 'SIMPLE  ='")
+    if index > 0 and not block.startswith(b"XTENSION"):
+        raise CutoutError(
+            422, f"corrupt FITS file: HDU {index} does not start with an XTENSION card"
+        )
+
+
+def _int_card(header: fits.Header, key: str, default: int, minimum: int, index: int) -> int:
+    value = header.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise CutoutError(422, f"corrupt FITS header in HDU {index}: {key} = {value!r}")
+    return value
+
+
+def _declared_shape(header: fits.Header, prefix: str = "") -> tuple[int, ...]:
+    """Numpy-order shape (slowest axis first) from NAXISn (or ZNAXISn for fpack tiles)."""
+    naxis = header.get(prefix + "NAXIS", 0)
+    if not isinstance(naxis, int) or not 0 <= naxis <= 999:
+        raise CutoutError(422, f"corrupt FITS header: {prefix}NAXIS = {naxis!r}")
+    sides = []
+    for axis in range(naxis, 0, -1):
+        side = header.get(f"{prefix}NAXIS{axis}")
+        if not isinstance(side, int) or isinstance(side, bool) or side < 0:
+            raise CutoutError(422, f"corrupt FITS header: {prefix}NAXIS{axis} = {side!r}")
+        sides.append(side)
+    return tuple(sides)
+
+
+def _data_size(header: fits.Header, index: int) -> int:
+    bitpix = header.get("BITPIX")
+    if bitpix not in VALID_BITPIX:
+        raise CutoutError(422, f"corrupt FITS header in HDU {index}: BITPIX = {bitpix!r}")
+    shape = _declared_shape(header)
+    if not shape:
+        return 0
+    groups = _int_card(header, "GCOUNT", 1, 1, index)
+    params = _int_card(header, "PCOUNT", 0, 0, index)
+    return abs(bitpix) // 8 * groups * (params + math.prod(shape))
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _primary_header_bytes() -> bytes:
+    return fits.PrimaryHDU().header.tostring().encode("ascii")
+
+
+def _load_hdu(hdu: _Hdu, raw: bytes, compressed: bool) -> tuple[np.ndarray, fits.Header]:
+    """Let astropy interpret one HDU's bytes: scaling, BLANK, tile decompression."""
+    padding = b"\0" * (_padded(len(raw)) - len(raw))
+    prefix = _primary_header_bytes() if hdu.index > 0 else b""
+    try:
+        hdul = fits.HDUList.fromstring(prefix + hdu.header_bytes + raw + padding)
+        image_hdu = hdul[1 if hdu.index > 0 else 0]
+        array = np.asarray(image_hdu.data)
+        header = image_hdu.header
+    except CutoutError:
+        raise
+    except Exception as exc:  # astropy raises many types for corrupt data and tiles
+        kind = "fpack tile-compressed" if compressed else "FITS"
+        raise CutoutError(422, f"corrupt {kind} image data in HDU {hdu.index}: {exc}") from None
+    if array.dtype.kind not in "fiu":
+        raise CutoutError(422, f"FITS HDU {hdu.index} holds {array.dtype} data, not an image")
+    return array, header
+
+
+def band_names(header: fits.Header, planes: int) -> list[str] | None:
+    """Band of each cube plane from BANDn keys or the BANDS string; None when absent."""
+    per_plane = [header.get(f"BAND{i}") for i in range(planes)]
+    if all(isinstance(name, str) and name.strip() for name in per_plane):
+        return [str(name).strip().lower() for name in per_plane]
+    joined = header.get("BANDS")
+    if not isinstance(joined, str) or not joined.strip():
+        return None
+    text = joined.strip().lower()
+    names = text.replace(",", " ").split() if ("," in text or " " in text) else list(text)
+    if len(names) != planes:
+        raise CutoutError(
+            422, f"BANDS = {joined!r} names {len(names)} bands but the cube has {planes} planes"
+        )
+    return names
+
+
+def _select_bands(array: np.ndarray, header: fits.Header) -> FitsImage:
+    original_shape = tuple(int(side) for side in array.shape)
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    notes: list[str] = []
+    if array.ndim == 2:
+        name = str(header.get("BAND0") or header.get("BANDS") or header.get("FILTER") or "band")
+        planes = {name.strip(): array}
+    elif array.ndim == 3:
+        names = band_names(header, array.shape[0])
+        if names is None:
+            if array.shape[0] != 3:
+                raise CutoutError(
+                    422,
+                    f"FITS cube of shape {original_shape} has no BANDS/BANDn header naming "
+                    "its planes; only a 3-plane cube is assumed to be g, r, z",
+                )
+            names = list(COLOUR_BANDS)
+            notes.append("no BANDS/BANDn header: the 3 planes are assumed to be g, r, z")
+        if len(set(names)) != len(names):
+            raise CutoutError(422, f"FITS cube names a band twice: {names}")
+        missing = [band for band in COLOUR_BANDS if band not in names]
+        if missing:
+            raise CutoutError(
+                422,
+                f"FITS cube lacks band(s) {', '.join(missing)}: it has {', '.join(names)}; "
+                "the colour stretch needs g, r and z",
+            )
+        planes = {band: array[names.index(band)] for band in COLOUR_BANDS}
+        unused = [name for name in names if name not in COLOUR_BANDS]
+        if unused:
+            notes.append(f"band(s) {', '.join(unused)} not used (the stretch takes g, r, z)")
+    else:
+        raise CutoutError(
+            422,
+            f"FITS image of shape {original_shape} has {array.ndim} dimensions; "
+            "expected a 2-D image or a (bands, H, W) cube",
+        )
+    cleaned, fraction = _replace_non_finite(planes)
+    if fraction > 0:
+        notes.append(f"{fraction:.2%} of pixels were NaN or infinite and were set to 0 flux")
+    return FitsImage(cleaned, original_shape, None, None, notes)
+
+
+def _replace_non_finite(planes: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    cleaned = {name: np.asarray(plane, np.float32) for name, plane in planes.items()}
+    finite = np.ones(next(iter(cleaned.values())).shape, bool)
+    for plane in cleaned.values():
+        finite &= np.isfinite(plane)
+    if finite.all():
+        return cleaned, 0.0
+    if not finite.any():
+        raise CutoutError(422, "FITS image has no finite pixel (all NaN or infinite)")
+    for name, plane in cleaned.items():
+        cleaned[name] = np.where(finite, plane, np.float32(0.0))
+    return cleaned, 1.0 - float(finite.mean())
+
+
+def pixel_scale_arcsec(header: fits.Header) -> tuple[float, float] | None:
+    """Pixel scale along x and y in arcsec from the celestial WCS, or None if unusable."""
+    from astropy.wcs import WCS, FITSFixedWarning
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            celestial = WCS(header).celestial
+            if celestial.naxis != 2:
+                return None
+            scales = proj_plane_pixel_scales(celestial)
+            units = [str(unit) for unit in celestial.wcs.cunit]
+    except Exception:  # a header whose WCS astropy cannot parse simply has no known scale
+        return None
+    factor = {"deg": 3600.0, "arcmin": 60.0, "arcsec": 1.0}
+    if any(unit not in factor for unit in units):
+        return None
+    sx, sy = (float(s) * factor[u] for s, u in zip(scales, units, strict=True))
+    if not (math.isfinite(sx) and math.isfinite(sy) and sx > 0 and sy > 0):
+        return None
+    return sx, sy

@@ -1,0 +1,64 @@
+"""Geometry of cutouts: resampling to the model's pixel scale, centre crop/pad, resizing.
+
+Flux planes are resampled on float32 data before the stretch (Pillow mode "F"): shrinking
+uses the BOX filter, an exact area average, and enlarging uses bilinear interpolation. Pixel
+values keep their level (surface brightness is preserved), as the Legacy Survey viewer does
+when it shows the sky at other zoom levels, so the stretch sees the same levels at any scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Blank sky in the viewer's dr2_rgb render: 0.127 * 255.
+BLANK_SKY_UINT8 = 32
+
+
+def resample_plane(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resample a float image to (H, W): area average when shrinking, bilinear otherwise."""
+    height, width = shape
+    shrinking = height <= plane.shape[0] and width <= plane.shape[1]
+    flt = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    image = Image.fromarray(np.ascontiguousarray(plane, np.float32), mode="F")
+    return np.asarray(image.resize((width, height), flt), np.float32)
+
+
+def centre_window(size: int, window: int) -> slice:
+    """The centred slice of length min(size, window) within an axis of `size`."""
+    length = min(size, window)
+    start = (size - length) // 2
+    return slice(start, start + length)
+
+
+def crop_pad(image: np.ndarray, shape: tuple[int, int], fill: float) -> np.ndarray:
+    """Centre-crop and/or pad the first two axes to `shape` (the centre pixel stays centred)."""
+    height, width = shape
+    rows = centre_window(image.shape[0], height)
+    cols = centre_window(image.shape[1], width)
+    cropped = image[rows, cols]
+    if cropped.shape[:2] == (height, width):
+        return cropped
+    out = np.full((height, width, *image.shape[2:]), fill, dtype=image.dtype)
+    top = (height - cropped.shape[0]) // 2
+    left = (width - cropped.shape[1]) // 2
+    out[top : top + cropped.shape[0], left : left + cropped.shape[1]] = cropped
+    return out
+
+
+def crop_to_aspect(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Centre-crop so width/height matches `shape`'s, so a resize does not distort galaxies."""
+    height, width = image.shape[:2]
+    target = shape[1] / shape[0]
+    if abs(width / height - target) < 1e-3:
+        return image
+    if width / height > target:
+        return image[:, centre_window(width, round(height * target))]
+    return image[centre_window(height, round(width / target))]
+
+
+def resize_rgb(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a uint8 RGB image with Pillow's antialiased bicubic (timm's eval interpolation)."""
+    height, width = shape
+    resized = Image.fromarray(image, mode="RGB").resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(resized)
