@@ -1,0 +1,129 @@
+"""The FastAPI application factory. Nothing is created at import time: every app owns its
+settings, model runtime and metrics registry (tests build several side by side)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
+
+from galmorph import __version__
+from service.batching import BatcherStoppedError, InferenceTimeoutError, QueueFullError
+from service.decode import CutoutError
+from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.routers import classify, health, metrics, model_info, web
+from service.runtime import ServiceRuntime
+from service.settings import Settings
+from service.uploads import PayloadTooLargeError, UploadError
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service_metrics = ServiceMetrics()
+    runtime = ServiceRuntime(settings, service_metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="galmorph",
+        version=__version__,
+        description="Galaxy morphology classification of FITS, PNG and JPEG cutouts "
+        "(Galaxy10 DECaLS classes) with onnxruntime.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = service_metrics
+    app.state.runtime = runtime
+
+    for router in (classify.router, health.router, model_info.router, metrics.router, web.router):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
+    # Outermost, so it also counts responses produced by the exception handlers.
+    app.add_middleware(MetricsMiddleware, metrics=service_metrics)
+    add_exception_handlers(app)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for `uvicorn --factory` (several workers): settings from env and .env."""
+    return create_app(Settings())
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def add_exception_handlers(app: FastAPI) -> None:
+    """Every refusal is a JSON {"detail": "..."} with the right status, never a 500."""
+
+    @app.exception_handler(CutoutError)
+    async def cutout_error(_: Request, exc: CutoutError) -> JSONResponse:
+        return _error(exc.status_code, exc.message)
+
+    @app.exception_handler(PayloadTooLargeError)
+    async def too_large(_: Request, exc: PayloadTooLargeError) -> JSONResponse:
+        # The rest of the body was not read: closing the connection is the only safe end.
+        return _error(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(UploadError)
+    async def bad_upload(_: Request, exc: UploadError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(MultiPartException)
+    async def bad_multipart(_: Request, exc: MultiPartException) -> JSONResponse:
+        return _error(422, f"malformed multipart body: {exc.message}")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{' '.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        return _error(422, "; ".join(problems))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(_: Request, exc: QueueFullError) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(InferenceTimeoutError)
+    async def timed_out(request: Request, exc: InferenceTimeoutError) -> JSONResponse:
+        runtime: ServiceRuntime = request.app.state.runtime
+        retry = runtime.batcher.retry_after_s() if runtime.batcher is not None else 1
+        return _error(503, str(exc), {"Retry-After": str(retry)})
+
+    @app.exception_handler(BatcherStoppedError)
+    async def stopped(_: Request, exc: BatcherStoppedError) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=exc)
+        return _error(500, "internal server error")
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it only keeps a vanished client out of the 500s.
+        return _error(400, "client disconnected before the request body was complete")

@@ -1,0 +1,64 @@
+"""Turn a decoded cutout and its prediction into the API's response model."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+from service.batching import Prediction
+from service.decode import DecodedCutout
+from service.engine import OnnxModel
+from service.schemas import (
+    ClassificationResult,
+    ClassProbability,
+    ModelRef,
+    Preprocessing,
+    Timings,
+)
+
+
+def model_ref(model: OnnxModel) -> ModelRef:
+    return ModelRef(name=model.card.model_name, version=model.sha256[:12], sha256=model.sha256)
+
+
+def png_base64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def build_result(
+    *,
+    model: OnnxModel,
+    filename: str | None,
+    decoded: DecodedCutout,
+    prediction: Prediction,
+    top_k: int,
+    decode_s: float,
+    total_s: float,
+    image_png: str | None,
+) -> ClassificationResult:
+    names = model.card.class_names
+    probabilities = [float(p) for p in prediction.probabilities]
+    order = np.argsort(-prediction.probabilities, kind="stable")
+    top = [ClassProbability(name=names[i], probability=probabilities[i]) for i in order[:top_k]]
+    return ClassificationResult(
+        filename=filename,
+        top_class=top[0].name,
+        top_probability=top[0].probability,
+        probabilities=dict(zip(names, probabilities, strict=True)),
+        top_k=top,
+        model=model_ref(model),
+        preprocessing=Preprocessing.model_validate(decoded.info.to_dict()),
+        timings=Timings(
+            decode_ms=decode_s * 1000.0,
+            queue_ms=prediction.queue_s * 1000.0,
+            inference_ms=prediction.inference_s * 1000.0,
+            total_ms=total_s * 1000.0,
+            batch_size=prediction.batch_size,
+        ),
+        image_png_base64=image_png,
+    )

@@ -1,0 +1,1 @@
+"""HTTP routes of the classification service, one module per concern."""

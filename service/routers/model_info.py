@@ -1,0 +1,97 @@
+"""GET /model and the KServe v2 model metadata alias."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+
+from service.contract import INPUT_NAME, LOGITS_NAME, OUTPUT_NAME
+from service.dependencies import ReadyModelDep, require_api_key
+from service.engine import OnnxModel
+from service.imaging import STRETCHES
+from service.schemas import ErrorResponse, KServeModelMetadata, ModelInfo, TensorSpec
+
+router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
+
+ONNX_TO_KSERVE = {"tensor(uint8)": "UINT8", "tensor(float)": "FP32", "tensor(float16)": "FP16"}
+
+
+def tensor_specs(nodes: list[Any]) -> list[TensorSpec]:
+    # Symbolic dimensions (the dynamic batch) are -1, as in the KServe v2 protocol.
+    return [
+        TensorSpec(
+            name=node.name,
+            datatype=ONNX_TO_KSERVE.get(node.type, node.type),
+            shape=[dim if isinstance(dim, int) else -1 for dim in node.shape],
+        )
+        for node in nodes
+    ]
+
+
+def model_info(model: OnnxModel, batching: dict[str, float]) -> ModelInfo:
+    card = model.card
+    (input_spec,) = [s for s in tensor_specs(model.session.get_inputs()) if s.name == INPUT_NAME]
+    return ModelInfo(
+        name=card.model_name,
+        version=model.sha256[:12],
+        sha256=model.sha256,
+        class_names=list(card.class_names),
+        input=input_spec,
+        outputs=[
+            s
+            for s in tensor_specs(model.session.get_outputs())
+            if s.name in (OUTPUT_NAME, LOGITS_NAME)
+        ],
+        preprocessing={
+            "input_size": list(card.input_size),
+            "mean": list(card.mean),
+            "std": list(card.std),
+            "normalisation": "inside the graph: x/255, (x - mean)/std, NHWC->NCHW",
+            "stretch": card.stretch,
+            "bands": card.bands,
+            "pixel_scale": card.pixel_scale,
+            "stretches": sorted(STRETCHES),
+        },
+        providers=model.providers,
+        requested_providers=model.requested_providers,
+        onnxruntime_version=model.ort_version,
+        batching=batching,
+        card=dataclasses.asdict(card),
+    )
+
+
+@router.get("/model", response_model=ModelInfo, summary="The served model and how it runs")
+async def get_model(ready: ReadyModelDep) -> ModelInfo:
+    config = ready.batcher.config
+    return model_info(
+        ready.model,
+        {
+            "max_batch_size": config.max_batch_size,
+            "max_delay_ms": config.max_delay_ms,
+            "max_queue": config.max_queue,
+            "timeout_s": config.timeout_s,
+        },
+    )
+
+
+@router.get(
+    "/v2/models/{name}",
+    response_model=KServeModelMetadata,
+    responses={404: {"model": ErrorResponse}},
+    summary="KServe v2 model metadata",
+)
+async def kserve_model(name: str, ready: ReadyModelDep) -> KServeModelMetadata:
+    model = ready.model
+    if name != model.card.model_name:
+        raise HTTPException(
+            404, f"no model named {name!r}; this server serves {model.card.model_name!r}"
+        )
+    return KServeModelMetadata(
+        name=model.card.model_name,
+        versions=[model.sha256[:12]],
+        platform="onnxruntime_onnx",
+        inputs=tensor_specs(model.session.get_inputs()),
+        outputs=tensor_specs(model.session.get_outputs()),
+    )

@@ -1,0 +1,131 @@
+"""Response models of the HTTP API (they are the OpenAPI schema clients see)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what was wrong, in words")
+
+
+class ClassProbability(BaseModel):
+    name: str
+    probability: float
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str = Field(description="first 12 hex digits of the model file's SHA-256")
+    sha256: str
+
+
+class Preprocessing(BaseModel):
+    """What was done to the upload to make the model's input image."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str = Field(description="fits, png or jpeg")
+    bands_used: list[str] = Field(description="bands or channels the image was made from")
+    original_shape: list[int]
+    pixel_scale: float | None = Field(
+        default=None, description="arcsec/pixel of the input, if known"
+    )
+    stretch: str | None = Field(default=None, description="flux-to-colour stretch (FITS only)")
+    resized_from: list[int] | None = None
+    resampled_from_scale: float | None = Field(
+        default=None, description="input arcsec/pixel when resampled to the model's pixel scale"
+    )
+    flipped: bool = Field(default=False, description="rows flipped to put north up (FITS)")
+    warnings: list[str] = Field(default_factory=list)
+    compression: str | None = Field(default=None, description="gzip or fpack (FITS)")
+    fit: str = Field(
+        default="crop_pad", description="crop_pad keeps the pixel scale; resize squeezes"
+    )
+    crop_pad_from: list[int] | None = Field(
+        default=None, description="shape before centre crop/pad"
+    )
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_ms: float = Field(description="wait for the inference batch to start")
+    inference_ms: float = Field(description="model run of the whole batch")
+    total_ms: float = Field(description="from request start to response")
+    batch_size: int = Field(description="images in the model run this one shared")
+
+
+class ClassificationResult(BaseModel):
+    filename: str | None = None
+    top_class: str
+    top_probability: float
+    probabilities: dict[str, float] = Field(description="probability of every class by name")
+    top_k: list[ClassProbability]
+    model: ModelRef
+    preprocessing: Preprocessing
+    timings: Timings
+    image_png_base64: str | None = Field(
+        default=None, description="the model's input image as PNG (when return_image=true)"
+    )
+
+
+class BatchItemError(BaseModel):
+    status: int = Field(description="the HTTP status this item alone would have received")
+    detail: str
+
+
+class BatchItem(BaseModel):
+    filename: str | None
+    result: ClassificationResult | None = None
+    error: BatchItemError | None = None
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItem]
+    succeeded: int
+    failed: int
+
+
+class Liveness(BaseModel):
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reason: str | None = Field(default=None, description="why not ready yet")
+    providers: list[str] = Field(default_factory=list, description="active providers")
+
+
+class TensorSpec(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    class_names: list[str]
+    input: TensorSpec
+    outputs: list[TensorSpec]
+    preprocessing: dict[str, Any] = Field(
+        description="input size, mean/std (inside the graph), stretch, band mapping, pixel scale"
+    )
+    providers: list[str] = Field(description="providers the session really runs on")
+    requested_providers: list[str]
+    onnxruntime_version: str
+    batching: dict[str, Any]
+    card: dict[str, Any] = Field(description="every ModelCard field from the ONNX metadata")
+
+
+class KServeModelMetadata(BaseModel):
+    """KServe/Triton v2 model metadata."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
