@@ -1,0 +1,276 @@
+"""Training configuration: one dataclass, loadable from YAML or TOML, overridable per key.
+
+The defaults reproduce the Galaxy10 recipe of the official Astroformer code (timm 0.9 train
+script, DESIGN.md section 2); every departure is a field a config file can change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+AUGMENT_POLICIES = ("paper", "galaxy", "none")
+LR_SCALINGS = ("sqrt", "linear", "none")
+DEVICES = ("auto", "cpu", "cuda")
+LOSS_WEIGHTINGS = ("none", "balanced")
+SAMPLINGS = ("uniform", "balanced")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is wrong; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    # What to train on and where to write.
+    data: str = ""
+    model: str = "astroformer_4"
+    out: str = ""
+    img_size: int = 256
+    num_classes: int | None = None  # None: taken from the data file
+    split_seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_file: str | None = None  # an existing split.json to reuse (must match the data)
+
+    # Schedule. lr is derived from lr_base as timm does unless given explicitly.
+    epochs: int = 300
+    batch_size: int = 256  # per process, per micro-batch
+    grad_accum_steps: int = 1
+    lr: float | None = None
+    lr_base: float = 2e-5
+    lr_base_size: int = 256
+    lr_base_scale: str = "sqrt"  # timm uses sqrt scaling for Adam-family optimizers
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None  # max global grad norm; None disables clipping
+
+    # Regularisation.
+    drop_rate: float = 0.1
+    drop_path_rate: float = 0.0
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5  # chance of cutmix when both are enabled
+    ema: bool = False
+    ema_decay: float = 0.9998
+
+    # Augmentation (applied on the collated uint8 batch, see training/augment.py).
+    augment: str = "paper"  # paper: RRC + hflip + jitter | galaxy: dihedral + shift/scale
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    rrc_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    shift_fraction: float = 0.0625  # galaxy policy: max translation as a fraction of size
+    scale_range: tuple[float, float] = (0.9, 1.1)  # galaxy policy: zoom factor range
+    randaugment_ops: int = 0  # RandAugment: number of ops per image (0 disables)
+    randaugment_magnitude: float = 9.0  # on timm's 0..10 scale
+
+    # Class imbalance.
+    sampling: str = "uniform"  # balanced: draw classes equally often (with replacement)
+    loss_weighting: str = "none"  # balanced: weight classes by inverse frequency
+
+    # Engineering.
+    seed: int = 42
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    sync_batchnorm: bool = False  # CUDA DDP only: torch's SyncBatchNorm has no CPU kernel
+    num_workers: int = 4
+    threads: int | None = None  # torch intra-op threads per process; None leaves the default
+    eval_batch_size: int | None = None
+    checkpoint_every_steps: int = 0  # 0: checkpoint at the end of each epoch only
+    stop_after_step: int | None = None  # checkpoint and stop at this global step
+    log_every_steps: int = 50
+    progress: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        # Values from YAML/TOML arrive as lists: keep tuples so equality and hashing hold.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, tuple(value))
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first wrong key."""
+        _check(bool(self.data), "data", "is required (a Galaxy10-layout HDF5 file)")
+        _check(bool(self.out), "out", "is required (the run folder)")
+        _check(self.img_size >= 16, "img_size", "must be at least 16")
+        _check(self.epochs >= 1, "epochs", "must be at least 1")
+        _check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps", "must be at least 1")
+        _check(self.lr is None or self.lr > 0, "lr", "must be positive")
+        _check(self.lr_base > 0, "lr_base", "must be positive")
+        _check(self.lr_base_scale in LR_SCALINGS, "lr_base_scale", f"must be one of {LR_SCALINGS}")
+        _check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)")
+        _check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be positive")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha", "must be >= 0")
+        _check(0 <= self.mixup_prob <= 1, "mixup_prob", "must be in [0, 1]")
+        _check(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
+        _check(self.augment in AUGMENT_POLICIES, "augment", f"must be one of {AUGMENT_POLICIES}")
+        _check(0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1, "rrc_scale", "must be in (0, 1]")
+        _check(0 < self.rrc_ratio[0] <= self.rrc_ratio[1], "rrc_ratio", "must be increasing")
+        _check(0 <= self.hflip <= 1, "hflip", "must be a probability")
+        _check(0 <= self.color_jitter < 1, "color_jitter", "must be in [0, 1)")
+        _check(0 <= self.randaugment_ops <= 8, "randaugment_ops", "must be in 0..8")
+        _check(0 <= self.randaugment_magnitude <= 10, "randaugment_magnitude", "is on 0..10")
+        _check(self.sampling in SAMPLINGS, "sampling", f"must be one of {SAMPLINGS}")
+        _check(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", "balanced or none")
+        _check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        _check(len(self.split_fractions) == 3, "split_fractions", "needs train, val, test")
+        _check(math.isclose(sum(self.split_fractions), 1.0), "split_fractions", "must sum to 1")
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
+        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+            _check(self.batch_size % 2 == 0, "batch_size", "must be even when mixing images")
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.batch_size * self.grad_accum_steps * world_size
+
+    def learning_rate(self, world_size: int) -> float:
+        """Peak lr; timm's rule: lr_base x (global batch / lr_base_size), sqrt for AdamW."""
+        if self.lr is not None:
+            return self.lr
+        ratio = self.global_batch_size(world_size) / self.lr_base_size
+        if self.lr_base_scale == "sqrt":
+            ratio = math.sqrt(ratio)
+        elif self.lr_base_scale == "none":
+            ratio = 1.0
+        return self.lr_base * ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        types_by_name = _field_types()
+        return cls(**{k: _coerce(k, v, types_by_name[k]) for k, v in values.items()})
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    **explicit: Any,
+) -> TrainConfig:
+    """Defaults <- config file <- explicit keyword values <- `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_file(Path(path)))
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    values.update(parse_overrides(overrides))
+    return TrainConfig.from_dict(values)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`key=value` pairs, values parsed as YAML (`lr=1e-3`, `betas=[0.9,0.99]`, `ema=true`)."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        parsed[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw.strip() else None
+    return parsed
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        import tomllib  # Python >= 3.11
+
+        try:
+            loaded: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    elif path.suffix.lower() in (".yaml", ".yml", ".json"):
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    else:
+        raise ConfigError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check and convert one value against its annotation (int -> float allowed, not back)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if not isinstance(value, list | tuple) or len(value) != len(item_types):
+            raise ConfigError(f"config key {key!r} needs a list of {len(item_types)} values")
+        return tuple(_coerce(key, v, t) for v, t in zip(value, item_types, strict=True))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    raise ConfigError(f"config key {key!r} has an unsupported type {annotation!r}")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key {key!r} {message}")
+
+
+def dump_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as JSON (what the run actually used)."""
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,243 @@
+"""Evaluate a trained model (a run folder or an exported .onnx) on a split of a Galaxy10 file.
+
+Both kinds of model are driven through the same `predict(uint8 NHWC) -> probabilities`
+interface: a run folder through `TorchPredictor` (also used for validation during training),
+an ONNX file through service.engine.OnnxModel, the serving code itself. Images are resized
+as a whole to the model's input size (no crop), which is what the service feeds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.augment import dihedral_views, resize_uint8
+from training.galaxy10 import Galaxy10File
+from training.metrics import classification_report
+from training.plots import confusion_matrix_figure, reliability_diagram
+from training.preprocess import ImagePreprocess
+from training.splits import SPLIT_NAMES, Split, SplitError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FILE_NAME = "split.json"
+EVALUATION_FILE_NAME = "evaluation.json"
+
+
+class Predictor(Protocol):
+    class_names: tuple[str, ...]
+    input_size: int
+    max_batch_size: int | None
+
+    def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class TorchPredictor:
+    """A PyTorch model behind the ONNX model's interface (uint8 NHWC in, probabilities out)."""
+
+    max_batch_size: int | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        class_names: tuple[str, ...],
+        input_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        device: torch.device,
+        amp: bool = True,
+    ) -> None:
+        self.model = model
+        self.class_names = class_names
+        self.input_size = input_size
+        self.device = device
+        self.preprocess = ImagePreprocess(mean, std).to(device)
+        self.use_amp = amp and device.type == "cuda"
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        was_training = self.model.training
+        self.model.eval()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
+        try:
+            x = self.preprocess(torch.from_numpy(images).to(self.device))
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = self.model(x)
+            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        finally:
+            self.model.train(was_training)
+
+
+class OnnxPredictor:
+    """service.engine.OnnxModel with the evaluation interface."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        from service.engine import OnnxModel
+
+        self.engine = OnnxModel(path, intra_op_threads=threads, inter_op_threads=1)
+        height, width = self.engine.input_size
+        if height != width:
+            raise ValueError(f"{path}: only square inputs are supported, got {height}x{width}")
+        self.input_size = int(height)
+        self.class_names = tuple(self.engine.card.class_names)
+        self.max_batch_size = self.engine.max_batch_size
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.engine.predict(images)
+
+
+def predict_split(
+    predictor: Predictor,
+    data: Galaxy10File,
+    indices: np.ndarray,
+    *,
+    batch_size: int = 64,
+    tta: bool = False,
+    progress: bool = True,
+) -> np.ndarray:
+    """Probabilities (len(indices), K) for the given rows; TTA averages the 8 dihedral views."""
+    if predictor.max_batch_size is not None:
+        batch_size = min(batch_size, predictor.max_batch_size)
+    outputs = []
+    starts = range(0, len(indices), batch_size)
+    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        images = resize_uint8(
+            data.images(indices[start : start + batch_size]), predictor.input_size
+        )
+        batch = images.numpy()
+        views = dihedral_views(batch) if tta else [batch]
+        outputs.append(np.mean([predictor.predict(view) for view in views], axis=0))
+    num_classes = len(predictor.class_names)
+    return np.concatenate(outputs) if outputs else np.zeros((0, num_classes), np.float32)
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    model: Path  # a run folder (model.safetensors + model.json) or a .onnx file
+    data: Path
+    split: str = "test"  # train | val | test | all
+    split_file: Path | None = None  # default: split.json beside the model
+    tta: bool = False
+    batch_size: int = 64
+    out_dir: Path | None = None  # default: the run folder, or the .onnx file's folder
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+
+
+def evaluate(request: EvaluationRequest) -> dict[str, Any]:
+    """Run the evaluation, write evaluation.json and figures, return the report."""
+    predictor, backend, model_dir = _open_model(request)
+    data = Galaxy10File(request.data)
+    if tuple(data.class_names) != tuple(predictor.class_names):
+        raise ValueError(
+            f"model classes {list(predictor.class_names)} differ from the data's "
+            f"{list(data.class_names)}"
+        )
+    indices = _split_indices(request, data, model_dir)
+    probabilities = predict_split(
+        predictor,
+        data,
+        indices,
+        batch_size=request.batch_size,
+        tta=request.tta,
+        progress=request.progress,
+    )
+    report = classification_report(probabilities, data.labels[indices], data.class_names)
+    report.update(
+        {
+            "split": request.split,
+            "tta": request.tta,
+            "backend": backend,
+            "model": str(request.model),
+            "input_size": predictor.input_size,
+            "data": {"path": str(request.data), "fingerprint": data.fingerprint()},
+        }
+    )
+    out_dir = request.out_dir or model_dir
+    write_report(report, out_dir)
+    logger.info(
+        "%s split: top-1 %.4f, macro-F1 %.4f, ECE %.4f on %d images (%s%s); results in %s",
+        request.split,
+        report["top1"],
+        report["macro_f1"],
+        report["ece"],
+        report["num_images"],
+        backend,
+        ", 8-fold TTA" if request.tta else "",
+        out_dir,
+    )
+    return report
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """evaluation.json, confusion_matrix.json/.png and reliability.png in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    matrix = {"class_names": report["class_names"], "matrix": report["confusion_matrix"]}
+    _write_json(out_dir / "confusion_matrix.json", matrix)
+    confusion_matrix_figure(
+        np.asarray(report["confusion_matrix"]),
+        report["class_names"],
+        out_dir / "confusion_matrix.png",
+        title=f"{report['split']} split, top-1 {report['top1']:.3f}",
+    )
+    reliability_diagram(report["calibration"], report["ece"], out_dir / "reliability.png")
+    _write_json(out_dir / EVALUATION_FILE_NAME, report)
+
+
+def _write_json(path: Path, document: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path]:
+    path = request.model
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        return OnnxPredictor(path, threads=request.threads), "onnxruntime", path.parent
+    if path.is_dir():
+        from model.checkpoint import load_model
+        from training.distributed import resolve_device
+
+        if request.threads:
+            torch.set_num_threads(request.threads)
+        device = resolve_device(request.device)
+        model, spec = load_model(path)
+        predictor = TorchPredictor(
+            model.to(device),
+            class_names=tuple(spec.class_names),
+            input_size=spec.img_size,
+            mean=spec.mean,
+            std=spec.std,
+            device=device,
+        )
+        return predictor, "pytorch", path
+    raise ValueError(f"{path}: expected a run folder (model.json + model.safetensors) or a .onnx")
+
+
+def _split_indices(request: EvaluationRequest, data: Galaxy10File, model_dir: Path) -> np.ndarray:
+    if request.split == "all":
+        return np.arange(data.num_images)
+    if request.split not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {request.split!r}; use one of {(*SPLIT_NAMES, 'all')}")
+    split_path = request.split_file or model_dir / SPLIT_FILE_NAME
+    if not split_path.is_file():
+        raise SplitError(
+            f"no split file at {split_path}: pass --split-file, or --split all to use every image"
+        )
+    split = Split.load(split_path)
+    split.check_data(data.num_images, data.fingerprint())
+    return split.indices(request.split)

@@ -1,0 +1,77 @@
+"""Mixup / CutMix with label-smoothed soft targets (timm's batch mode) and the matching loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return targets.scatter_(1, labels.unsqueeze(1), on)
+
+
+@dataclass
+class MixupSettings:
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+class Mixup:
+    """Mixes each image with the batch reversed, one lambda per batch, as timm's Mixup does."""
+
+    def __init__(self, settings: MixupSettings, num_classes: int) -> None:
+        self.settings = settings
+        self.num_classes = num_classes
+
+    def __call__(
+        self, x: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed images and soft targets; `rng` draws lambda (and the CutMix box)."""
+        s = self.settings
+        targets = smooth_one_hot(labels, self.num_classes, s.label_smoothing)
+        if not s.enabled or rng.random() >= s.prob:
+            return x, targets
+        use_cutmix = s.cutmix_alpha > 0 and (s.mixup_alpha == 0 or rng.random() < s.switch_prob)
+        alpha = s.cutmix_alpha if use_cutmix else s.mixup_alpha
+        lam = float(rng.beta(alpha, alpha))
+        if use_cutmix:
+            x, lam = _cutmix(x, lam, rng)
+        else:
+            x = x * lam + x.flip(0) * (1 - lam)
+        return x, targets * lam + targets.flip(0) * (1 - lam)
+
+
+def _cutmix(x: torch.Tensor, lam: float, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+    """Paste a box of area ~(1 - lam) from the reversed batch; lam corrected for clipping."""
+    h, w = x.shape[-2:]
+    cut = np.sqrt(1 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h)
+    x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+    return x, 1 - float((y1 - y0) * (x1 - x0)) / (h * w)
+
+
+def soft_target_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over the batch of -sum_c w_c t_c log p_c (w = 1 without class weights)."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    if class_weights is not None:
+        log_probs = log_probs * class_weights
+    return -(targets * log_probs).sum(-1).mean()

@@ -1,0 +1,94 @@
+"""Optimizer, learning-rate schedule and weight EMA, following timm's conventions."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Parameters timm's models exempt from weight decay besides biases and norms (1-D tensors).
+NO_DECAY_NAME_PARTS = ("relative_position_bias_table", "pos_embed", "cls_token")
+
+
+def adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
+    """AdamW without decay on biases, norm weights and position tables (timm's filter)."""
+    declared: set[str] = set(getattr(model, "no_weight_decay", set)())
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = (
+            param.ndim <= 1
+            or name.endswith(".bias")
+            or name in declared
+            or any(part in name for part in NO_DECAY_NAME_PARTS)
+        )
+        (no_decay if exempt else decay).append(param)
+    groups = [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """Linear warmup from warmup_lr, then cosine from peak_lr to min_lr, per optimizer step.
+
+    timm's cosine scheduler with warmup_prefix=False: the cosine is a function of the whole
+    run's progress, warmup overrides its start. timm steps it once per epoch; we evaluate
+    it at the fractional epoch of every step (same curve, without the staircase).
+    """
+
+    peak_lr: float
+    warmup_lr: float
+    min_lr: float
+    warmup_epochs: float
+    epochs: int
+    steps_per_epoch: int
+
+    def lr_at(self, step: int) -> float:
+        epoch = step / self.steps_per_epoch
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr + epoch * (self.peak_lr - self.warmup_lr) / self.warmup_epochs
+        progress = min(epoch / self.epochs, 1.0)
+        return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+class ModelEma:
+    """Exponential moving average of a model's weights and buffers (timm's ModelEmaV2)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        for name, average in self.module.state_dict().items():
+            value = current[name].detach()
+            if average.is_floating_point():
+                average.lerp_(value.to(average.dtype), 1.0 - self.decay)
+            else:
+                average.copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state)
