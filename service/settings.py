@@ -77,3 +77,19 @@ class Settings(BaseSettings):
                 f"max_queue ({self.max_queue})"
             )
         return self
+
+    def to_environment(self) -> dict[str, str]:
+        """GALMORPH_* variables that reproduce these settings (for uvicorn worker processes)."""
+        environment = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = str(value).lower()
+            environment[f"GALMORPH_{name.upper()}"] = str(value)
+        return environment

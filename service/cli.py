@@ -1,0 +1,193 @@
+"""`galmorph serve` (the HTTP service under uvicorn) and `galmorph classify` (its client).
+
+Registration only: uvicorn, FastAPI and onnxruntime are imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+SERVE_EPILOG = """\
+Every option is also a setting: environment variables GALMORPH_<NAME> (e.g.
+GALMORPH_MODEL_PATH, GALMORPH_MAX_BATCH_SIZE, GALMORPH_API_KEY, GALMORPH_CORS_ORIGINS=a,b,
+GALMORPH_REQUIRE_GPU=true) or a .env file; flags win over both. The API key is read only
+from the environment or .env, never from the command line.
+
+Endpoints: POST /classify, POST /classify/batch, GET /model, /healthz, /readyz, /metrics,
+KServe v2 /v2/health/live|ready and /v2/models/{name}; the web page is at /.
+"""
+
+# Flag name -> Settings field, for flags that override a setting when given.
+SERVE_OVERRIDES = {
+    "model": "model_path",
+    "host": "host",
+    "port": "port",
+    "workers": "workers",
+    "providers": "providers",
+    "require_gpu": "require_gpu",
+    "threads": "intra_op_threads",
+    "max_batch_size": "max_batch_size",
+    "max_delay_ms": "max_delay_ms",
+    "max_queue": "max_queue",
+    "wait_for_model": "wait_for_model",
+    "wait_interval": "model_wait_interval_s",
+    "wait_timeout": "model_wait_timeout_s",
+    "log_format": "log_format",
+    "log_level": "log_level",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the classification HTTP service",
+        description="Serve a galmorph ONNX model over HTTP with dynamic micro-batching.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--model", type=Path, help="ONNX model file (setting model_path)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    serve.add_argument(
+        "--providers",
+        help="comma-separated onnxruntime providers in order (default: CUDA if present, CPU)",
+    )
+    serve.add_argument(
+        "--require-gpu",
+        action="store_true",
+        default=None,
+        help="never become ready unless CUDAExecutionProvider is really active",
+    )
+    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    serve.add_argument("--max-batch-size", type=int, help="images per model run (1: no batching)")
+    serve.add_argument("--max-delay-ms", type=float, help="longest wait to fill a batch")
+    serve.add_argument("--max-queue", type=int, help="queued images before answering 503")
+    serve.add_argument(
+        "--wait-for-model",
+        action="store_true",
+        default=None,
+        help="if the model file is missing or unreadable, wait for it (not ready meanwhile)",
+    )
+    serve.add_argument("--wait-interval", type=float, help="seconds between checks (default 5)")
+    serve.add_argument("--wait-timeout", type=float, help="give up after this many seconds")
+    serve.add_argument("--log-format", choices=("text", "json"))
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--env-file", type=Path, help="settings file (default: ./.env)")
+    serve.set_defaults(func=serve_command)
+
+    classify = subparsers.add_parser(
+        "classify",
+        help="classify cutouts with a running galmorph server",
+        description="POST each file to a running server's /classify and print a table.",
+    )
+    classify.add_argument("files", nargs="+", type=Path, help="FITS, PNG or JPEG cutouts")
+    classify.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    classify.add_argument("--stretch", help="FITS stretch (default: the model's)")
+    classify.add_argument("--top-k", type=int, default=3, help="classes to show per file")
+    classify.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    classify.add_argument("--json", action="store_true", help="print the raw JSON responses")
+    classify.set_defaults(func=classify_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import logging.config
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.log_format import logging_config
+    from service.settings import Settings
+
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in SERVE_OVERRIDES.items()
+        if getattr(args, flag) is not None
+    }
+    try:
+        # _env_file is pydantic-settings' documented per-instance override of env_file.
+        settings = Settings(_env_file=args.env_file or ".env", **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        print(f"galmorph serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if settings.model_path is None:
+        print("galmorph serve: no model: pass --model or set GALMORPH_MODEL_PATH", file=sys.stderr)
+        return 2
+    if not settings.model_path.is_file() and not settings.wait_for_model:
+        print(
+            f"galmorph serve: model file not found: {settings.model_path} "
+            "(--wait-for-model waits for it to appear)",
+            file=sys.stderr,
+        )
+        return 2
+    log_config = logging_config(settings.log_format, settings.log_level)
+    logging.config.dictConfig(log_config)
+    # Worker processes rebuild the same settings from the environment.
+    os.environ.update(settings.to_environment())
+    uvicorn.run(
+        "service.app:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_config=log_config,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _post_file(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    query = {"filename": path.name, "top_k": str(args.top_k)}
+    if args.stretch:
+        query["stretch"] = args.stretch
+    url = f"{args.url.rstrip('/')}/classify?{urllib.parse.urlencode(query)}"
+    headers = {"Content-Type": "application/octet-stream"}
+    if api_key := os.environ.get("GALMORPH_API_KEY"):
+        headers["X-API-Key"] = api_key
+    request = urllib.request.Request(url, data=path.read_bytes(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            result: dict[str, Any] = json.load(response)
+            return result
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.load(exc).get("detail", exc.reason)
+        except (json.JSONDecodeError, AttributeError):
+            detail = exc.reason
+        return {"error": f"{exc.code}: {detail}"}
+
+
+def classify_command(args: argparse.Namespace) -> int:
+    """Print one line per file: the top class, its probability and the runners-up."""
+    failures = 0
+    rows: list[tuple[str, str, str, str]] = []
+    for path in args.files:
+        try:
+            result = _post_file(path, args)
+        except OSError as exc:  # unreadable file, connection refused, timeout
+            result = {"error": str(getattr(exc, "reason", exc))}
+        if args.json:
+            print(json.dumps({"file": str(path), **result}))
+        if "error" in result:
+            failures += 1
+            rows.append((str(path), "ERROR", "", result["error"]))
+            continue
+        others = ", ".join(
+            f"{item['name']} {item['probability']:.3f}" for item in result["top_k"][1:]
+        )
+        rows.append((str(path), result["top_class"], f"{result['top_probability']:.3f}", others))
+    if not args.json:
+        header = ("FILE", "CLASS", "P", "NEXT")
+        table = [header, *rows]
+        widths = [max(len(row[i]) for row in table) for i in range(3)]
+        for row in table:
+            print("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])
+    return 1 if failures else 0
