@@ -171,6 +171,7 @@ class CsvCatalog(Catalog):
     def __init__(self, path: Path, options: CatalogOptions) -> None:
         import pyarrow.csv as pacsv
 
+        self.path = path
         self._options = options
         self._parse = pacsv.ParseOptions(delimiter="\t" if path.name.endswith(".tsv") else ",")
         header = pacsv.open_csv(path, parse_options=self._parse).schema.names
@@ -207,7 +208,7 @@ class CsvCatalog(Catalog):
         return _block(
             start,
             table.column(opts.id_col),
-            _resolve_paths(table.column(opts.path_col), self.path.parent),
+            _resolve_paths(table.column(opts.path_col), self.path.resolve().parent),
             {c: table.column(c) for c in self.passthrough},
         )
 
@@ -244,7 +245,7 @@ class ParquetCatalog(Catalog):
         return _block(
             start,
             table.column(opts.id_col),
-            _resolve_paths(table.column(opts.path_col), self.path.parent),
+            _resolve_paths(table.column(opts.path_col), self.path.resolve().parent),
             {c: table.column(c) for c in self.passthrough},
         )
 
@@ -282,7 +283,7 @@ class AstropyCatalog(Catalog):
         return _block(
             start,
             self._column(opts.id_col, start, stop),
-            _resolve_paths(self._column(opts.path_col, start, stop), self.path.parent),
+            _resolve_paths(self._column(opts.path_col, start, stop), self.path.resolve().parent),
             {c: self._column(c, start, stop) for c in self.passthrough},
         )
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from service.catalog import Catalog, CatalogOptions, open_catalog
 from service.contract import ModelCard
-from service.decode import CutoutError, DecodeLimits, decode_path
+from service.decode import CutoutError, DecodeLimits, decode_path, resolve_stretch
 from service.shards import (
     MODEL_SHA_COLUMN,
     ROW_INDEX,
@@ -147,9 +147,14 @@ def _decode_one(settings: DecodeSettings, source: Any) -> np.ndarray:
         raise FileNotFoundError("no cutout path in the catalog row")
     if settings.source_kind == "galaxy10":
         return _galaxy10_image(settings, int(source))
-    return decode_path(
-        source, card=settings.card, stretch=settings.stretch, limits=settings.limits
-    ).image
+    try:
+        return decode_path(
+            source, card=settings.card, stretch=settings.stretch, limits=settings.limits
+        ).image
+    except CutoutError:
+        if not os.path.exists(source):  # checked only on failure: no extra stat per cutout
+            raise FileNotFoundError(2, "cutout not found", source) from None
+        raise
 
 
 def _galaxy10_image(settings: DecodeSettings, index: int) -> np.ndarray:
@@ -172,7 +177,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, CutoutError):
         return f"{ERROR_KINDS_BY_STATUS.get(exc.status_code, 'invalid')}: {exc.message}"
     if isinstance(exc, FileNotFoundError):
-        return f"missing: {exc.filename or exc}" if exc.filename else f"missing: {exc}"
+        return f"missing: {exc.filename}" if exc.filename else f"missing: {exc}"
     if isinstance(exc, OSError):
         return f"io: {exc}"
     return f"decode: {type(exc).__name__}: {exc}"
@@ -393,6 +398,11 @@ def score(config: ScoreConfig) -> ScoreSummary:
 
     if config.engine not in ENGINES:
         raise ValueError(f"unknown engine {config.engine!r}; choose from {', '.join(ENGINES)}")
+    if config.stretch is not None:
+        try:
+            resolve_stretch(config.stretch)
+        except CutoutError as exc:
+            raise ValueError(exc.message) from None
     catalog = open_catalog(config.catalog, config.catalog_options)
     ort_threads = config.ort_threads or default_ort_threads(config.workers)
     # With Ray the actors run inference; the driver only reads the card and hash.
