@@ -1,0 +1,637 @@
+"""`galmorph train`: fit a registered model on a Galaxy10-layout file.
+
+One process per device under torchrun, or a single process. Rank 0 logs, validates and
+writes; every rank runs the same number of steps. Randomness is keyed, not streamed: each
+micro-batch seeds its augmentation, mixup and dropout generators from (seed, rank, step,
+micro-batch), and the data order comes from (seed, epoch). A checkpoint therefore needs no
+per-rank RNG state to resume exactly, mid-epoch included.
+
+Run folder: model.safetensors + model.json (deployable weights, the EMA when enabled),
+train_state.json + train_state-<step>.* (everything to resume), split.json, config.json,
+metrics.jsonl (one JSON record per logged step and per epoch), curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.checkpoint import ModelSpec, save_model
+from model.registry import create_model
+from training import distributed
+from training.augment import AugmentSettings, BatchAugmenter
+from training.config import ConfigError, TrainConfig, dump_config
+from training.dataset import (
+    Galaxy10Dataset,
+    ShardedBatchSampler,
+    balanced_class_weights,
+    balanced_sample_weights,
+    make_loader,
+)
+from training.evaluate import SPLIT_FILE_NAME, TorchPredictor, predict_split
+from training.galaxy10 import Galaxy10File
+from training.metrics import classification_report
+from training.mixup import Mixup, MixupSettings, soft_target_cross_entropy
+from training.optim import CosineSchedule, ModelEma, adamw
+from training.plots import training_curves
+from training.preprocess import ImagePreprocess
+from training.splits import Split, make_split
+from training.state import has_checkpoint, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+STATE_FORMAT = 1
+# Config keys that may change between a run and its resumption without changing its course.
+RESUME_FREE_KEYS = frozenset(
+    {"out", "data", "num_workers", "progress", "log_every_steps", "tensorboard", "threads"}
+    | {"eval_batch_size", "stop_after_step", "checkpoint_every_steps", "device", "compile"}
+)
+
+
+class TrainingInterrupted(RuntimeError):
+    """The run stopped early (SIGTERM/SIGINT or stop_after_step) after writing a checkpoint."""
+
+    def __init__(self, run_dir: Path, step: int, reason: str) -> None:
+        super().__init__(f"training stopped at step {step} ({reason}); resume with --resume")
+        self.run_dir = run_dir
+        self.step = step
+        self.reason = reason
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Train as `config` says; with `resume`, continue from the run folder's checkpoint."""
+    config.validate()
+    ctx = distributed.setup(config.device)
+    try:
+        return Trainer(config, ctx).run(resume=resume)
+    finally:
+        distributed.teardown()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class EpochTotals:
+    """Running sums over an epoch (this rank's share, or the global sum after a reduction)."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    images: float = 0.0
+    steps: float = 0.0
+
+    def as_list(self) -> list[float]:
+        return [self.loss, self.correct, self.images, self.steps]
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    step: int = 0  # optimizer steps completed in the whole run
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.reason = signal.Signals(signum).name
+        # A second signal of the same kind gets the default behaviour (e.g. Ctrl-C twice).
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, ctx: distributed.DistContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.progress = Progress()
+        self.totals = EpochTotals()
+        self.run_dir = Path(config.out)
+        self.device = ctx.device
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.data = Galaxy10File(config.data)
+        self.num_classes = self.data.num_classes
+        if config.num_classes is not None and config.num_classes != self.num_classes:
+            raise ConfigError(
+                f"config key 'num_classes' is {config.num_classes} but {config.data} has "
+                f"{self.num_classes} classes"
+            )
+        self.fingerprint = self.data.fingerprint()
+        self.split = self._load_or_make_split()
+        self.train_set = Galaxy10Dataset(self.data, self.split.train)
+        self.class_counts = self.train_set.class_counts()
+
+        seed_everything(config.seed)  # identical initial weights on every rank
+        self.model = create_model(
+            config.model,
+            num_classes=self.num_classes,
+            img_size=config.img_size,
+            drop_rate=config.drop_rate,
+            drop_path_rate=config.drop_path_rate,
+        )
+        spec = self._spec()
+        self.preprocess = ImagePreprocess(spec.mean, spec.std).to(self.device)
+        self.cuda = self.device.type == "cuda"
+        if config.sync_batchnorm and ctx.distributed:
+            if not self.cuda:
+                raise ConfigError("config key 'sync_batchnorm' needs CUDA (no CPU kernel)")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(self.device)
+        if self.cuda and config.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.ema = ModelEma(self.model, config.ema_decay) if config.ema else None
+
+        self.sampler = ShardedBatchSampler(
+            len(self.train_set),
+            config.batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            accum_steps=config.grad_accum_steps,
+            seed=config.seed,
+            weights=(
+                balanced_sample_weights(self.train_set.labels, self.num_classes)
+                if config.sampling == "balanced"
+                else None
+            ),
+        )
+        self.loader = make_loader(
+            self.train_set,
+            self.sampler,
+            num_workers=config.num_workers,
+            seed=config.seed,
+            pin_memory=self.cuda,
+        )
+        self.peak_lr = config.learning_rate(ctx.world_size)
+        self.optimizer = adamw(self.model, self.peak_lr, config.weight_decay, config.betas)
+        self.schedule = CosineSchedule(
+            peak_lr=self.peak_lr,
+            warmup_lr=config.warmup_lr,
+            min_lr=config.min_lr,
+            warmup_epochs=config.warmup_epochs,
+            epochs=config.epochs,
+            steps_per_epoch=self.sampler.steps_per_epoch,
+        )
+        self.augmenter = BatchAugmenter(
+            AugmentSettings(
+                policy=config.augment,
+                rrc_scale=config.rrc_scale,
+                rrc_ratio=config.rrc_ratio,
+                hflip=config.hflip,
+                color_jitter=config.color_jitter,
+                shift_fraction=config.shift_fraction,
+                scale_range=config.scale_range,
+                randaugment_ops=config.randaugment_ops,
+                randaugment_magnitude=config.randaugment_magnitude,
+            ),
+            config.img_size,
+        )
+        self.mixup = Mixup(
+            MixupSettings(
+                mixup_alpha=config.mixup_alpha,
+                cutmix_alpha=config.cutmix_alpha,
+                prob=config.mixup_prob,
+                switch_prob=config.mixup_switch_prob,
+                label_smoothing=config.label_smoothing,
+            ),
+            self.num_classes,
+        )
+        self.class_weights = (
+            torch.tensor(balanced_class_weights(self.class_counts), dtype=torch.float32).to(
+                self.device
+            )
+            if config.loss_weighting == "balanced"
+            else None
+        )
+        self.train_model: nn.Module = self.model
+        if ctx.distributed:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[ctx.local_rank] if self.cuda else None
+            )
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+        self.tensorboard = self._tensorboard() if ctx.is_main and config.tensorboard else None
+
+    # ----------------------------------------------------------------------------- run
+    def run(self, *, resume: bool) -> Path:
+        config = self.config
+        if resume and has_checkpoint(self.run_dir):
+            self._restore()
+        elif resume:
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+        if self.ctx.is_main:
+            self._write_run_files()
+            self._report_start()
+        distributed.barrier(self.ctx)
+        with _StopSignal() as stop:
+            while self.progress.epoch < config.epochs:
+                self._train_epoch(stop)
+                self._end_epoch()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return self.run_dir
+
+    def _train_epoch(self, stop: _StopSignal) -> None:
+        config, ctx = self.config, self.ctx
+        steps_per_epoch = self.sampler.steps_per_epoch
+        first_step = self.progress.step - self.progress.epoch * steps_per_epoch
+        self.sampler.set_epoch(self.progress.epoch, start_step=first_step)
+        self.model.train()
+        global_batch = config.global_batch_size(ctx.world_size)
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=first_step,
+            desc=f"epoch {self.progress.epoch + 1}/{config.epochs}",
+            unit="step",
+            disable=not (ctx.is_main and config.progress),
+            dynamic_ncols=True,
+        )
+        started = time.perf_counter()
+        steps_done = 0
+        micro = 0
+        step_loss = step_correct = 0.0
+        for images, labels in self.loader:
+            loss, correct = self._forward_backward(images, labels, micro)
+            step_loss += loss
+            step_correct += correct
+            micro += 1
+            if micro < config.grad_accum_steps:
+                continue
+            lr = self.schedule.apply(self.optimizer, self.progress.step)
+            grad_norm = self._optimizer_step()
+            self.progress.step += 1
+            steps_done += 1
+            local_images = config.batch_size * config.grad_accum_steps
+            self.totals.loss += step_loss / config.grad_accum_steps
+            self.totals.correct += step_correct
+            self.totals.images += local_images
+            self.totals.steps += 1
+            if self.progress.step % max(config.log_every_steps, 1) == 0:
+                self._log_step(step_loss / config.grad_accum_steps, step_correct, lr, grad_norm)
+            elapsed = time.perf_counter() - started
+            rate = steps_done * global_batch / elapsed
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{self.totals.loss / self.totals.steps:.4f}",
+                acc=f"{self.totals.correct / self.totals.images:.3f}",
+                img_s=f"{rate:.0f}",
+                lr=f"{lr:.2e}",
+                run_eta=_format_eta(self._remaining_steps() * global_batch / rate),
+            )
+            micro, step_loss, step_correct = 0, 0.0, 0.0
+            self._maybe_stop(stop)
+        bar.close()
+        self._epoch_seconds = time.perf_counter() - started
+        self._epoch_rate = steps_done * global_batch / max(self._epoch_seconds, 1e-9)
+
+    def _forward_backward(
+        self, images: torch.Tensor, labels: torch.Tensor, micro: int
+    ) -> tuple[float, float]:
+        config = self.config
+        augment_gen, mixup_rng = self._seed_micro_batch(micro)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        x = self.preprocess(self.augmenter(images, augment_gen))
+        if self.cuda and config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x, targets = self.mixup(x, labels, mixup_rng)
+        last_micro = micro == config.grad_accum_steps - 1
+        sync: AbstractContextManager[Any] = nullcontext()
+        if isinstance(self.train_model, DistributedDataParallel) and not last_micro:
+            sync = self.train_model.no_sync()
+        with sync:
+            with self._autocast():
+                logits = self.train_model(x)
+            loss = soft_target_cross_entropy(logits, targets, self.class_weights)
+            (loss / config.grad_accum_steps).backward()
+        correct = (logits.argmax(1) == targets.argmax(1)).sum()
+        return float(loss.detach()), float(correct)
+
+    def _optimizer_step(self) -> float | None:
+        grad_norm = None
+        if self.config.clip_grad is not None:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+            grad_norm = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return grad_norm
+
+    def _seed_micro_batch(self, micro: int) -> tuple[torch.Generator, np.random.Generator]:
+        """Generators for this micro-batch, keyed by (seed, rank, step, micro-batch)."""
+        key = [self.config.seed, self.ctx.rank, self.progress.step, micro]
+        augment_seed, mixup_seed, dropout_seed = np.random.SeedSequence(key).generate_state(3)
+        torch.manual_seed(int(dropout_seed))  # dropout and stochastic depth
+        augment_gen = torch.Generator().manual_seed(int(augment_seed))
+        return augment_gen, np.random.default_rng(int(mixup_seed))
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.cuda and self.config.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _maybe_stop(self, stop: _StopSignal) -> None:
+        config = self.config
+        reason = stop.reason
+        if reason is None and config.stop_after_step is not None:
+            reason = "stop_after_step" if self.progress.step >= config.stop_after_step else None
+        every = config.checkpoint_every_steps
+        periodic = every > 0 and self.progress.step % every == 0
+        # All ranks must agree to stop at the same step, or collectives would hang.
+        stopping = distributed.any_rank(self.ctx, reason is not None)
+        if stopping or periodic:
+            self._save_checkpoint()
+        if stopping:
+            logger.info("stopping at step %d (%s); checkpoint written", self.progress.step, reason)
+            raise TrainingInterrupted(self.run_dir, self.progress.step, reason or "another rank")
+
+    def _remaining_steps(self) -> int:
+        return self.config.epochs * self.sampler.steps_per_epoch - self.progress.step
+
+    # ------------------------------------------------------------------------- epoch end
+    def _end_epoch(self) -> None:
+        totals = EpochTotals(*distributed.sum_across_ranks(self.ctx, self.totals.as_list()))
+        epoch = self.progress.epoch + 1
+        record: dict[str, Any] = {
+            "kind": "epoch",
+            "epoch": epoch,
+            "step": self.progress.step,
+            "lr": self.schedule.lr_at(self.progress.step),
+            "train_loss": totals.loss / max(totals.steps, 1),
+            "train_acc": totals.correct / max(totals.images, 1),
+            "images_per_s": getattr(self, "_epoch_rate", 0.0),
+            "epoch_seconds": getattr(self, "_epoch_seconds", 0.0),
+        }
+        self.progress.epoch += 1
+        self.totals = EpochTotals()
+        if self.ctx.is_main:
+            record.update(self._validate())
+            self.progress.history.append(record)
+            self._append_metrics(record)
+            logger.info(
+                "epoch %d/%d: train loss %.4f, val top-1 %s, %.0f img/s",
+                epoch,
+                self.config.epochs,
+                record["train_loss"],
+                f"{record['val_top1']:.4f}" if "val_top1" in record else "n/a",
+                record["images_per_s"],
+            )
+            if self.tensorboard is not None:
+                for key, value in record.items():
+                    if isinstance(value, float):
+                        self.tensorboard.add_scalar(f"epoch/{key}", value, epoch)
+        self._save_checkpoint()
+        if self.ctx.is_main:
+            training_curves(self.progress.history, self.run_dir / "curves.png")
+
+    def _validate(self) -> dict[str, Any]:
+        if self.split.val.size == 0:
+            return {}
+        spec = self._spec()
+        predictor = TorchPredictor(
+            self._deployable(),
+            class_names=spec.class_names,
+            input_size=spec.img_size,
+            mean=spec.mean,
+            std=spec.std,
+            device=self.device,
+            amp=self.config.amp,
+        )
+        probabilities = predict_split(
+            predictor,
+            self.data,
+            self.split.val,
+            batch_size=self.config.eval_batch_size or self.config.batch_size,
+            progress=False,
+        )
+        report = classification_report(
+            probabilities, self.data.labels[self.split.val], self.data.class_names
+        )
+        return {f"val_{key}": report[key] for key in ("top1", "macro_f1", "nll", "ece")} | {
+            "val_loss": report["nll"]
+        }
+
+    # ------------------------------------------------------------------- checkpointing
+    def _deployable(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _save_checkpoint(self) -> None:
+        """Model for deployment plus the full training state; rank 0 writes, all wait."""
+        totals = EpochTotals(*distributed.sum_across_ranks(self.ctx, self.totals.as_list()))
+        if self.ctx.is_main:
+            spec = self._spec()
+            if self.progress.history:
+                last = self.progress.history[-1]
+                spec.metrics = {k: v for k, v in last.items() if k.startswith("val_")}
+            save_model(self.run_dir, self._deployable(), spec)
+            state = {
+                "format": STATE_FORMAT,
+                "epoch": self.progress.epoch,
+                "step": self.progress.step,
+                "steps_per_epoch": self.sampler.steps_per_epoch,
+                "global_batch": self.config.global_batch_size(self.ctx.world_size),
+                "world_size": self.ctx.world_size,
+                "epoch_totals": totals.as_list(),
+                "history": self.progress.history,
+                "config": self.config.to_dict(),
+                "split_file": SPLIT_FILE_NAME,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+            }
+            save_checkpoint(self.run_dir, state, self.progress.step)
+        distributed.barrier(self.ctx)
+
+    def _restore(self) -> None:
+        state = load_checkpoint(self.run_dir)
+        global_batch = self.config.global_batch_size(self.ctx.world_size)
+        if state["global_batch"] != global_batch:
+            raise ConfigError(
+                f"checkpoint was written with a global batch of {state['global_batch']}, this "
+                f"run has {global_batch}: resume with the same batch_size x accumulation x "
+                "processes (the process count may change)"
+            )
+        changed = sorted(
+            key
+            for key, value in state["config"].items()
+            if key not in RESUME_FREE_KEYS and _jsonable(getattr(self.config, key)) != value
+        )
+        if changed:
+            logger.warning("resuming with changed settings: %s", ", ".join(changed))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ConfigError("config enables 'ema' but the checkpoint has no EMA weights")
+            self.ema.load_state_dict(state["ema"])
+        self.progress = Progress(
+            epoch=int(state["epoch"]), step=int(state["step"]), history=list(state["history"])
+        )
+        # The reduced totals live on rank 0 only, so the next reduction counts them once.
+        self.totals = EpochTotals(*state["epoch_totals"]) if self.ctx.is_main else EpochTotals()
+        if self.ctx.is_main:
+            self._truncate_metrics(self.progress.step)
+        logger.info("resumed from step %d (epoch %d)", self.progress.step, self.progress.epoch)
+
+    # ------------------------------------------------------------------ run files/logs
+    def _load_or_make_split(self) -> Split:
+        existing = self.run_dir / SPLIT_FILE_NAME
+        source = Path(self.config.split_file) if self.config.split_file else existing
+        if source.is_file():
+            split = Split.load(source)
+            split.check_data(self.data.num_images, self.fingerprint)
+            return split
+        return make_split(
+            self.data.labels,
+            seed=self.config.split_seed,
+            fractions=self.config.split_fractions,
+            fingerprint=self.fingerprint,
+        )
+
+    def _spec(self) -> ModelSpec:
+        config = self.config
+        return ModelSpec(
+            name=config.model,
+            num_classes=self.num_classes,
+            img_size=config.img_size,
+            class_names=tuple(self.data.class_names),
+            drop_rate=config.drop_rate,
+            drop_path_rate=config.drop_path_rate,
+            training_data={
+                "fingerprint": self.fingerprint,
+                "split": {"seed": self.split.seed, "fractions": list(self.split.fractions)},
+                "train_class_counts": self.class_counts.tolist(),
+                "epochs_completed": self.progress.epoch,
+                "steps_completed": self.progress.step,
+                "weights": "ema" if config.ema else "final",
+                "recipe": {k: v for k, v in config.to_dict().items() if k not in ("data", "out")},
+            },
+        )
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.split.save(self.run_dir / SPLIT_FILE_NAME)
+        dump_config(self.config, self.run_dir / CONFIG_FILE)
+
+    def _report_start(self) -> None:
+        config, ctx = self.config, self.ctx
+        counts = self.class_counts
+        present = counts[counts > 0]
+        lines = [
+            f"  {k:2d} {name:<28s} {counts[k]:7d}" for k, name in enumerate(self.data.class_names)
+        ]
+        logger.info(
+            "training split: %d images, class counts:\n%s\n  imbalance (largest/smallest): %.1f"
+            " -- sampling=%s, loss_weighting=%s",
+            len(self.train_set),
+            "\n".join(lines),
+            present.max() / present.min(),
+            config.sampling,
+            config.loss_weighting,
+        )
+        logger.info(
+            "%s at %d px on %s x %d process(es): global batch %d, peak lr %.3g, %d steps/epoch,"
+            " %d epochs",
+            config.model,
+            config.img_size,
+            self.device,
+            ctx.world_size,
+            config.global_batch_size(ctx.world_size),
+            self.peak_lr,
+            self.sampler.steps_per_epoch,
+            config.epochs,
+        )
+
+    def _log_step(self, loss: float, correct: float, lr: float, grad_norm: float | None) -> None:
+        loss_sum, correct_sum = distributed.sum_across_ranks(self.ctx, [loss, correct])
+        if not self.ctx.is_main:
+            return
+        images = self.config.global_batch_size(self.ctx.world_size)
+        record = {
+            "kind": "step",
+            "epoch": self.progress.step / self.sampler.steps_per_epoch,
+            "step": self.progress.step,
+            "loss": loss_sum / self.ctx.world_size,
+            "acc": correct_sum / images,
+            "lr": lr,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self._append_metrics(record)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("step/loss", record["loss"], self.progress.step)
+            self.tensorboard.add_scalar("step/lr", lr, self.progress.step)
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records a killed run logged after its last checkpoint: they will be redone."""
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ConfigError(
+                "config key 'tensorboard' needs the tensorboard package (pip install tensorboard)"
+            ) from exc
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
