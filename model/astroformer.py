@@ -124,7 +124,7 @@ def _factory(cfg: AstroformerConfig) -> ModelFactory:
     return build
 
 
-_PAPER = "Astroformer paper (arXiv 2304.05350): timm coatnet config, layout C-C-C-T"
+_PAPER = "Astroformer paper (arXiv 2304.05350), timm coatnet config"
 _GALMORPH = "galmorph CPU variant, not from the paper"
 
 # name -> (configuration, default input size, where it comes from)
@@ -157,7 +157,7 @@ VARIANTS: dict[str, tuple[AstroformerConfig, int, str]] = {
     "coatnet_0": (
         AstroformerConfig(64, (96, 192, 384, 768), (2, 3, 5, 2), 768, layout=COATNET_LAYOUT),
         256,
-        "CoAtNet paper (arXiv 2106.04803): timm coatnet_0 config",
+        "CoAtNet paper (arXiv 2106.04803), timm coatnet_0 config",
     ),
     # galmorph's own CPU variants, NOT from the paper: the same blocks, head dim 32 and the
     # C-C-C-T layout, narrow and shallow enough to train at 64-128 px on a couple of CPU cores.

@@ -141,7 +141,7 @@ class VitSmall(nn.Module):
 @register_model(
     default_img_size=256,
     layout="ViT",
-    source="ViT for small datasets (arXiv 2112.13492): depth 9, 12 heads, dim 192, patch 16",
+    source="ViT for small datasets (arXiv 2112.13492), SPT + LSA",
 )
 def vit_small_spt_lsa(
     *, num_classes: int, img_size: int, drop_rate: float, drop_path_rate: float

@@ -1,0 +1,175 @@
+"""`galmorph model list` and `galmorph export`: the model registry and the ONNX export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    model = subparsers.add_parser(
+        "model", help="inspect the model registry", description="Inspect the model registry."
+    )
+    model_commands = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    listing = model_commands.add_parser(
+        "list",
+        help="table of registered models: parameters, GMACs, layout",
+        description="Build every registered model on the meta device (no memory, no compute) "
+        "and count its parameters and multiply-accumulates for one image.",
+    )
+    listing.add_argument(
+        "--img-size", type=int, default=None, help="input size (default: each model's own)"
+    )
+    listing.add_argument("--num-classes", type=int, default=10)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=_list_models)
+
+    export = subparsers.add_parser(
+        "export",
+        help="export a training run to a verified, self-describing ONNX file",
+        description="Export RUN_DIR/model.safetensors + model.json to ONNX: uint8 [N,H,W,3] "
+        "'images' in, float32 'probabilities' (and 'logits') out, preprocessing inside the "
+        "graph, class names/normalisation/stretch/provenance in the metadata. The export "
+        "checks onnxruntime against PyTorch (max |dp| <= 1e-4, same argmax in fp32) and "
+        "writes nothing if they disagree.",
+    )
+    export.add_argument("run_dir", type=Path, help="run folder holding model.safetensors/.json")
+    export.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/model.onnx")
+    export.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20)")
+    precision = export.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--fp16", action="store_true", help="float16 weights/activations for GPU serving"
+    )
+    precision.add_argument(
+        "--int8",
+        action="store_true",
+        help="static int8 (QDQ) quantisation for CPU serving; needs --calib-data",
+    )
+    export.add_argument(
+        "--parity-data",
+        type=Path,
+        help="real images for the parity check: a Galaxy10-layout .h5 or a folder of PNG/JPEG",
+    )
+    export.add_argument("--parity-count", type=int, default=64)
+    export.add_argument(
+        "--calib-data", type=Path, help="Galaxy10-layout .h5 with int8 calibration images"
+    )
+    export.add_argument("--calib-count", type=int, default=256)
+    export.add_argument(
+        "--eval-data",
+        type=Path,
+        help="Galaxy10-layout .h5 to measure the int8 accuracy change on (default: --calib-data)",
+    )
+    export.add_argument("--eval-count", type=int, default=1000)
+    export.add_argument(
+        "--split",
+        type=Path,
+        help="split JSON: calibrate on its train rows, evaluate int8 on its test rows "
+        "(default: RUN_DIR/split.json when it exists)",
+    )
+    export.add_argument(
+        "--metrics", type=Path, help="JSON file of evaluation metrics to store in the metadata"
+    )
+    export.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    export.set_defaults(func=_export)
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    from model.flops import measure_cost
+    from model.registry import list_models, model_entry
+
+    rows = []
+    for name in list_models():
+        entry = model_entry(name)
+        cost = measure_cost(name, img_size=args.img_size, num_classes=args.num_classes)
+        rows.append(
+            {
+                "name": name,
+                "params_m": round(cost.params_m, 2),
+                "gmacs": round(cost.gmacs, 2),
+                "img_size": cost.img_size,
+                "layout": entry.layout,
+                "source": entry.source,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = f"{'name':<22} {'params M':>9} {'GMACs':>8} {'size':>5}  {'layout':<8} source"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['name']:<22} {row['params_m']:>9.2f} {row['gmacs']:>8.2f} "
+            f"{row['img_size']:>5}  {row['layout']:<8} {row['source']}"
+        )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from model.checkpoint import load_spec
+    from model.export import export_model
+    from model.sample_images import load_images
+
+    spec = load_spec(args.run_dir)
+    out = args.out or args.run_dir / "model.onnx"
+    precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
+    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+
+    parity_images = None
+    if args.parity_data:
+        parity_images, _ = load_images(
+            args.parity_data, size=spec.img_size, count=args.parity_count
+        )
+
+    calib_images = eval_images = eval_labels = None
+    if args.int8:
+        if args.calib_data is None:
+            raise SystemExit("--int8 needs --calib-data (a Galaxy10-layout .h5)")
+        train_rows = test_rows = None
+        split_path = args.split or args.run_dir / "split.json"
+        if args.split or split_path.exists():
+            from training.splits import Split
+
+            split = Split.load(split_path)
+            train_rows, test_rows = split.train, split.test
+        calib_images, _ = load_images(
+            args.calib_data, size=spec.img_size, count=args.calib_count, indices=train_rows
+        )
+        eval_images, eval_labels = load_images(
+            args.eval_data or args.calib_data,
+            size=spec.img_size,
+            count=args.eval_count,
+            seed=1,
+            indices=test_rows,
+        )
+        if eval_labels is None:
+            raise SystemExit("--eval-data must be a labelled Galaxy10-layout .h5 file")
+        eval_labels = np.asarray(eval_labels)
+
+    report = export_model(
+        args.run_dir,
+        out,
+        opset=args.opset,
+        parity_images=parity_images,
+        metrics=metrics,
+        precision=precision,
+        calib_images=calib_images,
+        eval_images=eval_images,
+        eval_labels=eval_labels,
+        intra_op_threads=args.threads,
+    )
+    parity = report.parity
+    print(f"wrote {report.path} ({precision}, {report.size_bytes / 1e6:.1f} MB)")
+    print(
+        f"parity vs PyTorch: max |dp| = {parity.max_abs_diff:.2e}, argmax agreement "
+        f"{parity.argmax_agreement:.4f} on {parity.num_images} images "
+        f"({parity.num_real_images} real)"
+    )
+    if "int8_eval" in report.card.metrics:
+        print("int8 accuracy change:", json.dumps(report.card.metrics["int8_eval"]))
+    print("seconds:", json.dumps({k: round(v, 2) for k, v in report.seconds.items()}))
+    return 0
