@@ -20,12 +20,13 @@ DR2_RGB_Q = 20.0
 RGB_BANDS = ("g", "r", "z")
 
 # Lupton et al. (2004) via astropy, on the dr2_rgb band scalings so the colour balance matches
-# the viewer. Flux values below are nanomaggies times those scales. `stretch` is the linear
-# range of the asinh: 0.5 puts the DECaLS sky noise (~0.007 nmgy/pixel, x3.4 -> 0.024) a few
-# grey levels above black, as Lupton's SDSS images do; Q = 8 (astropy's default) saturates
-# only the cores of bright galaxies.
-LUPTON_STRETCH = 0.5
+# the viewer (fluxes below are nanomaggies times those scales, black at 0). astropy's
+# LuptonAsinhStretch is y = asinh(Q*x/stretch) * 0.1/asinh(0.1*Q): slope 1.09/stretch near 0
+# and saturation at x = 95*stretch for Q = 8. stretch = 0.5 lifts DECaLS sky noise (~0.025)
+# about 14 grey levels above black, so faint discs stay visible, and saturates at 48 (only
+# bright cores); Q = 8 is astropy's default softening.
 LUPTON_Q = 8.0
+LUPTON_STRETCH = 0.5
 
 # Typical DECaLS per-pixel r-band sky noise in nanomaggies: a 5-sigma point-source depth of
 # r = 23.9 mag (0.275 nmgy) over a ~56-pixel PSF footprint (1.3" FWHM) gives 0.055/sqrt(56).
@@ -68,9 +69,8 @@ def lupton_rgb(bands: Mapping[str, np.ndarray]) -> np.ndarray:
     planes = [
         np.asarray(bands[band], np.float32) * DR2_RGB_SCALES[band][1] for band in ("z", "r", "g")
     ]
-    rgb = make_lupton_rgb(
-        *planes, minimum=0.0, stretch=LUPTON_STRETCH, Q=LUPTON_Q, output_dtype=np.float64
-    )
+    with np.errstate(invalid="ignore", divide="ignore"):  # astropy divides 0/0 where I = 0
+        rgb = make_lupton_rgb(*planes, stretch=LUPTON_STRETCH, Q=LUPTON_Q, output_dtype=np.float64)
     return np.asarray(rgb, np.float32)
 
 

@@ -118,10 +118,11 @@ def make_grz_fits(
     fpack: bool = False,
     seed: int = 0,
     band_keys: bool = True,
+    noise: bool = True,
     name: str | None = None,
 ) -> bytes:
     """A Legacy Survey style float32 (nbands, H, W) cutout with BANDS/BANDn and a TAN WCS."""
-    planes = galaxy_planes(size, pixel_scale=pixel_scale, bands=bands, seed=seed)
+    planes = galaxy_planes(size, pixel_scale=pixel_scale, bands=bands, seed=seed, noise=noise)
     cube = np.stack([planes[band] for band in bands])
     header = tan_wcs_header((size, size), pixel_scale)
     if band_keys:
@@ -170,7 +171,8 @@ def make_png(
         channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "P": 3}[mode]
         pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
         if mode == "RGBA":
-            pixels[: height // 2, :, 3] = 128  # half the image translucent
+            pixels[..., 3] = 255
+            pixels[: height // 2, :, 3] = 128  # the top half translucent
         image = Image.fromarray(pixels.squeeze(axis=2) if channels == 1 else pixels)
         if mode == "LA":
             image = Image.fromarray(pixels, mode="LA")
