@@ -597,7 +597,7 @@ def _disturbed(scene: _Scene, rng: np.random.Generator, redshift: float) -> None
         azimuth - np.float32(rng.uniform(0, 2 * math.pi))
     )
     mag_r = host.mag_r + rng.uniform(0.3, 1.0)  # irregulars are fainter for their size
-    clump_fraction = rng.uniform(0.25, 0.5)
+    clump_fraction = rng.uniform(0.2, 0.4)
     scene.add_profile(
         _unit(np.exp(-radius * lopsided / h)),
         _flux(rng, _split_flux(mag_r, 1 - clump_fraction), *_colour(rng, "irregular", redshift)),
@@ -614,7 +614,7 @@ def _disturbed(scene: _Scene, rng: np.random.Generator, redshift: float) -> None
     scene.add_sources("compact", x[layer], y[layer], fluxes[layer])
     scene.add_sources("diffuse", x[~layer], y[~layer], fluxes[~layer])
     scene.compact_sigma = float(rng.uniform(0.6, 1.1))  # star-forming knots, not point-like
-    scene.diffuse_sigma = float(rng.uniform(1.5, 2.5))
+    scene.diffuse_sigma = float(rng.uniform(1.0, 1.8))
 
 
 def _merging(scene: _Scene, rng: np.random.Generator, redshift: float) -> None:
