@@ -73,6 +73,6 @@ def _from_folder(folder: Path, *, size: int, count: int, seed: int) -> np.ndarra
         with Image.open(file) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{file}: {image.width}x{image.height} pixels is too large")
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = np.array(image.convert("RGB"))
         images.append(_resize(rgb[None], size)[0])
     return np.stack(images)
