@@ -2,9 +2,10 @@
 
 One process per device under torchrun, or a single process. Rank 0 logs, validates and
 writes; every rank runs the same number of steps. Randomness is keyed, not streamed: each
-micro-batch seeds its augmentation, mixup and dropout generators from (seed, rank, step,
-micro-batch), and the data order comes from (seed, epoch). A checkpoint therefore needs no
-per-rank RNG state to resume exactly, mid-epoch included.
+micro-batch seeds its augmentation, mixup and dropout generators from (seed, step, shard),
+and the data order comes from (seed, epoch). A checkpoint therefore needs no per-rank RNG
+state to resume exactly, mid-epoch included, and a run with the same global batch follows the
+same course on any number of processes (up to floating-point reduction order).
 
 Run folder: model.safetensors + model.json (deployable weights, the EMA when enabled),
 train_state.json + train_state-<step>.* (everything to resume), split.json, config.json,
@@ -353,8 +354,14 @@ class Trainer:
         return grad_norm
 
     def _seed_micro_batch(self, micro: int) -> tuple[torch.Generator, np.random.Generator]:
-        """Generators for this micro-batch, keyed by (seed, rank, step, micro-batch)."""
-        key = [self.config.seed, self.ctx.rank, self.progress.step, micro]
+        """Generators for this micro-batch, keyed by (seed, step, shard).
+
+        The shard index is the one the sampler uses (micro x world_size + rank), so a shard
+        gets the same augmentation, mixup and dropout draws whether it is a rank's batch or
+        one of several accumulated micro-batches of a single process.
+        """
+        shard = micro * self.ctx.world_size + self.ctx.rank
+        key = [self.config.seed, self.progress.step, shard]
         augment_seed, mixup_seed, dropout_seed = np.random.SeedSequence(key).generate_state(3)
         torch.manual_seed(int(dropout_seed))  # dropout and stochastic depth
         augment_gen = torch.Generator().manual_seed(int(augment_seed))

@@ -1,0 +1,83 @@
+"""Shared settings for the training tests: a tiny model on a small synthetic Galaxy10 file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.config import TrainConfig
+from training.synth import synthesize
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_synthetic(path: Path, n: int, seed: int = 0) -> Path:
+    """A balanced 64 px synthetic Galaxy10 file (the smallest size the generator makes)."""
+    return synthesize(path, n=n, size=64, seed=seed, progress=False)
+
+
+def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
+    """gm_astroformer_tiny at 32 px, one thread, no workers: seconds per epoch on a CPU."""
+    values: dict[str, Any] = {
+        "data": str(data),
+        "out": str(out),
+        "model": "gm_astroformer_tiny",
+        "img_size": 32,
+        "batch_size": 16,
+        "epochs": 2,
+        "lr": 2e-3,
+        "warmup_epochs": 0.5,
+        "num_workers": 0,
+        "threads": 1,
+        "progress": False,
+        "log_every_steps": 1,
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def galmorph_command(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "galmorph", *map(str, args)]
+
+
+def child_env() -> dict[str, str]:
+    """One thread per child process: the machine's two cores are shared."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+
+
+def run_galmorph(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        galmorph_command(*args),
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def config_flags(config: TrainConfig, *skip: str) -> list[str]:
+    """`--set key=value` flags reproducing a config on the command line."""
+    import json
+
+    flags: list[str] = []
+    for key, value in config.to_dict().items():
+        if key in skip or key in ("data", "out", "model"):
+            continue
+        flags += ["--set", f"{key}={json.dumps(value)}"]
+    return flags
