@@ -41,14 +41,19 @@ def dr2_rgb(bands: Mapping[str, np.ndarray]) -> np.ndarray:
     Returns float32 (H, W, 3) in [0, 1], channels R=z, G=r, B=g, in the array's own row order
     (apply `flip_north_up` for FITS data, whose row 0 is south).
     """
-    first = bands[RGB_BANDS[0]]
-    rgb = np.empty((*first.shape, 3), np.float32)
-    for band, (channel, scale) in DR2_RGB_SCALES.items():
-        rgb[..., channel] = np.asarray(bands[band], np.float32) * scale + DR2_RGB_M
-    intensity = np.maximum(rgb, 0.0).mean(axis=2)
-    intensity[intensity == 0] = 1e-6
-    gain = np.arcsinh(DR2_RGB_Q * intensity) / np.sqrt(DR2_RGB_Q) / intensity
-    rgb *= gain[..., None]
+    # Channel planes (R, G, B) = (z, r, g), each x_b * s_b + m; planar arrays keep it fast.
+    planes = [
+        np.asarray(bands[band], np.float32) * np.float32(scale) + np.float32(DR2_RGB_M)
+        for band, (_, scale) in sorted(DR2_RGB_SCALES.items(), key=lambda item: item[1][0])
+    ]
+    intensity = np.maximum(planes[0], 0.0)
+    for plane in planes[1:]:
+        intensity += np.maximum(plane, 0.0)
+    intensity /= np.float32(3.0)
+    intensity[intensity == 0] = np.float32(1e-6)
+    gain = np.arcsinh(np.float32(DR2_RGB_Q) * intensity)
+    gain /= np.float32(np.sqrt(DR2_RGB_Q)) * intensity
+    rgb = np.stack([plane * gain for plane in planes], axis=-1)
     return np.clip(rgb, 0.0, 1.0, out=rgb)
 
 
