@@ -827,6 +827,11 @@ def _write(out: Path, options: SynthOptions) -> Path:
             handle.attrs["generator"] = "galmorph synth"
             handle.attrs["seed"] = options.seed
             handle.attrs["class_balance"] = options.class_balance
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written file behind
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
         if pool is not None:
             pool.close()
