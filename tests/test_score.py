@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +311,43 @@ def test_cli_scores_and_reports(workspace: Path, capsys: pytest.CaptureFixture[s
     assert "no id column 'nope'" in capsys.readouterr().err
     assert galmorph_main(["merge", str(out), "--out", str(out / "m.parquet")]) == 0
     assert pq.read_table(out / "m.parquet").num_rows == NUM_ROWS
+
+
+def test_slurm_array_script_scores_every_task_then_merges(workspace: Path, reference: pa.Table):
+    """Run scripts/slurm/score_array.sbatch as Slurm would, with a stand-in `sbatch`."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "score_array.sbatch"
+    bin_dir = workspace / "fake_bin"
+    bin_dir.mkdir()
+    submitted = workspace / "submitted.txt"
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" >> {submitted}\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    galmorph = Path(sys.executable).parent / "galmorph"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CATALOG": "catalog.csv",
+        "MODEL": "model.onnx",
+        "OUT": "slurm_out",
+        "SHARD_SIZE": "8",
+        "BATCH_SIZE": "8",
+        "GALMORPH": str(galmorph),
+        "SLURM_ARRAY_JOB_ID": "4242",
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_CPUS_PER_TASK": "2",
+    }
+    for task in ("1", "0"):
+        subprocess.run(
+            ["bash", str(script)],
+            cwd=workspace,
+            env={**env, "SLURM_ARRAY_TASK_ID": task},
+            check=True,
+            capture_output=True,
+        )
+    args = submitted.read_text().splitlines()
+    assert "--dependency=afterok:4242" in args
+    merge_command = next(a for a in args if a.startswith("--wrap=")).removeprefix("--wrap=")
+    subprocess.run(["bash", "-c", merge_command], cwd=workspace, env=env, check=True)
+    merged = pq.read_table(workspace / "slurm_out" / "scores.parquet")
+    assert merged.equals(reference.drop_columns(["mag"]))  # no --passthrough in the script
+    assert not (workspace / "slurm_out" / ".merge_submitted").exists()
