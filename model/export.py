@@ -7,8 +7,10 @@ dynamic, H and W are fixed (the relative position tables are sized for them).
 
 Exporter choice, measured on this kind of machine: the dynamo exporter at opset 20 emits
 ONNX's native Gelu op, which onnxruntime runs as one kernel; at opset 18 GELU decomposes into
-Div/Erf/Add/Mul chains that ORT does not fuse back (1.3-2.8x slower). Attention is written as
-matmul + softmax in model/attention.py, so no SDPA kernel choice is involved in tracing.
+Div/Erf/Add/Mul chains that ORT does not fuse back (1.3-1.7x slower on
+gm_astroformer_tiny/small and astroformer_0, batch 8, one thread; issue 3 reports 1.6-2.8x).
+Attention is written as matmul + softmax in model/attention.py, so no SDPA kernel choice is
+involved in tracing.
 
 Every export is checked before it is moved into place: onnxruntime against PyTorch on random
 uint8 batches (batch 1 and 5) and on real images when given; fp32 must agree to
