@@ -62,6 +62,8 @@ def test_resume_mid_epoch_continues_exactly(data: Path, tmp_path: Path) -> None:
         train(interrupted)
     assert stopped.value.step == 13
     assert load_checkpoint(tmp_path / "resumed")["step"] == 13
+    # A CLI resume takes config.json as its base; the one-off stop must not be in it.
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["stop_after_step"] is None
     resumed = train(tiny_config(data, tmp_path / "resumed", **RANDOM_EVERYTHING), resume=True)
 
     expected, actual = _step_losses(straight), _step_losses(resumed)

@@ -24,7 +24,7 @@ from training.galaxy10 import Galaxy10File
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images [N, H, W, 3], int64 labels [N]
 
 
-class Galaxy10Dataset(Dataset[Batch]):
+class Galaxy10Dataset(Dataset[tuple[torch.Tensor, int]]):
     """The images of `file` at `indices` (positions 0..len-1 map to file rows `indices`)."""
 
     def __init__(self, file: Galaxy10File, indices: np.ndarray) -> None:
@@ -35,8 +35,10 @@ class Galaxy10Dataset(Dataset[Batch]):
     def __len__(self) -> int:
         return int(self.indices.size)
 
-    def __getitem__(self, position: int) -> Batch:
-        return self.__getitems__([position])
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        """One uint8 (H, W, 3) image and its label."""
+        row = int(self.indices[position])
+        return torch.from_numpy(self.file.image(row)), int(self.labels[position])
 
     def __getitems__(self, positions: Sequence[int]) -> Batch:
         rows = self.indices[np.asarray(positions, dtype=np.int64)]
@@ -163,7 +165,8 @@ def make_loader(
     num_workers: int,
     seed: int,
     pin_memory: bool = False,
-) -> DataLoader[Batch]:
+) -> DataLoader[Any]:
+    """Batches of (uint8 images, labels); batches are built by the dataset, not collated."""
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

@@ -20,7 +20,7 @@ import math
 import signal
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -553,7 +553,9 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.split.save(self.run_dir / SPLIT_FILE_NAME)
-        dump_config(self.config, self.run_dir / CONFIG_FILE)
+        # stop_after_step belongs to one invocation: a resume reading config.json must not
+        # inherit it.
+        dump_config(replace(self.config, stop_after_step=None), self.run_dir / CONFIG_FILE)
 
     def _report_start(self) -> None:
         config, ctx = self.config, self.ctx
