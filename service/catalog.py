@@ -332,11 +332,11 @@ class FileListCatalog(Catalog):
 
     kind = "files"
 
-    def __init__(self, root: Path, files: list[Path], options: CatalogOptions) -> None:
+    def __init__(self, root: Path, files: list[Path], options: CatalogOptions, where: str) -> None:
         if options.passthrough:
             raise CatalogError("a folder or glob of cutouts has no columns to pass through")
         if not files:
-            raise CatalogError(f"no cutouts ({', '.join(CUTOUT_SUFFIXES)}) found in {root}")
+            raise CatalogError(f"no cutouts ({', '.join(CUTOUT_SUFFIXES)}) match {where}")
         self._root = root
         self._files = files
         super().__init__(root, len(files), ())
@@ -346,14 +346,14 @@ class FileListCatalog(Catalog):
         files = sorted(
             p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(CUTOUT_SUFFIXES)
         )
-        return cls(folder.resolve(), [p.resolve() for p in files], options)
+        return cls(folder.resolve(), [p.resolve() for p in files], options, str(folder))
 
     @classmethod
     def from_glob(cls, pattern: str, options: CatalogOptions) -> FileListCatalog:
         files = sorted(Path(p).resolve() for p in glob.glob(pattern, recursive=True))
         files = [p for p in files if p.is_file()]
         root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
-        return cls(root, files, options)
+        return cls(root, files, options, pattern)
 
     def _relative(self, p: Path) -> str:
         return p.relative_to(self._root).as_posix()

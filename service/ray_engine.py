@@ -15,7 +15,6 @@ set, else starts a local instance; a caller may also `ray.init(...)` first.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,8 +24,6 @@ import numpy as np
 import pyarrow as pa
 
 from service.score import DecodeSettings, ResultBuilder, decode_sources
-
-logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "_image"
 PROBS_COLUMN = "_probs"

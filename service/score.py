@@ -318,7 +318,9 @@ class LocalEngine:
     def _predict(self, images: np.ndarray, errors: list[str | None]) -> np.ndarray:
         probs = np.full((len(images), self.model.card.num_classes), np.nan, np.float32)
         good = np.array([e is None for e in errors], bool)
-        if good.any():
+        if good.all():  # the usual case: no copy of the batch
+            probs[:] = self.model.predict(images)
+        elif good.any():
             probs[good] = self.model.predict(images[good])
         return probs
 
@@ -393,7 +395,11 @@ def build_manifest(
 
 
 def score(config: ScoreConfig) -> ScoreSummary:
-    """Score the shards assigned to this task; merge when the whole catalog is done."""
+    """Score the shards assigned to this task; merge when the whole catalog is done.
+
+    Decode workers are started with multiprocessing's "forkserver" method: a script calling
+    this must guard its entry point with `if __name__ == "__main__":` (the `galmorph` CLI does).
+    """
     from service.engine import OnnxModel
 
     if config.engine not in ENGINES:
