@@ -1,0 +1,230 @@
+"""HTTP service throughput and latency vs the raw onnxruntime model, with and without batching.
+
+Run from the repository root: `python -m benchmarks.bench_service [--model model.onnx]`
+(results to benchmarks/results/service.json). What is measured:
+
+1. raw: OnnxModel.predict on ready uint8 batches of size c in this process (median time per
+   batch, images/s), timed right before and right after each service run;
+2. service: `galmorph serve` as a separate process (same model, same onnxruntime threads),
+   loaded by a minimal keep-alive HTTP client at concurrency c = 1, 8, 32 posting real 256x256
+   Galaxy10 JPEGs (decode included), with micro-batching on (max batch 32, 2 ms delay) and
+   off (max batch 1): requests/s, p50 and p99 latency, mean batch size the server formed;
+3. ratios: service req/s at concurrency c over raw images/s at batch size c (target: >= 0.85
+   at c = 8), and service p50 minus raw batch-1 median at c = 1 (target: <= 15 ms).
+
+The client shares the machine with the server (2 cores here), so the ratios include its cost.
+Model: --model if given, else the tests' onnx_factory model at 256 px with enough same-size
+convolutions to cost roughly as much as a small real network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
+from service.engine import OnnxModel
+from tests.onnx_factory import FactoryModel, write_model
+from tests.server_process import free_port
+
+SHARED_IMAGES = REPO_ROOT.parent / "shared" / "data" / "galaxy10-real"
+BATCHING = {"batching": ("32", "2"), "no_batching": ("1", "0")}  # max batch size, delay ms
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def time_raw(model: OnnxModel, batch: int, images_total: int) -> dict[str, Any]:
+    """predict() on a ready uint8 batch: median and p99 per batch, images/s from the median."""
+    height, width = model.input_size
+    images = np.random.default_rng(batch).integers(0, 256, (batch, height, width, 3), np.uint8)
+    for _ in range(2):
+        model.predict(images)
+    times = []
+    for _ in range(max(5, images_total // batch)):
+        start = time.perf_counter()
+        model.predict(images)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {
+        "median_ms": round(median * 1e3, 3),
+        "p99_ms": round(percentile(times, 99) * 1e3, 3),
+        "images_per_s": round(batch / median, 2),
+        "repeats": len(times),
+    }
+
+
+def start_server(
+    model_path: Path, threads: int, batch: str, delay: str, log: Path
+) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GALMORPH_")}
+    command = [
+        *(sys.executable, "-m", "galmorph.cli", "serve", "--model", str(model_path)),
+        *("--port", str(port), "--providers", "CPUExecutionProvider"),
+        *("--threads", str(threads), "--max-batch-size", batch, "--max-delay-ms", delay),
+        *("--max-queue", "1024", "--log-level", "warning"),
+    ]
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=environment
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return url, process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.terminate()
+    raise RuntimeError(f"server did not become ready:\n{log.read_text()}")
+
+
+class KeepAliveClient:
+    """A minimal HTTP/1.1 keep-alive client: the load generator shares the CPU with the
+    server, so it must cost far less per request than a full-featured client."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> KeepAliveClient:
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) != b"\r\n":
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def load(port: int, uploads: list[bytes], concurrency: int, requests: int) -> dict[str, Any]:
+    """`concurrency` connections posting back to back; timing starts once all have warmed up."""
+    warmup = 3
+    per_worker = max(1, requests // concurrency)
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    warm = asyncio.Barrier(concurrency + 1)
+
+    async def worker(index: int) -> None:
+        client = await KeepAliveClient.open("127.0.0.1", port)
+        try:
+            for i in range(warmup + per_worker):
+                if i == warmup:
+                    await warm.wait()
+                data = uploads[(index * per_worker + i) % len(uploads)]
+                start = time.perf_counter()
+                status, body = await client.post("/classify?filename=cutout.jpg", data)
+                elapsed = time.perf_counter() - start
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
+                if i >= warmup:
+                    latencies.append(elapsed)
+                    batch_sizes.append(json.loads(body)["timings"]["batch_size"])
+        finally:
+            await client.close()
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+    await warm.wait()
+    begin = time.perf_counter()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - begin
+    return {
+        "requests": len(latencies),
+        "requests_per_s": round(len(latencies) / wall, 2),
+        "p50_ms": round(percentile(latencies, 50) * 1e3, 2),
+        "p99_ms": round(percentile(latencies, 99) * 1e3, 2),
+        "mean_batch_size": round(float(np.mean(batch_sizes)), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="exported galmorph ONNX model")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--requests", type=int, default=256, help="timed requests per level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "service.json")
+    args = parser.parse_args(argv)
+
+    uploads = [path.read_bytes() for path in sorted(SHARED_IMAGES.glob("*.jpg"))]
+    if not uploads:
+        raise SystemExit(f"no Galaxy10 JPEGs in {SHARED_IMAGES}")
+    spec = FactoryModel(input_size=256, channels=16, extra_convs=6, model_name="bench")
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_path = args.model or write_model(work / "bench.onnx", spec)
+        raw_model = OnnxModel(
+            model_path, providers=["CPUExecutionProvider"], intra_op_threads=args.threads
+        )
+        for mode, (batch, delay) in BATCHING.items():
+            url, process = start_server(model_path, args.threads, batch, delay, work / "log")
+            port = int(url.rsplit(":", 1)[1])
+            try:
+                for concurrency in args.concurrency:
+                    # Raw timings right before and after each service run: the machine is
+                    # shared, and the ratio must compare like with like.
+                    before = time_raw(raw_model, concurrency, args.requests)
+                    figures = asyncio.run(load(port, uploads, concurrency, args.requests))
+                    after = time_raw(raw_model, concurrency, args.requests)
+                    raw_rate = (before["images_per_s"] + after["images_per_s"]) / 2
+                    raw_ms = (before["median_ms"] + after["median_ms"]) / 2
+                    figures["raw_before"], figures["raw_after"] = before, after
+                    figures["fraction_of_raw"] = round(figures["requests_per_s"] / raw_rate, 3)
+                    figures["p50_minus_raw_batch_ms"] = round(figures["p50_ms"] - raw_ms, 2)
+                    results.setdefault(mode, {})[f"concurrency_{concurrency}"] = figures
+                    print(mode, concurrency, {k: v for k, v in figures.items() if "raw_" not in k})
+            finally:
+                process.terminate()
+                process.wait(timeout=15)
+    batched = results["batching"]
+    payload = {
+        "benchmark": "HTTP service vs raw onnxruntime, with and without micro-batching",
+        "model": str(args.model) if args.model else f"tests/onnx_factory {spec}",
+        "onnxruntime_threads": args.threads,
+        "upload": "real Galaxy10 256x256 JPEGs (decode included), raw request body",
+        "batching_settings": {
+            mode: {"max_batch_size": b, "max_delay_ms": d} for mode, (b, d) in BATCHING.items()
+        },
+        "service": results,
+        "targets": {
+            "c8_fraction_of_raw_batch8": batched.get("concurrency_8", {}).get("fraction_of_raw"),
+            "c8_target": 0.85,
+            "c1_p50_minus_raw_ms": batched.get("concurrency_1", {}).get("p50_minus_raw_batch_ms"),
+            "c1_target_ms": 15,
+        },
+    }
+    print(write_results(args.out, payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
