@@ -69,7 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: RUN_DIR/split.json when it exists)",
     )
     export.add_argument(
-        "--metrics", type=Path, help="JSON file of evaluation metrics to store in the metadata"
+        "--metrics",
+        type=Path,
+        help="JSON file of evaluation metrics to store in the metadata "
+        "(default: RUN_DIR/evaluation.json, written by `galmorph evaluate`, when it exists)",
     )
     export.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     export.set_defaults(func=_export)
@@ -117,7 +120,8 @@ def _export(args: argparse.Namespace) -> int:
     spec = load_spec(args.run_dir)
     out = args.out or args.run_dir / "model.onnx"
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
-    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+    metrics_path = args.metrics or args.run_dir / "evaluation.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
 
     parity_images = None
     if args.parity_data:
