@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks.bench_gemm import gemm_callables, gemm_flops
-from benchmarks.common import RESULTS_DIR, Timing, time_interleaved, write_results
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, Timing, time_interleaved, write_results
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +52,7 @@ ORT_SLOW = "onnxruntime_opset18"
 EAGER = "torch_eager"
 COMPILED = "torch_compile"
 GEMM_SIZE = 2048
+DEMO_RECIPE = REPO_ROOT / "configs" / "cpu_demo.yaml"
 SEED = 0
 
 
@@ -208,7 +209,7 @@ def _torch_call(graph: Callable[..., Any], images: np.ndarray) -> Callable[[], n
     return run
 
 
-def _predict_call(model: OnnxModel, images: np.ndarray) -> Callable[[], np.ndarray]:
+def predict_call(model: OnnxModel, images: np.ndarray) -> Callable[[], np.ndarray]:
     return lambda: model.predict(images)
 
 
@@ -235,11 +236,11 @@ def compare_batch(
 ) -> dict[str, Any]:
     images = random_images(batch, img_size)
     contenders: dict[str, Callable[[], object]] = {
-        ORT: _predict_call(ort_model, images),
+        ORT: predict_call(ort_model, images),
         EAGER: _torch_call(graph, images),
     }
     if slow_model is not None:
-        contenders[ORT_SLOW] = _predict_call(slow_model, images)
+        contenders[ORT_SLOW] = predict_call(slow_model, images)
     reference = contenders[EAGER]()
     assert isinstance(reference, np.ndarray)
     result: dict[str, Any] = {"contenders": {}, "max_abs_diff_vs_eager": {}}
@@ -306,7 +307,7 @@ def sweep(
     for batch in case.sweep_batch_sizes:
         images = random_images(batch, img_size)
         timings = _timed_rounds(
-            {ORT: _predict_call(ort_model, images), EAGER: _torch_call(graph, images)},
+            {ORT: predict_call(ort_model, images), EAGER: _torch_call(graph, images)},
             warmup=case.warmup,
             min_repeats=case.min_repeats,
             max_repeats=case.max_repeats,
@@ -463,42 +464,33 @@ def benchmark_model(
 
 
 def train_tiny(study: Int8Study, threads: int, work: Path) -> tuple[Path, Path, dict[str, Any]]:
-    """Synthetic training file + a short gm_astroformer_tiny run; returns (run, data, how)."""
-    from training.config import TrainConfig
+    """Synthetic training file + a short run of the CPU demo recipe; returns (run, data, how)."""
+    from training.config import load_config
     from training.synth import synthesize
     from training.train import train
 
     data = synthesize(
         work / "synth_train.h5", n=study.train_images, size=study.img_size, seed=0, progress=False
     )
-    config = TrainConfig(
+    config = load_config(
+        DEMO_RECIPE,
         data=str(data),
         out=str(work / "trained_tiny"),
         model="gm_astroformer_tiny",
         img_size=study.img_size,
-        batch_size=32,
         epochs=study.epochs,
-        lr=2e-3,
-        warmup_epochs=min(0.5, study.epochs / 2),
-        mixup_alpha=0.0,
-        label_smoothing=0.0,
-        drop_rate=0.0,
-        augment="galaxy",
-        num_workers=0,
+        warmup_epochs=min(1.0, study.epochs / 2),
         threads=threads,
         progress=False,
-        log_every_steps=50,
     )
     started = time.perf_counter()
     run_dir = train(config)
     how = {
-        "how": "training.train.train on training.synth.synthesize images (seed 0), in this run",
+        "how": f"training.train.train with {DEMO_RECIPE.relative_to(REPO_ROOT)} on "
+        f"{study.train_images} training.synth images (seed 0), {study.epochs} epochs, in this run",
         "train_seconds": round(time.perf_counter() - started, 1),
-        "config": {
-            key: getattr(config, key)
-            for key in ("model", "img_size", "epochs", "batch_size", "lr", "augment")
-        },
         "train_images": study.train_images,
+        "epochs": study.epochs,
     }
     return run_dir, data, how
 
@@ -572,7 +564,7 @@ def int8_vs_fp32(
     for batch in study.batch_sizes:
         images = heldout[:batch] if batch <= len(heldout) else random_images(batch, spec.img_size)
         timings = _timed_rounds(
-            {"fp32": _predict_call(fp32_model, images), "int8": _predict_call(int8_model, images)},
+            {"fp32": predict_call(fp32_model, images), "int8": predict_call(int8_model, images)},
             warmup=study.warmup,
             min_repeats=study.min_repeats,
             max_repeats=study.max_repeats,
@@ -654,7 +646,7 @@ def benchmark_cuda(case: ModelCase, img_size: int, work: Path) -> dict[str, Any]
             images = random_images(batch, img_size)
             timings = _timed_rounds(
                 {
-                    "host_arrays": _predict_call(model, images),
+                    "host_arrays": predict_call(model, images),
                     "io_binding": _io_bound_call(model, images),
                 },
                 warmup=max(case.warmup, 3),

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,7 @@ def thread_env(threads: int) -> dict[str, str]:
 def write_results(path: Path, payload: Mapping[str, Any]) -> Path:
     """Write one benchmark's JSON with the machine and the time it ran, atomically."""
     document = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         **payload,
     }

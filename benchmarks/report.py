@@ -244,6 +244,17 @@ def decode_section(decode: dict[str, Any]) -> list[str]:
     return _table(["cutout", "wall ms", "CPU ms"], rows) if rows else ["Not measured."]
 
 
+def stages_section(stages: dict[str, Any]) -> list[str]:
+    rows = [
+        [name, f"{figures['ms_per_item']:.2f}", f"{figures['cpu_median_ms']:.2f}"]
+        for name, figures in stages.get("stages", {}).items()
+    ]
+    if not rows:
+        return ["Not measured."]
+    lines = [f"{stages.get('benchmark')}; model {stages.get('model')}.", ""]
+    return lines + _table(["stage", "wall ms per image (median)", "CPU ms per call"], rows)
+
+
 def write_summary(documents: dict[str, dict[str, Any]], path: Path) -> Path:
     models = documents.get("models", {})
     run = documents.get("run", {})
@@ -257,6 +268,7 @@ def write_summary(documents: dict[str, dict[str, Any]], path: Path) -> Path:
     lines += ["## int8 vs float32", "", *int8_section(models.get("int8", {})), ""]
     lines += ["## Service and scorer vs raw onnxruntime", "", *components_section(documents), ""]
     lines += ["## Server start and memory", "", *startup_section(documents.get("startup", {}))]
+    lines += ["", "## Stages of one cutout", "", *stages_section(documents.get("stages", {}))]
     lines += ["", "## Decode (per cutout)", "", *decode_section(documents.get("decode", {}))]
     cuda = models.get("cuda", {})
     lines += ["", "## CUDA", "", f"- {cuda.get('status', 'measured: see models.json')}"]

@@ -64,11 +64,20 @@ BENCHMARKS = (
         quick_args=("--runs", "1", "--models", "gm_astroformer_tiny", "--img-size", "64"),
         takes_threads=True,
     ),
+    Benchmark(
+        "stages",
+        "benchmarks.bench_stages",
+        "benchmarks",
+        quick_args=("--repeats", "3"),
+        takes_threads=True,
+    ),
     Benchmark("decode", "benchmarks.bench_decode", "imaging"),
-    Benchmark("service", "benchmarks.bench_service", "service", writes_to_out=False),
+    Benchmark("service", "benchmarks.bench_service", "service"),
     Benchmark("score", "benchmarks.bench_score", "scoring", writes_to_out=False),
     Benchmark("synth", "benchmarks.bench_synth", "data", writes_to_out=False),
-    Benchmark("train", "benchmarks.bench_train", "training", writes_to_out=False),
+    Benchmark(
+        "train", "benchmarks.bench_train", "training", writes_to_out=False, takes_threads=True
+    ),
 )
 
 
