@@ -84,7 +84,6 @@ def main() -> int:
         server.wait(timeout=30)
 
     _run("score", cutouts / "catalog.csv", "--model", model, "--out", out / "scores")
-    _run("merge", out / "scores", "--out", out / "scores.parquet")
     print(f"\nDemo finished. Everything it made is in {out}")
     return 0
 
