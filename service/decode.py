@@ -90,7 +90,7 @@ _HINTS = {
 class PreprocessInfo:
     """What was done to the input, reported with every prediction."""
 
-    format: str  # "fits" | "png" | "jpeg"
+    format: str  # "fits" | "png" | "jpeg" (| "galaxy10" for HDF5 rows in the scorer)
     bands_used: list[str]
     original_shape: tuple[int, ...]
     pixel_scale: float | None = None  # arcsec/px from the WCS (mean of the two axes)
@@ -312,9 +312,20 @@ def _decode_raster(
         warnings=raster.warnings,
         fit=fit,
     )
-    target = card.input_size
+    return DecodedCutout(fit_rgb(image, card.input_size, fit, info), info)
+
+
+def fit_rgb(
+    image: np.ndarray, target: tuple[int, int], fit: str, info: PreprocessInfo
+) -> np.ndarray:
+    """Bring an already rendered uint8 RGB image to the model's input size.
+
+    "resize" crops to the target aspect and resamples (the framing is kept, the pixel scale is
+    unknown); "crop_pad" keeps the pixel scale and centre-crops or pads with blank-sky grey.
+    What was done is recorded in `info`.
+    """
     shape = (image.shape[0], image.shape[1])
-    if shape != target and fit == "resize":
+    if shape != tuple(target) and fit == "resize":
         cropped = crop_to_aspect(image, target)
         if cropped.shape[:2] != shape:
             info.crop_pad_from = shape
@@ -324,11 +335,11 @@ def _decode_raster(
             "(pixel scale unknown: the framing is kept)"
         )
         image = resize_rgb(np.ascontiguousarray(cropped), target)
-    elif shape != target:
+    elif shape != tuple(target):
         info.crop_pad_from = shape
         info.warnings.append(
             f"centre crop/pad from {shape[0]}x{shape[1]} to {target[0]}x{target[1]} "
             "(padding is blank-sky grey)"
         )
         image = crop_pad(image, target, BLANK_SKY_UINT8)
-    return DecodedCutout(np.ascontiguousarray(image), info)
+    return np.ascontiguousarray(image)

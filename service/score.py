@@ -30,7 +30,14 @@ import pyarrow as pa
 
 from service.catalog import Catalog, CatalogOptions, open_catalog
 from service.contract import ModelCard
-from service.decode import CutoutError, DecodeLimits, decode_path, resolve_stretch
+from service.decode import (
+    CutoutError,
+    DecodeLimits,
+    PreprocessInfo,
+    decode_path,
+    fit_rgb,
+    resolve_stretch,
+)
 from service.shards import (
     MODEL_SHA_COLUMN,
     ROW_INDEX,
@@ -165,11 +172,9 @@ def _galaxy10_image(settings: DecodeSettings, index: int) -> np.ndarray:
     if handle is None:  # one lazily opened HDF5 handle per worker process
         handle = _galaxy10_files[settings.galaxy10_path] = Galaxy10File(settings.galaxy10_path)
     image = handle.image(index)
-    if image.shape[:2] != tuple(settings.card.input_size):
-        raise CutoutError(
-            422, f"Galaxy10 image is {image.shape[:2]}, model expects {settings.card.input_size}"
-        )
-    return image
+    # Same fitting as an uploaded PNG of that size: the scorer and the server agree on pixels.
+    info = PreprocessInfo(format="galaxy10", bands_used=["R", "G", "B"], original_shape=image.shape)
+    return fit_rgb(image, settings.card.input_size, "resize", info)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -351,3 +351,27 @@ def test_slurm_array_script_scores_every_task_then_merges(workspace: Path, refer
     merged = pq.read_table(workspace / "slurm_out" / "scores.parquet")
     assert merged.equals(reference.drop_columns(["mag"]))  # no --passthrough in the script
     assert not (workspace / "slurm_out" / ".merge_submitted").exists()
+
+
+def test_galaxy10_rows_of_another_size_are_fitted_like_uploaded_images(
+    workspace: Path, tmp_path: Path
+):
+    import h5py
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (4, 96, 96, 3), dtype=np.uint8)  # the model takes 64x64
+    path = tmp_path / "g10_96.h5"
+    with h5py.File(path, "w") as fh:
+        fh["images"] = images
+        fh["ans"] = rng.integers(0, 10, 4)
+    table = read_merged(run(workspace, "g10_96", catalog=path, catalog_options=CatalogOptions()))
+    assert table.column("error").to_pylist() == [None] * 4
+    model = OnnxModel(workspace / "model.onnx", intra_op_threads=1)
+    as_png = []
+    for image in images:  # the server's answer for the same pixels sent as PNG
+        png = tmp_path / "row.png"
+        Image.fromarray(image).save(png)
+        as_png.append(decode_path(png, card=model.card).image)
+    got = np.stack([table.column(c).to_numpy() for c in class_columns(model.card.class_names)], 1)
+    np.testing.assert_allclose(got, model.predict(np.stack(as_png)), rtol=1e-6)
