@@ -13,8 +13,9 @@ Run from the repository root: `python -m benchmarks.bench_service [--model model
    at c = 8), and service p50 minus raw batch-1 median at c = 1 (target: <= 15 ms).
 
 The client shares the machine with the server (2 cores here), so the ratios include its cost.
-Model: --model if given, else the tests' onnx_factory model at 256 px with enough same-size
-convolutions to cost roughly as much as a small real network.
+Model: --model PATH, or --astroformer-tiny (gm_astroformer_tiny exported by model/export.py
+with seeded weights, as in bench_score), else the tests' onnx_factory model at 256 px (cheap:
+~10 ms/image, so it shows the per-request overhead at its most visible).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.bench_score import export_tiny_model
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
 from service.engine import OnnxModel
 from tests.onnx_factory import FactoryModel, write_model
@@ -148,11 +150,17 @@ async def load(port: int, uploads: list[bytes], concurrency: int, requests: int)
                 if i >= warmup:
                     latencies.append(elapsed)
                     batch_sizes.append(json.loads(body)["timings"]["batch_size"])
+        except BaseException:
+            await warm.abort()  # nobody waits forever for a worker that failed
+            raise
         finally:
             await client.close()
 
     tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
-    await warm.wait()
+    try:
+        await warm.wait()
+    except asyncio.BrokenBarrierError:
+        await asyncio.gather(*tasks)  # raises the worker's own error
     begin = time.perf_counter()
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - begin
@@ -167,7 +175,13 @@ async def load(port: int, uploads: list[bytes], concurrency: int, requests: int)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="exported galmorph ONNX model")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="exported galmorph ONNX model")
+    source.add_argument(
+        "--astroformer-tiny",
+        action="store_true",
+        help="export gm_astroformer_tiny (seeded weights, needs torch) and benchmark it",
+    )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--requests", type=int, default=256, help="timed requests per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -181,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_path = args.model or write_model(work / "bench.onnx", spec)
+        if args.astroformer_tiny:
+            model_path, model_name = export_tiny_model(work)
+        elif args.model:
+            model_path, model_name = args.model, str(args.model)
+        else:
+            model_path = write_model(work / "bench.onnx", spec)
+            model_name = f"tests/onnx_factory {spec}"
         raw_model = OnnxModel(
             model_path, providers=["CPUExecutionProvider"], intra_op_threads=args.threads
         )
@@ -201,14 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                     figures["fraction_of_raw"] = round(figures["requests_per_s"] / raw_rate, 3)
                     figures["p50_minus_raw_batch_ms"] = round(figures["p50_ms"] - raw_ms, 2)
                     results.setdefault(mode, {})[f"concurrency_{concurrency}"] = figures
-                    print(mode, concurrency, {k: v for k, v in figures.items() if "raw_" not in k})
+                    summary = {k: v for k, v in figures.items() if "raw_" not in k}
+                    print(mode, concurrency, summary, flush=True)
             finally:
                 process.terminate()
                 process.wait(timeout=15)
     batched = results["batching"]
     payload = {
         "benchmark": "HTTP service vs raw onnxruntime, with and without micro-batching",
-        "model": str(args.model) if args.model else f"tests/onnx_factory {spec}",
+        "model": model_name,
         "onnxruntime_threads": args.threads,
         "upload": "real Galaxy10 256x256 JPEGs (decode included), raw request body",
         "batching_settings": {

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -100,7 +100,7 @@ class MicroBatcher:
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     @staticmethod
-    def _fail(items: Sequence[_Pending] | deque[_Pending], error: Exception) -> None:
+    def _fail(items: Iterable[_Pending], error: Exception) -> None:
         for item in items:
             if not item.future.done():
                 item.future.set_exception(error)

@@ -80,7 +80,10 @@ class OnnxModel:
             self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map)
         except ValueError as exc:
             raise ModelLoadError(f"{self.path}: {exc}") from exc
-        self.input_size: tuple[int, int] = (int(self.card.input_size[0]), self.card.input_size[1])
+        self.input_size: tuple[int, int] = (
+            int(self.card.input_size[0]),
+            int(self.card.input_size[1]),
+        )
         self.max_batch_size = self._check_graph()
 
         logger.info(

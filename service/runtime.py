@@ -63,7 +63,9 @@ class ServiceRuntime:
         self.metrics.model_info.labels(
             model.card.model_name, model.sha256[:12], model.sha256, ",".join(model.providers)
         ).set(1)
-        max_batch = min(self.settings.max_batch_size, model.max_batch_size or 1 << 30)
+        max_batch = self.settings.max_batch_size
+        if model.max_batch_size is not None:
+            max_batch = min(max_batch, model.max_batch_size)
         self.batcher = MicroBatcher(
             model.predict,
             BatcherConfig(

@@ -51,10 +51,9 @@ async def limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes, 
         yield chunk
 
 
-async def read_raw_body(request: Request, limit: int) -> Upload:
+async def read_raw_body(request: Request, limit: int, filename: str | None) -> Upload:
     chunks = [chunk async for chunk in limited_stream(request, limit)]
-    content_type = request.headers.get("content-type")
-    return Upload(b"".join(chunks), request.query_params.get("filename"), content_type)
+    return Upload(b"".join(chunks), filename, request.headers.get("content-type"))
 
 
 async def read_multipart_files(
@@ -79,10 +78,10 @@ async def to_upload(file: UploadFile, limit: int) -> Upload:
     return Upload(data, file.filename, file.content_type)
 
 
-async def read_single_upload(request: Request, limit: int) -> Upload:
-    """The cutout from a raw body, or from the multipart field `file`."""
+async def read_single_upload(request: Request, limit: int, filename: str | None) -> Upload:
+    """The cutout from a raw body (named `filename`), or from the multipart field `file`."""
     if not is_multipart(request):
-        return await read_raw_body(request, limit)
+        return await read_raw_body(request, limit, filename)
     files = await read_multipart_files(request, total_limit=limit + MULTIPART_OVERHEAD, max_files=1)
     for name, file in files:
         if name == "file":

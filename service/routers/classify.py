@@ -117,9 +117,16 @@ def decode_limits(settings: Settings) -> DecodeLimits:
     )
 
 
+@dataclass(frozen=True)
+class DecodedUpload:
+    upload: Upload
+    cutout: DecodedCutout
+    decode_s: float
+
+
 async def decode_upload(
     upload: Upload, ready: ReadyModel, settings: Settings, options: ClassifyOptions
-) -> tuple[DecodedCutout, float]:
+) -> DecodedUpload:
     if not upload.data:
         raise UploadError("empty upload: send the cutout as the body or as multipart 'file'")
     started = time.perf_counter()
@@ -133,28 +140,28 @@ async def decode_upload(
         fit=options.fit,
         limits=decode_limits(settings),
     )
-    return decoded, time.perf_counter() - started
+    return DecodedUpload(upload, decoded, time.perf_counter() - started)
 
 
 async def finish(
-    ready: ReadyModel,
-    upload: Upload,
-    decoded: DecodedCutout,
-    decode_s: float,
+    item: DecodedUpload,
     prediction: Prediction,
+    *,
+    ready: ReadyModel,
     options: ClassifyOptions,
     settings: Settings,
     started: float,
 ) -> ClassificationResult:
-    image_png = await run_in_threadpool(png_base64, decoded.image) if options.return_image else None
+    image = item.cutout.image
+    image_png = await run_in_threadpool(png_base64, image) if options.return_image else None
     top_k = min(options.top_k or settings.default_top_k, ready.model.card.num_classes)
     return build_result(
         model=ready.model,
-        filename=upload.filename,
-        decoded=decoded,
+        filename=item.upload.filename,
+        decoded=item.cutout,
         prediction=prediction,
         top_k=top_k,
-        decode_s=decode_s,
+        decode_s=item.decode_s,
         total_s=time.perf_counter() - started,
         image_png=image_png,
     )
@@ -173,36 +180,35 @@ async def classify(
     settings: SettingsDep,
     metrics: MetricsDep,
     options: OptionsDep,
+    filename: Annotated[str | None, Query(description="file name hint for a raw body")] = None,
 ) -> ClassificationResult:
     started = time.perf_counter()
     try:
-        upload = await read_single_upload(request, settings.max_body_bytes)
-        decoded, decode_s = await decode_upload(upload, ready, settings, options)
+        upload = await read_single_upload(request, settings.max_body_bytes, filename)
+        item = await decode_upload(upload, ready, settings, options)
     except CutoutError as exc:
         metrics.cutouts.labels(str(exc.status_code)).inc()
         raise
-    prediction = await ready.batcher.submit(decoded.image)
+    prediction = await ready.batcher.submit(item.cutout.image)
     metrics.queue_time.observe(prediction.queue_s)
     metrics.cutouts.labels("ok").inc()
-    return await finish(ready, upload, decoded, decode_s, prediction, options, settings, started)
+    return await finish(
+        item, prediction, ready=ready, options=options, settings=settings, started=started
+    )
 
 
 async def _decode_item(
-    file_upload: UploadFile, ready: ReadyModel, settings: Settings, options: ClassifyOptions
-) -> tuple[Upload, DecodedCutout, float] | BatchItem:
-    filename = file_upload.filename
+    file: UploadFile, ready: ReadyModel, settings: Settings, options: ClassifyOptions
+) -> DecodedUpload | BatchItemError:
     try:
-        upload = await to_upload(file_upload, settings.max_body_bytes)
-        decoded, decode_s = await decode_upload(upload, ready, settings, options)
+        upload = await to_upload(file, settings.max_body_bytes)
+        return await decode_upload(upload, ready, settings, options)
     except CutoutError as exc:
-        return BatchItem(
-            filename=filename, error=BatchItemError(status=exc.status_code, detail=exc.message)
-        )
+        return BatchItemError(status=exc.status_code, detail=exc.message)
     except PayloadTooLargeError as exc:
-        return BatchItem(filename=filename, error=BatchItemError(status=413, detail=str(exc)))
+        return BatchItemError(status=413, detail=str(exc))
     except UploadError as exc:
-        return BatchItem(filename=filename, error=BatchItemError(status=422, detail=str(exc)))
-    return upload, decoded, decode_s
+        return BatchItemError(status=422, detail=str(exc))
 
 
 @router.post(
@@ -227,25 +233,24 @@ async def classify_batch(
     )
     if not files:
         raise UploadError("multipart body has no file parts (send each cutout as 'files')")
-    decoded = await asyncio.gather(
+    outcomes = await asyncio.gather(
         *(_decode_item(file, ready, settings, options) for _, file in files)
     )
-    good = [item for item in decoded if isinstance(item, tuple)]
-    predictions = iter(await ready.batcher.submit_many([d.image for _, d, _ in good]))
+    decoded = [outcome for outcome in outcomes if isinstance(outcome, DecodedUpload)]
+    # All good images are queued together (or refused together when the queue is full).
+    predictions = iter(await ready.batcher.submit_many([d.cutout.image for d in decoded]))
     items: list[BatchItem] = []
-    for item in decoded:
-        if isinstance(item, BatchItem):
-            assert item.error is not None
-            metrics.cutouts.labels(str(item.error.status)).inc()
-            items.append(item)
+    for (_, file), outcome in zip(files, outcomes, strict=True):
+        if isinstance(outcome, BatchItemError):
+            metrics.cutouts.labels(str(outcome.status)).inc()
+            items.append(BatchItem(filename=file.filename, error=outcome))
             continue
-        upload, cutout, decode_s = item
         prediction = next(predictions)
         metrics.queue_time.observe(prediction.queue_s)
         metrics.cutouts.labels("ok").inc()
         result = await finish(
-            ready, upload, cutout, decode_s, prediction, options, settings, started
+            outcome, prediction, ready=ready, options=options, settings=settings, started=started
         )
-        items.append(BatchItem(filename=upload.filename, result=result))
-    failed = sum(item.error is not None for item in items)
-    return BatchResponse(items=items, succeeded=len(items) - failed, failed=failed)
+        items.append(BatchItem(filename=file.filename, result=result))
+    failed = len(outcomes) - len(decoded)
+    return BatchResponse(items=items, succeeded=len(decoded), failed=failed)
