@@ -25,6 +25,9 @@ COMMAND_MODULES = (
 )
 
 
+OWN_PACKAGES = ("galmorph", "service", "model", "training")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="galmorph",
@@ -48,10 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Our own packages talk at INFO; libraries (onnxscript, onnx_ir, ray...) only when it matters.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for package in OWN_PACKAGES:
+        logging.getLogger(package).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         result = args.func(args)
     except KeyboardInterrupt:
