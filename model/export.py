@@ -137,31 +137,10 @@ def build_card(
 
 
 def export_onnx(
-    run_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    *,
-    opset: int = 20,
-    parity_images: np.ndarray | None = None,
-    metrics: dict[str, Any] | None = None,
-    precision: str = "fp32",
-    calib_images: np.ndarray | None = None,
-    eval_images: np.ndarray | None = None,
-    eval_labels: np.ndarray | None = None,
-    intra_op_threads: int | None = None,
+    run_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], **options: Any
 ) -> Path:
-    """Export a run folder's checkpoint to ONNX; see `export_model` (which also reports)."""
-    return export_model(
-        run_dir,
-        out_path,
-        opset=opset,
-        parity_images=parity_images,
-        metrics=metrics,
-        precision=precision,
-        calib_images=calib_images,
-        eval_images=eval_images,
-        eval_labels=eval_labels,
-        intra_op_threads=intra_op_threads,
-    ).path
+    """Export a run folder's checkpoint to ONNX and return the file; options as `export_model`."""
+    return export_model(run_dir, out_path, **options).path
 
 
 def export_model(
