@@ -32,7 +32,7 @@ import json
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,7 +123,7 @@ QUICK_INT8 = Int8Study(
 
 
 def _timed_rounds(
-    contenders: dict[str, Callable[[], object]],
+    contenders: Mapping[str, Callable[[], object]],
     *,
     warmup: int,
     min_repeats: int,
@@ -263,13 +263,30 @@ def compare_batch(
             assert isinstance(output, np.ndarray)
             result["max_abs_diff_vs_eager"][name] = float(np.abs(output - reference).max())
 
+    result.update(
+        time_against_limit(contenders, batch, case, threads, flops_per_image, case.seconds_per_case)
+    )
+    result["contenders"].update(result.pop("figures"))
+    return result
+
+
+def time_against_limit(
+    contenders: Mapping[str, Callable[[], object]],
+    batch: int,
+    case: ModelCase,
+    threads: int,
+    flops_per_image: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """Time the contenders and GEMMs in the same interleaved rounds: images/s, the limit
+    (best GEMM GFLOP/s / FLOPs per image) in those rounds, and each contender's fraction."""
     gemm = {f"gemm_{name}": call for name, call in gemm_callables(GEMM_SIZE, threads).items()}
     timings = _timed_rounds(
         {**contenders, **gemm},
         warmup=case.warmup,
         min_repeats=case.min_repeats,
         max_repeats=case.max_repeats,
-        seconds=case.seconds_per_case,
+        seconds=seconds,
     )
     gemm_gflops = {
         name.removeprefix("gemm_"): gemm_flops(GEMM_SIZE) / timings[name].median / 1e9
@@ -277,23 +294,26 @@ def compare_batch(
     }
     limit_gflops = max(gemm_gflops.values())
     best_images_per_s = limit_gflops * 1e9 / flops_per_image
+    figures = {}
     for name in contenders:
-        figures = timings[name].to_dict(items_per_call=batch)
-        figures["fraction_of_limit"] = round(figures["items_per_s"] / best_images_per_s, 4)
-        figures["achieved_gflops"] = round(figures["items_per_s"] * flops_per_image / 1e9, 2)
-        result["contenders"][name] = figures
-    result["gemm_gflops_same_rounds"] = {k: round(v, 2) for k, v in gemm_gflops.items()}
-    result["limit_gflops"] = round(limit_gflops, 2)
-    result["limit_images_per_s"] = round(best_images_per_s, 3)
-    result["speedup"] = {
-        f"{ORT}_vs_{other}": round(
-            timings[other].median / timings[ORT].median,
-            3,
+        figures[name] = timings[name].to_dict(items_per_call=batch)
+        figures[name]["fraction_of_limit"] = round(
+            figures[name]["items_per_s"] / best_images_per_s, 4
         )
-        for other in (EAGER, COMPILED, ORT_SLOW)
-        if other in contenders
+        figures[name]["achieved_gflops"] = round(
+            figures[name]["items_per_s"] * flops_per_image / 1e9, 2
+        )
+    return {
+        "figures": figures,
+        "gemm_gflops_same_rounds": {k: round(v, 2) for k, v in gemm_gflops.items()},
+        "limit_gflops": round(limit_gflops, 2),
+        "limit_images_per_s": round(best_images_per_s, 3),
+        "speedup": {
+            f"{ORT}_vs_{other}": round(timings[other].median / timings[ORT].median, 3)
+            for other in (EAGER, COMPILED, ORT_SLOW)
+            if other in contenders
+        },
     }
-    return result
 
 
 def sweep(
@@ -301,20 +321,20 @@ def sweep(
     img_size: int,
     ort_model: OnnxModel,
     graph: torch.nn.Module,
+    threads: int,
+    flops_per_image: int,
 ) -> dict[str, dict[str, Any]]:
     """onnxruntime and eager at the extra batch sizes (for the throughput plot)."""
     out: dict[str, dict[str, Any]] = {}
     for batch in case.sweep_batch_sizes:
         images = random_images(batch, img_size)
-        timings = _timed_rounds(
-            {ORT: predict_call(ort_model, images), EAGER: _torch_call(graph, images)},
-            warmup=case.warmup,
-            min_repeats=case.min_repeats,
-            max_repeats=case.max_repeats,
-            seconds=case.seconds_per_case / 2,
+        contenders = {ORT: predict_call(ort_model, images), EAGER: _torch_call(graph, images)}
+        result = time_against_limit(
+            contenders, batch, case, threads, flops_per_image, case.seconds_per_case / 2
         )
-        out[str(batch)] = {name: t.to_dict(items_per_call=batch) for name, t in timings.items()}
-        print(f"  sweep batch {batch}: {_rates(out[str(batch)])}", flush=True)
+        result["contenders"] = result.pop("figures")
+        out[str(batch)] = result
+        print(f"  sweep batch {batch}: {_rates(result['contenders'])}", flush=True)
     return out
 
 
@@ -448,7 +468,7 @@ def benchmark_model(
             f"speedups {figures['speedup']}; limit {figures['limit_images_per_s']:.2f}/s",
             flush=True,
         )
-    result["sweep"] = sweep(case, img_size, ort_model, graph)
+    result["sweep"] = sweep(case, img_size, ort_model, graph, threads, flops_per_image)
     profiles = {}
     for batch in case.profile_batch_sizes:
         images = random_images(batch, img_size)
