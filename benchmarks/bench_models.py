@@ -52,6 +52,9 @@ ORT_SLOW = "onnxruntime_opset18"
 EAGER = "torch_eager"
 COMPILED = "torch_compile"
 GEMM_SIZE = 2048
+# Idle pause before each timed call, so that no contender pays for the previous one's
+# busy-waiting thread pool (benchmarks.common.time_interleaved).
+SETTLE_S = 0.25
 DEMO_RECIPE = REPO_ROOT / "configs" / "cpu_demo.yaml"
 SEED = 0
 
@@ -68,6 +71,7 @@ class ModelCase:
     max_repeats: int = 30
     seconds_per_case: float = 30.0  # keep timing rounds beyond min_repeats up to this long
     profile_batch_sizes: tuple[int, ...] = ()
+    settle_s: float = SETTLE_S
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ QUICK_CASES = (
         max_repeats=2,
         seconds_per_case=0.0,
         profile_batch_sizes=(2,),
+        settle_s=0.0,
     ),
 )
 QUICK_INT8 = Int8Study(
@@ -129,14 +134,15 @@ def _timed_rounds(
     min_repeats: int,
     max_repeats: int,
     seconds: float,
+    settle_s: float = SETTLE_S,
 ) -> dict[str, Timing]:
     """min_repeats interleaved rounds, then more while the case's time budget lasts."""
     started = time.perf_counter()
-    timings = time_interleaved(contenders, warmup=warmup, repeats=min_repeats)
+    timings = time_interleaved(contenders, warmup=warmup, repeats=min_repeats, settle_s=settle_s)
     per_round = (time.perf_counter() - started) / (warmup + min_repeats)
     extra = min(max_repeats - min_repeats, int((seconds - per_round * min_repeats) / per_round))
     if extra > 0:
-        more = time_interleaved(contenders, warmup=0, repeats=extra)
+        more = time_interleaved(contenders, warmup=0, repeats=extra, settle_s=settle_s)
         timings = {
             name: Timing(timings[name].samples + more[name].samples, warmup) for name in timings
         }
@@ -287,6 +293,7 @@ def time_against_limit(
         min_repeats=case.min_repeats,
         max_repeats=case.max_repeats,
         seconds=seconds,
+        settle_s=case.settle_s,
     )
     gemm_gflops = {
         name.removeprefix("gemm_"): gemm_flops(GEMM_SIZE) / timings[name].median / 1e9
@@ -720,6 +727,7 @@ def run(
     return {
         "benchmark": "onnxruntime vs PyTorch (eager, compile), int8 vs fp32, vs the GEMM limit",
         "threads": {"onnxruntime_intra_op": threads, "torch": threads, "inter_op": 1},
+        "settle_s_before_each_timed_call": SETTLE_S,
         "dtype": "float32",
         "inputs": "seeded random uint8 NHWC images, identical for every contender",
         "models": models,

@@ -59,9 +59,18 @@ def time_call(call: Callable[[], object], *, warmup: int, repeats: int) -> Timin
 
 
 def time_interleaved(
-    contenders: Mapping[str, Callable[[], object]], *, warmup: int, repeats: int
+    contenders: Mapping[str, Callable[[], object]],
+    *,
+    warmup: int,
+    repeats: int,
+    settle_s: float = 0.0,
 ) -> dict[str, Timing]:
-    """Warm every contender up, then time them in rounds, rotating who goes first."""
+    """Warm every contender up, then time them in rounds, rotating who goes first.
+
+    settle_s: idle pause before each timed call. Thread pools busy-wait for a while after
+    their work (OpenBLAS ~2^28 cycles, OpenMP, onnxruntime), so without it a contender is
+    charged for its predecessor's spinning threads, which a deployed engine never meets.
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     names = list(contenders)
@@ -72,6 +81,8 @@ def time_interleaved(
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            if settle_s:
+                time.sleep(settle_s)
             start = time.perf_counter()
             contenders[name]()
             samples[name].append(time.perf_counter() - start)
