@@ -62,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from tests.cutout_factory import make_grz_fits, make_png
 
     with tempfile.TemporaryDirectory(prefix="galmorph-stages-") as tmp:
-        work = Path(tmp)
-        run_dir = make_checkpoint("gm_astroformer_tiny", SIZE, work / "run")
-        model = open_cpu_model(timed_export(run_dir, work / "tiny.onnx", args.threads)[0], 1)
-        fits_bytes = make_grz_fits(size=SIZE)
+        run_dir = make_checkpoint("gm_astroformer_tiny", SIZE, Path(tmp) / "run")
+        path, _ = timed_export(run_dir, Path(tmp) / "tiny.onnx", args.threads)
+        # Sessions hold the graph in memory: the file may go once they are open.
+        models = {threads: open_cpu_model(path, threads) for threads in sorted({1, args.threads})}
+    model = models[1]
+    fits_bytes = make_grz_fits(size=SIZE)
     png_bytes = make_png(size=(SIZE, SIZE), seed=0)
 
     limits = DecodeLimits()
@@ -84,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: decode_cutout(png_bytes, card=model.card), args.repeats
         ),
     }
-    for threads in sorted({1, args.threads}):
-        threaded = model if threads == 1 else open_cpu_model(model.path, threads)
+    for threads, threaded in models.items():
         stages[f"inference_batch1_{threads}_threads"] = _timed(
             predict_call(threaded, batch[:1]), args.repeats
         )
