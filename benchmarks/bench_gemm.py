@@ -22,6 +22,7 @@ import numpy as np
 from benchmarks.common import RESULTS_DIR, time_interleaved, write_results
 
 ENGINES = ("torch.mm", "numpy.matmul", "onnxruntime.MatMul")
+SETTLE_S = 0.25
 
 
 def gemm_flops(size: int) -> int:
@@ -79,7 +80,11 @@ def gemm_callables(size: int, threads: int, seed: int = 0) -> dict[str, Callable
 
 def measure_gemm(size: int, threads: int, *, warmup: int, repeats: int) -> dict[str, Any]:
     """GFLOP/s per engine (median, min, max) and the best engine's median as the limit."""
-    timings = time_interleaved(gemm_callables(size, threads), warmup=warmup, repeats=repeats)
+    # The pause lets one library's busy-waiting threads (OpenBLAS spins ~2^28 cycles after a
+    # call) go idle before the next library is timed.
+    timings = time_interleaved(
+        gemm_callables(size, threads), warmup=warmup, repeats=repeats, settle_s=SETTLE_S
+    )
     flops = gemm_flops(size)
     engines: dict[str, dict[str, Any]] = {}
     for name, timing in timings.items():

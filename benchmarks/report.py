@@ -62,7 +62,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def machine_section(documents: dict[str, dict[str, Any]]) -> list[str]:
-    source = next((doc["machine"] for doc in documents.values() if "machine" in doc), None)
+    # Ours (benchmarks.common.machine_info) first; other files may describe the machine briefly.
+    source = next(
+        (
+            documents[stem]["machine"]
+            for stem in ("models", "gemm", "startup", "stages", "run")
+            if isinstance(documents.get(stem, {}).get("machine"), dict)
+        ),
+        None,
+    )
     if source is None:
         return ["No results yet."]
     versions = ", ".join(f"{k} {v}" for k, v in source.get("versions", {}).items() if v)
