@@ -89,8 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument(
         "--workers",
         type=_non_negative,
-        default=1,
-        help="decode worker processes (0: decode in the main process; default 1)",
+        default=None,
+        help="decode worker processes (0: decode in the main process between batches; "
+        "default: CPU cores minus 2, so onnxruntime keeps 2)",
     )
     score.add_argument("--batch-size", type=_positive, default=32, help="inference batch size")
     score.add_argument(
@@ -147,7 +148,7 @@ def run_score(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         shard_index=args.shard_index,
         num_shards=args.num_shards,
-        workers=args.workers,
+        **({} if args.workers is None else {"workers": args.workers}),
         batch_size=args.batch_size,
         ort_threads=args.ort_threads,
         stretch=args.stretch,
