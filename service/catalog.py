@@ -163,7 +163,22 @@ def _block(
     return pa.table(columns)
 
 
-class CsvCatalog(Catalog):
+class ArrowCatalog(Catalog):
+    """A catalog read as Arrow tables with the id, path and passthrough columns."""
+
+    _options: CatalogOptions
+
+    def _to_block(self, start: int, table: pa.Table) -> pa.Table:
+        opts = self._options
+        return _block(
+            start,
+            table.column(opts.id_col),
+            _resolve_paths(table.column(opts.path_col), self.path.resolve().parent),
+            {c: table.column(c) for c in self.passthrough},
+        )
+
+
+class CsvCatalog(ArrowCatalog):
     """CSV streamed with pyarrow's incremental reader; only the needed columns are parsed."""
 
     kind = "csv"
@@ -203,17 +218,8 @@ class CsvCatalog(Catalog):
         # One pass over the file for all ranges: a CSV cannot be entered in the middle.
         yield from _slice_stream(self._reader(), ranges, block_rows, self._to_block)
 
-    def _to_block(self, start: int, table: pa.Table) -> pa.Table:
-        opts = self._options
-        return _block(
-            start,
-            table.column(opts.id_col),
-            _resolve_paths(table.column(opts.path_col), self.path.resolve().parent),
-            {c: table.column(c) for c in self.passthrough},
-        )
 
-
-class ParquetCatalog(Catalog):
+class ParquetCatalog(ArrowCatalog):
     """Parquet streamed by row group; row groups outside the wanted ranges are not read."""
 
     kind = "parquet"
@@ -239,15 +245,6 @@ class ParquetCatalog(Catalog):
                 batch_size=block_rows, row_groups=[group], columns=columns
             )
             yield from _slice_stream(batches, inside, block_rows, self._to_block, first_row=lo)
-
-    def _to_block(self, start: int, table: pa.Table) -> pa.Table:
-        opts = self._options
-        return _block(
-            start,
-            table.column(opts.id_col),
-            _resolve_paths(table.column(opts.path_col), self.path.resolve().parent),
-            {c: table.column(c) for c in self.passthrough},
-        )
 
 
 class AstropyCatalog(Catalog):
