@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,17 +29,12 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, thread_env, write_results
+from tests.server_process import free_port
 
 MODELS = ("gm_astroformer_tiny", "astroformer_0")
 READY_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 0.02
 WARM_REQUESTS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _status(url: str) -> int | None:

@@ -20,13 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from model.registry import create_model
-from tests.training_helpers import (
-    child_env,
-    config_flags,
-    free_port,
-    make_synthetic,
-    tiny_config,
-)
+from tests.server_process import free_port
+from tests.training_helpers import child_env, config_flags, make_synthetic, tiny_config
 from training.train import seed_everything, train
 
 torch.set_num_threads(1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,12 +37,6 @@ def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
     }
     values.update(overrides)
     return TrainConfig(**values)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def galmorph_command(*args: str | Path) -> list[str]:
