@@ -38,6 +38,7 @@ MAX_HEADER_BLOCKS = 200  # 7200 cards; HST drizzled headers have ~1600
 FITS_MAGIC = b"SIMPLE  ="
 GZIP_MAGIC = b"\x1f\x8b"
 VALID_BITPIX = {8, 16, 32, 64, -32, -64}
+_PLAIN_FLOAT_DTYPES = {-32: ">f4", -64: ">f8"}
 COLOUR_BANDS = ("g", "r", "z")
 # Cards astropy needs to interpret an uncompressed image HDU, plus the band names.
 _STRUCTURE_KEYS = re.compile(
@@ -134,12 +135,30 @@ class _GzipSource:
 _Source = _PlainSource | _GzipSource
 
 
+@dataclass(frozen=True)
+class _Structure:
+    """What the decoder needs from one HDU's structural cards.
+
+    Parsed once per distinct set of cards (`_structure` is cached): a survey's cutouts share
+    their structural cards, and astropy's card parsing costs more than reading the pixels.
+    """
+
+    header: fits.Header  # the structural cards only; shared between files, never modified
+    data_size: int  # unpadded bytes of the data unit
+    shape: tuple[int, ...]  # declared numpy-order shape (ZNAXISn for tile-compressed HDUs)
+    compressed: bool
+    is_image: bool
+    random_groups: bool
+    # Big-endian float data without scaling or groups is exactly its bytes: numpy reads it
+    # directly; anything else (BSCALE/BZERO, BLANK, tiles) is left to astropy.
+    plain_dtype: str | None
+
+
 @dataclass
 class _Hdu:
     index: int
-    header: fits.Header  # the structural cards only (see select_cards)
+    structure: _Structure
     header_text: str  # the whole header, as read
-    data_size: int  # unpadded bytes of the data unit
 
 
 def read_fits(data: bytes, limits: DecodeLimits) -> FitsImage:
@@ -148,41 +167,36 @@ def read_fits(data: bytes, limits: DecodeLimits) -> FitsImage:
     source: _Source = (
         _GzipSource(data, limits.max_decompressed_bytes) if gzipped else _PlainSource(data)
     )
-    hdu, raw, compressed = _find_image_hdu(source, limits)
-    array = _load_hdu(hdu, raw, compressed)
-    image = _select_bands(array, hdu.header)
-    image.compressed = "gzip" if gzipped else ("fpack" if compressed else None)
+    hdu, raw = _find_image_hdu(source, limits)
+    array = _load_hdu(hdu, raw)
+    image = _select_bands(array, hdu.structure.header)
+    image.compressed = "gzip" if gzipped else ("fpack" if hdu.structure.compressed else None)
     image.pixel_scale = pixel_scale_arcsec(select_cards(hdu.header_text, _SCALE_KEYS))
     return image
 
 
-def _find_image_hdu(source: _Source, limits: DecodeLimits) -> tuple[_Hdu, bytes, bool]:
+def _find_image_hdu(source: _Source, limits: DecodeLimits) -> tuple[_Hdu, bytes]:
     index = 0
     while True:
         hdu = _read_header(source, index)
         if hdu is None:
             raise CutoutError(422, "FITS file has no HDU with image data")
-        header = hdu.header
-        compressed = bool(header.get("ZIMAGE", False))
-        is_image = (index == 0 and header.get("NAXIS", 0) > 0) or (
-            index > 0 and str(header.get("XTENSION", "")).strip() == "IMAGE"
-        )
-        if index == 0 and header.get("GROUPS", False):
+        structure = hdu.structure
+        if structure.random_groups:
             raise CutoutError(422, "FITS random-groups files are not images")
-        if is_image or compressed:
-            prefix = "Z" if compressed else ""
-            shape = _declared_shape(header, prefix)
+        if structure.is_image or structure.compressed:
+            shape = structure.shape
             if shape and all(side > 0 for side in shape):
                 limits.check_declared_shape(shape, f"FITS HDU {index}")
-                raw = source.read(hdu.data_size)
-                if len(raw) < hdu.data_size:
+                raw = source.read(structure.data_size)
+                if len(raw) < structure.data_size:
                     raise CutoutError(
                         422,
-                        f"FITS file is truncated: HDU {index} declares {hdu.data_size} data "
-                        f"bytes but only {len(raw)} are present",
+                        f"FITS file is truncated: HDU {index} declares {structure.data_size} "
+                        f"data bytes but only {len(raw)} are present",
                     )
-                return hdu, raw, compressed
-        source.skip(_padded(hdu.data_size))
+                return hdu, raw
+        source.skip(_padded(structure.data_size))
         index += 1
 
 
@@ -201,13 +215,38 @@ def _read_header(source: _Source, index: int) -> _Hdu | None:
             break
     else:
         raise CutoutError(422, f"FITS header of HDU {index} has no END card")
-    header_bytes = b"".join(blocks)
     try:
-        text = header_bytes.decode("ascii")
-        header = fits.Header.fromstring(select_cards(text, _STRUCTURE_KEYS))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = b"".join(blocks).decode("ascii")
+    except UnicodeDecodeError as exc:
         raise CutoutError(422, f"corrupt FITS header in HDU {index}: {exc}") from None
-    return _Hdu(index, header, text, _data_size(header, index))
+    return _Hdu(index, _structure(select_cards(text, _STRUCTURE_KEYS), index), text)
+
+
+@lru_cache(maxsize=256)
+def _structure(cards: str, index: int) -> _Structure:
+    """Parse and check an HDU's structural cards (errors are raised, never cached)."""
+    try:
+        header = fits.Header.fromstring(cards)
+    except ValueError as exc:
+        raise CutoutError(422, f"corrupt FITS header in HDU {index}: {exc}") from None
+    compressed = bool(header.get("ZIMAGE", False))
+    data_size = _data_size(header, index)
+    scaled = "BSCALE" in header or "BZERO" in header
+    plain = (
+        not compressed
+        and not scaled
+        and data_size == _bytes_per_value(header) * math.prod(_declared_shape(header))
+    )
+    return _Structure(
+        header=header,
+        data_size=data_size,
+        shape=_declared_shape(header, "Z" if compressed else ""),
+        compressed=compressed,
+        is_image=(index == 0 and header.get("NAXIS", 0) > 0)
+        or (index > 0 and str(header.get("XTENSION", "")).strip() == "IMAGE"),
+        random_groups=index == 0 and bool(header.get("GROUPS", False)),
+        plain_dtype=_PLAIN_FLOAT_DTYPES.get(header["BITPIX"]) if plain else None,
+    )
 
 
 def select_cards(header_text: str, keys: re.Pattern[str]) -> str:
@@ -250,6 +289,10 @@ def _declared_shape(header: fits.Header, prefix: str = "") -> tuple[int, ...]:
     return tuple(sides)
 
 
+def _bytes_per_value(header: fits.Header) -> int:
+    return abs(int(header["BITPIX"])) // 8
+
+
 def _data_size(header: fits.Header, index: int) -> int:
     bitpix = header.get("BITPIX")
     if bitpix not in VALID_BITPIX:
@@ -259,7 +302,7 @@ def _data_size(header: fits.Header, index: int) -> int:
         return 0
     groups = _int_card(header, "GCOUNT", 1, 1, index)
     params = _int_card(header, "PCOUNT", 0, 0, index)
-    return abs(bitpix) // 8 * groups * (params + math.prod(shape))
+    return _bytes_per_value(header) * groups * (params + math.prod(shape))
 
 
 def _padded(size: int) -> int:
@@ -271,16 +314,20 @@ def _primary_header_bytes() -> bytes:
     return fits.PrimaryHDU().header.tostring().encode("ascii")
 
 
-def _load_hdu(hdu: _Hdu, raw: bytes, compressed: bool) -> np.ndarray:
-    """Let astropy interpret one HDU's bytes: scaling, BLANK, tile decompression.
+def _load_hdu(hdu: _Hdu, raw: bytes) -> np.ndarray:
+    """The HDU's pixels: read directly when plain float, else interpreted by astropy.
 
-    Tile-compressed HDUs need their whole header (column and tiling cards); plain images
-    only the structural cards, which keeps astropy from re-parsing long headers.
+    astropy handles scaling, BLANK and tile decompression. Tile-compressed HDUs need their
+    whole header (column and tiling cards); plain images only the structural cards, which
+    keeps astropy from re-parsing long headers.
     """
-    if compressed:
+    structure = hdu.structure
+    if structure.plain_dtype is not None:
+        return np.frombuffer(raw, structure.plain_dtype).reshape(structure.shape)
+    if structure.compressed:
         header_bytes = hdu.header_text.encode("ascii")
     else:
-        header_bytes = hdu.header.tostring(padding=True).encode("ascii")
+        header_bytes = structure.header.tostring(padding=True).encode("ascii")
     padding = b"\0" * (_padded(len(raw)) - len(raw))
     prefix = _primary_header_bytes() if hdu.index > 0 else b""
     try:
@@ -289,7 +336,7 @@ def _load_hdu(hdu: _Hdu, raw: bytes, compressed: bool) -> np.ndarray:
     except CutoutError:
         raise
     except Exception as exc:  # astropy raises many types for corrupt data and tiles
-        kind = "fpack tile-compressed" if compressed else "FITS"
+        kind = "fpack tile-compressed" if structure.compressed else "FITS"
         raise CutoutError(422, f"corrupt {kind} image data in HDU {hdu.index}: {exc}") from None
     if array.dtype.kind not in "fiu":
         raise CutoutError(422, f"FITS HDU {hdu.index} holds {array.dtype} data, not an image")

@@ -48,10 +48,20 @@ def _decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
 class OnnxPredictor:
     """Ray actor: one onnxruntime session, reused for every batch this actor receives."""
 
-    def __init__(self, model_path: str, intra_op_threads: int | None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        intra_op_threads: int | None,
+        providers: tuple[str, ...] | None = None,
+    ) -> None:
         from service.engine import OnnxModel
 
-        self.model = OnnxModel(model_path, intra_op_threads=intra_op_threads, inter_op_threads=1)
+        self.model = OnnxModel(
+            model_path,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=1,
+        )
         height, width = self.model.input_size
         self.shape = (height, width, 3)
 
@@ -80,9 +90,11 @@ class RayEngine:
         *,
         batch_size: int,
         workers: int,
+        providers: tuple[str, ...] | None = None,
         window_rows: int = WINDOW_ROWS,
     ) -> None:
         self.model_path = str(Path(model_path).resolve())
+        self.providers = providers
         self.settings = settings
         self.batch_size = batch_size
         self.workers = workers
@@ -117,7 +129,11 @@ class RayEngine:
         return {
             "compute": ray.data.ActorPoolStrategy(size=1),
             "num_cpus": threads,
-            "fn_constructor_kwargs": {"model_path": self.model_path, "intra_op_threads": threads},
+            "fn_constructor_kwargs": {
+                "model_path": self.model_path,
+                "intra_op_threads": threads,
+                "providers": self.providers,
+            },
         }
 
     def _run_window(self, window: list[pa.Table], builder: ResultBuilder) -> Iterator[pa.Table]:
@@ -125,7 +141,8 @@ class RayEngine:
 
         options = self._actor_options()
         options.setdefault(
-            "fn_constructor_kwargs", {"model_path": self.model_path, "intra_op_threads": None}
+            "fn_constructor_kwargs",
+            {"model_path": self.model_path, "intra_op_threads": None, "providers": self.providers},
         )
         refs: list[Any] = [ray.put(block) for block in window]
         dataset: ray.data.Dataset = ray.data.from_arrow_refs(refs)

@@ -78,6 +78,7 @@ class ScoreConfig:
     workers: int = field(default_factory=lambda: default_decode_workers())
     batch_size: int = 32
     ort_threads: int | None = None  # onnxruntime intra-op threads; None: cores left by workers
+    providers: tuple[str, ...] | None = None  # onnxruntime providers in order; None: CUDA, CPU
     prefetch: int = 0  # batches in flight; 0: 2 + workers
     stretch: str | None = None  # None: the stretch recorded in the model
     engine: str = "local"
@@ -92,7 +93,8 @@ class ScoreSummary:
     shards_assigned: int
     shards_skipped: int
     errors: dict[str, int]  # kind -> rows, among the rows scored by this run
-    seconds: float
+    seconds: float  # scoring, from the first batch to the last part written
+    startup_seconds: float = 0.0  # opening the model and warming it up, before `seconds`
     merged: MergeSummary | None = None
 
     @property
@@ -108,6 +110,7 @@ class ScoreSummary:
             "errors": self.errors,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
+            "startup_seconds": round(self.startup_seconds, 3),
         }
         if self.merged is not None:
             out["merged"] = {
@@ -427,8 +430,9 @@ def score(config: ScoreConfig) -> ScoreSummary:
             raise ValueError(exc.message) from None
     catalog = open_catalog(config.catalog, config.catalog_options)
     ort_threads = config.ort_threads or default_ort_threads(config.workers)
+    loading = time.perf_counter()
     # With Ray the actors run inference; the driver only reads the card and hash.
-    providers = ["CPUExecutionProvider"] if config.engine == "ray" else None
+    providers = ["CPUExecutionProvider"] if config.engine == "ray" else config.providers
     model = OnnxModel(
         config.model, providers=providers, intra_op_threads=ort_threads, inter_op_threads=1
     )
@@ -456,6 +460,12 @@ def score(config: ScoreConfig) -> ScoreSummary:
         galaxy10_path=str(catalog.path) if catalog.source_kind == "galaxy10" else None,
     )
     assembler = ShardAssembler(config.out_dir, plan, todo)
+    if config.engine == "local" and todo_rows:
+        # The first batches would otherwise grow onnxruntime's memory arena (or, on CUDA, pick
+        # kernels) inside the timed loop and skew the progress bar's rate and ETA.
+        model.warm_up([config.batch_size])
+    startup_seconds = time.perf_counter() - loading
+    logger.info("model loaded and warmed up in %.2f s", startup_seconds)
     started = time.perf_counter()
     blocks = catalog.iter_blocks([plan.rows(k) for k in todo])
     results = _engine_results(config, model, settings, blocks, builder)
@@ -471,6 +481,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
         shards_skipped=len(done),
         errors=assembler.errors,
         seconds=seconds,
+        startup_seconds=startup_seconds,
         merged=merged,
     )
 
@@ -486,7 +497,11 @@ def _engine_results(
         from service.ray_engine import RayEngine
 
         return RayEngine(
-            config.model, settings, batch_size=config.batch_size, workers=config.workers
+            config.model,
+            settings,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            providers=config.providers,
         ).run(blocks, builder)
     engine = LocalEngine(
         model,

@@ -106,6 +106,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="local",
         help="local: process pool + one session; ray: Ray Data actor pool (pip extra 'ray')",
     )
+    score.add_argument(
+        "--providers",
+        type=_columns,
+        default=None,
+        metavar="NAME,NAME",
+        help="onnxruntime providers in order, e.g. CPUExecutionProvider "
+        "(default: CUDA if this onnxruntime build has it, then CPU)",
+    )
     score.add_argument("--stretch", default=None, help="colour stretch (default: the model's)")
     score.add_argument(
         "--no-merge",
@@ -151,6 +159,7 @@ def run_score(args: argparse.Namespace) -> int:
         **({} if args.workers is None else {"workers": args.workers}),
         batch_size=args.batch_size,
         ort_threads=args.ort_threads,
+        providers=args.providers,
         stretch=args.stretch,
         engine=args.engine,
         progress=not args.quiet,

@@ -306,11 +306,25 @@ def test_cli_scores_and_reports(workspace: Path, capsys: pytest.CaptureFixture[s
     assert summary["rows_total"] == summary["rows_scored"] == NUM_ROWS
     assert summary["errors"] == {"missing": 1, "unsupported": 1}
     assert summary["images_per_second"] > 0
+    assert summary["startup_seconds"] > 0
     assert (out / "scores.csv").is_file()
     assert galmorph_main([*argv, "--quiet", "--id-col", "nope"]) == 2
     assert "no id column 'nope'" in capsys.readouterr().err
     assert galmorph_main(["merge", str(out), "--out", str(out / "m.parquet")]) == 0
     assert pq.read_table(out / "m.parquet").num_rows == NUM_ROWS
+
+
+def test_cli_providers_choose_the_session_and_a_typo_is_refused(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+):
+    argv = ["score", str(workspace / "catalog.csv"), "--model", str(workspace / "model.onnx")]
+    argv += ["--workers", "0", "--shard-size", "16", "--quiet"]
+    cpu_only = [*argv, "--out", str(workspace / "cpu_only"), "--providers", "CPUExecutionProvider"]
+    assert galmorph_main(cpu_only) == 0
+    assert json.loads(capsys.readouterr().out)["rows_scored"] == NUM_ROWS
+    typo = [*argv, "--out", str(workspace / "typo"), "--providers", "CPUExecutionProvidr"]
+    assert galmorph_main(typo) == 2
+    assert "unknown onnxruntime provider(s) CPUExecutionProvidr" in capsys.readouterr().err
 
 
 def test_slurm_array_script_scores_every_task_then_merges(workspace: Path, reference: pa.Table):

@@ -125,6 +125,9 @@ def test_engine_refuses_files_outside_the_contract(tmp_path: Path) -> None:
     fixed = write_model(tmp_path / "fixed.onnx", FactoryModel(fixed_batch=4))
     with pytest.raises(ModelLoadError, match="batch dimension fixed at 4"):
         OnnxModel(fixed, providers=CPU)
+    good = write_model(tmp_path / "good.onnx", FactoryModel())
+    with pytest.raises(ModelLoadError, match=r"unknown onnxruntime provider\(s\) CPUProvider"):
+        OnnxModel(good, providers=["CPUProvider"])
     assert (
         OnnxModel(write_model(tmp_path / "one.onnx", FactoryModel(fixed_batch=1))).max_batch_size
         == 1
