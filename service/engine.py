@@ -2,16 +2,19 @@
 
 Used by the server, the batch scorer, evaluation and benchmarks, so the model is opened,
 validated and run in exactly one way. Providers: CUDA first when this onnxruntime build offers
-it, then CPU. `get_available_providers()` lists CUDA even when its libraries cannot load, so
+it and an NVIDIA driver is installed, then CPU. `get_available_providers()` lists CUDA even
+when its libraries cannot load, so
 what we report is `session.get_providers()` after the session exists — the providers the model
 really runs on.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +41,27 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@cache
+def nvidia_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads: without it no CUDA provider can start."""
+    for name in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
 def default_providers() -> list[str]:
-    """CUDA then CPU, keeping only those this onnxruntime build was compiled with."""
+    """CUDA then CPU, keeping those this onnxruntime build has; CUDA only with a driver.
+
+    onnxruntime-gpu lists CUDA on any host and, asked for it without a driver, prints a
+    failure before falling back: on CPU-only hosts we do not ask.
+    """
     available = set(ort.get_available_providers())
+    if not nvidia_driver_present():
+        available.discard(CUDA_PROVIDER)
     return [name for name in PREFERRED_PROVIDERS if name in available]
 
 

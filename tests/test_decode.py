@@ -19,6 +19,7 @@ from service.decode import (
     decode_cutout,
     decode_path,
 )
+from service.fits_io import read_fits
 from service.imaging import dr2_rgb, to_uint8
 from tests.cutout_factory import (
     fits_bytes,
@@ -257,6 +258,47 @@ def test_bscale_bzero_integer_image_matches_float() -> None:
     # int16 quantisation of the float image changes at most a grey level here and there
     diff = np.abs(as_int16.image.astype(int) - as_float.astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_extension", [False, True])
+def test_plain_float_pixels_read_directly_equal_astropys(
+    dtype: type, in_extension: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(7)
+    cube = rng.normal(0, 1, (3, 40, 56)).astype(dtype)
+    cube[1, 5, 7] = np.nan
+    header = fits.Header({"BANDS": "grz"})
+    hdus = (
+        [fits.PrimaryHDU(), fits.ImageHDU(cube, header)]
+        if in_extension
+        else [fits.PrimaryHDU(cube, header)]
+    )
+    buffer = io.BytesIO()
+    fits.HDUList(hdus).writeto(buffer)
+    with monkeypatch.context() as patch:  # prove that astropy's data path is not taken
+        patch.setattr(fits.HDUList, "fromstring", None)
+        ours = read_fits(buffer.getvalue(), DecodeLimits())
+    with fits.open(io.BytesIO(buffer.getvalue())) as hdul:
+        theirs = np.asarray(hdul[1 if in_extension else 0].data)
+    theirs = theirs.astype(np.float32)
+    theirs[:, 5, 7] = 0.0  # a pixel missing in one band is blank sky in all (the NaN policy)
+    for index, band in enumerate("grz"):
+        np.testing.assert_array_equal(ours.planes[band], theirs[index])
+
+
+def test_scaled_float_pixels_are_left_to_astropy() -> None:
+    plane = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    header = fits.Header({"BSCALE": 2.0, "BZERO": 1.0})
+    buffer = io.BytesIO()
+    hdu = fits.PrimaryHDU(plane, header)
+    hdu.header["BSCALE"], hdu.header["BZERO"] = 2.0, 1.0  # stored as is, applied on reading
+    hdu.writeto(buffer)
+    with fits.open(io.BytesIO(buffer.getvalue())) as hdul:
+        expected = np.asarray(hdul[0].data, np.float32)
+    assert not np.array_equal(expected, plane)  # the scaling really applies
+    (read,) = read_fits(buffer.getvalue(), DecodeLimits()).planes.values()
+    np.testing.assert_array_equal(read, expected)
 
 
 def test_image_in_an_extension_after_a_table() -> None:

@@ -108,6 +108,21 @@ def test_engine_loads_contract_and_reports_active_providers(model_path: Path) ->
         model.predict(images.astype(np.float32))
 
 
+def test_cuda_is_asked_for_only_where_an_nvidia_driver_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    from service import engine
+
+    offered = set(onnxruntime.get_available_providers())
+    monkeypatch.setattr(engine, "nvidia_driver_present", lambda: False)
+    assert engine.default_providers() == [CPU_PROVIDER]
+    monkeypatch.setattr(engine, "nvidia_driver_present", lambda: True)
+    assert engine.default_providers() == [
+        name for name in (CUDA_PROVIDER, CPU_PROVIDER) if name in offered
+    ]
+    assert CUDA_PROVIDER in offered  # onnxruntime-gpu is the build we install
+
+
 def test_engine_refuses_files_outside_the_contract(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not found"):
         OnnxModel(tmp_path / "missing.onnx", providers=CPU)
