@@ -350,21 +350,34 @@ def test_slurm_array_script_scores_every_task_then_merges(workspace: Path, refer
         "SLURM_ARRAY_TASK_MIN": "0",
         "SLURM_CPUS_PER_TASK": "2",
     }
-    for task in ("1", "0"):
+
+    def run_task(task: str, **slurm: str) -> None:
         subprocess.run(
             ["bash", str(script)],
             cwd=workspace,
-            env={**env, "SLURM_ARRAY_TASK_ID": task},
+            env={**env, **slurm, "SLURM_ARRAY_TASK_ID": task},
             check=True,
             capture_output=True,
         )
+
+    def merges_submitted() -> list[str]:
+        args = submitted.read_text().splitlines()
+        return [a.removeprefix("--dependency=") for a in args if a.startswith("--dependency=")]
+
+    for task in ("1", "0", "0"):  # task 0 twice: requeued by Slurm, still one merge
+        run_task(task)
+    assert merges_submitted() == ["afterok:4242"]
     args = submitted.read_text().splitlines()
-    assert "--dependency=afterok:4242" in args
+    assert "--kill-on-invalid-dep=yes" in args
     merge_command = next(a for a in args if a.startswith("--wrap=")).removeprefix("--wrap=")
     subprocess.run(["bash", "-c", merge_command], cwd=workspace, env=env, check=True)
     merged = pq.read_table(workspace / "slurm_out" / "scores.parquet")
     assert merged.equals(reference.drop_columns(["mag"]))  # no --passthrough in the script
-    assert not (workspace / "slurm_out" / ".merge_submitted").exists()
+    assert not list((workspace / "slurm_out").glob(".merge_submitted*"))
+
+    # Resubmitting one task (sbatch --array=1, a new array job) submits that array's own merge.
+    run_task("1", SLURM_ARRAY_JOB_ID="4343", SLURM_ARRAY_TASK_MIN="1")
+    assert merges_submitted() == ["afterok:4242", "afterok:4343"]
 
 
 def test_galaxy10_rows_of_another_size_are_fitted_like_uploaded_images(
