@@ -367,17 +367,19 @@ def test_slurm_array_script_scores_every_task_then_merges(workspace: Path, refer
     for task in ("1", "0", "0"):  # task 0 twice: requeued by Slurm, still one merge
         run_task(task)
     assert merges_submitted() == ["afterok:4242"]
+    assert "--kill-on-invalid-dep=yes" in submitted.read_text().splitlines()
+
+    # Say task 1 of array 4242 had failed: its merge never runs (Slurm drops it). Resubmitting
+    # that task (sbatch --array=1, a new array job) must submit that array's own merge.
+    run_task("1", SLURM_ARRAY_JOB_ID="4343", SLURM_ARRAY_TASK_MIN="1")
+    assert merges_submitted() == ["afterok:4242", "afterok:4343"]
+
     args = submitted.read_text().splitlines()
-    assert "--kill-on-invalid-dep=yes" in args
-    merge_command = next(a for a in args if a.startswith("--wrap=")).removeprefix("--wrap=")
+    merge_command = [a for a in args if a.startswith("--wrap=")][-1].removeprefix("--wrap=")
     subprocess.run(["bash", "-c", merge_command], cwd=workspace, env=env, check=True)
     merged = pq.read_table(workspace / "slurm_out" / "scores.parquet")
     assert merged.equals(reference.drop_columns(["mag"]))  # no --passthrough in the script
-    assert not list((workspace / "slurm_out").glob(".merge_submitted*"))
-
-    # Resubmitting one task (sbatch --array=1, a new array job) submits that array's own merge.
-    run_task("1", SLURM_ARRAY_JOB_ID="4343", SLURM_ARRAY_TASK_MIN="1")
-    assert merges_submitted() == ["afterok:4242", "afterok:4343"]
+    assert not (workspace / "slurm_out" / ".merge_submitted.4343").exists()
 
 
 def test_galaxy10_rows_of_another_size_are_fitted_like_uploaded_images(
