@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+REAL_DATA = REPO_ROOT / "tests" / "data"
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "decode.json"
 
 
@@ -47,8 +47,8 @@ def time_calls(call: Callable[[], object], repeats: int) -> dict[str, float]:
 def cases() -> dict[str, bytes]:
     from tests.cutout_factory import make_grz_fits
 
-    hst = SHARED_DATA / "hst-fits" / "abell_2744_cd_galaxy_f105w.fits.gz"
-    galaxy10 = SHARED_DATA / "galaxy10-real"
+    hst = REAL_DATA / "hst-fits" / "abell_2744_cd_galaxy_f105w.fits.gz"
+    galaxy10 = REAL_DATA / "galaxy10-real"
     return {
         "grz_fits_256": make_grz_fits(size=256),
         "grz_fits_gz_256": make_grz_fits(size=256, gz=True),

@@ -16,7 +16,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-REAL_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "galaxy10-real"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Real Galaxy10 DECaLS images carried in the repository (provenance: tests/data/README.md).
+REAL_IMAGES = REPO_ROOT / "tests" / "data" / "galaxy10-real"
 
 
 def _run(*args: str | Path) -> None:
@@ -49,6 +51,11 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 60.0
 
 
 def main() -> int:
+    real_images = Path(os.environ.get("DEMO_REAL_IMAGES", REAL_IMAGES))
+    jpegs = sorted(real_images.glob("*.jpg"))
+    if not jpegs:
+        print(f"no real Galaxy10 JPEGs in {real_images} (set DEMO_REAL_IMAGES)", file=sys.stderr)
+        return 2
     out = Path(os.environ.get("DEMO_DIR", "demo")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     size = os.environ.get("DEMO_SIZE", "64")
@@ -63,7 +70,7 @@ def main() -> int:
     )  # fmt: skip
     _run(
         "train", "--data", train_h5, "--model", "gm_astroformer_tiny", "--out", run_dir,
-        "--config", Path(__file__).resolve().parents[1] / "configs" / "cpu_demo.yaml",
+        "--config", REPO_ROOT / "configs" / "cpu_demo.yaml",
     )  # fmt: skip
     _run("evaluate", run_dir, "--data", train_h5, "--split", "test")
     _run("export", run_dir, "--out", model)
@@ -76,8 +83,7 @@ def main() -> int:
     try:
         _wait_ready(url, server)
         fits_files = sorted(cutouts.glob("*.fits"))[:3]
-        jpegs = sorted(REAL_IMAGES.glob("*.jpg"))[:2]
-        _run("classify", "--url", url, *fits_files, *jpegs)
+        _run("classify", "--url", url, *fits_files, *jpegs[:4])
         print(f"\nweb page: {url}/  (the demo server stops now; `galmorph serve` keeps one up)")
     finally:
         server.terminate()

@@ -14,12 +14,13 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+from tests.real_data import REAL_DATA, missing_real_files
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """Real galaxy images beside the checkout (read-only); missing data fails, never skips."""
-    assert SHARED_DATA.is_dir(), f"reference data not found at {SHARED_DATA}"
-    return SHARED_DATA
+def real_data() -> Path:
+    """Real galaxy images carried in the repository (tests/data/README.md); missing data fails."""
+    assert (REAL_DATA / "SHA256SUMS").is_file(), f"real test images not found at {REAL_DATA}"
+    missing = missing_real_files(REAL_DATA)
+    assert not missing, f"real test images missing: {', '.join(map(str, missing))}"
+    return REAL_DATA

@@ -70,8 +70,8 @@ HST_SIDES = {
 
 
 @pytest.mark.parametrize("name", sorted(HST_SIDES))
-def test_real_hst_single_band_is_resampled_to_model_scale(shared_data: Path, name: str) -> None:
-    decoded = decode_path(shared_data / "hst-fits" / name, card=CARD_256)
+def test_real_hst_single_band_is_resampled_to_model_scale(real_data: Path, name: str) -> None:
+    decoded = decode_path(real_data / "hst-fits" / name, card=CARD_256)
     info = decoded.info
     side = HST_SIDES[name]
     assert decoded.image.shape == (256, 256, 3) and decoded.image.dtype == np.uint8
@@ -92,16 +92,16 @@ def test_real_hst_single_band_is_resampled_to_model_scale(shared_data: Path, nam
     assert centre.max() > 150  # the galaxies are bright after sky/noise normalisation
 
 
-def test_real_hst_without_wcs_assumes_model_scale(shared_data: Path) -> None:
-    path = shared_data / "hst-fits" / "abell_2744_dwarf_galaxy_f105w_rms.fits.gz"
+def test_real_hst_without_wcs_assumes_model_scale(real_data: Path) -> None:
+    path = real_data / "hst-fits" / "abell_2744_dwarf_galaxy_f105w_rms.fits.gz"
     decoded = decode_path(path, card=CARD_256)
     assert decoded.info.pixel_scale is None and decoded.info.resampled_from_scale is None
     assert any("no celestial WCS" in w for w in decoded.info.warnings)
     assert decoded.info.crop_pad_from == (200, 200)
 
 
-def test_real_hst_resize_fills_the_input(shared_data: Path) -> None:
-    path = shared_data / "hst-fits" / "abell_2744_spiral_galaxy_f105w.fits.gz"
+def test_real_hst_resize_fills_the_input(real_data: Path) -> None:
+    path = real_data / "hst-fits" / "abell_2744_spiral_galaxy_f105w.fits.gz"
     decoded = decode_path(path, card=CARD_64, fit="resize")
     assert decoded.info.resized_from == (150, 150) and decoded.info.crop_pad_from is None
     assert decoded.info.resampled_from_scale is None
@@ -110,8 +110,8 @@ def test_real_hst_resize_fills_the_input(shared_data: Path) -> None:
 
 
 @pytest.mark.parametrize("pattern", ["class*.png", "sample_*.jpg"])
-def test_real_galaxy10_images_pass_through_unchanged(shared_data: Path, pattern: str) -> None:
-    paths = sorted((shared_data / "galaxy10-real").glob(pattern))
+def test_real_galaxy10_images_pass_through_unchanged(real_data: Path, pattern: str) -> None:
+    paths = sorted((real_data / "galaxy10-real").glob(pattern))
     assert len(paths) == 10
     for path in paths:
         decoded = decode_path(path, card=CARD_256)
@@ -124,8 +124,8 @@ def test_real_galaxy10_images_pass_through_unchanged(shared_data: Path, pattern:
         assert decoded.info.stretch is None and not decoded.info.flipped
 
 
-def test_real_png_resized_for_a_smaller_model(shared_data: Path) -> None:
-    path = shared_data / "galaxy10-real" / "class2_Round_Smooth.png"
+def test_real_png_resized_for_a_smaller_model(real_data: Path) -> None:
+    path = real_data / "galaxy10-real" / "class2_Round_Smooth.png"
     decoded = decode_path(path, card=CARD_64)
     assert decoded.image.shape == (64, 64, 3)
     assert decoded.info.resized_from == (256, 256)

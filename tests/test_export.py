@@ -51,7 +51,7 @@ def _make_run(run_dir: Path, seed: int = 0) -> tuple[nn.Module, ModelSpec]:
 
 
 def _real_labels(folder: Path) -> np.ndarray:
-    # sample_{k}_*.jpg is class k-1, class{c}_*.png is class c (shared data README).
+    # sample_{k}_*.jpg is class k-1, class{c}_*.png is class c (tests/data/README.md).
     labels = []
     for file in sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg")):
         stem = file.stem
@@ -60,14 +60,14 @@ def _real_labels(folder: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def real_images(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
-    folder = shared_data / "galaxy10-real"
+def real_images(real_data: Path) -> tuple[np.ndarray, np.ndarray]:
+    folder = real_data / "galaxy10-real"
     images, _ = load_images(folder, size=SIZE, count=100)
     return images, _real_labels(folder)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+def exported(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> dict:
     """One fp32 export through the CLI handler, with real images for the parity check."""
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("run")
@@ -82,7 +82,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dic
             "--out",
             str(out),
             "--parity-data",
-            str(shared_data / "galaxy10-real"),
+            str(real_data / "galaxy10-real"),
             "--threads",
             "1",
         ]

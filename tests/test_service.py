@@ -266,12 +266,12 @@ def assert_result(body: dict[str, Any], model_path: Path) -> None:
 
 
 def test_classify_real_galaxy10_and_hst_files(
-    client: TestClient, model_path: Path, shared_data: Path
+    client: TestClient, model_path: Path, real_data: Path
 ) -> None:
     files = [
-        *sorted((shared_data / "galaxy10-real").glob("*.jpg"))[:2],
-        *sorted((shared_data / "galaxy10-real").glob("*.png"))[:2],
-        shared_data / "hst-fits" / "abell_2744_spiral_galaxy_f105w.fits.gz",
+        *sorted((real_data / "galaxy10-real").glob("*.jpg"))[:2],
+        *sorted((real_data / "galaxy10-real").glob("*.png"))[:2],
+        real_data / "hst-fits" / "abell_2744_spiral_galaxy_f105w.fits.gz",
     ]
     for path in files:
         response = client.post("/classify", files={"file": (path.name, path.read_bytes())})
@@ -348,8 +348,8 @@ def test_size_limit_is_enforced_while_streaming(model_path: Path) -> None:
         assert client.post("/classify", content=make_png(size=(16, 16))).status_code == 200
 
 
-def test_batch_endpoint_isolates_bad_items(client: TestClient, shared_data: Path) -> None:
-    good = sorted((shared_data / "galaxy10-real").glob("*.png"))[:3]
+def test_batch_endpoint_isolates_bad_items(client: TestClient, real_data: Path) -> None:
+    good = sorted((real_data / "galaxy10-real").glob("*.png"))[:3]
     files = [("files", (p.name, p.read_bytes())) for p in good]
     files.insert(1, ("files", ("catalog.fits", b"ra,dec\n1,2\n")))
     files.append(("files", ("cut.png", make_png()[:200])))

@@ -45,9 +45,9 @@ def synthetic_cutouts() -> dict[str, bytes]:
     }
 
 
-def test_real_and_synthetic_cutouts_over_http(server: RunningServer, shared_data: Path) -> None:
-    real = sorted((shared_data / "galaxy10-real").iterdir()) + sorted(
-        (shared_data / "hst-fits").glob("*.fits.gz")
+def test_real_and_synthetic_cutouts_over_http(server: RunningServer, real_data: Path) -> None:
+    real = sorted((real_data / "galaxy10-real").iterdir()) + sorted(
+        (real_data / "hst-fits").glob("*.fits.gz")
     )
     uploads = {path.name: path.read_bytes() for path in real} | synthetic_cutouts()
     assert len(uploads) >= 30
@@ -172,9 +172,9 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_classify_client_prints_a_table(
-    server: RunningServer, shared_data: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    server: RunningServer, real_data: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    good = sorted((shared_data / "galaxy10-real").glob("*.jpg"))[:2]
+    good = sorted((real_data / "galaxy10-real").glob("*.jpg"))[:2]
     bad = tmp_path / "notes.fits"
     bad.write_text("not a cutout")
     code = galmorph_main(["classify", *map(str, good), str(bad), "--url", server.url])

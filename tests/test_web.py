@@ -157,9 +157,9 @@ async def run_page(devtools_url: str, page_url: str, upload: Path) -> dict[str, 
 
 
 def test_page_shows_the_model_view_and_probability_bars(
-    server: RunningServer, browser: str, shared_data: Path
+    server: RunningServer, browser: str, real_data: Path
 ) -> None:
-    upload = shared_data / "galaxy10-real" / "sample_6_Barred_Spiral.jpg"
+    upload = real_data / "galaxy10-real" / "sample_6_Barred_Spiral.jpg"
     page = asyncio.run(run_page(browser, f"{server.url}/", upload))
     SCREENSHOT.write_bytes(page["screenshot"])
     assert page["state"] == "done", page["error"]
