@@ -28,8 +28,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The packages install as galmorph.{model,training,service,scoring} from top-level folders;
+# mypy sees that layout through links, so cross-package imports are checked, not guessed.
+TYPECHECK_TREE := .cache/typecheck/galmorph
 typecheck: install
-	$(BIN)/mypy
+	rm -rf $(dir $(TYPECHECK_TREE)) && mkdir -p $(TYPECHECK_TREE)
+	ln -s $(CURDIR)/galmorph/*.py $(CURDIR)/galmorph/core $(TYPECHECK_TREE)/
+	for part in model training service scoring; do ln -s $(CURDIR)/$$part $(TYPECHECK_TREE)/$$part; done
+	$(BIN)/mypy $(TYPECHECK_TREE)
 
 # The web page is tested in a real headless Chromium (Debian package), installed when absent.
 browser:

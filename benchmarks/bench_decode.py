@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
 
-    from service.contract import GALAXY10_CLASS_NAMES, ModelCard
-    from service.decode import decode_cutout
+    from galmorph.core.contract import GALAXY10_CLASS_NAMES, ModelCard
+    from galmorph.core.decode import decode_cutout
 
     card = ModelCard(
         model_name="bench",

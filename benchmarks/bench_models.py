@@ -3,7 +3,7 @@
 Side by side in one process, same weights, same uint8 inputs, float32, equal thread counts
 (onnxruntime intra_op_num_threads = torch.set_num_threads = --threads, one inter-op thread):
 
-1. onnxruntime on the exported artifact (model.export, opset 20, through service.engine's
+1. onnxruntime on the exported artifact (model.export, opset 20, through galmorph.core.engine's
    OnnxModel, the class the server and scorer use) vs PyTorch eager (torch.inference_mode) of
    the same graph module (model.export.ImageClassifierGraph: the /255, mean/std and layout
    step included on both sides), and vs the same model exported at opset 18 (the slow path
@@ -45,7 +45,7 @@ from benchmarks.common import REPO_ROOT, RESULTS_DIR, Timing, time_interleaved, 
 if TYPE_CHECKING:
     import torch
 
-    from service.engine import OnnxModel
+    from galmorph.core.engine import OnnxModel
 
 ORT = "onnxruntime"
 ORT_SLOW = "onnxruntime_opset18"
@@ -158,10 +158,10 @@ def _timed_rounds(
 def make_checkpoint(name: str, img_size: int, run_dir: Path) -> Path:
     """A seeded random initialisation saved as a run folder (what export reads)."""
     import torch
+    from galmorph.model.checkpoint import ModelSpec, save_model
+    from galmorph.model.registry import create_model
 
-    from model.checkpoint import ModelSpec, save_model
-    from model.registry import create_model
-    from service.contract import GALAXY10_CLASS_NAMES
+    from galmorph.core.contract import GALAXY10_CLASS_NAMES
 
     torch.manual_seed(SEED)
     model = create_model(name, num_classes=len(GALAXY10_CLASS_NAMES), img_size=img_size).eval()
@@ -176,7 +176,7 @@ def make_checkpoint(name: str, img_size: int, run_dir: Path) -> Path:
 
 
 def timed_export(run_dir: Path, out: Path, threads: int, **options: Any) -> tuple[Path, float]:
-    from model.export import export_onnx
+    from galmorph.model.export import export_onnx
 
     started = time.perf_counter()
     path = export_onnx(run_dir, out, intra_op_threads=threads, **options)
@@ -184,15 +184,15 @@ def timed_export(run_dir: Path, out: Path, threads: int, **options: Any) -> tupl
 
 
 def open_cpu_model(path: Path, threads: int) -> OnnxModel:
-    from service.engine import CPU_PROVIDER, OnnxModel
+    from galmorph.core.engine import CPU_PROVIDER, OnnxModel
 
     return OnnxModel(path, providers=[CPU_PROVIDER], intra_op_threads=threads, inter_op_threads=1)
 
 
 def torch_graph(run_dir: Path) -> torch.nn.Module:
     """The exact module export traces: uint8 NHWC -> (probabilities, logits)."""
-    from model.checkpoint import load_model
-    from model.export import ImageClassifierGraph
+    from galmorph.model.checkpoint import load_model
+    from galmorph.model.export import ImageClassifierGraph
 
     model, spec = load_model(run_dir)
     return ImageClassifierGraph(model, spec.mean, spec.std).eval()
@@ -364,7 +364,7 @@ def profile_onnxruntime(path: Path, images: np.ndarray, threads: int, work: Path
     import onnx
     import onnxruntime as ort
 
-    from service.contract import INPUT_NAME
+    from galmorph.core.contract import INPUT_NAME
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -432,7 +432,7 @@ def benchmark_model(
     with_compile: bool,
     with_slow_export: bool,
 ) -> dict[str, Any]:
-    from model.flops import measure_cost
+    from galmorph.model.flops import measure_cost
 
     cost = measure_cost(case.name, img_size=img_size)
     flops_per_image = 2 * cost.macs
@@ -495,9 +495,9 @@ def benchmark_model(
 
 def train_tiny(study: Int8Study, threads: int, work: Path) -> tuple[Path, Path, dict[str, Any]]:
     """Synthetic training file + a short run of the CPU demo recipe; returns (run, data, how)."""
-    from training.config import load_config
-    from training.synth import synthesize
-    from training.train import train
+    from galmorph.training.config import load_config
+    from galmorph.training.synth import synthesize
+    from galmorph.training.train import train
 
     data = synthesize(
         work / "synth_train.h5", n=study.train_images, size=study.img_size, seed=0, progress=False
@@ -516,7 +516,7 @@ def train_tiny(study: Int8Study, threads: int, work: Path) -> tuple[Path, Path, 
     started = time.perf_counter()
     run_dir = train(config)
     how = {
-        "how": f"training.train.train with {DEMO_RECIPE.relative_to(REPO_ROOT)} on "
+        "how": f"galmorph.training.train.train with {DEMO_RECIPE.relative_to(REPO_ROOT)} on "
         f"{study.train_images} training.synth images (seed 0), {study.epochs} epochs, in this run",
         "train_seconds": round(time.perf_counter() - started, 1),
         "train_images": study.train_images,
@@ -526,7 +526,7 @@ def train_tiny(study: Int8Study, threads: int, work: Path) -> tuple[Path, Path, 
 
 
 def _labelled_images(path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    from training.galaxy10 import Galaxy10File
+    from galmorph.core.galaxy10 import Galaxy10File
 
     with Galaxy10File(path) as data:
         count = data.num_images if limit is None else min(limit, data.num_images)
@@ -537,9 +537,9 @@ def _labelled_images(path: Path, limit: int | None = None) -> tuple[np.ndarray, 
 def int8_vs_fp32(
     study: Int8Study, threads: int, work: Path, trained_run: Path | None
 ) -> dict[str, Any]:
-    from model.checkpoint import load_model
-    from model.export import export_model
-    from training.synth import synthesize
+    from galmorph.model.checkpoint import load_model
+    from galmorph.model.export import export_model
+    from galmorph.training.synth import synthesize
 
     if trained_run is None:
         run_dir, train_data, how = train_tiny(study, threads, work)
@@ -582,7 +582,7 @@ def int8_vs_fp32(
     fp32_pred, int8_pred = fp32_probs.argmax(1), int8_probs.argmax(1)
     accuracy = {
         "heldout_images": len(heldout),
-        "heldout": "training.synth.synthesize, seed 1000003 (not the training seed)",
+        "heldout": "galmorph.training.synth.synthesize, seed 1000003 (not the training seed)",
         "fp32_top1": round(float((fp32_pred == labels).mean()), 4),
         "int8_top1": round(float((int8_pred == labels).mean()), 4),
         "top1_change": round(float((int8_pred == labels).mean() - (fp32_pred == labels).mean()), 4),
@@ -645,7 +645,7 @@ def _io_bound_call(model: OnnxModel, images: np.ndarray) -> Callable[[], None]:
     """Input copied to the GPU once and the output left there: the engine's own speed."""
     import onnxruntime as ort
 
-    from service.contract import INPUT_NAME, OUTPUT_NAME
+    from galmorph.core.contract import INPUT_NAME, OUTPUT_NAME
 
     binding = model.session.io_binding()
     binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0))
@@ -660,7 +660,7 @@ def _io_bound_call(model: OnnxModel, images: np.ndarray) -> Callable[[], None]:
 
 def benchmark_cuda(case: ModelCase, img_size: int, work: Path) -> dict[str, Any]:
     """fp32 and fp16 artifacts on the CUDA provider: host arrays vs IO binding on the device."""
-    from service.engine import CUDA_PROVIDER, OnnxModel
+    from galmorph.core.engine import CUDA_PROVIDER, OnnxModel
 
     run_dir = make_checkpoint(case.name, img_size, work / f"cuda_{case.name}" / "run")
     result: dict[str, Any] = {}

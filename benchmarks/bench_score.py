@@ -47,11 +47,11 @@ UNIQUE_CUTOUTS = 32  # files on disk; catalog rows cycle through them (decode ru
 def export_tiny_model(folder: Path) -> tuple[Path, str]:
     """gm_astroformer_tiny with seeded weights, exported with the project's exporter."""
     import torch
+    from galmorph.model.checkpoint import ModelSpec, save_model
+    from galmorph.model.export import export_onnx
+    from galmorph.model.registry import create_model
 
-    from model.checkpoint import ModelSpec, save_model
-    from model.export import export_onnx
-    from model.registry import create_model
-    from service.contract import GALAXY10_CLASS_NAMES
+    from galmorph.core.contract import GALAXY10_CLASS_NAMES
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -90,7 +90,7 @@ def make_catalog(folder: Path, kind: str, rows: int) -> Path:
 
 
 def raw_throughput(model_path: Path, threads: int, batch_size: int, seconds: float) -> float:
-    from service.engine import OnnxModel
+    from galmorph.core.engine import OnnxModel
 
     model = OnnxModel(
         model_path,
@@ -144,7 +144,7 @@ def run_scoring(
 import json
 from pathlib import Path
 from benchmarks.bench_score import raw_throughput
-from service.score import ScoreConfig, score
+from galmorph.scoring.run import ScoreConfig, score
 raw = lambda: raw_throughput(Path({str(model)!r}), {threads}, {batch_size}, {raw_seconds})
 before = raw() if {raw_seconds} > 0 else None
 summary = score(ScoreConfig(catalog=Path({str(catalog)!r}), model=Path({str(model)!r}),
@@ -180,7 +180,7 @@ def measure_format(
     """Rounds of raw / scoring / raw for one input format, then one run with a decode worker."""
     catalog = make_catalog(folder, kind, args.rows)
     threads = os.cpu_count() or 1
-    default_workers = max(0, threads - 2)  # service.score.default_decode_workers
+    default_workers = max(0, threads - 2)  # galmorph.scoring.run.default_decode_workers
 
     def scoring_round(name: str, workers: int, ort_threads: int) -> dict[str, Any]:
         run = run_scoring(

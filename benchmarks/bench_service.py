@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks.bench_score import export_tiny_model
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
-from service.engine import OnnxModel
+from galmorph.core.engine import OnnxModel
 from tests.onnx_factory import FactoryModel, write_model
 from tests.server_process import free_port
 

@@ -26,7 +26,7 @@ SIZES = (64, 128, 256)
 
 
 def render_rate(size: int, n: int) -> dict[str, float]:
-    from training.synth import render_galaxy
+    from galmorph.training.synth import render_galaxy
 
     render_galaxy(0, size, np.random.default_rng(0))  # warm the PSF and grid caches
     start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -37,7 +37,7 @@ def render_rate(size: int, n: int) -> dict[str, float]:
 
 
 def file_rate(size: int, n: int, workers: int) -> float:
-    from training.synth import synthesize
+    from galmorph.training.synth import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -31,12 +31,11 @@ def step_rate(size: int, batch: int, steps: int, warmup: int = 3) -> dict[str, f
     """Images/s of full training steps on random uint8 images (data loading excluded)."""
     import numpy as np
     import torch
-
-    from model.registry import create_model
-    from training.augment import AugmentSettings, BatchAugmenter
-    from training.mixup import smooth_one_hot, soft_target_cross_entropy
-    from training.optim import adamw
-    from training.preprocess import ImagePreprocess
+    from galmorph.model.preprocess import ImagePreprocess
+    from galmorph.model.registry import create_model
+    from galmorph.training.augment import AugmentSettings, BatchAugmenter
+    from galmorph.training.mixup import smooth_one_hot, soft_target_cross_entropy
+    from galmorph.training.optim import adamw
 
     torch.manual_seed(0)
     model = create_model(MODEL, img_size=size).train()
@@ -66,10 +65,10 @@ def step_rate(size: int, batch: int, steps: int, warmup: int = 3) -> dict[str, f
 
 
 def accuracy_run(n: int, epochs: int, workdir: Path) -> dict[str, Any]:
-    from training.config import load_config
-    from training.evaluate import EvaluationRequest, evaluate
-    from training.synth import synthesize
-    from training.train import train
+    from galmorph.training.config import load_config
+    from galmorph.training.evaluate import EvaluationRequest, evaluate
+    from galmorph.training.synth import synthesize
+    from galmorph.training.train import train
 
     data = synthesize(workdir / "synth.h5", n=n, size=64, seed=0, progress=False)
     config = load_config(

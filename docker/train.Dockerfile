@@ -43,6 +43,7 @@ COPY galmorph /src/galmorph
 COPY service /src/service
 COPY model /src/model
 COPY training /src/training
+COPY scoring /src/scoring
 RUN pip install --no-deps /src \
     && pip uninstall -y pip \
     && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +

@@ -17,15 +17,12 @@ from galmorph import __version__
 
 # Modules exposing `register(subparsers)`; each subcommand sets `func` via set_defaults.
 COMMAND_MODULES = (
-    "training.data_cli",  # data synth | inspect | download
-    "training.train_cli",  # train, evaluate
-    "model.cli",  # model list, export
-    "service.cli",  # serve, classify
-    "service.score_cli",  # score, merge
+    "galmorph.training.data_cli",  # data synth | inspect | download
+    "galmorph.training.train_cli",  # train, evaluate
+    "galmorph.model.cli",  # model list, export
+    "galmorph.service.cli",  # serve, classify
+    "galmorph.scoring.cli",  # score, merge
 )
-
-
-OWN_PACKAGES = ("galmorph", "service", "model", "training")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for package in OWN_PACKAGES:
-        logging.getLogger(package).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("galmorph").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         result = args.func(args)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.contract import DR2_RGB_BANDS, LEGACY_SURVEY_PIXEL_SCALE
+from galmorph.core.contract import DR2_RGB_BANDS, LEGACY_SURVEY_PIXEL_SCALE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -82,7 +82,7 @@ class ModelSpec:
 
     def build(self) -> nn.Module:
         """The registered architecture, freshly initialised, at this spec's size."""
-        from model.registry import create_model
+        from galmorph.model.registry import create_model
 
         return create_model(
             self.name,

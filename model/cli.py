@@ -79,8 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _list_models(args: argparse.Namespace) -> int:
-    from model.flops import measure_cost
-    from model.registry import list_models, model_entry
+    from galmorph.model.flops import measure_cost
+    from galmorph.model.registry import list_models, model_entry
 
     rows = []
     for name in list_models():
@@ -112,10 +112,9 @@ def _list_models(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import numpy as np
-
-    from model.checkpoint import load_spec
-    from model.export import export_model
-    from model.sample_images import load_images
+    from galmorph.model.checkpoint import load_spec
+    from galmorph.model.export import export_model
+    from galmorph.model.sample_images import load_images
 
     spec = load_spec(args.run_dir)
     out = args.out or args.run_dir / "model.onnx"
@@ -136,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
         train_rows = test_rows = None
         split_path = args.split or args.run_dir / "split.json"
         if args.split or split_path.exists():
-            from training.splits import Split
+            from galmorph.core.splits import Split
 
             split = Split.load(split_path)
             train_rows, test_rows = split.train, split.test

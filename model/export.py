@@ -1,7 +1,7 @@
 """Export a trained checkpoint to the self-describing ONNX file the service and scorer use.
 
-Graph contract (service/contract.py): input `images` uint8 [N, H, W, 3]; the /255, mean/std
-and NHWC->NCHW steps run inside the graph (training.preprocess.ImagePreprocess, the module
+Graph contract (galmorph/core/contract.py): input `images` uint8 [N, H, W, 3]; the /255, mean/std
+and NHWC->NCHW steps run inside the graph (galmorph.model.preprocess.ImagePreprocess, the module
 training itself uses); outputs `probabilities` float32 [N, K] (softmax) and `logits`. N is
 dynamic, H and W are fixed (the relative position tables are sized for them).
 
@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from galmorph.model.checkpoint import ModelSpec, load_model
+from galmorph.model.preprocess import ImagePreprocess
 from torch import nn
 
 from galmorph import __version__
-from model.checkpoint import ModelSpec, load_model
-from service.contract import INPUT_NAME, LOGITS_NAME, METADATA_PREFIX, OUTPUT_NAME, ModelCard
-from training.preprocess import ImagePreprocess
+from galmorph.core.contract import INPUT_NAME, LOGITS_NAME, METADATA_PREFIX, OUTPUT_NAME, ModelCard
 
 if TYPE_CHECKING:
     import onnx

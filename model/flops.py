@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from galmorph.model.registry import create_model, model_entry
 from torch.utils.flop_counter import FlopCounterMode
-
-from model.registry import create_model, model_entry
 
 
 @dataclass(frozen=True)

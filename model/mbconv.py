@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from galmorph.model.downsample import PoolProject
+from galmorph.model.droppath import drop_path_or_identity
+from galmorph.model.init import init_conv_efficientnet
+from galmorph.model.squeeze_excite import SqueezeExcite
 from torch import nn
-
-from model.downsample import PoolProject
-from model.droppath import drop_path_or_identity
-from model.init import init_conv_efficientnet
-from model.squeeze_excite import SqueezeExcite
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Modules whose import registers models.
-_MODEL_MODULES = ("model.astroformer", "model.vit_small")
+_MODEL_MODULES = ("galmorph.model.astroformer", "galmorph.model.vit_small")
 
 ModelFactory = Callable[..., "nn.Module"]
 

@@ -1,6 +1,6 @@
 """Real images for the export's parity check and int8 calibration/evaluation: a seeded sample
 from a Galaxy10-layout HDF5 file, or every PNG/JPEG in a folder, resized to the model's input
-with the evaluation resize of training (antialiased bilinear)."""
+with the resize the server applies (`galmorph.core.resample.resize_images`)."""
 
 from __future__ import annotations
 
@@ -39,15 +39,15 @@ def _pick(candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    from training.augment import resize_uint8
+    from galmorph.core.resample import resize_images
 
-    return np.ascontiguousarray(resize_uint8(images, size).numpy())
+    return np.ascontiguousarray(resize_images(images, size))
 
 
 def _from_galaxy10(
     path: Path, *, size: int, count: int, seed: int, indices: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    from training.galaxy10 import Galaxy10File
+    from galmorph.core.galaxy10 import Galaxy10File
 
     with Galaxy10File(path) as data:
         candidates = np.arange(data.num_images) if indices is None else np.asarray(indices)

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from galmorph.model.attention import RelPosAttention2d
+from galmorph.model.downsample import PoolProject
+from galmorph.model.droppath import drop_path_or_identity
+from galmorph.model.init import init_transformer_vit
+from galmorph.model.mlp import ConvMlp
+from galmorph.model.norm import LayerNorm2d
 from torch import nn
-
-from model.attention import RelPosAttention2d
-from model.downsample import PoolProject
-from model.droppath import drop_path_or_identity
-from model.init import init_transformer_vit
-from model.mlp import ConvMlp
-from model.norm import LayerNorm2d
 
 
 @dataclass(frozen=True)

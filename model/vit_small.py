@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from galmorph.model.droppath import drop_path_or_identity
+from galmorph.model.registry import register_model
 from torch import nn
-
-from model.droppath import drop_path_or_identity
-from model.registry import register_model
 
 _NUM_SHIFTS = 4  # the four diagonal directions
 

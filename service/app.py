@@ -12,17 +12,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from galmorph.service.batching import BatcherStoppedError, InferenceTimeoutError, QueueFullError
+from galmorph.service.metrics import MetricsMiddleware, ServiceMetrics
+from galmorph.service.routers import classify, health, metrics, model_info, web
+from galmorph.service.runtime import ServiceRuntime
+from galmorph.service.settings import Settings
+from galmorph.service.uploads import PayloadTooLargeError, UploadError
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
 from galmorph import __version__
-from service.batching import BatcherStoppedError, InferenceTimeoutError, QueueFullError
-from service.decode import CutoutError
-from service.metrics import MetricsMiddleware, ServiceMetrics
-from service.routers import classify, health, metrics, model_info, web
-from service.runtime import ServiceRuntime
-from service.settings import Settings
-from service.uploads import PayloadTooLargeError, UploadError
+from galmorph.core.decode import CutoutError
 
 logger = logging.getLogger(__name__)
 

@@ -102,10 +102,9 @@ def serve_command(args: argparse.Namespace) -> int:
     import logging.config
 
     import uvicorn
+    from galmorph.service.log_format import logging_config
+    from galmorph.service.settings import Settings
     from pydantic import ValidationError
-
-    from service.log_format import logging_config
-    from service.settings import Settings
 
     overrides = {
         field: getattr(args, flag)
@@ -133,7 +132,7 @@ def serve_command(args: argparse.Namespace) -> int:
     # Worker processes rebuild the same settings from the environment.
     os.environ.update(settings.to_environment())
     uvicorn.run(
-        "service.app:app_from_environment",
+        "galmorph.service.app:app_from_environment",
         factory=True,
         host=settings.host,
         port=settings.port,

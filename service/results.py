@@ -6,18 +6,18 @@ import base64
 import io
 
 import numpy as np
-from PIL import Image
-
-from service.batching import Prediction
-from service.decode import DecodedCutout
-from service.engine import OnnxModel
-from service.schemas import (
+from galmorph.service.batching import Prediction
+from galmorph.service.schemas import (
     ClassificationResult,
     ClassProbability,
     ModelRef,
     Preprocessing,
     Timings,
 )
+from PIL import Image
+
+from galmorph.core.decode import DecodedCutout
+from galmorph.core.engine import OnnxModel
 
 
 def model_ref(model: OnnxModel) -> ModelRef:

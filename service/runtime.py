@@ -12,10 +12,11 @@ import logging
 import time
 from pathlib import Path
 
-from service.batching import BatcherConfig, MicroBatcher
-from service.engine import ModelLoadError, OnnxModel
-from service.metrics import ServiceMetrics
-from service.settings import Settings
+from galmorph.service.batching import BatcherConfig, MicroBatcher
+from galmorph.service.metrics import ServiceMetrics
+from galmorph.service.settings import Settings
+
+from galmorph.core.engine import ModelLoadError, OnnxModel
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Small, real galmorph ONNX models built with onnx.helper (no torch), for service tests.
 
-The graph follows the contract in service/contract.py: input `images` uint8 [N, H, W, 3];
+The graph follows the contract in galmorph/core/contract.py: input `images` uint8 [N, H, W, 3];
 /255, mean/std and NHWC->NCHW inside; a strided conv, `extra_convs` same-size 3x3 convs (the
 knob that makes the model as slow as a benchmark needs), global average pool, a linear head;
 outputs `logits` and `probabilities` (softmax). Weights are seeded, so outputs are
@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.contract import (
+from galmorph.core.contract import (
     GALAXY10_CLASS_NAMES,
     INPUT_NAME,
     LOGITS_NAME,

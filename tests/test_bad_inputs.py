@@ -10,8 +10,8 @@ import pytest
 from astropy.io import fits
 from PIL import Image
 
-from service.contract import GALAXY10_CLASS_NAMES, ModelCard
-from service.decode import CutoutError, DecodeLimits, decode_cutout
+from galmorph.core.contract import GALAXY10_CLASS_NAMES, ModelCard
+from galmorph.core.decode import CutoutError, DecodeLimits, decode_cutout
 from tests.cutout_factory import (
     BadInput,
     bad_inputs,

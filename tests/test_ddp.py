@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from galmorph.model.registry import create_model
+from galmorph.training.train import seed_everything, train
 from safetensors.torch import load_file
 
-from model.registry import create_model
 from tests.server_process import free_port
 from tests.training_helpers import child_env, config_flags, make_synthetic, tiny_config
-from training.train import seed_everything, train
 
 torch.set_num_threads(1)
 

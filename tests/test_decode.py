@@ -12,15 +12,15 @@ import pytest
 from astropy.io import fits
 from PIL import Image
 
-from service.contract import GALAXY10_CLASS_NAMES, ModelCard
-from service.decode import (
+from galmorph.core.contract import GALAXY10_CLASS_NAMES, ModelCard
+from galmorph.core.decode import (
     CutoutError,
     DecodeLimits,
     decode_cutout,
     decode_path,
 )
-from service.fits_io import read_fits
-from service.imaging import dr2_rgb, to_uint8
+from galmorph.core.fits_io import read_fits
+from galmorph.core.imaging import dr2_rgb, to_uint8
 from tests.cutout_factory import (
     fits_bytes,
     galaxy_planes,

@@ -287,7 +287,7 @@ def test_readme_multi_gpu_override_is_valid(tools: Tools, tmp_path: Path) -> Non
 
 
 def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    from service.settings import Settings
+    from galmorph.service.settings import Settings
 
     for name in [name for name in os.environ if name.startswith("GALMORPH_")]:
         monkeypatch.delenv(name)
@@ -300,7 +300,7 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_serve_environment_is_understood_by_the_settings(
     tools: Tools, monkeypatch: pytest.MonkeyPatch, override: tuple[Path, ...]
 ) -> None:
-    from service.settings import Settings
+    from galmorph.service.settings import Settings
 
     serve = compose_config(tools, COMPOSE_GPU, *override)["services"]["serve"]
     # Compose's precedence: the service's environment, then env_file (.env made from
@@ -325,7 +325,7 @@ def test_serve_environment_is_understood_by_the_settings(
 
 
 def test_env_example_names_only_settings_that_something_reads() -> None:
-    from service.settings import Settings
+    from galmorph.service.settings import Settings
 
     documented = set(re.findall(r"^#?(GALMORPH_\w+)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
     serve_settings = {f"GALMORPH_{name.upper()}" for name in Settings.model_fields}

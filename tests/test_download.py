@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from galmorph.training.download import DownloadError, DownloadOptions, download
 
 from galmorph.cli import main
-from training.download import DownloadError, DownloadOptions, download
 
 PAYLOAD = bytes(range(256)) * 4099  # ~1 MB, not a multiple of the read size
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -8,17 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from tests.training_helpers import make_synthetic, run_galmorph, tiny_config
-from training.evaluate import EvaluationRequest, evaluate
-from training.metrics import (
+from galmorph.training.evaluate import EvaluationRequest, evaluate
+from galmorph.training.metrics import (
     calibration_bins,
     classification_report,
     confusion_matrix,
     expected_calibration_error,
     per_class_scores,
 )
-from training.train import train
+from galmorph.training.train import train
+
+from tests.training_helpers import make_synthetic, run_galmorph, tiny_config
 
 torch.set_num_threads(1)
 
@@ -83,7 +83,7 @@ def test_evaluate_cli_writes_confusion_matrix_calibration_and_report(
 
 @pytest.mark.slow
 def test_onnx_evaluation_matches_pytorch(trained_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from model.export import export_onnx
+    from galmorph.model.export import export_onnx
 
     run_dir, data = trained_run
     onnx_path = export_onnx(run_dir, tmp_path / "model.onnx", intra_op_threads=1)

@@ -13,15 +13,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from galmorph.model import cli as model_cli
+from galmorph.model import export as export_module
+from galmorph.model.checkpoint import CheckpointError, ModelSpec, save_model
+from galmorph.model.export import ExportError, ImageClassifierGraph, export_model
+from galmorph.model.registry import create_model
+from galmorph.model.sample_images import load_images
 from torch import nn
 
-from model import cli as model_cli
-from model import export as export_module
-from model.checkpoint import CheckpointError, ModelSpec, save_model
-from model.export import ExportError, ImageClassifierGraph, export_model
-from model.registry import create_model
-from model.sample_images import load_images
-from service.contract import GALAXY10_CLASS_NAMES, INPUT_NAME, LOGITS_NAME, OUTPUT_NAME, ModelCard
+from galmorph.core.contract import (
+    GALAXY10_CLASS_NAMES,
+    INPUT_NAME,
+    LOGITS_NAME,
+    OUTPUT_NAME,
+    ModelCard,
+)
 
 NAME = "gm_astroformer_tiny"
 SIZE = 64

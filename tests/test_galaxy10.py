@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from galmorph.cli import main
-from service.contract import GALAXY10_CLASS_NAMES
-from training.galaxy10 import Galaxy10Error, Galaxy10File
+from galmorph.core.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.galaxy10 import Galaxy10Error, Galaxy10File
 
 
 def write_file(

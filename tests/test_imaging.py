@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.imaging import (
+from galmorph.core.imaging import (
     DR2_RGB_SCALES,
     SINGLE_BAND_NOISE_NMGY,
     STRETCHES,

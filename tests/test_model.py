@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from model.astroformer import Astroformer
-from model.attention import RelPosAttention2d, relative_position_index
-from model.droppath import DropPath
-from model.flops import count_params, measure_cost
-from model.registry import create_model, list_models, model_entry
+from galmorph.model.astroformer import Astroformer
+from galmorph.model.attention import RelPosAttention2d, relative_position_index
+from galmorph.model.droppath import DropPath
+from galmorph.model.flops import count_params, measure_cost
+from galmorph.model.registry import create_model, list_models, model_entry
 
 # The official code's models built at 256x256 with 10 classes (issue 3, DESIGN.md section 2).
 OFFICIAL_PARAMS_M = {

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 import torch
+from galmorph.model.checkpoint import load_model
+from galmorph.training.state import MANIFEST_NAME, load_checkpoint
+from galmorph.training.train import TrainingInterrupted, train
 from safetensors.torch import load_file
 
-from model.checkpoint import load_model
 from tests.training_helpers import (
     child_env,
     config_flags,
@@ -22,8 +24,6 @@ from tests.training_helpers import (
     run_galmorph,
     tiny_config,
 )
-from training.state import MANIFEST_NAME, load_checkpoint
-from training.train import TrainingInterrupted, train
 
 torch.set_num_threads(1)
 

@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from galmorph.scoring.catalog import CatalogError, CatalogOptions, open_catalog
+from galmorph.scoring.run import ScoreConfig, class_columns, score
+from galmorph.scoring.shards import Manifest, ShardError, ShardPlan, merge, part_path
 
 from galmorph.cli import main as galmorph_main
-from service.catalog import CatalogError, CatalogOptions, open_catalog
-from service.decode import decode_path
-from service.engine import OnnxModel
-from service.score import ScoreConfig, class_columns, score
-from service.shards import Manifest, ShardError, ShardPlan, merge, part_path
+from galmorph.core.decode import decode_path
+from galmorph.core.engine import OnnxModel
 from tests.cutout_factory import make_grz_fits, make_png
 from tests.onnx_factory import FactoryModel, write_model
 

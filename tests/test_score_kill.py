@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from galmorph.scoring.catalog import CatalogOptions
+from galmorph.scoring.run import ScoreConfig, score
+from galmorph.scoring.shards import merge, part_path
 
-from service.catalog import CatalogOptions
-from service.score import ScoreConfig, score
-from service.shards import merge, part_path
 from tests.cutout_factory import make_grz_fits, make_png
 from tests.onnx_factory import FactoryModel, write_model
 

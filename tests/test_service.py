@@ -20,21 +20,21 @@ import numpy as np
 import onnx
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-
-from service.app import create_app
-from service.batching import (
+from galmorph.service.app import create_app
+from galmorph.service.batching import (
     BatcherConfig,
     InferenceTimeoutError,
     MicroBatcher,
     QueueFullError,
 )
-from service.contract import GALAXY10_CLASS_NAMES
-from service.decode import decode_cutout
-from service.engine import CPU_PROVIDER, CUDA_PROVIDER, ModelLoadError, OnnxModel
-from service.log_format import JsonFormatter
-from service.settings import Settings
+from galmorph.service.log_format import JsonFormatter
+from galmorph.service.settings import Settings
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from galmorph.core.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.decode import decode_cutout
+from galmorph.core.engine import CPU_PROVIDER, CUDA_PROVIDER, ModelLoadError, OnnxModel
 from tests.cutout_factory import bad_inputs, make_grz_fits, make_png
 from tests.onnx_factory import FactoryModel, build_model, write_model
 
@@ -110,8 +110,7 @@ def test_engine_loads_contract_and_reports_active_providers(model_path: Path) ->
 
 def test_cuda_is_asked_for_only_where_an_nvidia_driver_is(monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
-
-    from service import engine
+    from galmorph.core import engine
 
     offered = set(onnxruntime.get_available_providers())
     monkeypatch.setattr(engine, "nvidia_driver_present", lambda: False)
@@ -481,8 +480,8 @@ def test_serving_path_never_imports_torch(model_path: Path) -> None:
     script = f"""
 import sys
 from fastapi.testclient import TestClient
-from service.app import create_app
-from service.settings import Settings
+from galmorph.service.app import create_app
+from galmorph.service.settings import Settings
 from tests.cutout_factory import make_png
 settings = Settings(_env_file=None, model_path={str(model_path)!r},
                     providers=["CPUExecutionProvider"], intra_op_threads=1)

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from galmorph.cli import main as galmorph_main
-from service.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.contract import GALAXY10_CLASS_NAMES
 from tests.cutout_factory import bad_inputs, make_grz_fits, make_png, make_single_band_fits
 from tests.onnx_factory import FactoryModel, write_model
 from tests.server_process import RunningServer, serve

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.splits import Split, SplitError, make_split
+from galmorph.core.splits import Split, SplitError, make_split
 
 
 def imbalanced_labels() -> np.ndarray:

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
+from galmorph.training.synth import class_labels, pixel_scale, render_galaxy, synthesize
 
 from galmorph.cli import main
-from service.contract import GALAXY10_CLASS_NAMES
-from service.imaging import dr2_rgb, flip_north_up, to_uint8
-from training.galaxy10 import Galaxy10File
-from training.synth import class_labels, pixel_scale, render_galaxy, synthesize
+from galmorph.core.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.galaxy10 import Galaxy10File
+from galmorph.core.imaging import dr2_rgb, flip_north_up, to_uint8
 
 
 def read_images(path: Path) -> np.ndarray:

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from galmorph.model.astroformer import Astroformer, AstroformerConfig
+from galmorph.model.timm_compat import convert_timm_state_dict, timm_key_to_galmorph
 from safetensors.torch import load_file
-
-from model.astroformer import Astroformer, AstroformerConfig
-from model.timm_compat import convert_timm_state_dict, timm_key_to_galmorph
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAME = "timm_coatnet_small"

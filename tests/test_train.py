@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from galmorph.training.augment import AugmentSettings, BatchAugmenter, dihedral_views
+from galmorph.training.config import ConfigError, TrainConfig, load_config
+from galmorph.training.dataset import ShardedBatchSampler, balanced_class_weights
+from galmorph.training.evaluate import EvaluationRequest, evaluate
+from galmorph.training.mixup import Mixup, MixupSettings
+from galmorph.training.optim import CosineSchedule, adamw
+from galmorph.training.randaugment import rand_augment
+from galmorph.training.state import flatten_tensors, restore_tensors
+from galmorph.training.train import train
 
 from tests.training_helpers import make_synthetic, tiny_config
-from training.augment import AugmentSettings, BatchAugmenter, dihedral_views
-from training.config import ConfigError, TrainConfig, load_config
-from training.dataset import ShardedBatchSampler, balanced_class_weights
-from training.evaluate import EvaluationRequest, evaluate
-from training.mixup import Mixup, MixupSettings
-from training.optim import CosineSchedule, adamw
-from training.randaugment import rand_augment
-from training.state import flatten_tensors, restore_tensors
-from training.train import train
 
 torch.set_num_threads(1)
 
@@ -174,7 +174,7 @@ def test_cosine_schedule_matches_timm_endpoints() -> None:
 
 
 def test_adamw_exempts_biases_norms_and_position_tables() -> None:
-    from model.registry import create_model
+    from galmorph.model.registry import create_model
 
     model = create_model("gm_astroformer_tiny", img_size=32)
     optimizer = adamw(model, 1e-3, 0.05, (0.9, 0.999))

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from service.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.contract import GALAXY10_CLASS_NAMES
 from tests.onnx_factory import write_model
 from tests.server_process import RunningServer, serve
 

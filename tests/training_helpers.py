@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training.config import TrainConfig
-from training.synth import synthesize
+from galmorph.training.config import TrainConfig
+from galmorph.training.synth import synthesize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

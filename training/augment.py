@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from training.randaugment import rand_augment
+from galmorph.training.randaugment import rand_augment
 
 # Beyond this ratio of source to output size, pre-shrink with antialiasing so bilinear
 # resampling does not alias; 2x keeps detail for small random crops.
@@ -165,14 +164,6 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def resize_uint8(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 NHWC to uint8 NHWC at size x size (the evaluation path: whole image, no crop)."""
-    tensor = torch.as_tensor(images)
-    if tuple(tensor.shape[1:3]) == (size, size):
-        return tensor
-    return to_uint8_nhwc(resize(to_float_nchw(tensor), size))
 
 
 def dihedral_views(images: np.ndarray) -> list[np.ndarray]:

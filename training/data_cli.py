@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from training.synth import synthesize
+    from galmorph.training.synth import synthesize
 
     try:
         path = synthesize(
@@ -105,9 +105,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
+    from galmorph.training.contact_sheet import contact_sheet, examples_per_class
 
-    from training.contact_sheet import contact_sheet, examples_per_class
-    from training.galaxy10 import OPTIONAL_COLUMNS, Galaxy10Error, Galaxy10File
+    from galmorph.core.galaxy10 import OPTIONAL_COLUMNS, Galaxy10Error, Galaxy10File
 
     if args.per_class < 1:
         print("galmorph data inspect: --per-class must be at least 1", file=sys.stderr)
@@ -155,7 +155,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     from urllib.parse import unquote, urlsplit
 
-    from training.download import (
+    from galmorph.training.download import (
         GALAXY10_SHA256,
         GALAXY10_URL,
         DownloadError,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from training.galaxy10 import Galaxy10File
+from galmorph.core.galaxy10 import Galaxy10File
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images [N, H, W, 3], int64 labels [N]
 

@@ -2,7 +2,7 @@
 
 Both kinds of model are driven through the same `predict(uint8 NHWC) -> probabilities`
 interface: a run folder through `TorchPredictor` (also used for validation during training),
-an ONNX file through service.engine.OnnxModel, the serving code itself. Images are resized
+an ONNX file through galmorph.core.engine.OnnxModel, the serving code itself. Images are resized
 as a whole to the model's input size (no crop), which is what the service feeds the model.
 """
 
@@ -18,15 +18,16 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from galmorph.model.preprocess import ImagePreprocess
+from galmorph.training.augment import dihedral_views
+from galmorph.training.metrics import classification_report
+from galmorph.training.plots import confusion_matrix_figure, reliability_diagram
 from torch import nn
 from tqdm import tqdm
 
-from training.augment import dihedral_views, resize_uint8
-from training.galaxy10 import Galaxy10File
-from training.metrics import classification_report
-from training.plots import confusion_matrix_figure, reliability_diagram
-from training.preprocess import ImagePreprocess
-from training.splits import SPLIT_NAMES, Split, SplitError
+from galmorph.core.galaxy10 import Galaxy10File
+from galmorph.core.resample import resize_images
+from galmorph.core.splits import SPLIT_NAMES, Split, SplitError
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,10 @@ class TorchPredictor:
 
 
 class OnnxPredictor:
-    """service.engine.OnnxModel with the evaluation interface."""
+    """galmorph.core.engine.OnnxModel with the evaluation interface."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        from service.engine import OnnxModel
+        from galmorph.core.engine import OnnxModel
 
         self.engine = OnnxModel(path, intra_op_threads=threads, inter_op_threads=1)
         height, width = self.engine.input_size
@@ -114,10 +115,9 @@ def predict_split(
     outputs = []
     starts = range(0, len(indices), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        images = resize_uint8(
+        batch = resize_images(
             data.images(indices[start : start + batch_size]), predictor.input_size
         )
-        batch = images.numpy()
         views = dihedral_views(batch) if tta else [batch]
         outputs.append(np.mean([predictor.predict(view) for view in views], axis=0))
     num_classes = len(predictor.class_names)
@@ -209,8 +209,8 @@ def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path]:
     if path.is_file() and path.suffix.lower() == ".onnx":
         return OnnxPredictor(path, threads=request.threads), "onnxruntime", path.parent
     if path.is_dir():
-        from model.checkpoint import load_model
-        from training.distributed import resolve_device
+        from galmorph.model.checkpoint import load_model
+        from galmorph.training.distributed import resolve_device
 
         if request.threads:
             torch.set_num_threads(request.threads)

@@ -27,31 +27,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-
-from model.checkpoint import ModelSpec, save_model
-from model.registry import create_model
-from training import distributed
-from training.augment import AugmentSettings, BatchAugmenter
-from training.config import ConfigError, TrainConfig, dump_config
-from training.dataset import (
+from galmorph.model.checkpoint import ModelSpec, save_model
+from galmorph.model.preprocess import ImagePreprocess
+from galmorph.model.registry import create_model
+from galmorph.training import distributed
+from galmorph.training.augment import AugmentSettings, BatchAugmenter
+from galmorph.training.config import ConfigError, TrainConfig, dump_config
+from galmorph.training.dataset import (
     Galaxy10Dataset,
     ShardedBatchSampler,
     balanced_class_weights,
     balanced_sample_weights,
     make_loader,
 )
-from training.evaluate import SPLIT_FILE_NAME, TorchPredictor, predict_split
-from training.galaxy10 import Galaxy10File
-from training.metrics import classification_report
-from training.mixup import Mixup, MixupSettings, soft_target_cross_entropy
-from training.optim import CosineSchedule, ModelEma, adamw
-from training.plots import training_curves
-from training.preprocess import ImagePreprocess
-from training.splits import Split, make_split
-from training.state import has_checkpoint, load_checkpoint, save_checkpoint
+from galmorph.training.evaluate import SPLIT_FILE_NAME, TorchPredictor, predict_split
+from galmorph.training.metrics import classification_report
+from galmorph.training.mixup import Mixup, MixupSettings, soft_target_cross_entropy
+from galmorph.training.optim import CosineSchedule, ModelEma, adamw
+from galmorph.training.plots import training_curves
+from galmorph.training.state import has_checkpoint, load_checkpoint, save_checkpoint
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from galmorph.core.galaxy10 import Galaxy10File
+from galmorph.core.splits import Split, make_split
 
 logger = logging.getLogger(__name__)
 

@@ -87,8 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.config import ConfigError, load_config
-    from training.train import CONFIG_FILE, TrainingInterrupted, train
+    from galmorph.training.config import ConfigError, load_config
+    from galmorph.training.train import CONFIG_FILE, TrainingInterrupted, train
 
     config_path = args.config
     saved = args.out / CONFIG_FILE
@@ -116,7 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import EvaluationRequest, evaluate
+    from galmorph.training.evaluate import EvaluationRequest, evaluate
 
     data = args.data or args.data_positional
     if data is None:

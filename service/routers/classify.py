@@ -8,28 +8,24 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-
-from service.batching import Prediction
-from service.decode import CutoutError, DecodedCutout, DecodeLimits, decode_cutout
-from service.dependencies import (
+from galmorph.service.batching import Prediction
+from galmorph.service.dependencies import (
     MetricsDep,
     ReadyModel,
     ReadyModelDep,
     SettingsDep,
     require_api_key,
 )
-from service.results import build_result, png_base64
-from service.schemas import (
+from galmorph.service.results import build_result, png_base64
+from galmorph.service.schemas import (
     BatchItem,
     BatchItemError,
     BatchResponse,
     ClassificationResult,
     ErrorResponse,
 )
-from service.settings import Settings
-from service.uploads import (
+from galmorph.service.settings import Settings
+from galmorph.service.uploads import (
     PayloadTooLargeError,
     Upload,
     UploadError,
@@ -38,6 +34,10 @@ from service.uploads import (
     read_single_upload,
     to_upload,
 )
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from galmorph.core.decode import CutoutError, DecodedCutout, DecodeLimits, decode_cutout
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-
-from service.dependencies import RuntimeDep
-from service.schemas import Liveness, Readiness
+from galmorph.service.dependencies import RuntimeDep
+from galmorph.service.schemas import Liveness, Readiness
 
 router = APIRouter(tags=["health"])
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from galmorph.service.dependencies import MetricsDep, RuntimeDep
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from service.dependencies import MetricsDep, RuntimeDep
 
 router = APIRouter(tags=["metrics"])
 

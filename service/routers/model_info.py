@@ -6,12 +6,12 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
+from galmorph.service.dependencies import ReadyModelDep, require_api_key
+from galmorph.service.schemas import ErrorResponse, KServeModelMetadata, ModelInfo, TensorSpec
 
-from service.contract import INPUT_NAME, LOGITS_NAME, OUTPUT_NAME
-from service.dependencies import ReadyModelDep, require_api_key
-from service.engine import OnnxModel
-from service.imaging import STRETCHES
-from service.schemas import ErrorResponse, KServeModelMetadata, ModelInfo, TensorSpec
+from galmorph.core.contract import INPUT_NAME, LOGITS_NAME, OUTPUT_NAME
+from galmorph.core.engine import OnnxModel
+from galmorph.core.imaging import STRETCHES
 
 router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
 

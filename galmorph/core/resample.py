@@ -62,3 +62,14 @@ def resize_rgb(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     height, width = shape
     resized = Image.fromarray(image, mode="RGB").resize((width, height), Image.Resampling.BICUBIC)
     return np.asarray(resized)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC batch to size x size with `resize_rgb`, the resize the server applies.
+
+    Evaluation and export checks use it too, so reported metrics are measured on the pixels a
+    served model receives.
+    """
+    if tuple(images.shape[1:3]) == (size, size):
+        return images
+    return np.stack([resize_rgb(image, (size, size)) for image in images])

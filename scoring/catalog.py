@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 if TYPE_CHECKING:
-    from training.galaxy10 import Galaxy10File
+    from galmorph.core.galaxy10 import Galaxy10File
 
 DEFAULT_PASSTHROUGH = ("ra", "dec")
 CUTOUT_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fz", ".png", ".jpg", ".jpeg")
@@ -292,7 +292,7 @@ class Galaxy10Catalog(Catalog):
     source_kind = "galaxy10"
 
     def __init__(self, path: Path, options: CatalogOptions) -> None:
-        from training.galaxy10 import Galaxy10File
+        from galmorph.core.galaxy10 import Galaxy10File
 
         self._file: Galaxy10File = Galaxy10File(path)
         # Per-image columns are small (8 bytes a row) and read once, not per block.

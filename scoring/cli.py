@@ -1,7 +1,7 @@
 """`galmorph score` and `galmorph merge`: batch scoring of catalogs, sharded and resumable.
 
-Registration only; the work lives in service.score and service.shards, imported by the
-handlers so `galmorph --help` stays instant.
+Registration only; the work lives in galmorph.scoring.run and galmorph.scoring.shards, imported
+by the handlers so `galmorph --help` stays instant.
 """
 
 from __future__ import annotations
@@ -140,10 +140,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from service.catalog import CatalogError, CatalogOptions
-    from service.engine import ModelLoadError
-    from service.score import ScoreConfig, score
-    from service.shards import ShardError
+    from galmorph.scoring.catalog import CatalogError, CatalogOptions
+    from galmorph.scoring.run import ScoreConfig, score
+    from galmorph.scoring.shards import ShardError
+
+    from galmorph.core.engine import ModelLoadError
 
     config = ScoreConfig(
         catalog=args.catalog,
@@ -177,7 +178,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from service.shards import ShardError, merge
+    from galmorph.scoring.shards import ShardError, merge
 
     try:
         result = merge(args.out_dir, args.out)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
+from galmorph.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
 
 logger = logging.getLogger(__name__)
 

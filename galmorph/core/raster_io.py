@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.cutout_limits import CutoutError, DecodeLimits
+from galmorph.core.cutout_limits import CutoutError, DecodeLimits
 
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 SINGLE_BAND_WARNING = "single band: no colour"

@@ -25,8 +25,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from service.table_writers import SUFFIXES, StreamingTableWriter, format_from_path, string_widths
+from galmorph.scoring.table_writers import (
+    SUFFIXES,
+    StreamingTableWriter,
+    format_from_path,
+    string_widths,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from functools import cache, lru_cache
 import numpy as np
 from astropy.io import fits
 
-from service.cutout_limits import CutoutError, DecodeLimits
+from galmorph.core.cutout_limits import CutoutError, DecodeLimits
 
 BLOCK = 2880
 CARD = 80

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.contract import GALAXY10_CLASS_NAMES
 
 if TYPE_CHECKING:
     import h5py

@@ -1,14 +1,14 @@
 """Batch scoring of a catalog: decode in worker processes, infer in batches, write shards.
 
 Pipeline (local engine): the catalog is streamed in blocks; rows are grouped into batches of
-`batch_size`; each batch is split across `workers` decode processes (service.decode, the same
-code the server runs); the main process runs OnnxModel.predict on the batch whose cutouts are
-ready while the workers decode the next ones. At most `prefetch` batches are in flight, so
-memory stays flat however long the catalog. Output rows are gathered per shard and each shard
-is written atomically (service.shards); finished shards are skipped on a rerun.
+`batch_size`; each batch is split across `workers` decode processes (galmorph.core.decode, the
+same code the server runs); the main process runs OnnxModel.predict on the batch whose cutouts
+are ready while the workers decode the next ones. At most `prefetch` batches are in flight, so
+memory stays flat however long the catalog. Output rows are gathered per shard and each shard is
+written atomically (galmorph.scoring.shards); finished shards are skipped on a rerun.
 
-A bad or missing cutout becomes a row whose `error` says why ("kind: message"); it never
-stops the run.
+A bad or missing cutout becomes a row whose `error` says why ("kind: message"); it never stops
+the run.
 """
 
 from __future__ import annotations
@@ -27,18 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-
-from service.catalog import Catalog, CatalogOptions, open_catalog
-from service.contract import ModelCard
-from service.decode import (
-    CutoutError,
-    DecodeLimits,
-    PreprocessInfo,
-    decode_path,
-    fit_rgb,
-    resolve_stretch,
-)
-from service.shards import (
+from galmorph.scoring.catalog import Catalog, CatalogOptions, open_catalog
+from galmorph.scoring.shards import (
     MODEL_SHA_COLUMN,
     ROW_INDEX,
     Manifest,
@@ -52,8 +42,18 @@ from service.shards import (
     write_part,
 )
 
+from galmorph.core.contract import ModelCard
+from galmorph.core.decode import (
+    CutoutError,
+    DecodeLimits,
+    PreprocessInfo,
+    decode_path,
+    fit_rgb,
+    resolve_stretch,
+)
+
 if TYPE_CHECKING:
-    from service.engine import OnnxModel
+    from galmorph.core.engine import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _decode_one(settings: DecodeSettings, source: Any) -> np.ndarray:
 
 
 def _galaxy10_image(settings: DecodeSettings, index: int) -> np.ndarray:
-    from training.galaxy10 import Galaxy10File
+    from galmorph.core.galaxy10 import Galaxy10File
 
     assert settings.galaxy10_path is not None
     handle = _galaxy10_files.get(settings.galaxy10_path)
@@ -419,7 +419,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
     Decode workers are started with multiprocessing's "forkserver" method: a script calling
     this must guard its entry point with `if __name__ == "__main__":` (the `galmorph` CLI does).
     """
-    from service.engine import OnnxModel
+    from galmorph.core.engine import OnnxModel
 
     if config.engine not in ENGINES:
         raise ValueError(f"unknown engine {config.engine!r}; choose from {', '.join(ENGINES)}")
@@ -494,7 +494,7 @@ def _engine_results(
     builder: ResultBuilder,
 ) -> Iterator[pa.Table]:
     if config.engine == "ray":
-        from service.ray_engine import RayEngine
+        from galmorph.scoring.ray_engine import RayEngine
 
         return RayEngine(
             config.model,

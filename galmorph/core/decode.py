@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from service.contract import ModelCard
-from service.cutout_limits import CutoutError, DecodeLimits
-from service.fits_io import FITS_MAGIC, GZIP_MAGIC, read_fits
-from service.imaging import STRETCHES, Stretch, flip_north_up, normalise_single_band, to_uint8
-from service.raster_io import SINGLE_BAND_WARNING, read_raster
-from service.resample import (
+from galmorph.core.contract import ModelCard
+from galmorph.core.cutout_limits import CutoutError, DecodeLimits
+from galmorph.core.fits_io import FITS_MAGIC, GZIP_MAGIC, read_fits
+from galmorph.core.imaging import STRETCHES, Stretch, flip_north_up, normalise_single_band, to_uint8
+from galmorph.core.raster_io import SINGLE_BAND_WARNING, read_raster
+from galmorph.core.resample import (
     BLANK_SKY_UINT8,
     centre_window,
     crop_pad,

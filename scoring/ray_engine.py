@@ -1,12 +1,12 @@
 """`--engine ray`: the same scoring on Ray Data, for clusters that already run Ray.
 
-Catalog rows (read by service.catalog, Parquet and CSV streamed) go into Ray Data in windows of
-whole shards; `map_batches` decodes cutouts in CPU tasks (service.decode via
-service.score.decode_sources) and runs inference in a callable-class actor pool: one
-onnxruntime session (service.engine.OnnxModel) per actor, one GPU per actor when the cluster has
-GPUs. Order is preserved, so the driver turns results into rows with the same ResultBuilder as
-the local engine and writes the same atomic Parquet parts: resume, the manifest and the
-exactly-once merge are shared, not re-implemented.
+Catalog rows (read by galmorph.scoring.catalog, Parquet and CSV streamed) go into Ray Data in
+windows of whole shards; `map_batches` decodes cutouts in CPU tasks (galmorph.core.decode via
+galmorph.scoring.run.decode_sources) and runs inference in a callable-class actor pool: one
+onnxruntime session (galmorph.core.engine.OnnxModel) per actor, one GPU per actor when the
+cluster has GPUs. Order is preserved, so the driver turns results into rows with the same
+ResultBuilder as the local engine and writes the same atomic Parquet parts: resume, the manifest
+and the exactly-once merge are shared, not re-implemented.
 
 Ray is imported only when this engine is used (pip extra `ray`). Connects to RAY_ADDRESS when
 set, else starts a local instance; a caller may also `ray.init(...)` first.
@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from service.score import DecodeSettings, ResultBuilder, decode_sources
+from galmorph.scoring.run import DecodeSettings, ResultBuilder, decode_sources
 
 IMAGE_COLUMN = "_image"
 PROBS_COLUMN = "_probs"
@@ -54,7 +53,7 @@ class OnnxPredictor:
         intra_op_threads: int | None,
         providers: tuple[str, ...] | None = None,
     ) -> None:
-        from service.engine import OnnxModel
+        from galmorph.core.engine import OnnxModel
 
         self.model = OnnxModel(
             model_path,

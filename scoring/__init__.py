@@ -1,0 +1,1 @@
+"""Batch scoring of survey catalogs (`galmorph score`, `galmorph merge`), torch-free."""
