@@ -61,7 +61,6 @@ ENGINES = ("local", "ray")
 DEFAULT_SHARD_SIZE = 10_000
 # The column names of a result row besides passthrough and per-class probabilities.
 FIXED_COLUMNS = (ROW_INDEX, "id_str", "pred_label", "pred_index", "pred_prob")
-ERROR_KINDS_BY_STATUS = {413: "too_large", 415: "unsupported", 422: "invalid"}
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ def _galaxy10_image(settings: DecodeSettings, index: int) -> np.ndarray:
 def describe_error(exc: BaseException) -> str:
     """`kind: message` for the error column; the kind is what the summary counts."""
     if isinstance(exc, CutoutError):
-        return f"{ERROR_KINDS_BY_STATUS.get(exc.status_code, 'invalid')}: {exc.message}"
+        return f"{exc.kind.value}: {exc.message}"
     if isinstance(exc, FileNotFoundError):
         return f"missing: {exc.filename}" if exc.filename else f"missing: {exc}"
     if isinstance(exc, OSError):

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from galmorph.service.batching import BatcherStoppedError, InferenceTimeoutError, QueueFullError
+from galmorph.service.errors import cutout_status
 from galmorph.service.metrics import MetricsMiddleware, ServiceMetrics
 from galmorph.service.routers import classify, health, metrics, model_info, web
 from galmorph.service.runtime import ServiceRuntime
@@ -81,7 +82,7 @@ def add_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CutoutError)
     async def cutout_error(_: Request, exc: CutoutError) -> JSONResponse:
-        return _error(exc.status_code, exc.message)
+        return _error(cutout_status(exc), exc.message)
 
     @app.exception_handler(PayloadTooLargeError)
     async def too_large(_: Request, exc: PayloadTooLargeError) -> JSONResponse:

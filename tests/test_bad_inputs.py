@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from astropy.io import fits
+from galmorph.service.errors import cutout_status
 from PIL import Image
 
 from galmorph.core.contract import GALAXY10_CLASS_NAMES, ModelCard
@@ -38,7 +39,7 @@ def status_of(data: bytes, filename: str | None = None, **kwargs) -> tuple[int, 
         decoded = decode_cutout(data, card=CARD, filename=filename, **kwargs)
     except CutoutError as error:
         assert error.message and str(error) == error.message
-        return error.status_code, error.message
+        return cutout_status(error), error.message
     assert decoded.image.shape == (64, 64, 3) and decoded.image.dtype == np.uint8
     return 200, "; ".join(decoded.info.warnings)
 

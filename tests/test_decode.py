@@ -13,6 +13,7 @@ from astropy.io import fits
 from PIL import Image
 
 from galmorph.core.contract import GALAXY10_CLASS_NAMES, ModelCard
+from galmorph.core.cutout_limits import CutoutErrorKind
 from galmorph.core.decode import (
     CutoutError,
     DecodeLimits,
@@ -332,7 +333,7 @@ def test_unknown_stretch_and_fit_are_422_naming_the_valid_ones() -> None:
     data = make_grz_fits(size=32)
     with pytest.raises(CutoutError, match="valid stretches: dr2_rgb, lupton") as error:
         decode_cutout(data, card=CARD_64, stretch="zscale")
-    assert error.value.status_code == 422
+    assert error.value.kind == CutoutErrorKind.INVALID
     with pytest.raises(CutoutError, match="valid: crop_pad, resize"):
         decode_cutout(data, card=CARD_64, fit="stretch")
 
@@ -355,10 +356,10 @@ def test_decode_path_checks_size_before_reading(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(Path, "read_bytes", refuse)
     with pytest.raises(CutoutError, match="over the limit of 1000 bytes") as error:
         decode_path(tmp_path / "big.fits", card=CARD_64, limits=DecodeLimits(max_bytes=1000))
-    assert error.value.status_code == 413
+    assert error.value.kind == CutoutErrorKind.TOO_LARGE
 
 
 def test_decode_path_missing_file_is_a_cutout_error(tmp_path: Path) -> None:
     with pytest.raises(CutoutError, match=r"nope\.fits") as error:
         decode_path(tmp_path / "nope.fits", card=CARD_64)
-    assert error.value.status_code == 422
+    assert error.value.kind == CutoutErrorKind.INVALID

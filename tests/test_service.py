@@ -110,6 +110,7 @@ def test_engine_loads_contract_and_reports_active_providers(model_path: Path) ->
 
 def test_cuda_is_asked_for_only_where_an_nvidia_driver_is(monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
+
     from galmorph.core import engine
 
     offered = set(onnxruntime.get_available_providers())

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 MIB = 2**20
 
 
+class CutoutErrorKind(StrEnum):
+    """Why a cutout is refused. The HTTP layer maps kinds to status codes; the scorer writes the
+    kind in front of the message of an error row."""
+
+    TOO_LARGE = "too_large"  # over a limit: bytes, declared pixels, decompressed size
+    UNSUPPORTED = "unsupported"  # not a format galmorph reads
+    INVALID = "invalid"  # a supported format that is corrupt, truncated or unusable
+
+
 class CutoutError(Exception):
-    """A cutout the service refuses, with the HTTP status that says why.
+    """A cutout galmorph refuses, with the kind of refusal and a message naming the problem."""
 
-    413: larger than the limits (body, declared pixels, decompressed size);
-    415: not a supported format; 422: a supported format that is corrupt, truncated or unusable.
-    """
-
-    def __init__(self, status_code: int, message: str) -> None:
+    def __init__(self, kind: CutoutErrorKind, message: str) -> None:
         super().__init__(message)
-        self.status_code = status_code
+        self.kind = kind
         self.message = message
 
     def __repr__(self) -> str:
-        return f"CutoutError({self.status_code}, {self.message!r})"
+        return f"CutoutError({self.kind.value}, {self.message!r})"
 
 
 @dataclass(frozen=True)
@@ -37,21 +43,23 @@ class DecodeLimits:
     def check_encoded_size(self, size: int) -> None:
         if size > self.max_bytes:
             raise CutoutError(
-                413, f"file is {size} bytes, over the limit of {self.max_bytes} bytes"
+                CutoutErrorKind.TOO_LARGE,
+                f"file is {size} bytes, over the limit of {self.max_bytes} bytes",
             )
 
     def check_declared_shape(self, shape: tuple[int, ...], what: str) -> None:
         """Refuse (413) an image whose header declares too many pixels or too long a side."""
         if any(side > self.max_side for side in shape):
             raise CutoutError(
-                413, f"{what} declares shape {shape}: a side exceeds the limit of {self.max_side}"
+                CutoutErrorKind.TOO_LARGE,
+                f"{what} declares shape {shape}: a side exceeds the limit of {self.max_side}",
             )
         pixels = 1
         for side in shape:
             pixels *= side
         if pixels > self.max_pixels:
             raise CutoutError(
-                413,
+                CutoutErrorKind.TOO_LARGE,
                 f"{what} declares shape {shape} = {pixels} pixels, "
                 f"over the limit of {self.max_pixels}",
             )

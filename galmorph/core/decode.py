@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from galmorph.core.contract import ModelCard
-from galmorph.core.cutout_limits import CutoutError, DecodeLimits
+from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
 from galmorph.core.fits_io import FITS_MAGIC, GZIP_MAGIC, read_fits
 from galmorph.core.imaging import STRETCHES, Stretch, flip_north_up, normalise_single_band, to_uint8
 from galmorph.core.raster_io import SINGLE_BAND_WARNING, read_raster
@@ -123,14 +123,15 @@ def resolve_stretch(name: str) -> Stretch:
         return STRETCHES[name]
     except KeyError:
         raise CutoutError(
-            422, f"unknown stretch {name!r}; valid stretches: {', '.join(sorted(STRETCHES))}"
+            CutoutErrorKind.INVALID,
+            f"unknown stretch {name!r}; valid stretches: {', '.join(sorted(STRETCHES))}",
         ) from None
 
 
 def sniff_format(data: bytes, filename: str | None = None) -> str:
     """'fits' (plain, gzip or fpack), 'png' or 'jpeg' from magic bytes; else CutoutError."""
     if not data:
-        raise CutoutError(422, "empty file")
+        raise CutoutError(CutoutErrorKind.INVALID, "empty file")
     if data.startswith(FITS_MAGIC) or data.startswith(GZIP_MAGIC):
         return "fits"
     if data.startswith(_PNG_MAGIC):
@@ -142,10 +143,13 @@ def sniff_format(data: bytes, filename: str | None = None) -> str:
         kind = "text" if _looks_like_text(data[:1024]) else "unrecognised binary data"
     if filename and filename.lower().endswith(_HINTS["fits"][0]):
         raise CutoutError(
-            415, f"{filename!r} is named like FITS but is {kind}: it lacks the 'SIMPLE  =' card"
+            CutoutErrorKind.UNSUPPORTED,
+            f"{filename!r} is named like FITS but is {kind}: it lacks the 'SIMPLE  =' card",
         )
     named = f" ({filename!r})" if filename else ""
-    raise CutoutError(415, f"unsupported format{named}: {kind}; {SUPPORTED}")
+    raise CutoutError(
+        CutoutErrorKind.UNSUPPORTED, f"unsupported format{named}: {kind}; {SUPPORTED}"
+    )
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -190,7 +194,9 @@ def decode_cutout(
     fmt = sniff_format(data, filename)
     chosen = resolve_stretch(stretch or card.stretch)
     if fit is not None and fit not in FIT_MODES:
-        raise CutoutError(422, f"unknown fit {fit!r}; valid: {', '.join(FIT_MODES)}")
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"unknown fit {fit!r}; valid: {', '.join(FIT_MODES)}"
+        )
     hints = _hint_warnings(fmt, filename, content_type)
     if fmt == "fits":
         decoded = _decode_fits(data, card, chosen, fit or "crop_pad", limits)
@@ -216,7 +222,9 @@ def decode_path(
         limits.check_encoded_size(path.stat().st_size)
         data = path.read_bytes()
     except OSError as exc:
-        raise CutoutError(422, f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"cannot read {str(path)!r}: {exc.strerror or exc}"
+        ) from None
     return decode_cutout(
         data, card=card, filename=path.name, stretch=stretch, fit=fit, limits=limits
     )

@@ -30,7 +30,7 @@ from functools import cache, lru_cache
 import numpy as np
 from astropy.io import fits
 
-from galmorph.core.cutout_limits import CutoutError, DecodeLimits
+from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
 
 BLOCK = 2880
 CARD = 80
@@ -97,7 +97,7 @@ class _GzipSource:
     def _reserve(self, n: int) -> None:
         if self._produced + n > self._cap:
             raise CutoutError(
-                413,
+                CutoutErrorKind.TOO_LARGE,
                 f"gzip-compressed FITS would expand past the limit of {self._cap} bytes "
                 "(its headers declare more data than allowed)",
             )
@@ -118,7 +118,7 @@ class _GzipSource:
                 parts.append(out)
                 need -= len(out)
         except zlib.error as exc:
-            raise CutoutError(422, f"corrupt gzip stream: {exc}") from None
+            raise CutoutError(CutoutErrorKind.INVALID, f"corrupt gzip stream: {exc}") from None
         chunk = b"".join(parts)
         self._produced += len(chunk)
         return chunk
@@ -180,10 +180,10 @@ def _find_image_hdu(source: _Source, limits: DecodeLimits) -> tuple[_Hdu, bytes]
     while True:
         hdu = _read_header(source, index)
         if hdu is None:
-            raise CutoutError(422, "FITS file has no HDU with image data")
+            raise CutoutError(CutoutErrorKind.INVALID, "FITS file has no HDU with image data")
         structure = hdu.structure
         if structure.random_groups:
-            raise CutoutError(422, "FITS random-groups files are not images")
+            raise CutoutError(CutoutErrorKind.INVALID, "FITS random-groups files are not images")
         if structure.is_image or structure.compressed:
             shape = structure.shape
             if shape and all(side > 0 for side in shape):
@@ -191,7 +191,7 @@ def _find_image_hdu(source: _Source, limits: DecodeLimits) -> tuple[_Hdu, bytes]
                 raw = source.read(structure.data_size)
                 if len(raw) < structure.data_size:
                     raise CutoutError(
-                        422,
+                        CutoutErrorKind.INVALID,
                         f"FITS file is truncated: HDU {index} declares {structure.data_size} "
                         f"data bytes but only {len(raw)} are present",
                     )
@@ -207,18 +207,22 @@ def _read_header(source: _Source, index: int) -> _Hdu | None:
         if not block and not blocks and index > 0:
             return None
         if len(block) < BLOCK:
-            raise CutoutError(422, f"FITS file is truncated inside the header of HDU {index}")
+            raise CutoutError(
+                CutoutErrorKind.INVALID, f"FITS file is truncated inside the header of HDU {index}"
+            )
         if not blocks:
             _check_first_card(block, index)
         blocks.append(block)
         if any(block[i : i + 8] == b"END     " for i in range(0, BLOCK, CARD)):
             break
     else:
-        raise CutoutError(422, f"FITS header of HDU {index} has no END card")
+        raise CutoutError(CutoutErrorKind.INVALID, f"FITS header of HDU {index} has no END card")
     try:
         text = b"".join(blocks).decode("ascii")
     except UnicodeDecodeError as exc:
-        raise CutoutError(422, f"corrupt FITS header in HDU {index}: {exc}") from None
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"corrupt FITS header in HDU {index}: {exc}"
+        ) from None
     return _Hdu(index, _structure(select_cards(text, _STRUCTURE_KEYS), index), text)
 
 
@@ -228,7 +232,9 @@ def _structure(cards: str, index: int) -> _Structure:
     try:
         header = fits.Header.fromstring(cards)
     except ValueError as exc:
-        raise CutoutError(422, f"corrupt FITS header in HDU {index}: {exc}") from None
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"corrupt FITS header in HDU {index}: {exc}"
+        ) from None
     compressed = bool(header.get("ZIMAGE", False))
     data_size = _data_size(header, index)
     scaled = "BSCALE" in header or "BZERO" in header
@@ -261,17 +267,22 @@ def select_cards(header_text: str, keys: re.Pattern[str]) -> str:
 
 def _check_first_card(block: bytes, index: int) -> None:
     if index == 0 and not block.startswith(FITS_MAGIC):
-        raise CutoutError(415, "not a FITS file: it does not start with 'SIMPLE  ='")
+        raise CutoutError(
+            CutoutErrorKind.UNSUPPORTED, "not a FITS file: it does not start with 'SIMPLE  ='"
+        )
     if index > 0 and not block.startswith(b"XTENSION"):
         raise CutoutError(
-            422, f"corrupt FITS file: HDU {index} does not start with an XTENSION card"
+            CutoutErrorKind.INVALID,
+            f"corrupt FITS file: HDU {index} does not start with an XTENSION card",
         )
 
 
 def _int_card(header: fits.Header, key: str, default: int, minimum: int, index: int) -> int:
     value = header.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise CutoutError(422, f"corrupt FITS header in HDU {index}: {key} = {value!r}")
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"corrupt FITS header in HDU {index}: {key} = {value!r}"
+        )
     return value
 
 
@@ -279,12 +290,16 @@ def _declared_shape(header: fits.Header, prefix: str = "") -> tuple[int, ...]:
     """Numpy-order shape (slowest axis first) from NAXISn (or ZNAXISn for fpack tiles)."""
     naxis = header.get(prefix + "NAXIS", 0)
     if not isinstance(naxis, int) or not 0 <= naxis <= 999:
-        raise CutoutError(422, f"corrupt FITS header: {prefix}NAXIS = {naxis!r}")
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"corrupt FITS header: {prefix}NAXIS = {naxis!r}"
+        )
     sides = []
     for axis in range(naxis, 0, -1):
         side = header.get(f"{prefix}NAXIS{axis}")
         if not isinstance(side, int) or isinstance(side, bool) or side < 0:
-            raise CutoutError(422, f"corrupt FITS header: {prefix}NAXIS{axis} = {side!r}")
+            raise CutoutError(
+                CutoutErrorKind.INVALID, f"corrupt FITS header: {prefix}NAXIS{axis} = {side!r}"
+            )
         sides.append(side)
     return tuple(sides)
 
@@ -296,7 +311,9 @@ def _bytes_per_value(header: fits.Header) -> int:
 def _data_size(header: fits.Header, index: int) -> int:
     bitpix = header.get("BITPIX")
     if bitpix not in VALID_BITPIX:
-        raise CutoutError(422, f"corrupt FITS header in HDU {index}: BITPIX = {bitpix!r}")
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"corrupt FITS header in HDU {index}: BITPIX = {bitpix!r}"
+        )
     shape = _declared_shape(header)
     if not shape:
         return 0
@@ -337,9 +354,13 @@ def _load_hdu(hdu: _Hdu, raw: bytes) -> np.ndarray:
         raise
     except Exception as exc:  # astropy raises many types for corrupt data and tiles
         kind = "fpack tile-compressed" if structure.compressed else "FITS"
-        raise CutoutError(422, f"corrupt {kind} image data in HDU {hdu.index}: {exc}") from None
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"corrupt {kind} image data in HDU {hdu.index}: {exc}"
+        ) from None
     if array.dtype.kind not in "fiu":
-        raise CutoutError(422, f"FITS HDU {hdu.index} holds {array.dtype} data, not an image")
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"FITS HDU {hdu.index} holds {array.dtype} data, not an image"
+        )
     return array
 
 
@@ -355,7 +376,8 @@ def band_names(header: fits.Header, planes: int) -> list[str] | None:
     names = text.replace(",", " ").split() if ("," in text or " " in text) else list(text)
     if len(names) != planes:
         raise CutoutError(
-            422, f"BANDS = {joined!r} names {len(names)} bands but the cube has {planes} planes"
+            CutoutErrorKind.INVALID,
+            f"BANDS = {joined!r} names {len(names)} bands but the cube has {planes} planes",
         )
     return names
 
@@ -373,18 +395,18 @@ def _select_bands(array: np.ndarray, header: fits.Header) -> FitsImage:
         if names is None:
             if array.shape[0] != 3:
                 raise CutoutError(
-                    422,
+                    CutoutErrorKind.INVALID,
                     f"FITS cube of shape {original_shape} has no BANDS/BANDn header naming "
                     "its planes; only a 3-plane cube is assumed to be g, r, z",
                 )
             names = list(COLOUR_BANDS)
             notes.append("no BANDS/BANDn header: the 3 planes are assumed to be g, r, z")
         if len(set(names)) != len(names):
-            raise CutoutError(422, f"FITS cube names a band twice: {names}")
+            raise CutoutError(CutoutErrorKind.INVALID, f"FITS cube names a band twice: {names}")
         missing = [band for band in COLOUR_BANDS if band not in names]
         if missing:
             raise CutoutError(
-                422,
+                CutoutErrorKind.INVALID,
                 f"FITS cube lacks band(s) {', '.join(missing)}: it has {', '.join(names)}; "
                 "the colour stretch needs g, r and z",
             )
@@ -394,7 +416,7 @@ def _select_bands(array: np.ndarray, header: fits.Header) -> FitsImage:
             notes.append(f"band(s) {', '.join(unused)} not used (the stretch takes g, r, z)")
     else:
         raise CutoutError(
-            422,
+            CutoutErrorKind.INVALID,
             f"FITS image of shape {original_shape} has {array.ndim} dimensions; "
             "expected a 2-D image or a (bands, H, W) cube",
         )
@@ -412,7 +434,9 @@ def _replace_non_finite(planes: dict[str, np.ndarray]) -> tuple[dict[str, np.nda
     if finite.all():
         return cleaned, 0.0
     if not finite.any():
-        raise CutoutError(422, "FITS image has no finite pixel (all NaN or infinite)")
+        raise CutoutError(
+            CutoutErrorKind.INVALID, "FITS image has no finite pixel (all NaN or infinite)"
+        )
     for name, plane in cleaned.items():
         cleaned[name] = np.where(finite, plane, np.float32(0.0))
     return cleaned, 1.0 - float(finite.mean())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from galmorph.core.cutout_limits import CutoutError, DecodeLimits
+from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
 
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 SINGLE_BAND_WARNING = "single band: no colour"
@@ -44,17 +44,24 @@ def read_raster(data: bytes, fmt: str, limits: DecodeLimits) -> RasterImage:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[name])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise CutoutError(413, f"{name} image refused as a decompression bomb: {exc}") from None
+        raise CutoutError(
+            CutoutErrorKind.TOO_LARGE, f"{name} image refused as a decompression bomb: {exc}"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise CutoutError(422, f"corrupt {name} file: {exc}") from None
+        raise CutoutError(CutoutErrorKind.INVALID, f"corrupt {name} file: {exc}") from None
     width, height = image.size
     limits.check_declared_shape((height, width), f"{name} image")
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-        raise CutoutError(413, f"{name} image of {width}x{height} exceeds Pillow's bomb limit")
+        raise CutoutError(
+            CutoutErrorKind.TOO_LARGE,
+            f"{name} image of {width}x{height} exceeds Pillow's bomb limit",
+        )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise CutoutError(422, f"truncated or corrupt {name} file: {exc}") from None
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"truncated or corrupt {name} file: {exc}"
+        ) from None
     notes: list[str] = []
     if getattr(image, "n_frames", 1) > 1:
         notes.append("animated image: only the first frame is used")
@@ -84,4 +91,4 @@ def _to_rgb(image: Image.Image, name: str, notes: list[str]) -> np.ndarray:
     if mode in ("P", "CMYK", "YCbCr"):
         notes.append(f"{mode} image converted to RGB")
         return np.asarray(image.convert("RGB"))
-    raise CutoutError(415, f"unsupported {name} pixel mode {mode!r}")
+    raise CutoutError(CutoutErrorKind.UNSUPPORTED, f"unsupported {name} pixel mode {mode!r}")

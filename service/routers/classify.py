@@ -16,6 +16,7 @@ from galmorph.service.dependencies import (
     SettingsDep,
     require_api_key,
 )
+from galmorph.service.errors import cutout_status
 from galmorph.service.results import build_result, png_base64
 from galmorph.service.schemas import (
     BatchItem,
@@ -187,7 +188,7 @@ async def classify(
         upload = await read_single_upload(request, settings.max_body_bytes, filename)
         item = await decode_upload(upload, ready, settings, options)
     except CutoutError as exc:
-        metrics.cutouts.labels(str(exc.status_code)).inc()
+        metrics.cutouts.labels(str(cutout_status(exc))).inc()
         raise
     prediction = await ready.batcher.submit(item.cutout.image)
     metrics.queue_time.observe(prediction.queue_s)
@@ -204,7 +205,7 @@ async def _decode_item(
         upload = await to_upload(file, settings.max_body_bytes)
         return await decode_upload(upload, ready, settings, options)
     except CutoutError as exc:
-        return BatchItemError(status=exc.status_code, detail=exc.message)
+        return BatchItemError(status=cutout_status(exc), detail=exc.message)
     except PayloadTooLargeError as exc:
         return BatchItemError(status=413, detail=str(exc))
     except UploadError as exc:
