@@ -180,7 +180,7 @@ def measure_format(
     """Rounds of raw / scoring / raw for one input format, then one run with a decode worker."""
     catalog = make_catalog(folder, kind, args.rows)
     threads = os.cpu_count() or 1
-    default_workers = max(0, threads - 2)  # galmorph.scoring.run.default_decode_workers
+    default_workers = max(0, threads - 2)  # galmorph.scoring.local_engine.default_decode_workers
 
     def scoring_round(name: str, workers: int, ort_threads: int) -> dict[str, Any]:
         run = run_scoring(

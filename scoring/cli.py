@@ -1,7 +1,7 @@
 """`galmorph score` and `galmorph merge`: batch scoring of catalogs, sharded and resumable.
 
-Registration only; the work lives in galmorph.scoring.run and galmorph.scoring.shards, imported
-by the handlers so `galmorph --help` stays instant.
+Registration only; the work lives in galmorph.scoring.run (score) and galmorph.scoring.shards
+(merge), imported by the handlers so `galmorph --help` stays instant.
 """
 
 from __future__ import annotations

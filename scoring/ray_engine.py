@@ -2,11 +2,11 @@
 
 Catalog rows (read by galmorph.scoring.catalog, Parquet and CSV streamed) go into Ray Data in
 windows of whole shards; `map_batches` decodes cutouts in CPU tasks (galmorph.core.decode via
-galmorph.scoring.run.decode_sources) and runs inference in a callable-class actor pool: one
-onnxruntime session (galmorph.core.engine.OnnxModel) per actor, one GPU per actor when the
-cluster has GPUs. Order is preserved, so the driver turns results into rows with the same
-ResultBuilder as the local engine and writes the same atomic Parquet parts: resume, the manifest
-and the exactly-once merge are shared, not re-implemented.
+galmorph.scoring.decode_worker, as the local engine) and runs inference in a callable-class
+actor pool: one onnxruntime session (galmorph.core.engine.OnnxModel) per actor, one GPU per
+actor when the cluster has GPUs. Order is preserved, so the driver turns results into rows with
+the same ResultBuilder (galmorph.scoring.rows) as the local engine and writes the same atomic
+Parquet parts: resume, the manifest and the exactly-once merge are shared, not re-implemented.
 
 Ray is imported only when this engine is used (pip extra `ray`). Connects to RAY_ADDRESS when
 set, else starts a local instance; a caller may also `ray.init(...)` first.
@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from galmorph.scoring.run import DecodeSettings, ResultBuilder, decode_sources
+from galmorph.scoring.decode_worker import DecodeSettings, decode_sources
+from galmorph.scoring.rows import ResultBuilder
 
 IMAGE_COLUMN = "_image"
 PROBS_COLUMN = "_probs"

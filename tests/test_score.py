@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from galmorph.scoring.catalog import CatalogError, CatalogOptions, open_catalog
-from galmorph.scoring.run import ScoreConfig, class_columns, score
+from galmorph.scoring.rows import class_columns
+from galmorph.scoring.run import ScoreConfig, score
 from galmorph.scoring.shards import Manifest, ShardError, ShardPlan, merge, part_path
 
 from galmorph.cli import main as galmorph_main

@@ -1,0 +1,82 @@
+"""The output folder's side of a run: the manifest it is pinned to, and writing whole shards.
+
+Result rows arrive in catalog order in tables of any length; ShardAssembler cuts them at shard
+boundaries and writes each shard the moment it is complete (atomically, via
+galmorph.scoring.shards), so a killed run loses at most the shards still being filled.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import pyarrow as pa
+from galmorph.scoring.catalog import Catalog, CatalogOptions
+from galmorph.scoring.shards import ROW_INDEX, Manifest, ShardError, ShardPlan, write_part
+
+from galmorph.core.contract import ModelCard
+
+
+def build_manifest(
+    catalog: Catalog,
+    options: CatalogOptions,
+    card: ModelCard,
+    model_sha256: str,
+    *,
+    shard_size: int,
+    stretch: str | None,
+) -> Manifest:
+    """What a rerun must match to resume in the same folder; `stretch` None means the model's."""
+    return Manifest(
+        catalog=catalog.fingerprint(),
+        num_rows=catalog.num_rows,
+        shard_size=shard_size,
+        model_sha256=model_sha256,
+        model_name=card.model_name,
+        class_names=list(card.class_names),
+        settings={
+            "id_col": options.id_col,
+            "path_col": options.path_col,
+            "passthrough": list(catalog.passthrough),
+            "stretch": stretch or card.stretch,
+        },
+    )
+
+
+class ShardAssembler:
+    """Collects result rows in order and writes each shard the moment it is complete."""
+
+    def __init__(self, out_dir: Path, plan: ShardPlan, shards: list[int]) -> None:
+        self.out_dir = out_dir
+        self.plan = plan
+        self._pending = deque(shards)
+        self._pieces: list[pa.Table] = []
+        self._have = 0
+        self.errors: dict[str, int] = {}
+
+    def add(self, table: pa.Table) -> None:
+        while len(table):
+            shard = self._pending[0]
+            rows = self.plan.rows(shard)
+            take = min(len(rows) - self._have, len(table))
+            self._pieces.append(table.slice(0, take))
+            self._have += take
+            table = table.slice(take)
+            if self._have == len(rows):
+                self._flush(shard)
+
+    def _flush(self, shard: int) -> None:
+        part = pa.concat_tables(self._pieces).combine_chunks()
+        first = part.column(ROW_INDEX)[0].as_py()
+        if first != self.plan.rows(shard).start:  # a bug here would silently shift rows
+            raise ShardError(f"shard {shard} would start at row {first}")
+        for value in part.column("error").drop_null().to_pylist():
+            kind = value.split(":", 1)[0]
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+        write_part(self.out_dir, shard, part)
+        self._pending.popleft()
+        self._pieces, self._have = [], 0
+
+    def finish(self) -> None:
+        if self._pending:
+            raise ShardError(f"scoring ended before shards {list(self._pending)[:5]} were full")
