@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from galmorph.core.files import atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -166,7 +168,4 @@ def write_results(path: Path, payload: Mapping[str, Any]) -> Path:
         **payload,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(staging, path)
-    return path
+    return atomic_write_text(path, json.dumps(document, indent=2) + "\n")

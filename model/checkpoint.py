@@ -3,21 +3,20 @@
 A run folder holds `model.safetensors` (the state dict) and `model.json` (the ModelSpec:
 which registered model to build, with what input size, classes and normalisation, plus the
 SHA-256 of the weights file so a mismatched or damaged pair is caught at load time). Both
-files are written to a temporary name and moved into place with os.replace, so a crash never
-leaves a half-written checkpoint under the final name.
+files are written with galmorph.core.files.atomic_write, so a crash never leaves a half-written
+checkpoint under the final name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from galmorph.core.contract import DR2_RGB_BANDS, LEGACY_SURVEY_PIXEL_SCALE
+from galmorph.core.files import atomic_write, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,7 +28,7 @@ MAX_SPEC_BYTES = 1 << 20  # a spec is a few kB; refuse to parse anything absurd
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, damaged or does not fit its model."""
+    """A model or training-state checkpoint is missing, damaged, or does not fit its model/run."""
 
 
 @dataclass
@@ -100,26 +99,6 @@ def _triple(values: Any, what: str) -> tuple[float, float, float]:
     return items[0], items[1], items[2]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path), then move tmp_path onto path; remove it on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def checkpoint_paths(run_dir: str | os.PathLike[str], filename: str = "model") -> tuple[Path, Path]:
     """(weights, spec) paths of a checkpoint inside run_dir."""
     run = Path(run_dir)
@@ -139,13 +118,14 @@ def save_model(
     weights_path, spec_path = checkpoint_paths(run_dir, filename)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights_path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    with atomic_write(weights_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     document = {
         **spec.to_dict(),
         "format_version": FORMAT_VERSION,
-        "weights_sha256": _sha256(weights_path),
+        "weights_sha256": sha256_file(weights_path),
     }
-    _atomic_write(spec_path, lambda tmp: tmp.write_text(json.dumps(document, indent=2)))
+    atomic_write_text(spec_path, json.dumps(document, indent=2))
     return weights_path
 
 
@@ -186,7 +166,7 @@ def load_model(
         raise CheckpointError(f"{spec_path}: {exc}") from exc
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights_path}")
-    if _sha256(weights_path) != document.get("weights_sha256"):
+    if sha256_file(weights_path) != document.get("weights_sha256"):
         raise CheckpointError(
             f"{weights_path} does not match {spec_path.name} (SHA-256 differs): "
             "the weights file is damaged or from another run"

@@ -37,6 +37,7 @@ from torch import nn
 
 from galmorph import __version__
 from galmorph.core.contract import INPUT_NAME, LOGITS_NAME, METADATA_PREFIX, OUTPUT_NAME, ModelCard
+from galmorph.core.files import atomic_write
 
 if TYPE_CHECKING:
     import onnx
@@ -235,9 +236,8 @@ def export_model(
         _require(parity, precision)
         final = _load(candidate)
         _set_metadata(final, card, parity)
-        staged = work / "staged.onnx"
-        _write_proto(final, staged)
-        os.replace(staged, out)
+        with atomic_write(out) as staged:
+            _write_proto(final, staged)
     seconds["total"] = time.perf_counter() - started
     report = ExportReport(out, card, parity, seconds, out.stat().st_size)
     log.info(

@@ -34,9 +34,12 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str | None = None, *, default_img_size: int = 256, layout: str, source: str
+    name: str | None = None, *, default_img_size: int, layout: str, source: str
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Register `factory(*, num_classes, img_size, drop_rate, drop_path_rate)`.
+
+    `default_img_size` is the variant's input size: what training and `create_model` use
+    when no size is given.
 
     The name defaults to the factory's own name, as with timm's `@register_model`.
     """
@@ -75,16 +78,20 @@ def model_entry(name: str) -> ModelEntry:
 def create_model(
     name: str,
     num_classes: int = 10,
-    img_size: int = 256,
+    img_size: int | None = None,
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
 ) -> nn.Module:
-    """Build a registered model; forward takes normalised float NCHW and returns logits."""
+    """Build a registered model; forward takes normalised float NCHW and returns logits.
+
+    `img_size` defaults to the variant's registered input size.
+    """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return model_entry(name).factory(
+    entry = model_entry(name)
+    return entry.factory(
         num_classes=num_classes,
-        img_size=img_size,
+        img_size=entry.default_img_size if img_size is None else img_size,
         drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
     )

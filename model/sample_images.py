@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from galmorph.core.formats import raster_suffixes
+
 MAX_IMAGE_FILE_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 8192 * 8192
 
@@ -62,7 +63,7 @@ def _from_galaxy10(
 def _from_folder(folder: Path, *, size: int, count: int, seed: int) -> np.ndarray:
     from PIL import Image
 
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in raster_suffixes())
     if not files:
         raise ValueError(f"{folder}: no PNG or JPEG images")
     chosen = [files[i] for i in _pick(np.arange(len(files)), count, seed)]

@@ -25,15 +25,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from galmorph.core.files import sha256_file
+from galmorph.core.formats import cutout_suffixes
+
 if TYPE_CHECKING:
     from galmorph.core.galaxy10 import Galaxy10File
 
 DEFAULT_PASSTHROUGH = ("ra", "dec")
-CUTOUT_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fz", ".png", ".jpg", ".jpeg")
 # Galaxy10 columns a user may pass through; `label` is the Galaxy10 class id (`ans`).
 GALAXY10_COLUMNS = ("ra", "dec", "redshift", "pxscale", "label")
 BLOCK_ROWS = 4096
-_HASH_CHUNK = 1 << 20
 
 
 class CatalogError(ValueError):
@@ -61,7 +62,7 @@ class Catalog:
 
     def fingerprint(self) -> dict[str, Any]:
         """Identity of the catalog content, recorded in the scoring manifest."""
-        return {"kind": self.kind, "name": self.path.name, "sha256": _file_sha256(self.path)}
+        return {"kind": self.kind, "name": self.path.name, "sha256": sha256_file(self.path)}
 
     def iter_blocks(
         self, ranges: Sequence[range], block_rows: int = BLOCK_ROWS
@@ -333,7 +334,7 @@ class FileListCatalog(Catalog):
         if options.passthrough:
             raise CatalogError("a folder or glob of cutouts has no columns to pass through")
         if not files:
-            raise CatalogError(f"no cutouts ({', '.join(CUTOUT_SUFFIXES)}) match {where}")
+            raise CatalogError(f"no cutouts ({', '.join(cutout_suffixes())}) match {where}")
         self._root = root
         self._files = files
         super().__init__(root, len(files), ())
@@ -341,7 +342,9 @@ class FileListCatalog(Catalog):
     @classmethod
     def from_folder(cls, folder: Path, options: CatalogOptions) -> FileListCatalog:
         files = sorted(
-            p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(CUTOUT_SUFFIXES)
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and p.name.lower().endswith(cutout_suffixes())
         )
         return cls(folder.resolve(), [p.resolve() for p in files], options, str(folder))
 
@@ -398,11 +401,3 @@ def _merge_adjacent(ranges: Sequence[range]) -> list[range]:
         else:
             merged.append(r)
     return merged
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

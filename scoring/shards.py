@@ -1,10 +1,11 @@
 """Shards of a scoring run: planning, the manifest, atomic part files, and the merge.
 
 Rows are cut into fixed-size shards (shard k = rows [k*S, (k+1)*S)). Each shard's output is
-one Parquet file `part-NNNNN.parquet`, written under a temporary name and renamed into place,
-so a part either exists whole or not at all. A rerun verifies existing parts and skips them.
-`manifest.json` pins what the parts were made from (catalog fingerprint, model sha256, shard
-size, settings): a rerun with another model or catalog refuses to mix outputs.
+one Parquet file `part-NNNNN.parquet`, written with galmorph.core.files.atomic_write (temporary
+name, fsync, rename, folder fsync), so a part either exists whole or not at all. A rerun
+verifies existing parts and skips them. `manifest.json` pins what the parts were made from
+(catalog fingerprint, model sha256, shard size, settings): a rerun with another model or
+catalog refuses to mix outputs.
 
 Parts are always Parquet (typed, compressed, readable column by column for the checks);
 CSV and FITS exist only as merge outputs, converted while streaming.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,6 +31,8 @@ from galmorph.scoring.table_writers import (
     format_from_path,
     string_widths,
 )
+
+from galmorph.core.files import atomic_write, atomic_write_text, leftover_temps
 
 logger = logging.getLogger(__name__)
 
@@ -123,50 +125,25 @@ def claim_output(out_dir: Path, manifest: Manifest) -> None:
             )
         return
     # Slurm tasks may race here; each writes identical content, and rename is atomic.
-    write_atomic(path, json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())
+    atomic_write_text(path, json.dumps(asdict(manifest), indent=2, sort_keys=True))
 
 
 def part_path(out_dir: Path, shard: int) -> Path:
     return out_dir / f"part-{shard:05d}.parquet"
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    temp = _temp_path(path)
-    with temp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temp, path)
-
-
 def write_part(out_dir: Path, shard: int, table: pa.Table) -> Path:
-    """Write a shard's rows under a temporary name, fsync, then rename into place."""
+    """Write a shard's rows atomically and durably."""
     path = part_path(out_dir, shard)
-    temp = _temp_path(path)
-    pq.write_table(table, temp)
-    with temp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(temp, path)
-    _fsync_dir(out_dir)
+    with atomic_write(path) as temp:
+        pq.write_table(table, temp)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temps(out_dir: Path, shards: range) -> None:
     """Delete temp files a killed run left for these shards (only ours: Slurm tasks share)."""
     for shard in shards:
-        for temp in out_dir.glob(f".{part_path(out_dir, shard).name}.tmp-*"):
+        for temp in leftover_temps(part_path(out_dir, shard)):
             temp.unlink(missing_ok=True)
 
 

@@ -3,12 +3,13 @@
 Each writer takes Arrow tables one at a time and never holds more than the current one, so a
 merge of millions of rows runs in flat memory. FITS needs the row count and string widths in
 its header before any data: the caller passes them (the merge knows both from the parts).
-The file appears under its final name only when complete (temporary name, then rename).
+The file appears under its final name only when complete, with the expected row count
+(galmorph.core.files.atomic_write: temporary name, fsync, rename, folder fsync).
 """
 
 from __future__ import annotations
 
-import os
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from galmorph.core.files import atomic_write
 
 FORMATS = ("parquet", "csv", "fits")
 SUFFIXES = {"parquet": ".parquet", "csv": ".csv", "fits": ".fits"}
@@ -32,7 +35,11 @@ def format_from_path(path: Path) -> str:
 
 
 class StreamingTableWriter:
-    """Write Arrow tables of one schema to `path` in `fmt`; use as a context manager."""
+    """Write Arrow tables of one schema to `path` in `fmt`; use as a context manager.
+
+    The file is opened on entering and committed on a clean exit; an exception or a row count
+    other than `num_rows` leaves `path` untouched.
+    """
 
     def __init__(
         self,
@@ -46,28 +53,27 @@ class StreamingTableWriter:
         if fmt not in FORMATS:
             raise ValueError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
         self.path = path
-        self._temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self._fmt = fmt
         self._schema = schema
         self._rows_written = 0
         self._num_rows = num_rows
-        self._writer: Any
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            self._writer = pq.ParquetWriter(self._temp, schema)
-        elif fmt == "csv":
-            import pyarrow.csv as pacsv
-
-            self._writer = pacsv.CSVWriter(self._temp, schema)
-        else:
-            self._writer = _FitsTableWriter(self._temp, schema, num_rows, string_widths or {})
+        self._string_widths = string_widths or {}
+        self._writer: Any = None
+        self._stack = ExitStack()
 
     def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            raise RuntimeError("StreamingTableWriter.write outside its `with` block")
         self._writer.write_table(table.select(self._schema.names).cast(self._schema))
         self._rows_written += len(table)
 
     def __enter__(self) -> StreamingTableWriter:
+        with ExitStack() as stack:
+            temp = stack.enter_context(atomic_write(self.path))
+            self._writer = self._open(temp)
+            # Runs before atomic_write's exit: an exception raised here cancels the commit.
+            stack.push(self._close)
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(
@@ -76,14 +82,29 @@ class StreamingTableWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._stack.__exit__(exc_type, exc, tb)
+
+    def _open(self, temp: Path) -> Any:
+        if self._fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetWriter(temp, self._schema)
+        if self._fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            return pacsv.CSVWriter(temp, self._schema)
+        return _FitsTableWriter(temp, self._schema, self._num_rows, self._string_widths)
+
+    def _close(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self._writer.close()
-        if exc_type is not None:
-            self._temp.unlink(missing_ok=True)
-            return
-        if self._rows_written != self._num_rows:
-            self._temp.unlink(missing_ok=True)
+        self._writer = None
+        if exc_type is None and self._rows_written != self._num_rows:
             raise RuntimeError(f"wrote {self._rows_written} rows, expected {self._num_rows}")
-        os.replace(self._temp, self.path)
 
 
 def string_widths(table: pa.Table) -> dict[str, int]:

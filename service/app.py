@@ -23,6 +23,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
 from galmorph import __version__
+from galmorph.core import formats
 from galmorph.core.decode import CutoutError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="galmorph",
         version=__version__,
-        description="Galaxy morphology classification of FITS, PNG and JPEG cutouts "
+        description=f"Galaxy morphology classification of {formats.format_labels()} cutouts "
         "(Galaxy10 DECaLS classes) with onnxruntime.",
         lifespan=lifespan,
     )

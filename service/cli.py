@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from galmorph.core import formats
+
 SERVE_EPILOG = """\
 Every option is also a setting: environment variables GALMORPH_<NAME> (e.g.
 GALMORPH_MODEL_PATH, GALMORPH_MAX_BATCH_SIZE, GALMORPH_API_KEY, GALMORPH_CORS_ORIGINS=a,b,
@@ -89,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="classify cutouts with a running galmorph server",
         description="POST each file to a running server's /classify and print a table.",
     )
-    classify.add_argument("files", nargs="+", type=Path, help="FITS, PNG or JPEG cutouts")
+    classify.add_argument("files", nargs="+", type=Path, help=f"{formats.format_labels()} cutouts")
     classify.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     classify.add_argument("--stretch", help="FITS stretch (default: the model's)")
     classify.add_argument("--top-k", type=int, default=3, help="classes to show per file")

@@ -8,11 +8,12 @@ first requests do not pay for allocation), and the active provider checked.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
-from galmorph.service.batching import BatcherConfig, MicroBatcher
+from galmorph.service.batching import MicroBatcher
 from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.settings import Settings
 
@@ -69,12 +70,7 @@ class ServiceRuntime:
             max_batch = min(max_batch, model.max_batch_size)
         self.batcher = MicroBatcher(
             model.predict,
-            BatcherConfig(
-                max_batch_size=max_batch,
-                max_delay_ms=self.settings.max_delay_ms,
-                max_queue=self.settings.max_queue,
-                timeout_s=self.settings.request_timeout_s,
-            ),
+            dataclasses.replace(self.settings.batcher_config, max_batch_size=max_batch),
             on_batch=self.metrics.observe_batch,
         )
         self.batcher.start()

@@ -2,6 +2,10 @@
 
 `galmorph serve` flags override them. Lists (providers, CORS origins) are comma-separated,
 e.g. GALMORPH_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider.
+
+The decode limits and the batching defaults belong to `DecodeLimits` (galmorph.core, also used
+by the scorer) and `BatcherConfig`; the settings take their defaults from those and hand them
+back as `decode_limits` and `batcher_config`.
 """
 
 from __future__ import annotations
@@ -9,10 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+from galmorph.service.batching import BatcherConfig
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-MIB = 1024 * 1024
+from galmorph.core.cutout_limits import MIB, DecodeLimits
+
+_LIMITS = DecodeLimits()
+_BATCHING = BatcherConfig()
 
 
 class Settings(BaseSettings):
@@ -36,20 +44,31 @@ class Settings(BaseSettings):
     model_wait_interval_s: float = Field(default=5.0, gt=0)
     model_wait_timeout_s: float | None = Field(default=None, gt=0, description="None: wait forever")
 
-    # Dynamic batching
-    max_batch_size: int = Field(default=16, ge=1, description="1 disables micro-batching")
-    max_delay_ms: float = Field(default=2.0, ge=0, description="longest wait to fill a batch")
-    max_queue: int = Field(default=256, ge=1, description="queued images beyond this get 503")
+    # Dynamic batching (BatcherConfig)
+    max_batch_size: int = Field(
+        default=_BATCHING.max_batch_size, ge=1, description="1 disables micro-batching"
+    )
+    max_delay_ms: float = Field(
+        default=_BATCHING.max_delay_ms, ge=0, description="longest wait to fill a batch"
+    )
+    max_queue: int = Field(
+        default=_BATCHING.max_queue, ge=1, description="queued images beyond this get 503"
+    )
     request_timeout_s: float = Field(
-        default=30.0, gt=0, description="queue + inference per request"
+        default=_BATCHING.timeout_s, gt=0, description="queue + inference per request"
     )
 
-    # Input limits
-    max_body_bytes: int = Field(default=64 * MIB, ge=1, description="per cutout (Triton: 64 MiB)")
+    # Input limits (DecodeLimits, except the batch ones)
+    max_body_bytes: int = Field(default=_LIMITS.max_bytes, ge=1, description="per cutout")
     max_batch_body_bytes: int = Field(default=256 * MIB, ge=1)
     max_batch_files: int = Field(default=64, ge=1)
-    max_pixels: int = Field(default=4096 * 4096 * 4, ge=1, description="declared FITS/PNG pixels")
-    max_side: int = Field(default=8192, ge=1)
+    max_pixels: int = Field(
+        default=_LIMITS.max_pixels, ge=1, description="declared pixels, all planes"
+    )
+    max_side: int = Field(default=_LIMITS.max_side, ge=1, description="any declared image axis")
+    max_decompressed_bytes: int = Field(
+        default=_LIMITS.max_decompressed_bytes, ge=1, description="a gzip FITS may expand to"
+    )
     default_top_k: int = Field(default=3, ge=1)
 
     # HTTP
@@ -77,6 +96,25 @@ class Settings(BaseSettings):
                 f"max_queue ({self.max_queue})"
             )
         return self
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_bytes=self.max_body_bytes,
+            max_pixels=self.max_pixels,
+            max_side=self.max_side,
+            max_decompressed_bytes=self.max_decompressed_bytes,
+        )
+
+    @property
+    def batcher_config(self) -> BatcherConfig:
+        """The batching settings; the runtime lowers max_batch_size to what the model takes."""
+        return BatcherConfig(
+            max_batch_size=self.max_batch_size,
+            max_delay_ms=self.max_delay_ms,
+            max_queue=self.max_queue,
+            timeout_s=self.request_timeout_s,
+        )
 
     def to_environment(self) -> dict[str, str]:
         """GALMORPH_* variables that reproduce these settings (for uvicorn worker processes)."""

@@ -36,8 +36,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path: P
     settings = {
         "epochs": 1,
         "batch_size": 8,
-        "augment": "paper",
-        "mixup_alpha": 0.8,
+        "augment": {"policy": "paper"},
+        "mixup": {"mixup_alpha": 0.8},
         "drop_rate": 0.1,
         "clip_grad": 1.0,
         "lr": 1e-3,

@@ -55,7 +55,7 @@ def test_macro_f1_ignores_classes_absent_from_labels_and_predictions() -> None:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     data = make_synthetic(root / "synth.h5", n=200)
-    run_dir = train(tiny_config(data, root / "run", epochs=1, mixup_alpha=0.0))
+    run_dir = train(tiny_config(data, root / "run", epochs=1, mixup={"mixup_alpha": 0.0}))
     return run_dir, data
 
 

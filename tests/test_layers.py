@@ -125,5 +125,6 @@ def test_the_wheel_installs_nothing_outside_the_galmorph_namespace(tmp_path: Pat
     dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
     assert {name.split("/")[0] for name in names} == {"galmorph", dist_info}
     for module in ("core/decode.py", "model/astroformer.py", "training/train.py",
-                   "service/app.py", "scoring/run.py", "service/static/index.html"):  # fmt: skip
+                   "service/app.py", "scoring/run.py", "service/static/app.js",
+                   "service/templates/index.html"):  # fmt: skip
         assert f"galmorph/{module}" in names, module

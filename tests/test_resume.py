@@ -30,10 +30,8 @@ torch.set_num_threads(1)
 # Every source of randomness on: augmentation, mixup, dropout, stochastic depth, plus EMA and
 # gradient clipping, so an inexact restore of any of them would change the losses.
 RANDOM_EVERYTHING: dict[str, Any] = {
-    "augment": "paper",
-    "randaugment_ops": 1,
-    "mixup_alpha": 0.8,
-    "cutmix_alpha": 1.0,
+    "augment": {"policy": "paper", "randaugment_ops": 1},
+    "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0},
     "drop_rate": 0.1,
     "drop_path_rate": 0.1,
     "ema": True,
@@ -63,7 +61,9 @@ def test_resume_mid_epoch_continues_exactly(data: Path, tmp_path: Path) -> None:
     assert stopped.value.step == 13
     assert load_checkpoint(tmp_path / "resumed")["step"] == 13
     # A CLI resume takes config.json as its base; the one-off stop must not be in it.
-    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["stop_after_step"] is None
+    saved = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert saved["stop_after_step"] is None
+    assert saved["augment"]["randaugment_ops"] == 1 and saved["mixup"]["cutmix_alpha"] == 1.0
     resumed = train(tiny_config(data, tmp_path / "resumed", **RANDOM_EVERYTHING), resume=True)
 
     expected, actual = _step_losses(straight), _step_losses(resumed)
@@ -115,13 +115,18 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(data: Path, tmp_path: 
     # Nothing lost: the checkpoint is at the last step that was logged.
     assert state["step"] == _logged_steps(run_dir) >= 3
 
+    # The resume reads the run's nested config.json; a dotted --set changes one section key.
     target = state["step"] + 2
     result = run_galmorph(
-        "train", "--out", run_dir, "--resume", "--set", f"stop_after_step={target}"
-    )
+        "train", "--out", run_dir, "--resume", "--set", f"stop_after_step={target}",
+        "--set", "augment.hflip=0.25",
+    )  # fmt: skip
     assert result.returncode == 143, result.stderr[-2000:]
     assert load_checkpoint(run_dir)["step"] == target
     assert "resumed from step" in result.stderr
+    assert "resuming with changed settings: augment.hflip" in result.stderr
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["augment"]["hflip"] == 0.25 and saved["augment"]["policy"] == "paper"
 
 
 @pytest.mark.slow

@@ -33,9 +33,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from galmorph.core.contract import GALAXY10_CLASS_NAMES
-from galmorph.core.decode import decode_cutout
+from galmorph.core.decode import DecodeLimits, decode_cutout
 from galmorph.core.engine import CPU_PROVIDER, CUDA_PROVIDER, ModelLoadError, OnnxModel
-from tests.cutout_factory import bad_inputs, make_grz_fits, make_png
+from tests.cutout_factory import bad_inputs, gzip_bomb, make_grz_fits, make_png
 from tests.onnx_factory import FactoryModel, build_model, write_model
 
 CPU = [CPU_PROVIDER]
@@ -243,6 +243,34 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert settings_without_dotenv() == settings
     with pytest.raises(ValueError, match="max_batch_files"):
         settings_without_dotenv(max_batch_files=10, max_queue=5)
+
+
+def test_settings_own_the_decode_limits_and_batching(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = settings_without_dotenv()
+    assert defaults.decode_limits == DecodeLimits()
+    assert defaults.batcher_config == BatcherConfig()
+    monkeypatch.setenv("GALMORPH_MAX_SIDE", "99")
+    monkeypatch.setenv("GALMORPH_MAX_DECOMPRESSED_BYTES", "20000")
+    monkeypatch.setenv("GALMORPH_REQUEST_TIMEOUT_S", "7.5")
+    settings = settings_without_dotenv(max_delay_ms=1.0)
+    assert settings.decode_limits == DecodeLimits(max_side=99, max_decompressed_bytes=20_000)
+    assert settings.batcher_config == BatcherConfig(max_delay_ms=1.0, timeout_s=7.5)
+
+
+def test_the_server_decodes_and_batches_with_its_settings(model_path: Path) -> None:
+    overrides = {"max_side": 99, "max_decompressed_bytes": 20_000, "request_timeout_s": 7.5}
+    with running(settings_for(model_path, max_batch_size=4, **overrides)) as client:
+        wide = client.post("/classify", content=make_png(size=(64, 100)))
+        bomb = client.post("/classify", files={"file": ("b.fits.gz", gzip_bomb(expanded_mib=1))})
+        batching = client.get("/model").json()["batching"]
+    assert wide.status_code == 413 and "limit of 99" in wide.json()["detail"]
+    assert bomb.status_code == 413 and "limit of 20000 bytes" in bomb.json()["detail"]
+    assert batching == {
+        "max_batch_size": 4,
+        "max_delay_ms": 2.0,
+        "max_queue": 256,
+        "timeout_s": 7.5,
+    }
 
 
 def test_json_log_lines_are_json() -> None:

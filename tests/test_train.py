@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ from galmorph.training.mixup import Mixup, MixupSettings
 from galmorph.training.optim import CosineSchedule, adamw
 from galmorph.training.randaugment import rand_augment
 from galmorph.training.state import flatten_tensors, restore_tensors
-from galmorph.training.train import train
+from galmorph.training.train import TrainingInterrupted, train
 
-from tests.training_helpers import make_synthetic, tiny_config
+from tests.training_helpers import config_flags, make_synthetic, tiny_config
 
 torch.set_num_threads(1)
 
@@ -29,12 +30,14 @@ def test_defaults_are_the_paper_recipe() -> None:
     config = TrainConfig()
     # timm: lr_base 2e-5 x sqrt(256 x 8 GPUs / 256) for AdamW (DESIGN.md: about 5.7e-5).
     assert config.learning_rate(world_size=8) == pytest.approx(2e-5 * math.sqrt(8))
-    assert (config.img_size, config.epochs, config.weight_decay) == (256, 300, 2e-5)
+    assert (config.model_img_size(), config.epochs, config.weight_decay) == (256, 300, 2e-5)
     assert (config.warmup_epochs, config.warmup_lr) == (5.0, 1e-5)
-    assert (config.mixup_alpha, config.cutmix_alpha, config.label_smoothing) == (0.8, 0.0, 0.1)
+    mixup = config.mixup
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing) == (0.8, 0.0, 0.1)
     assert (config.drop_rate, config.drop_path_rate, config.ema) == (0.1, 0.0, False)
-    assert (config.augment, config.rrc_scale, config.color_jitter) == ("paper", (0.08, 1.0), 0.4)
-    assert config.randaugment_ops == 0
+    augment = config.augment
+    assert (augment.policy, augment.rrc_scale, augment.color_jitter) == ("paper", (0.08, 1.0), 0.4)
+    assert augment.randaugment_ops == 0
 
 
 def test_config_file_then_flags_then_overrides(tmp_path: Path) -> None:
@@ -44,8 +47,100 @@ def test_config_file_then_flags_then_overrides(tmp_path: Path) -> None:
     assert (config.epochs, config.lr_base, config.betas) == (9, 1e-4, (0.9, 0.99))
     assert (config.model, config.ema, config.data) == ("x", True, "d.h5")
     toml_file = tmp_path / "c.toml"
-    toml_file.write_text('augment = "galaxy"\nclip_grad = 1.0\n')
-    assert load_config(toml_file).augment == "galaxy"
+    toml_file.write_text('clip_grad = 1.0\n[augment]\npolicy = "galaxy"\n')
+    assert load_config(toml_file).augment.policy == "galaxy"
+
+
+def test_yaml_sections_load_and_dotted_set_overrides_one_key(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(
+        "augment:\n  policy: galaxy\n  scale_range: [0.8, 1.2]\n  hflip: 0.2\n"
+        "mixup:\n  mixup_alpha: 0.0\n  label_smoothing: 0.05\n"
+    )
+    config = load_config(yaml_file, ["augment.hflip=0.7", "mixup.cutmix_alpha=1"])
+    # The override replaces one key; the file's other keys of that section stay.
+    assert config.augment == AugmentSettings(policy="galaxy", scale_range=(0.8, 1.2), hflip=0.7)
+    assert config.mixup == MixupSettings(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.05)
+
+
+def test_saved_config_and_set_flags_round_trip() -> None:
+    config = TrainConfig.from_dict(
+        {"data": "d", "out": "o", "augment": {"policy": "none"}, "mixup": {"prob": 0.5}}
+    )
+    # config.json holds the nested form; a resume reads it back.
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.to_dict()["augment"]["policy"] == "none"
+    # --set flags carry dotted keys.
+    flags = config_flags(config)
+    assert 'augment.policy="none"' in flags and "mixup.prob=0.5" in flags
+    assert set(flags[::2]) == {"--set"}
+    overrides = flags[1::2]
+    assert load_config(None, overrides, data="d", out="o", model=config.model) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "new_key"),
+    [
+        (["hflip=0.5"], "augment.hflip"),
+        (["augment=galaxy"], "augment.policy"),
+        (["randaugment_ops=2"], "augment.randaugment_ops"),
+        (["mixup_alpha=0"], "mixup.mixup_alpha"),
+        (["mixup_prob=0.5"], "mixup.prob"),
+        (["label_smoothing=0"], "mixup.label_smoothing"),
+    ],
+)
+def test_flat_section_keys_are_refused_naming_the_new_key(
+    overrides: list[str], new_key: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"has moved: use {re.escape(new_key)}$"):
+        load_config(None, overrides)
+
+
+def test_flat_key_in_a_config_file_is_refused_naming_file_and_key(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "old.yaml"
+    yaml_file.write_text("epochs: 3\ncolor_jitter: 0.2\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: .*'color_jitter' has moved: use augment\."):
+        load_config(yaml_file)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["augment.foo=0"], r"'augment\.foo' is unknown; augment keys: augment\.policy, "),
+        (["augment.hfilp=0"], r"did you mean 'augment\.hflip'"),
+        (["mixup=0"], r"'mixup' is a section, not a value; mixup keys: mixup\.mixup_alpha, "),
+        (["optim.lr=1"], r"unknown config key\(s\) 'optim\.lr'; valid keys: data, model, "),
+    ],
+)
+def test_unknown_section_keys_name_the_valid_ones(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_img_size_defaults_to_the_registered_size() -> None:
+    from galmorph.model.registry import create_model, model_entry
+
+    registered = model_entry("gm_astroformer_tiny").default_img_size
+    assert registered != 256  # so the test tells the registry's size from the old default
+    assert TrainConfig(model="gm_astroformer_tiny").model_img_size() == registered
+    assert TrainConfig(model="gm_astroformer_tiny", img_size=48).model_img_size() == 48
+    assert create_model("gm_astroformer_tiny").img_size == registered
+    with pytest.raises(ConfigError, match="'model': unknown model 'astroformer_99'"):
+        TrainConfig(data="d", out="o", model="astroformer_99").validate()
+
+
+def test_a_run_records_the_registered_img_size(tmp_path: Path) -> None:
+    from galmorph.model.checkpoint import load_spec
+    from galmorph.model.registry import model_entry
+
+    data = make_synthetic(tmp_path / "synth.h5", n=40)
+    config = tiny_config(data, tmp_path / "run", img_size=None, batch_size=4, stop_after_step=1)
+    with pytest.raises(TrainingInterrupted):
+        train(config)
+    registered = model_entry(config.model).default_img_size
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["img_size"] == registered  # a resume does not depend on the registry
+    assert load_spec(tmp_path / "run").img_size == registered
 
 
 @pytest.mark.parametrize(
@@ -66,8 +161,10 @@ def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
 def test_validate_rejects_inconsistent_values() -> None:
     with pytest.raises(ConfigError, match="'batch_size' must be even"):
         TrainConfig(data="d", out="o", batch_size=15).validate()
-    with pytest.raises(ConfigError, match="'augment'"):
-        TrainConfig(data="d", out="o", augment="fancy").validate()
+    with pytest.raises(ConfigError, match=r"'augment\.policy' must be one of"):
+        TrainConfig(data="d", out="o", augment=AugmentSettings(policy="fancy")).validate()
+    with pytest.raises(ConfigError, match=r"'mixup\.prob' must be in"):
+        TrainConfig(data="d", out="o", mixup=MixupSettings(prob=2.0)).validate()
     with pytest.raises(ConfigError, match="'data' is required"):
         TrainConfig(out="o").validate()
 
@@ -202,8 +299,8 @@ def test_tiny_model_beats_chance_on_held_out_split(tmp_path: Path) -> None:
         tmp_path / "run",
         epochs=6,
         batch_size=32,
-        augment="galaxy",
-        mixup_alpha=0.0,
+        augment={"policy": "galaxy"},
+        mixup={"mixup_alpha": 0.0},
         drop_rate=0.0,
         log_every_steps=5,
     )

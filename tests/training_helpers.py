@@ -20,7 +20,10 @@ def make_synthetic(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
-    """gm_astroformer_tiny at 32 px, one thread, no workers: seconds per epoch on a CPU."""
+    """gm_astroformer_tiny at 32 px, one thread, no workers: seconds per epoch on a CPU.
+
+    Section keys go in as mappings: `tiny_config(..., mixup={"mixup_alpha": 0.0})`.
+    """
     values: dict[str, Any] = {
         "data": str(data),
         "out": str(out),
@@ -36,7 +39,7 @@ def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
         "log_every_steps": 1,
     }
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def galmorph_command(*args: str | Path) -> list[str]:
@@ -65,11 +68,11 @@ def run_galmorph(*args: str | Path, timeout: float = 120) -> subprocess.Complete
 
 
 def config_flags(config: TrainConfig, *skip: str) -> list[str]:
-    """`--set key=value` flags reproducing a config on the command line."""
+    """`--set key=value` flags reproducing a config on the command line (dotted section keys)."""
     import json
 
     flags: list[str] = []
-    for key, value in config.to_dict().items():
+    for key, value in config.to_flat_dict().items():
         if key in skip or key in ("data", "out", "model"):
             continue
         flags += ["--set", f"{key}={json.dumps(value)}"]

@@ -28,15 +28,17 @@ _MAX_RESAMPLE_RATIO = 2
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    policy: str = "paper"  # paper | galaxy | none
+    """The `augment` section of TrainConfig (`--set augment.hflip=0.5`); defaults: the paper."""
+
+    policy: str = "paper"  # paper: RRC + hflip + jitter | galaxy: dihedral + shift/zoom | none
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     rrc_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     hflip: float = 0.5
     color_jitter: float = 0.4
-    shift_fraction: float = 0.0625
-    scale_range: tuple[float, float] = (0.9, 1.1)
-    randaugment_ops: int = 0
-    randaugment_magnitude: float = 9.0
+    shift_fraction: float = 0.0625  # galaxy policy: max translation as a fraction of size
+    scale_range: tuple[float, float] = (0.9, 1.1)  # galaxy policy: zoom factor range
+    randaugment_ops: int = 0  # RandAugment ops per image (0 disables)
+    randaugment_magnitude: float = 9.0  # on timm's 0..10 scale
 
 
 class BatchAugmenter:

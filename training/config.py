@@ -1,26 +1,43 @@
-"""Training configuration: one dataclass, loadable from YAML or TOML, overridable per key.
+"""Training configuration: one dataclass with nested sections, loadable from YAML or TOML.
 
 The defaults reproduce the Galaxy10 recipe of the official Astroformer code (timm 0.9 train
 script, DESIGN.md section 2); every departure is a field a config file can change.
+Augmentation and mixup are sections (`TrainConfig.augment`, `TrainConfig.mixup`) whose
+defaults live in their own dataclasses: nested mappings in a file (`augment: {hflip: 0.5}`),
+dotted keys on the command line (`--set augment.hflip=0.5`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from galmorph.model.registry import model_entry
+from galmorph.training.augment import AugmentSettings
+from galmorph.training.mixup import MixupSettings
 
 AUGMENT_POLICIES = ("paper", "galaxy", "none")
 LR_SCALINGS = ("sqrt", "linear", "none")
 DEVICES = ("auto", "cpu", "cuda")
 LOSS_WEIGHTINGS = ("none", "balanced")
 SAMPLINGS = ("uniform", "balanced")
+
+# Flat keys of the config before it had sections whose name in the section differs; every
+# other section field kept its name (`hflip` became `augment.hflip`).
+RENAMED_FLAT_KEYS = {
+    "augment": "augment.policy",
+    "mixup_prob": "mixup.prob",
+    "mixup_switch_prob": "mixup.switch_prob",
+}
 
 
 class ConfigError(ValueError):
@@ -33,7 +50,7 @@ class TrainConfig:
     data: str = ""
     model: str = "astroformer_4"
     out: str = ""
-    img_size: int = 256
+    img_size: int | None = None  # None: the model's registered input size (model/registry.py)
     num_classes: int | None = None  # None: taken from the data file
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -57,24 +74,13 @@ class TrainConfig:
     # Regularisation.
     drop_rate: float = 0.1
     drop_path_rate: float = 0.0
-    label_smoothing: float = 0.1
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5  # chance of cutmix when both are enabled
     ema: bool = False
     ema_decay: float = 0.9998
+    # Mixup, CutMix and label smoothing (training/mixup.py).
+    mixup: MixupSettings = field(default_factory=MixupSettings)
 
-    # Augmentation (applied on the collated uint8 batch, see training/augment.py).
-    augment: str = "paper"  # paper: RRC + hflip + jitter | galaxy: dihedral + shift/scale
-    rrc_scale: tuple[float, float] = (0.08, 1.0)
-    rrc_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
-    hflip: float = 0.5
-    color_jitter: float = 0.4
-    shift_fraction: float = 0.0625  # galaxy policy: max translation as a fraction of size
-    scale_range: tuple[float, float] = (0.9, 1.1)  # galaxy policy: zoom factor range
-    randaugment_ops: int = 0  # RandAugment: number of ops per image (0 disables)
-    randaugment_magnitude: float = 9.0  # on timm's 0..10 scale
+    # Augmentation, applied on the collated uint8 batch (training/augment.py).
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
 
     # Class imbalance.
     sampling: str = "uniform"  # balanced: draw classes equally often (with replacement)
@@ -107,7 +113,8 @@ class TrainConfig:
         """Raise ConfigError naming the first wrong key."""
         _check(bool(self.data), "data", "is required (a Galaxy10-layout HDF5 file)")
         _check(bool(self.out), "out", "is required (the run folder)")
-        _check(self.img_size >= 16, "img_size", "must be at least 16")
+        # An unknown model raises here too, naming the key.
+        _check(self.model_img_size() >= 16, "img_size", "must be at least 16")
         _check(self.epochs >= 1, "epochs", "must be at least 1")
         _check(self.batch_size >= 1, "batch_size", "must be at least 1")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps", "must be at least 1")
@@ -116,17 +123,7 @@ class TrainConfig:
         _check(self.lr_base_scale in LR_SCALINGS, "lr_base_scale", f"must be one of {LR_SCALINGS}")
         _check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)")
         _check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be positive")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-        _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha", "must be >= 0")
-        _check(0 <= self.mixup_prob <= 1, "mixup_prob", "must be in [0, 1]")
         _check(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
-        _check(self.augment in AUGMENT_POLICIES, "augment", f"must be one of {AUGMENT_POLICIES}")
-        _check(0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1, "rrc_scale", "must be in (0, 1]")
-        _check(0 < self.rrc_ratio[0] <= self.rrc_ratio[1], "rrc_ratio", "must be increasing")
-        _check(0 <= self.hflip <= 1, "hflip", "must be a probability")
-        _check(0 <= self.color_jitter < 1, "color_jitter", "must be in [0, 1)")
-        _check(0 <= self.randaugment_ops <= 8, "randaugment_ops", "must be in 0..8")
-        _check(0 <= self.randaugment_magnitude <= 10, "randaugment_magnitude", "is on 0..10")
         _check(self.sampling in SAMPLINGS, "sampling", f"must be one of {SAMPLINGS}")
         _check(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", "balanced or none")
         _check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
@@ -134,8 +131,19 @@ class TrainConfig:
         _check(math.isclose(sum(self.split_fractions), 1.0), "split_fractions", "must sum to 1")
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
-        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+        _validate_mixup(self.mixup)
+        _validate_augment(self.augment)
+        if self.mixup.enabled:
             _check(self.batch_size % 2 == 0, "batch_size", "must be even when mixing images")
+
+    def model_img_size(self) -> int:
+        """img_size, or the registered model's input size when img_size is None."""
+        if self.img_size is not None:
+            return self.img_size
+        try:
+            return model_entry(self.model).default_img_size
+        except ValueError as exc:
+            raise ConfigError(f"config key 'model': {exc}") from exc
 
     def global_batch_size(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum_steps * world_size
@@ -152,16 +160,30 @@ class TrainConfig:
         return self.lr_base * ratio
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested: each section is a mapping of its own keys (the form config.json holds)."""
         return dataclasses.asdict(self)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Section keys dotted (`augment.hflip`): the form `--set` takes."""
+        return flatten_keys(self.to_dict())
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-        types_by_name = _field_types()
-        return cls(**{k: _coerce(k, v, types_by_name[k]) for k, v in values.items()})
+        """Build from nested section mappings, dotted keys or both; values are type-checked."""
+        flat = flatten_keys(values)
+        _check_keys(flat)
+        key_types = _key_types()
+        top: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {name: {} for name in _section_types()}
+        for key, value in flat.items():
+            coerced = _coerce(key, value, key_types[key])
+            section, dot, name = key.partition(".")
+            if dot:
+                sections[section][name] = coerced
+            else:
+                top[key] = coerced
+        built = {name: kind(**sections[name]) for name, kind in _section_types().items()}
+        return cls(**top, **built)
 
 
 def load_config(
@@ -169,17 +191,29 @@ def load_config(
     overrides: Iterable[str] = (),
     **explicit: Any,
 ) -> TrainConfig:
-    """Defaults <- config file <- explicit keyword values <- `key=value` overrides."""
+    """Defaults <- config file <- explicit keyword values <- `key=value` overrides.
+
+    Sources merge key by key, section keys included: `--set augment.hflip=0` keeps the
+    file's other `augment` keys.
+    """
     values: dict[str, Any] = {}
     if path is not None:
-        values.update(_read_file(Path(path)))
-    values.update({k: v for k, v in explicit.items() if v is not None})
-    values.update(parse_overrides(overrides))
+        from_file = flatten_keys(_read_file(Path(path)))
+        try:
+            _check_keys(from_file)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        values.update(from_file)
+    values.update(flatten_keys({k: v for k, v in explicit.items() if v is not None}))
+    values.update(flatten_keys(parse_overrides(overrides)))
     return TrainConfig.from_dict(values)
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """`key=value` pairs, values parsed as YAML (`lr=1e-3`, `betas=[0.9,0.99]`, `ema=true`)."""
+    """`key=value` pairs, values parsed as YAML (`lr=1e-3`, `betas=[0.9,0.99]`, `ema=true`).
+
+    Section keys are dotted: `augment.hflip=0.5`.
+    """
     import yaml
 
     parsed: dict[str, Any] = {}
@@ -187,7 +221,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        parsed[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw.strip() else None
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
     return parsed
 
 
@@ -213,12 +247,85 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    return loaded
 
 
-def _field_types() -> dict[str, Any]:
+def flatten_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested mappings to dotted keys (`{"augment": {"hflip": 0}}` -> `augment.hflip`).
+
+    Dashes become underscores, so `--set warmup-epochs=2` and `warmup_epochs` agree.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).strip().replace("-", "_")
+        if isinstance(value, Mapping):
+            flat.update({f"{name}.{sub}": v for sub, v in flatten_keys(value).items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+@functools.cache
+def _section_types() -> dict[str, type]:
+    """Section name -> its dataclass: the TrainConfig fields that are dataclasses."""
     hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(TrainConfig)
+        if dataclasses.is_dataclass(hints[f.name])
+    }
+
+
+@functools.cache
+def _key_types() -> dict[str, Any]:
+    """Every valid key, dotted for section fields, with its annotation."""
+    hints = typing.get_type_hints(TrainConfig)
+    sections = _section_types()
+    types_by_key: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in sections:
+            section_hints = typing.get_type_hints(sections[f.name])
+            for sub in dataclasses.fields(sections[f.name]):
+                types_by_key[f"{f.name}.{sub.name}"] = section_hints[sub.name]
+        else:
+            types_by_key[f.name] = hints[f.name]
+    return types_by_key
+
+
+@functools.cache
+def _moved_keys() -> dict[str, str]:
+    """A section key's flat spelling (the config before sections) -> its dotted key."""
+    moved = {key.partition(".")[2]: key for key in _key_types() if "." in key}
+    return moved | RENAMED_FLAT_KEYS
+
+
+def _check_keys(flat: Mapping[str, Any]) -> None:
+    """Refuse moved keys naming their new key, and unknown keys naming the valid ones."""
+    valid = _key_types()
+    sections = _section_types()
+    moved = _moved_keys()
+    problems: list[str] = []
+    unknown: list[str] = []
+    for key in flat:
+        if key in valid:
+            continue
+        section = key.partition(".")[0]
+        close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if key in moved:
+            problems.append(f"config key {key!r} has moved: use {moved[key]}")
+        elif section in sections:
+            keys = ", ".join(k for k in valid if k.startswith(f"{section}."))
+            what = "is a section, not a value" if key == section else f"is unknown{hint}"
+            problems.append(f"config key {key!r} {what}; {section} keys: {keys}")
+        else:
+            unknown.append(f"{key!r}{hint}")
+    if unknown:
+        problems.append(
+            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -264,6 +371,26 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
     raise ConfigError(f"config key {key!r} has an unsupported type {annotation!r}")
+
+
+def _validate_mixup(m: MixupSettings) -> None:
+    _check(m.mixup_alpha >= 0, "mixup.mixup_alpha", "must be >= 0")
+    _check(m.cutmix_alpha >= 0, "mixup.cutmix_alpha", "must be >= 0")
+    _check(0 <= m.prob <= 1, "mixup.prob", "must be in [0, 1]")
+    _check(0 <= m.switch_prob <= 1, "mixup.switch_prob", "must be in [0, 1]")
+    _check(0 <= m.label_smoothing < 1, "mixup.label_smoothing", "must be in [0, 1)")
+
+
+def _validate_augment(a: AugmentSettings) -> None:
+    _check(a.policy in AUGMENT_POLICIES, "augment.policy", f"must be one of {AUGMENT_POLICIES}")
+    _check(0 < a.rrc_scale[0] <= a.rrc_scale[1] <= 1, "augment.rrc_scale", "must be in (0, 1]")
+    _check(0 < a.rrc_ratio[0] <= a.rrc_ratio[1], "augment.rrc_ratio", "must be increasing")
+    _check(0 <= a.hflip <= 1, "augment.hflip", "must be a probability")
+    _check(0 <= a.color_jitter < 1, "augment.color_jitter", "must be in [0, 1)")
+    _check(0 <= a.shift_fraction < 1, "augment.shift_fraction", "must be in [0, 1)")
+    _check(0 < a.scale_range[0] <= a.scale_range[1], "augment.scale_range", "must be increasing")
+    _check(0 <= a.randaugment_ops <= 8, "augment.randaugment_ops", "must be in 0..8")
+    _check(0 <= a.randaugment_magnitude <= 10, "augment.randaugment_magnitude", "is on 0..10")
 
 
 def _check(condition: bool, key: str, message: str) -> None:

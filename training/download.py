@@ -2,9 +2,11 @@
 
 Bytes go to `<name>.part`; an interrupted download resumes from it with an HTTP Range request
 (a server that ignores Range and answers 200 restarts the file from zero). The file gets its
-final name only by `os.replace` after the SHA256 matched. On a checksum mismatch the `.part`
-is deleted: resuming from bytes that hash wrong can never succeed. On a network failure it is
-kept so the next attempt (automatic retries, or running the command again) resumes.
+final name only after the SHA256 matched, by galmorph.core.files.durable_replace (fsync, rename,
+folder fsync). The SHA256 is computed as the bytes arrive (after re-reading the `.part` prefix
+when resuming), so the 2.5 GB file is not read twice. On a checksum mismatch the `.part` is
+deleted: resuming from bytes that hash wrong can never succeed. On a network failure it is kept
+so the next attempt (automatic retries, or running the command again) resumes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import os
 import re
 import time
 import urllib.error
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from galmorph import __version__
+from galmorph.core.files import durable_replace, sha256_file
 
 GALAXY10_URL = "https://zenodo.org/records/10845026/files/Galaxy10_DECals.h5"
 GALAXY10_SHA256 = "19aefc477c41bb7f77ff07599a6b82a038dc042f889a111b0d4d98bb755c1571"
@@ -59,14 +61,6 @@ def normalise_sha256(value: str) -> str:
     return value
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, dest: Path, options: DownloadOptions | None = None) -> Path:
     """Fetch `url` to `dest`, resuming `dest.part`; verify SHA256 when given; return dest.
 
@@ -82,7 +76,7 @@ def download(url: str, dest: Path, options: DownloadOptions | None = None) -> Pa
         if expected is None:
             log.info("%s already exists (no checksum given to verify it)", dest)
             return dest
-        actual = file_sha256(dest)
+        actual = sha256_file(dest)
         if actual == expected:
             log.info("%s already exists and verifies", dest)
             return dest
@@ -114,7 +108,7 @@ def download(url: str, dest: Path, options: DownloadOptions | None = None) -> Pa
             f"SHA256 mismatch for {url}: got {digest}, expected {expected} "
             f"(partial file deleted; nothing written to {dest})"
         )
-    os.replace(part, dest)
+    durable_replace(part, dest)
     return dest
 
 
@@ -148,11 +142,11 @@ def _fetch_into(url: str, part: Path, options: DownloadOptions) -> str:
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
             mode = "wb"
-        digest = hashlib.sha256()
         if mode == "ab":
             with open(part, "rb") as existing:
-                while block := existing.read(CHUNK_BYTES):
-                    digest.update(block)
+                digest = hashlib.file_digest(existing, "sha256")
+        else:
+            digest = hashlib.sha256()
         written = offset
         with (
             open(part, mode) as out,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from galmorph.training.plots import confusion_matrix_figure, reliability_diagram
 from torch import nn
 from tqdm import tqdm
 
+from galmorph.core.files import atomic_write_text
 from galmorph.core.galaxy10 import Galaxy10File
 from galmorph.core.resample import resize_images
 from galmorph.core.splits import SPLIT_NAMES, Split, SplitError
@@ -199,9 +199,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
 
 
 def _write_json(path: Path, document: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
 
 
 def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path]:

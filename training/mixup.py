@@ -16,12 +16,17 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
     return targets.scatter_(1, labels.unsqueeze(1), on)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MixupSettings:
+    """The `mixup` section of TrainConfig (`--set mixup.mixup_alpha=0`); defaults: the paper.
+
+    Label smoothing lives here because it shapes the same soft targets the mixing blends.
+    """
+
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 0.0
     prob: float = 1.0
-    switch_prob: float = 0.5
+    switch_prob: float = 0.5  # chance of CutMix when both are enabled
     label_smoothing: float = 0.1
 
     @property

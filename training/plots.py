@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from galmorph.core.files import atomic_write
 
 
 def _figure(width: float, height: float) -> Any:
@@ -21,9 +22,8 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(figure: Any, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        figure.savefig(tmp, format="png")
     return path
 
 

@@ -6,24 +6,24 @@ A checkpoint is two files named after its global step plus a manifest:
     train_state-00001234.json          epoch, step, scheduler, python/numpy RNG, config, ...
     train_state.json                   manifest: which pair is current, with sizes and SHA-256
 
-Each file is written under a temporary name, flushed to disk and renamed; the manifest is
-renamed last. A crash at any moment (even kill -9) therefore leaves either the previous
-checkpoint or the new one, never a half-written file under a final name, and the loader
-verifies sizes and hashes before trusting a pair. Older pairs are deleted only after the
-manifest points past them.
+Each file is written with galmorph.core.files.atomic_write (temporary name, fsync, rename,
+folder fsync); the manifest is renamed last. A crash at any moment (even kill -9) therefore
+leaves either the previous checkpoint or the new one, never a half-written file under a final
+name, and the loader verifies sizes and hashes before trusting a pair. Older pairs are deleted
+only after the manifest points past them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from galmorph.model.checkpoint import CheckpointError
 from safetensors.torch import load_file, save_file
+
+from galmorph.core.files import atomic_write, atomic_write_text, sha256_file
 
 MANIFEST_NAME = "train_state.json"
 MANIFEST_FORMAT = "galmorph-train-state"
@@ -32,10 +32,6 @@ TENSOR_MARKER = "__tensor__"
 TUPLE_MARKER = "__tuple__"
 # The JSON half holds optimizer hyper-parameters and RNG states, never bulk data.
 MAX_STATE_JSON_BYTES = 64 * 1024 * 1024
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not belong to this run."""
 
 
 def flatten_tensors(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
@@ -92,8 +88,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int =
     structure = flatten_tensors(state, tensors)
     tensor_path = run_dir / f"{stem}.safetensors"
     json_path = run_dir / f"{stem}.json"
-    _atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
-    _atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(structure), encoding="utf-8"))
+    with atomic_write(tensor_path) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_text(json_path, json.dumps(structure))
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -103,7 +100,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int =
         "state": json_path.name,
     }
     manifest_path = run_dir / MANIFEST_NAME
-    _atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     _prune(run_dir, keep_stems=_recent_stems(run_dir, keep, current=stem))
     return manifest_path
 
@@ -123,7 +120,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         path = run_dir / Path(name).name
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} named by the manifest is missing")
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint file {path} does not match its manifest entry")
     state_path = run_dir / Path(manifest["state"]).name
     if state_path.stat().st_size > MAX_STATE_JSON_BYTES:
@@ -138,32 +135,8 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / MANIFEST_NAME).is_file()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
 def _describe(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _recent_stems(run_dir: Path, keep: int, current: str) -> set[str]:

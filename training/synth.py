@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import functools
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from galmorph.core.contract import GALAXY10_CLASS_NAMES, LEGACY_SURVEY_PIXEL_SCALE
+from galmorph.core.files import atomic_write
 from galmorph.core.imaging import dr2_rgb, flip_north_up, to_uint8
 
 FIELD_PIXELS = 256  # Galaxy10 images: 256 px at the Legacy Survey scale
@@ -771,9 +771,9 @@ def _write_fits(
     header["PIXSCALE"] = (scale, "arcsec per pixel")
     header["GMLABEL"] = (label, "galmorph synthetic Galaxy10 class")
     header["GMCLASS"] = GALAXY10_CLASS_NAMES[label]
-    tmp = path.with_name(path.name + ".tmp")
-    fits.PrimaryHDU(data=galaxy.cube.astype(np.float32), header=header).writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
+    hdu = fits.PrimaryHDU(data=galaxy.cube.astype(np.float32), header=header)
+    with atomic_write(path) as tmp:
+        hdu.writeto(tmp)
 
 
 def _tasks(
@@ -795,7 +795,6 @@ def _write(out: Path, options: SynthOptions) -> Path:
     if options.fits_dir is not None:
         options.fits_dir.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     size = options.size
     # The pool is started before any HDF5 handle exists, so no worker inherits one.
     pool = (
@@ -808,6 +807,7 @@ def _write(out: Path, options: SynthOptions) -> Path:
             else map(_render_chunk, _tasks(options, labels, ra, dec))
         )
         with (
+            atomic_write(out) as tmp,
             h5py.File(tmp, "w") as handle,
             tqdm(total=options.n, unit="img", desc="synth", disable=not options.progress) as bar,
         ):
@@ -828,7 +828,6 @@ def _write(out: Path, options: SynthOptions) -> Path:
             handle.attrs["seed"] = options.seed
             handle.attrs["class_balance"] = options.class_balance
     except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written file behind
         if pool is not None:
             pool.terminate()
         raise
@@ -836,7 +835,6 @@ def _write(out: Path, options: SynthOptions) -> Path:
         if pool is not None:
             pool.close()
             pool.join()
-    os.replace(tmp, out)
     if options.fits_dir is not None:
         _write_catalog(options, labels, ra, dec)
     return out
@@ -847,7 +845,7 @@ def _write_catalog(
 ) -> Path:
     assert options.fits_dir is not None
     path = options.fits_dir / "catalog.csv"
-    with open(path, "w", newline="") as handle:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id_str", "file_loc", "ra", "dec", "label"])
         for index in range(options.n):

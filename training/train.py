@@ -29,10 +29,9 @@ import numpy as np
 import torch
 from galmorph.model.checkpoint import ModelSpec, save_model
 from galmorph.model.preprocess import ImagePreprocess
-from galmorph.model.registry import create_model
 from galmorph.training import distributed
-from galmorph.training.augment import AugmentSettings, BatchAugmenter
-from galmorph.training.config import ConfigError, TrainConfig, dump_config
+from galmorph.training.augment import BatchAugmenter
+from galmorph.training.config import ConfigError, TrainConfig, dump_config, flatten_keys
 from galmorph.training.dataset import (
     Galaxy10Dataset,
     ShardedBatchSampler,
@@ -42,12 +41,13 @@ from galmorph.training.dataset import (
 )
 from galmorph.training.evaluate import SPLIT_FILE_NAME, TorchPredictor, predict_split
 from galmorph.training.metrics import classification_report
-from galmorph.training.mixup import Mixup, MixupSettings, soft_target_cross_entropy
+from galmorph.training.mixup import Mixup, soft_target_cross_entropy
 from galmorph.training.optim import CosineSchedule, ModelEma, adamw
 from galmorph.training.plots import training_curves
 from galmorph.training.state import has_checkpoint, load_checkpoint, save_checkpoint
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from galmorph.core.galaxy10 import Galaxy10File
@@ -135,9 +135,185 @@ class _StopSignal:
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
 
+@dataclass
+class TrainData:
+    """The data side of a run: the file, its split and the training batches."""
+
+    file: Galaxy10File
+    fingerprint: dict[str, Any]
+    split: Split
+    train_set: Galaxy10Dataset
+    class_counts: np.ndarray
+    sampler: ShardedBatchSampler
+    loader: DataLoader[Any]
+    augmenter: BatchAugmenter
+
+    @property
+    def num_classes(self) -> int:
+        return self.file.num_classes
+
+
+@dataclass
+class TrainModel:
+    """The model, its input step and its wrappers."""
+
+    model: nn.Module  # the bare model: the optimizer, EMA and checkpoints use this one
+    train_model: nn.Module  # what a training step calls: the model, DDP-wrapped and/or compiled
+    ema: ModelEma | None
+    preprocess: ImagePreprocess
+    channels_last: bool
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC (augmented) -> the normalised float batch the model takes."""
+        x = self.preprocess(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def deployable(self) -> nn.Module:
+        """The weights a run publishes: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass
+class Optimisation:
+    """Optimizer, lr schedule, mixed precision and the loss (with its mixup targets)."""
+
+    peak_lr: float
+    optimizer: torch.optim.Optimizer
+    schedule: CosineSchedule
+    mixup: Mixup
+    class_weights: torch.Tensor | None
+    amp: bool  # bf16 autocast, CUDA only; bf16 needs no gradient scaler
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return soft_target_cross_entropy(logits, targets, self.class_weights)
+
+
+def build_data(
+    config: TrainConfig, ctx: distributed.DistContext, img_size: int, run_dir: Path
+) -> TrainData:
+    """Open the file, make or reload the split, and set up sharded, augmented batches."""
+    file = Galaxy10File(config.data)
+    if config.num_classes is not None and config.num_classes != file.num_classes:
+        raise ConfigError(
+            f"config key 'num_classes' is {config.num_classes} but {config.data} has "
+            f"{file.num_classes} classes"
+        )
+    fingerprint = file.fingerprint()
+    split = _load_or_make_split(config, file, fingerprint, run_dir)
+    train_set = Galaxy10Dataset(file, split.train)
+    sampler = ShardedBatchSampler(
+        len(train_set),
+        config.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        accum_steps=config.grad_accum_steps,
+        seed=config.seed,
+        weights=(
+            balanced_sample_weights(train_set.labels, file.num_classes)
+            if config.sampling == "balanced"
+            else None
+        ),
+    )
+    loader = make_loader(
+        train_set,
+        sampler,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    return TrainData(
+        file=file,
+        fingerprint=fingerprint,
+        split=split,
+        train_set=train_set,
+        class_counts=train_set.class_counts(),
+        sampler=sampler,
+        loader=loader,
+        augmenter=BatchAugmenter(config.augment, img_size),
+    )
+
+
+def build_model(config: TrainConfig, ctx: distributed.DistContext, spec: ModelSpec) -> TrainModel:
+    """The model as `spec` describes it, on the device, with EMA and DDP/compile wrappers."""
+    cuda = ctx.device.type == "cuda"
+    seed_everything(config.seed)  # identical initial weights on every rank
+    model = spec.build()
+    if config.sync_batchnorm and ctx.distributed:
+        if not cuda:
+            raise ConfigError("config key 'sync_batchnorm' needs CUDA (no CPU kernel)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(ctx.device)
+    channels_last = cuda and config.channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # The EMA copies the model before any wrapper, so it holds plain weights.
+    ema = ModelEma(model, config.ema_decay) if config.ema else None
+    train_model: nn.Module = model
+    if ctx.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if cuda else None)
+    if config.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
+    return TrainModel(
+        model=model,
+        train_model=train_model,
+        ema=ema,
+        preprocess=ImagePreprocess(spec.mean, spec.std).to(ctx.device),
+        channels_last=channels_last,
+    )
+
+
+def build_optimisation(
+    config: TrainConfig, ctx: distributed.DistContext, model: nn.Module, data: TrainData
+) -> Optimisation:
+    """AdamW at timm's scaled lr, the cosine schedule, AMP, mixup targets and the loss."""
+    peak_lr = config.learning_rate(ctx.world_size)
+    class_weights = None
+    if config.loss_weighting == "balanced":
+        weights = balanced_class_weights(data.class_counts)
+        class_weights = torch.tensor(weights, dtype=torch.float32).to(ctx.device)
+    return Optimisation(
+        peak_lr=peak_lr,
+        optimizer=adamw(model, peak_lr, config.weight_decay, config.betas),
+        schedule=CosineSchedule(
+            peak_lr=peak_lr,
+            warmup_lr=config.warmup_lr,
+            min_lr=config.min_lr,
+            warmup_epochs=config.warmup_epochs,
+            epochs=config.epochs,
+            steps_per_epoch=data.sampler.steps_per_epoch,
+        ),
+        mixup=Mixup(config.mixup, data.num_classes),
+        class_weights=class_weights,
+        amp=ctx.device.type == "cuda" and config.amp,
+    )
+
+
+def _load_or_make_split(
+    config: TrainConfig, file: Galaxy10File, fingerprint: dict[str, Any], run_dir: Path
+) -> Split:
+    """config.split_file, else the run folder's split.json (a resume), else a new split."""
+    existing = run_dir / SPLIT_FILE_NAME
+    source = Path(config.split_file) if config.split_file else existing
+    if source.is_file():
+        split = Split.load(source)
+        split.check_data(file.num_images, fingerprint)
+        return split
+    return make_split(
+        file.labels,
+        seed=config.split_seed,
+        fractions=config.split_fractions,
+        fingerprint=fingerprint,
+    )
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, ctx: distributed.DistContext) -> None:
-        self.config = config
+        self.img_size = config.model_img_size()
+        # The run records the size it used, so a resume does not depend on the registry.
+        self.config = replace(config, img_size=self.img_size)
         self.ctx = ctx
         self.progress = Progress()
         self.totals = EpochTotals()
@@ -145,106 +321,9 @@ class Trainer:
         self.device = ctx.device
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.data = Galaxy10File(config.data)
-        self.num_classes = self.data.num_classes
-        if config.num_classes is not None and config.num_classes != self.num_classes:
-            raise ConfigError(
-                f"config key 'num_classes' is {config.num_classes} but {config.data} has "
-                f"{self.num_classes} classes"
-            )
-        self.fingerprint = self.data.fingerprint()
-        self.split = self._load_or_make_split()
-        self.train_set = Galaxy10Dataset(self.data, self.split.train)
-        self.class_counts = self.train_set.class_counts()
-
-        seed_everything(config.seed)  # identical initial weights on every rank
-        self.model = create_model(
-            config.model,
-            num_classes=self.num_classes,
-            img_size=config.img_size,
-            drop_rate=config.drop_rate,
-            drop_path_rate=config.drop_path_rate,
-        )
-        spec = self._spec()
-        self.preprocess = ImagePreprocess(spec.mean, spec.std).to(self.device)
-        self.cuda = self.device.type == "cuda"
-        if config.sync_batchnorm and ctx.distributed:
-            if not self.cuda:
-                raise ConfigError("config key 'sync_batchnorm' needs CUDA (no CPU kernel)")
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model.to(self.device)
-        if self.cuda and config.channels_last:
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.ema = ModelEma(self.model, config.ema_decay) if config.ema else None
-
-        self.sampler = ShardedBatchSampler(
-            len(self.train_set),
-            config.batch_size,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            accum_steps=config.grad_accum_steps,
-            seed=config.seed,
-            weights=(
-                balanced_sample_weights(self.train_set.labels, self.num_classes)
-                if config.sampling == "balanced"
-                else None
-            ),
-        )
-        self.loader = make_loader(
-            self.train_set,
-            self.sampler,
-            num_workers=config.num_workers,
-            seed=config.seed,
-            pin_memory=self.cuda,
-        )
-        self.peak_lr = config.learning_rate(ctx.world_size)
-        self.optimizer = adamw(self.model, self.peak_lr, config.weight_decay, config.betas)
-        self.schedule = CosineSchedule(
-            peak_lr=self.peak_lr,
-            warmup_lr=config.warmup_lr,
-            min_lr=config.min_lr,
-            warmup_epochs=config.warmup_epochs,
-            epochs=config.epochs,
-            steps_per_epoch=self.sampler.steps_per_epoch,
-        )
-        self.augmenter = BatchAugmenter(
-            AugmentSettings(
-                policy=config.augment,
-                rrc_scale=config.rrc_scale,
-                rrc_ratio=config.rrc_ratio,
-                hflip=config.hflip,
-                color_jitter=config.color_jitter,
-                shift_fraction=config.shift_fraction,
-                scale_range=config.scale_range,
-                randaugment_ops=config.randaugment_ops,
-                randaugment_magnitude=config.randaugment_magnitude,
-            ),
-            config.img_size,
-        )
-        self.mixup = Mixup(
-            MixupSettings(
-                mixup_alpha=config.mixup_alpha,
-                cutmix_alpha=config.cutmix_alpha,
-                prob=config.mixup_prob,
-                switch_prob=config.mixup_switch_prob,
-                label_smoothing=config.label_smoothing,
-            ),
-            self.num_classes,
-        )
-        self.class_weights = (
-            torch.tensor(balanced_class_weights(self.class_counts), dtype=torch.float32).to(
-                self.device
-            )
-            if config.loss_weighting == "balanced"
-            else None
-        )
-        self.train_model: nn.Module = self.model
-        if ctx.distributed:
-            self.train_model = DistributedDataParallel(
-                self.model, device_ids=[ctx.local_rank] if self.cuda else None
-            )
-        if config.compile:
-            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+        self.data = build_data(self.config, ctx, self.img_size, self.run_dir)
+        self.net = build_model(self.config, ctx, self._spec())
+        self.optim = build_optimisation(self.config, ctx, self.net.model, self.data)
         self.tensorboard = self._tensorboard() if ctx.is_main and config.tensorboard else None
 
     # ----------------------------------------------------------------------------- run
@@ -268,10 +347,10 @@ class Trainer:
 
     def _train_epoch(self, stop: _StopSignal) -> None:
         config, ctx = self.config, self.ctx
-        steps_per_epoch = self.sampler.steps_per_epoch
+        steps_per_epoch = self.data.sampler.steps_per_epoch
         first_step = self.progress.step - self.progress.epoch * steps_per_epoch
-        self.sampler.set_epoch(self.progress.epoch, start_step=first_step)
-        self.model.train()
+        self.data.sampler.set_epoch(self.progress.epoch, start_step=first_step)
+        self.net.model.train()
         global_batch = config.global_batch_size(ctx.world_size)
         bar = tqdm(
             total=steps_per_epoch,
@@ -285,14 +364,14 @@ class Trainer:
         steps_done = 0
         micro = 0
         step_loss = step_correct = 0.0
-        for images, labels in self.loader:
+        for images, labels in self.data.loader:
             loss, correct = self._forward_backward(images, labels, micro)
             step_loss += loss
             step_correct += correct
             micro += 1
             if micro < config.grad_accum_steps:
                 continue
-            lr = self.schedule.apply(self.optimizer, self.progress.step)
+            lr = self.optim.schedule.apply(self.optim.optimizer, self.progress.step)
             grad_norm = self._optimizer_step()
             self.progress.step += 1
             steps_done += 1
@@ -326,18 +405,16 @@ class Trainer:
         augment_gen, mixup_rng = self._seed_micro_batch(micro)
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        x = self.preprocess(self.augmenter(images, augment_gen))
-        if self.cuda and config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x, targets = self.mixup(x, labels, mixup_rng)
+        x = self.net.inputs(self.data.augmenter(images, augment_gen))
+        x, targets = self.optim.mixup(x, labels, mixup_rng)
         last_micro = micro == config.grad_accum_steps - 1
         sync: AbstractContextManager[Any] = nullcontext()
-        if isinstance(self.train_model, DistributedDataParallel) and not last_micro:
-            sync = self.train_model.no_sync()
+        if isinstance(self.net.train_model, DistributedDataParallel) and not last_micro:
+            sync = self.net.train_model.no_sync()
         with sync:
-            with self._autocast():
-                logits = self.train_model(x)
-            loss = soft_target_cross_entropy(logits, targets, self.class_weights)
+            with self.optim.autocast():
+                logits = self.net.train_model(x)
+            loss = self.optim.loss(logits, targets)
             (loss / config.grad_accum_steps).backward()
         correct = (logits.argmax(1) == targets.argmax(1)).sum()
         return float(loss.detach()), float(correct)
@@ -345,12 +422,12 @@ class Trainer:
     def _optimizer_step(self) -> float | None:
         grad_norm = None
         if self.config.clip_grad is not None:
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+            norm = nn.utils.clip_grad_norm_(self.net.model.parameters(), self.config.clip_grad)
             grad_norm = float(norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
+        self.optim.optimizer.step()
+        self.optim.optimizer.zero_grad(set_to_none=True)
+        if self.net.ema is not None:
+            self.net.ema.update(self.net.model)
         return grad_norm
 
     def _seed_micro_batch(self, micro: int) -> tuple[torch.Generator, np.random.Generator]:
@@ -366,11 +443,6 @@ class Trainer:
         torch.manual_seed(int(dropout_seed))  # dropout and stochastic depth
         augment_gen = torch.Generator().manual_seed(int(augment_seed))
         return augment_gen, np.random.default_rng(int(mixup_seed))
-
-    def _autocast(self) -> AbstractContextManager[Any]:
-        if self.cuda and self.config.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
 
     def _maybe_stop(self, stop: _StopSignal) -> None:
         config = self.config
@@ -388,7 +460,7 @@ class Trainer:
             raise TrainingInterrupted(self.run_dir, self.progress.step, reason or "another rank")
 
     def _remaining_steps(self) -> int:
-        return self.config.epochs * self.sampler.steps_per_epoch - self.progress.step
+        return self.config.epochs * self.data.sampler.steps_per_epoch - self.progress.step
 
     # ------------------------------------------------------------------------- epoch end
     def _end_epoch(self) -> None:
@@ -398,7 +470,7 @@ class Trainer:
             "kind": "epoch",
             "epoch": epoch,
             "step": self.progress.step,
-            "lr": self.schedule.lr_at(self.progress.step),
+            "lr": self.optim.schedule.lr_at(self.progress.step),
             "train_loss": totals.loss / max(totals.steps, 1),
             "train_acc": totals.correct / max(totals.images, 1),
             "images_per_s": getattr(self, "_epoch_rate", 0.0),
@@ -427,11 +499,11 @@ class Trainer:
             training_curves(self.progress.history, self.run_dir / "curves.png")
 
     def _validate(self) -> dict[str, Any]:
-        if self.split.val.size == 0:
+        if self.data.split.val.size == 0:
             return {}
         spec = self._spec()
         predictor = TorchPredictor(
-            self._deployable(),
+            self.net.deployable(),
             class_names=spec.class_names,
             input_size=spec.img_size,
             mean=spec.mean,
@@ -441,22 +513,19 @@ class Trainer:
         )
         probabilities = predict_split(
             predictor,
-            self.data,
-            self.split.val,
+            self.data.file,
+            self.data.split.val,
             batch_size=self.config.eval_batch_size or self.config.batch_size,
             progress=False,
         )
         report = classification_report(
-            probabilities, self.data.labels[self.split.val], self.data.class_names
+            probabilities, self.data.file.labels[self.data.split.val], self.data.file.class_names
         )
         return {f"val_{key}": report[key] for key in ("top1", "macro_f1", "nll", "ece")} | {
             "val_loss": report["nll"]
         }
 
     # ------------------------------------------------------------------- checkpointing
-    def _deployable(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.model
-
     def _save_checkpoint(self) -> None:
         """Model for deployment plus the full training state; rank 0 writes, all wait."""
         totals = EpochTotals(*distributed.sum_across_ranks(self.ctx, self.totals.as_list()))
@@ -465,21 +534,21 @@ class Trainer:
             if self.progress.history:
                 last = self.progress.history[-1]
                 spec.metrics = {k: v for k, v in last.items() if k.startswith("val_")}
-            save_model(self.run_dir, self._deployable(), spec)
+            save_model(self.run_dir, self.net.deployable(), spec)
             state = {
                 "format": STATE_FORMAT,
                 "epoch": self.progress.epoch,
                 "step": self.progress.step,
-                "steps_per_epoch": self.sampler.steps_per_epoch,
+                "steps_per_epoch": self.data.sampler.steps_per_epoch,
                 "global_batch": self.config.global_batch_size(self.ctx.world_size),
                 "world_size": self.ctx.world_size,
                 "epoch_totals": totals.as_list(),
                 "history": self.progress.history,
                 "config": self.config.to_dict(),
                 "split_file": SPLIT_FILE_NAME,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "model": self.net.model.state_dict(),
+                "optimizer": self.optim.optimizer.state_dict(),
+                "ema": self.net.ema.state_dict() if self.net.ema is not None else None,
             }
             save_checkpoint(self.run_dir, state, self.progress.step)
         distributed.barrier(self.ctx)
@@ -493,19 +562,21 @@ class Trainer:
                 f"run has {global_batch}: resume with the same batch_size x accumulation x "
                 "processes (the process count may change)"
             )
+        saved = flatten_keys(state["config"])
+        current = _jsonable(self.config.to_flat_dict())
         changed = sorted(
             key
-            for key, value in state["config"].items()
-            if key not in RESUME_FREE_KEYS and _jsonable(getattr(self.config, key)) != value
+            for key in saved.keys() | current.keys()
+            if key not in RESUME_FREE_KEYS and saved.get(key) != current.get(key)
         )
         if changed:
             logger.warning("resuming with changed settings: %s", ", ".join(changed))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None:
+        self.net.model.load_state_dict(state["model"])
+        self.optim.optimizer.load_state_dict(state["optimizer"])
+        if self.net.ema is not None:
             if state["ema"] is None:
                 raise ConfigError("config enables 'ema' but the checkpoint has no EMA weights")
-            self.ema.load_state_dict(state["ema"])
+            self.net.ema.load_state_dict(state["ema"])
         self.progress = Progress(
             epoch=int(state["epoch"]), step=int(state["step"]), history=list(state["history"])
         )
@@ -516,33 +587,19 @@ class Trainer:
         logger.info("resumed from step %d (epoch %d)", self.progress.step, self.progress.epoch)
 
     # ------------------------------------------------------------------ run files/logs
-    def _load_or_make_split(self) -> Split:
-        existing = self.run_dir / SPLIT_FILE_NAME
-        source = Path(self.config.split_file) if self.config.split_file else existing
-        if source.is_file():
-            split = Split.load(source)
-            split.check_data(self.data.num_images, self.fingerprint)
-            return split
-        return make_split(
-            self.data.labels,
-            seed=self.config.split_seed,
-            fractions=self.config.split_fractions,
-            fingerprint=self.fingerprint,
-        )
-
     def _spec(self) -> ModelSpec:
-        config = self.config
+        config, split = self.config, self.data.split
         return ModelSpec(
             name=config.model,
-            num_classes=self.num_classes,
-            img_size=config.img_size,
-            class_names=tuple(self.data.class_names),
+            num_classes=self.data.num_classes,
+            img_size=self.img_size,
+            class_names=tuple(self.data.file.class_names),
             drop_rate=config.drop_rate,
             drop_path_rate=config.drop_path_rate,
             training_data={
-                "fingerprint": self.fingerprint,
-                "split": {"seed": self.split.seed, "fractions": list(self.split.fractions)},
-                "train_class_counts": self.class_counts.tolist(),
+                "fingerprint": self.data.fingerprint,
+                "split": {"seed": split.seed, "fractions": list(split.fractions)},
+                "train_class_counts": self.data.class_counts.tolist(),
                 "epochs_completed": self.progress.epoch,
                 "steps_completed": self.progress.step,
                 "weights": "ema" if config.ema else "final",
@@ -552,22 +609,23 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.split.save(self.run_dir / SPLIT_FILE_NAME)
+        self.data.split.save(self.run_dir / SPLIT_FILE_NAME)
         # stop_after_step belongs to one invocation: a resume reading config.json must not
         # inherit it.
         dump_config(replace(self.config, stop_after_step=None), self.run_dir / CONFIG_FILE)
 
     def _report_start(self) -> None:
         config, ctx = self.config, self.ctx
-        counts = self.class_counts
+        counts = self.data.class_counts
         present = counts[counts > 0]
         lines = [
-            f"  {k:2d} {name:<28s} {counts[k]:7d}" for k, name in enumerate(self.data.class_names)
+            f"  {k:2d} {name:<28s} {counts[k]:7d}"
+            for k, name in enumerate(self.data.file.class_names)
         ]
         logger.info(
             "training split: %d images, class counts:\n%s\n  imbalance (largest/smallest): %.1f"
             " -- sampling=%s, loss_weighting=%s",
-            len(self.train_set),
+            len(self.data.train_set),
             "\n".join(lines),
             present.max() / present.min(),
             config.sampling,
@@ -577,12 +635,12 @@ class Trainer:
             "%s at %d px on %s x %d process(es): global batch %d, peak lr %.3g, %d steps/epoch,"
             " %d epochs",
             config.model,
-            config.img_size,
+            self.img_size,
             self.device,
             ctx.world_size,
             config.global_batch_size(ctx.world_size),
-            self.peak_lr,
-            self.sampler.steps_per_epoch,
+            self.optim.peak_lr,
+            self.data.sampler.steps_per_epoch,
             config.epochs,
         )
 
@@ -593,7 +651,7 @@ class Trainer:
         images = self.config.global_batch_size(self.ctx.world_size)
         record = {
             "kind": "step",
-            "epoch": self.progress.step / self.sampler.steps_per_epoch,
+            "epoch": self.progress.step / self.data.sampler.steps_per_epoch,
             "step": self.progress.step,
             "loss": loss_sum / self.ctx.world_size,
             "acc": correct_sum / images,

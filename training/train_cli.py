@@ -13,15 +13,18 @@ logger = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 143
 
 TRAIN_EPILOG = """\
-Defaults reproduce the Galaxy10 recipe of the Astroformer paper (256 px, AdamW wd 2e-5, lr
-2e-5 scaled by sqrt(global batch / 256), cosine with 5 warmup epochs from 1e-5, 300 epochs,
-mixup 0.8, label smoothing 0.1, dropout 0.1). Precedence: defaults < --config < flags < --set.
+Defaults reproduce the Galaxy10 recipe of the Astroformer paper (AdamW wd 2e-5, lr 2e-5
+scaled by sqrt(global batch / 256), cosine with 5 warmup epochs from 1e-5, 300 epochs,
+mixup 0.8, label smoothing 0.1, dropout 0.1) at the model's registered input size (256 px
+for the paper's variants; `galmorph model list`). Precedence: defaults < --config < flags
+< --set. Augmentation and mixup keys live in sections: nested mappings in a config file
+(`augment: {policy: galaxy}`), dotted keys with --set (augment.hflip, mixup.mixup_alpha).
 
 examples:
   galmorph train --data Galaxy10_DECals.h5 --model astroformer_4 --out runs/a4 \\
       --config configs/paper_galaxy10.yaml
   galmorph train --data synth.h5 --model gm_astroformer_tiny --out runs/demo \\
-      --config configs/cpu_demo.yaml --set epochs=5 --set augment=galaxy
+      --config configs/cpu_demo.yaml --set epochs=5 --set augment.policy=paper
   torchrun --nproc_per_node=8 -m galmorph train --data Galaxy10_DECals.h5 \\
       --model astroformer_4 --out runs/a4 --config configs/paper_galaxy10.yaml --resume
 
@@ -40,14 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--data", type=Path, help="Galaxy10-layout HDF5 file")
     train.add_argument("--model", help="registered model name (see `galmorph model list`)")
     train.add_argument("--out", type=Path, required=True, help="run folder to create or resume")
-    train.add_argument("--config", type=Path, help="YAML or TOML file of TrainConfig keys")
+    train.add_argument(
+        "--config",
+        type=Path,
+        help="YAML or TOML file of TrainConfig keys (sections augment and mixup as mappings)",
+    )
     train.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set epochs=10 --set ema=true",
+        help="override one config key (repeatable), e.g. --set epochs=10 --set ema=true "
+        "--set augment.hflip=0 (section keys are dotted)",
     )
     train.add_argument(
         "--resume",
@@ -103,11 +111,10 @@ def run_train(args: argparse.Namespace) -> int:
             out=str(args.out),
         )
         config.validate()
-    except ConfigError as exc:
+        run_dir = train(config, resume=args.resume)
+    except ConfigError as exc:  # also what a resume or the data file finds wrong
         logger.error("%s", exc)
         return 2
-    try:
-        run_dir = train(config, resume=args.resume)
     except TrainingInterrupted as exc:
         logger.warning("%s", exc)
         return EXIT_INTERRUPTED

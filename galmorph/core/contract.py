@@ -12,8 +12,10 @@ optional second output `logits`. N is dynamic, H and W are fixed.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from galmorph.core.resample import INTERPOLATIONS
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -37,6 +39,29 @@ GALAXY10_CLASS_NAMES: tuple[str, ...] = (
 LEGACY_SURVEY_PIXEL_SCALE = 0.262
 # Viewer colour mapping of dr2_rgb: image channel <- survey band.
 DR2_RGB_BANDS = {"R": "z", "G": "r", "B": "g"}
+# Galaxy10 DECaLS images are 256 px wide; a model trained at N px from them sees 256/N times
+# the pixel scale over the same field.
+GALAXY10_IMAGE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Imaging:
+    """How survey flux became the 8-bit RGB images a model learns from.
+
+    A training file states it (HDF5 attributes, else Galaxy10 DECaLS's); the model card carries
+    it at the model's input size, and FITS cutouts are rendered to match it.
+    """
+
+    pixel_scale: float = LEGACY_SURVEY_PIXEL_SCALE  # arcsec/pixel
+    stretch: str = "dr2_rgb"
+    bands: dict[str, str] = field(default_factory=lambda: dict(DR2_RGB_BANDS))
+
+    def resized(self, from_size: int, to_size: int) -> Imaging:
+        """The same field of view at another image size: the pixel scale grows as size shrinks."""
+        return replace(self, pixel_scale=self.pixel_scale * from_size / to_size)
+
+
+GALAXY10_DECALS = Imaging()
 
 
 @dataclass(frozen=True)
@@ -48,9 +73,10 @@ class ModelCard:
     input_size: tuple[int, int]  # (H, W)
     mean: tuple[float, float, float]  # on the 0..1 scale, applied inside the graph
     std: tuple[float, float, float]
-    stretch: str = "dr2_rgb"
-    bands: dict[str, str] = field(default_factory=lambda: dict(DR2_RGB_BANDS))
-    pixel_scale: float = LEGACY_SURVEY_PIXEL_SCALE  # arcsec/pixel of the training images
+    stretch: str = GALAXY10_DECALS.stretch
+    bands: dict[str, str] = field(default_factory=lambda: dict(GALAXY10_DECALS.bands))
+    pixel_scale: float = GALAXY10_DECALS.pixel_scale  # arcsec/pixel of the model's input
+    interpolation: str = "bicubic"  # how rendered images are resized to input_size
     precision: str = "fp32"  # fp32 | fp16 | int8
     model_config: dict[str, Any] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)  # fingerprint of the data
@@ -62,9 +88,29 @@ class ModelCard:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def imaging(self) -> Imaging:
+        return Imaging(self.pixel_scale, self.stretch, dict(self.bands))
+
+    @property
+    def field_of_view(self) -> tuple[float, float]:
+        """Arcseconds the input covers, (height, width)."""
+        return (self.input_size[0] * self.pixel_scale, self.input_size[1] * self.pixel_scale)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
+            )
+        if not self.pixel_scale > 0:
+            raise ValueError(f"pixel_scale must be positive, got {self.pixel_scale!r}")
+
     def to_metadata(self) -> dict[str, str]:
-        """Flatten to ONNX metadata_props: one key per field, JSON-encoded values."""
-        return {METADATA_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
+        """Flatten to ONNX metadata_props: one key per field, JSON-encoded values, plus the
+        field of view for readers of the raw metadata (derived, ignored when read back)."""
+        props = {METADATA_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
+        props[METADATA_PREFIX + "field_of_view"] = json.dumps(list(self.field_of_view))
+        return props
 
     @classmethod
     def from_metadata(cls, props: dict[str, str]) -> ModelCard:

@@ -1,9 +1,10 @@
 """Turn an untrusted cutout (FITS, PNG or JPEG bytes) into the uint8 RGB image the model takes.
 
-Used by the server and the batch scorer (torch-free). The format is sniffed from the magic
-bytes; filename and content type are only hints (a mismatch is a warning). Limits are
-checked before pixels are read (`DecodeLimits`); refusals are `CutoutError` with an HTTP
-status: 413 too large, 415 unsupported format, 422 corrupt/unusable.
+Used by the server and the batch scorer (torch-free). The formats are registered in
+`galmorph.core.formats`; a cutout's format is sniffed from its magic bytes, and its file name
+and content type are only hints (a mismatch is a warning). Limits are checked before pixels
+are read (`DecodeLimits`); refusals are `CutoutError` with a kind, which the server answers
+as 413 too large, 415 unsupported format or 422 corrupt/unusable.
 
 FITS (flux) pipeline, in this order, so the angular scale matches the training images:
 1. read the first image HDU, pick g, r, z by name (or one band), NaN/inf -> 0 (fits_io);
@@ -36,9 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from galmorph.core import formats
 from galmorph.core.contract import ModelCard
 from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
-from galmorph.core.fits_io import FITS_MAGIC, GZIP_MAGIC, read_fits
+from galmorph.core.fits_io import read_fits
+from galmorph.core.formats import CutoutFormat, Reader
 from galmorph.core.imaging import STRETCHES, Stretch, flip_north_up, normalise_single_band, to_uint8
 from galmorph.core.raster_io import SINGLE_BAND_WARNING, read_raster
 from galmorph.core.resample import (
@@ -64,33 +67,15 @@ __all__ = [
 
 FIT_MODES = ("crop_pad", "resize")
 SCALE_TOLERANCE = 0.02
-SUPPORTED = "send FITS (.fits, .fits.gz, .fz), PNG or JPEG"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_OTHER_MAGIC = (
-    (b"GIF8", "GIF image"),
-    (b"II*\x00", "TIFF image"),
-    (b"MM\x00*", "TIFF image"),
-    (b"RIFF", "RIFF/WebP file"),
-    (b"BM", "BMP image"),
-    (b"%PDF", "PDF document"),
-    (b"PK\x03\x04", "zip archive"),
-    (b"BZh", "bzip2 stream"),
-    (b"\xfd7zXZ", "xz stream"),
-    (b"\x89HDF", "HDF5 file"),
-)
-_HINTS = {
-    "fits": ((".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz"), ("fits",)),
-    "png": ((".png",), ("png",)),
-    "jpeg": ((".jpg", ".jpeg"), ("jpeg", "jpg")),
-}
+# Content types that say nothing about the format (a raw body, a browser that did not know).
+_GENERIC_CONTENT_TYPES = ("application/octet-stream", "multipart/form-data")
 
 
 @dataclass
 class PreprocessInfo:
     """What was done to the input, reported with every prediction."""
 
-    format: str  # "fits" | "png" | "jpeg" (| "galaxy10" for HDF5 rows in the scorer)
+    format: str  # a CutoutFormat.name ("fits", "png", "jpeg"), or "galaxy10" in the scorer
     bands_used: list[str]
     original_shape: tuple[int, ...]
     pixel_scale: float | None = None  # arcsec/px from the WCS (mean of the two axes)
@@ -128,27 +113,26 @@ def resolve_stretch(name: str) -> Stretch:
         ) from None
 
 
-def sniff_format(data: bytes, filename: str | None = None) -> str:
-    """'fits' (plain, gzip or fpack), 'png' or 'jpeg' from magic bytes; else CutoutError."""
+def sniff_format(data: bytes, filename: str | None = None) -> CutoutFormat:
+    """The registered format (galmorph.core.formats) from magic bytes; else CutoutError."""
     if not data:
         raise CutoutError(CutoutErrorKind.INVALID, "empty file")
-    if data.startswith(FITS_MAGIC) or data.startswith(GZIP_MAGIC):
-        return "fits"
-    if data.startswith(_PNG_MAGIC):
-        return "png"
-    if data.startswith(_JPEG_MAGIC):
-        return "jpeg"
-    kind = next((what for magic, what in _OTHER_MAGIC if data.startswith(magic)), None)
+    fmt = formats.identify(data)
+    if fmt is not None:
+        return fmt
+    kind = formats.identify_unsupported(data)
     if kind is None:
         kind = "text" if _looks_like_text(data[:1024]) else "unrecognised binary data"
-    if filename and filename.lower().endswith(_HINTS["fits"][0]):
+    named = formats.named_like(filename) if filename else None
+    if named is not None:
         raise CutoutError(
             CutoutErrorKind.UNSUPPORTED,
-            f"{filename!r} is named like FITS but is {kind}: it lacks the 'SIMPLE  =' card",
+            f"{filename!r} is named like {named.label} but is {kind}: it lacks {named.signature}",
         )
-    named = f" ({filename!r})" if filename else ""
+    named_as = f" ({filename!r})" if filename else ""
     raise CutoutError(
-        CutoutErrorKind.UNSUPPORTED, f"unsupported format{named}: {kind}; {SUPPORTED}"
+        CutoutErrorKind.UNSUPPORTED,
+        f"unsupported format{named_as}: {kind}; send {formats.supported_formats()}",
     )
 
 
@@ -160,18 +144,16 @@ def _looks_like_text(head: bytes) -> bool:
     return all(char.isprintable() or char in "\r\n\t" for char in text)
 
 
-def _hint_warnings(fmt: str, filename: str | None, content_type: str | None) -> list[str]:
-    suffixes, types = _HINTS[fmt]
+def _hint_warnings(fmt: CutoutFormat, filename: str | None, content_type: str | None) -> list[str]:
     notes = []
-    if filename and "." in filename and not filename.lower().endswith(suffixes):
-        notes.append(f"file name {filename!r} ignored: the content is {fmt.upper()}")
-    generic = ("application/octet-stream", "multipart/form-data")
+    if filename and "." in filename and not fmt.matches_filename(filename):
+        notes.append(f"file name {filename!r} ignored: the content is {fmt.label}")
     if (
         content_type
-        and not content_type.startswith(generic)
-        and not any(t in content_type.lower() for t in types)
+        and not content_type.startswith(_GENERIC_CONTENT_TYPES)
+        and not fmt.matches_content_type(content_type)
     ):
-        notes.append(f"content type {content_type!r} ignored: the content is {fmt.upper()}")
+        notes.append(f"content type {content_type!r} ignored: the content is {fmt.label}")
     return notes
 
 
@@ -198,12 +180,12 @@ def decode_cutout(
             CutoutErrorKind.INVALID, f"unknown fit {fit!r}; valid: {', '.join(FIT_MODES)}"
         )
     hints = _hint_warnings(fmt, filename, content_type)
-    if fmt == "fits":
+    if fmt.reader is Reader.FITS:
         decoded = _decode_fits(data, card, chosen, fit or "crop_pad", limits)
     else:
         decoded = _decode_raster(data, fmt, card, fit or "resize", limits)
         if stretch is not None:
-            decoded.info.warnings.append(f"stretch {stretch!r} ignored: {fmt.upper()} is rendered")
+            decoded.info.warnings.append(f"stretch {stretch!r} ignored: {fmt.label} is rendered")
     decoded.info.warnings[:0] = hints
     return decoded
 
@@ -308,13 +290,13 @@ def _to_model_scale(
 
 
 def _decode_raster(
-    data: bytes, fmt: str, card: ModelCard, fit: str, limits: DecodeLimits
+    data: bytes, fmt: CutoutFormat, card: ModelCard, fit: str, limits: DecodeLimits
 ) -> DecodedCutout:
     raster = read_raster(data, fmt, limits)
     image = raster.image
     grey = SINGLE_BAND_WARNING in raster.warnings
     info = PreprocessInfo(
-        format=fmt,
+        format=fmt.name,
         bands_used=["L"] if grey else ["R", "G", "B"],
         original_shape=tuple(int(s) for s in image.shape),
         warnings=raster.warnings,

@@ -11,7 +11,6 @@ really runs on.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 from collections.abc import Sequence
 from functools import cache
@@ -21,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from galmorph.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
+from galmorph.core.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ PREFERRED_PROVIDERS = (CUDA_PROVIDER, CPU_PROVIDER)
 
 class ModelLoadError(ValueError):
     """The file is missing, is not ONNX, or does not follow the galmorph model contract."""
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @cache
@@ -79,7 +71,7 @@ class OnnxModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
-        self.sha256 = file_sha256(self.path)
+        self.sha256 = sha256_file(self.path)
         self.requested_providers = list(providers) if providers else default_providers()
         unknown = [name for name in self.requested_providers if name not in ort.get_all_providers()]
         if unknown:

@@ -31,12 +31,11 @@ import numpy as np
 from astropy.io import fits
 
 from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
+from galmorph.core.formats import FITS_MAGIC, GZIP_MAGIC
 
 BLOCK = 2880
 CARD = 80
 MAX_HEADER_BLOCKS = 200  # 7200 cards; HST drizzled headers have ~1600
-FITS_MAGIC = b"SIMPLE  ="
-GZIP_MAGIC = b"\x1f\x8b"
 VALID_BITPIX = {8, 16, 32, 64, -32, -64}
 _PLAIN_FLOAT_DTYPES = {-32: ">f4", -64: ">f8"}
 COLOUR_BANDS = ("g", "r", "z")

@@ -4,6 +4,12 @@ Layout: `images` uint8 (N, H, W, 3), `ans` integer labels (N,), optional 1-D col
 `redshift`, `pxscale`. Class names come from a root `class_names` attribute when present,
 otherwise the file is Galaxy10 and has its ten classes.
 
+How the images were made (`Galaxy10File.imaging`) comes from root attributes `pixel_scale` (or
+`pxscale`, arcsec/pixel), `stretch` and `bands` (the survey bands shown as R, G, B, e.g. "zrg");
+without them, the most common value of the `pxscale` column, then Galaxy10 DECaLS's facts
+(0.262"/px, dr2_rgb, z/r/g). Rows whose own `pxscale` differs from the file's scale (a few
+hundred Galaxy10 DECaLS images are at 0.524"/px) are brought to the file's scale when read.
+
 The real file is 2.5 GB, so images are only ever read by index. The h5py handle is opened on
 first use and reopened in any other process (a forked or spawned DataLoader worker), because
 an HDF5 handle inherited across fork is not safe to use.
@@ -20,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from galmorph.core.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.contract import GALAXY10_CLASS_NAMES, GALAXY10_DECALS, Imaging
+from galmorph.core.resample import rescale_rgb
 
 if TYPE_CHECKING:
     import h5py
@@ -34,6 +41,8 @@ FINGERPRINT_SAMPLE_ROWS = 16
 # Labels are read whole: refuse absurd row counts before allocating for them.
 MAX_IMAGES = 100_000_000
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Rows within this fraction of the file's pixel scale are left as they are.
+SCALE_TOLERANCE = 0.02
 
 
 class Galaxy10Error(ValueError):
@@ -48,6 +57,9 @@ class Galaxy10File:
         self._handle: h5py.File | None = None
         self._handle_pid: int | None = None
         self.labels, self.class_names, self.image_shape, self._columns = _validate(self.path)
+        self.imaging, self.imaging_source, self._row_zoom = _imaging(
+            self.path, self._columns, self.num_images
+        )
         self.close()  # validation handle: never carry an open HDF5 id into a fork
 
     @property
@@ -69,14 +81,19 @@ class Galaxy10File:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
 
-    def image(self, index: int) -> np.ndarray:
-        """One image, uint8 (H, W, 3)."""
-        index = self._check_index(index)
-        return np.asarray(self._file()[IMAGES_KEY][index], dtype=np.uint8)
+    @property
+    def rows_off_scale(self) -> np.ndarray:
+        """Rows whose own `pxscale` differs from the file's; `images()` rescales them."""
+        return np.flatnonzero(self._row_zoom != 1.0)
 
-    def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    def image(self, index: int) -> np.ndarray:
+        """One image, uint8 (H, W, 3), at the file's pixel scale."""
+        return self.images([self._check_index(index)])[0]
+
+    def images(self, indices: Sequence[int] | np.ndarray, *, as_stored: bool = False) -> np.ndarray:
         """Images at `indices` (any order, repeats allowed), uint8 (len, H, W, 3).
 
+        Every row comes at the file's pixel scale (`imaging.pixel_scale`) unless `as_stored`.
         Sorted unique rows are read as contiguous slices, which h5py serves far faster than
         fancy indexing; the result is then put back in the caller's order.
         """
@@ -94,6 +111,10 @@ class Galaxy10File:
         for start, end in zip(run_starts, run_ends, strict=True):
             first = int(unique[start])
             rows[start:end] = dataset[first : first + (end - start)]
+        if not as_stored:
+            for position in np.flatnonzero(self._row_zoom[unique] != 1.0):
+                zoom = float(self._row_zoom[unique[position]])
+                rows[position] = rescale_rgb(rows[position], zoom)
         out[:] = rows[inverse]
         return out
 
@@ -114,7 +135,7 @@ class Galaxy10File:
             np.linspace(0, self.num_images - 1, FINGERPRINT_SAMPLE_ROWS).round().astype(np.int64)
         )
         sample_hash = hashlib.sha256()
-        for row in self.images(sample):
+        for row in self.images(sample, as_stored=True):
             sample_hash.update(row.tobytes())
         content: dict[str, Any] = {
             "num_images": self.num_images,
@@ -260,3 +281,64 @@ def _class_names(handle: h5py.File, path: Path) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise Galaxy10Error(f"{path}: attribute '{CLASS_NAMES_ATTR}' repeats a class name")
     return names
+
+
+def _imaging(
+    path: Path, columns: tuple[str, ...], num_images: int
+) -> tuple[Imaging, str, np.ndarray]:
+    """The file's imaging facts, where they came from, and each row's zoom (own / file scale)."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        attrs = handle.attrs
+        row_scales = np.asarray(handle["pxscale"][()], np.float64) if "pxscale" in columns else None
+        scale_attr = next((k for k in ("pixel_scale", "pxscale") if k in attrs), None)
+        sources = []
+        if scale_attr is not None:
+            pixel_scale = _positive_float(attrs[scale_attr], path, scale_attr)
+            sources.append(f"attribute {scale_attr}")
+        elif row_scales is not None and np.isfinite(row_scales).any():
+            values, counts = np.unique(row_scales[np.isfinite(row_scales)], return_counts=True)
+            pixel_scale = _positive_float(values[np.argmax(counts)], path, "pxscale column")
+            sources.append("pxscale column")
+        else:
+            pixel_scale = GALAXY10_DECALS.pixel_scale
+        stretch = _text(attrs["stretch"]) if "stretch" in attrs else GALAXY10_DECALS.stretch
+        bands = _bands(attrs["bands"], path) if "bands" in attrs else dict(GALAXY10_DECALS.bands)
+        sources += [f"attribute {key}" for key in ("stretch", "bands") if key in attrs]
+    zoom = np.ones(num_images, np.float64)
+    if row_scales is not None:
+        ratio = row_scales / pixel_scale
+        usable = np.isfinite(ratio) & (ratio > 0)
+        off = usable & (np.abs(ratio - 1) > SCALE_TOLERANCE)
+        zoom[off] = ratio[off]
+    source = ", ".join(sources) if sources else "Galaxy10 DECaLS defaults (no attributes)"
+    return Imaging(pixel_scale, stretch, bands), source, zoom
+
+
+def _positive_float(value: Any, path: Path, what: str) -> float:
+    try:
+        number = float(np.asarray(value).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError):
+        raise Galaxy10Error(f"{path}: {what} must be a number, got {value!r}") from None
+    if not (np.isfinite(number) and number > 0):
+        raise Galaxy10Error(f"{path}: {what} must be a positive pixel scale, got {number}")
+    return number
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bands(value: Any, path: Path) -> dict[str, str]:
+    """ "zrg" (the bands shown as R, G, B) or a JSON object {"R": "z", ...}."""
+    text = _text(value).strip()
+    if text.startswith("{"):
+        mapping = json.loads(text)
+    else:
+        mapping = dict(zip("RGB", text, strict=False)) if len(text) == 3 else {}
+    if set(mapping) != {"R", "G", "B"}:
+        raise Galaxy10Error(
+            f"{path}: attribute 'bands' = {text!r}: give the bands shown as R, G, B, e.g. 'zrg'"
+        )
+    return {channel: str(band) for channel, band in mapping.items()}

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
+from galmorph.core.formats import CutoutFormat
 
-PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 SINGLE_BAND_WARNING = "single band: no colour"
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I"}
 _WITHOUT_ALPHA = {"RGBA": "RGB", "LA": "L", "PA": "RGB"}
@@ -33,16 +33,19 @@ class RasterImage:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_raster(data: bytes, fmt: str, limits: DecodeLimits) -> RasterImage:
-    """Decode PNG or JPEG bytes; raises CutoutError (413 too large, 415 mode, 422 corrupt)."""
-    name = PILLOW_FORMATS[fmt]
+def read_raster(data: bytes, fmt: CutoutFormat, limits: DecodeLimits) -> RasterImage:
+    """Decode a Pillow-read format (PNG, JPEG); raises CutoutError (413 too large, 415 mode,
+    422 corrupt)."""
+    if fmt.pillow_format is None:
+        raise ValueError(f"format {fmt.name!r} is not read with Pillow")
+    name = fmt.label
     try:
         # Thread note: catch_warnings swaps the global filter list; two threads doing the
         # same swap can at worst leave this one filter installed, and the explicit size check
         # below refuses the same images anyway.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[name])
+            image = Image.open(io.BytesIO(data), formats=[fmt.pillow_format])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise CutoutError(
             CutoutErrorKind.TOO_LARGE, f"{name} image refused as a decompression bomb: {exc}"
@@ -65,7 +68,12 @@ def read_raster(data: bytes, fmt: str, limits: DecodeLimits) -> RasterImage:
     notes: list[str] = []
     if getattr(image, "n_frames", 1) > 1:
         notes.append("animated image: only the first frame is used")
-    if fmt == "png" and len(data) > 24 and data[24] == 16 and image.mode not in _SIXTEEN_BIT_MODES:
+    if (
+        image.format == "PNG"
+        and len(data) > 24
+        and data[24] == 16
+        and image.mode not in _SIXTEEN_BIT_MODES
+    ):
         notes.append("16-bit PNG reduced to 8 bit per channel")
     return RasterImage(_to_rgb(image, name, notes), image.mode, notes)
 

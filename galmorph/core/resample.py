@@ -57,14 +57,27 @@ def crop_to_aspect(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return image[centre_window(height, round(width / target))]
 
 
-def resize_rgb(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a uint8 RGB image with Pillow's antialiased bicubic (timm's eval interpolation)."""
+# How rendered images are resized to a model's input: the names a model card may give.
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+INTERPOLATIONS = tuple(_FILTERS)
+
+
+def resize_rgb(
+    image: np.ndarray, shape: tuple[int, int], interpolation: str = "bicubic"
+) -> np.ndarray:
+    """Resize a uint8 RGB image with Pillow (antialiased when shrinking); `interpolation` is a
+    model card's (bicubic is timm's eval interpolation)."""
     height, width = shape
-    resized = Image.fromarray(image, mode="RGB").resize((width, height), Image.Resampling.BICUBIC)
+    resized = Image.fromarray(image, mode="RGB").resize((width, height), _FILTERS[interpolation])
     return np.asarray(resized)
 
 
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+def resize_images(images: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
     """uint8 NHWC batch to size x size with `resize_rgb`, the resize the server applies.
 
     Evaluation and export checks use it too, so reported metrics are measured on the pixels a
@@ -72,4 +85,20 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """
     if tuple(images.shape[1:3]) == (size, size):
         return images
-    return np.stack([resize_rgb(image, (size, size)) for image in images])
+    return np.stack([resize_rgb(image, (size, size), interpolation) for image in images])
+
+
+def rescale_rgb(image: np.ndarray, zoom: float, interpolation: str = "bicubic") -> np.ndarray:
+    """A rendered image at `zoom` times the wanted pixel scale, brought to the wanted scale at
+    the same size: zoom > 1 (it covers more sky) crops the centre and enlarges it; zoom < 1
+    shrinks it and pads with blank sky. The centre stays centred."""
+    height, width = image.shape[:2]
+    if zoom >= 1:
+        window = image[
+            centre_window(height, round(height / zoom)), centre_window(width, round(width / zoom))
+        ]
+        return resize_rgb(np.ascontiguousarray(window), (height, width), interpolation)
+    shrunk = resize_rgb(
+        image, (max(1, round(height * zoom)), max(1, round(width * zoom))), interpolation
+    )
+    return crop_pad(shrunk, (height, width), BLANK_SKY_UINT8)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from galmorph.core.files import atomic_write_text
+
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FORMAT = "galmorph-split"
 SPLIT_VERSION = 1
@@ -36,6 +38,8 @@ class Split:
     fingerprint: dict[str, Any] | None = None
     num_examples: int = 0
     class_counts: dict[str, list[int]] = field(default_factory=dict)  # split -> per-class count
+    # Rows holding the same galaxy (galmorph.core.duplicates), each group kept on one side.
+    duplicate_groups: list[list[int]] = field(default_factory=list)
 
     def indices(self, name: str) -> np.ndarray:
         if name not in SPLIT_NAMES:
@@ -51,16 +55,13 @@ class Split:
             "num_examples": self.num_examples,
             "fingerprint": self.fingerprint,
             "class_counts": self.class_counts,
+            "duplicate_groups": self.duplicate_groups,
             **{name: self.indices(name).tolist() for name in SPLIT_NAMES},
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically (temporary file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        """Write atomically and durably (galmorph.core.files.atomic_write_text)."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Split:
@@ -104,6 +105,7 @@ class Split:
             fingerprint=data.get("fingerprint"),
             num_examples=num_examples,
             class_counts={k: list(map(int, v)) for k, v in data.get("class_counts", {}).items()},
+            duplicate_groups=[list(map(int, g)) for g in data.get("duplicate_groups", [])],
         )
 
     def check_data(self, num_examples: int, fingerprint: dict[str, Any] | None = None) -> None:
@@ -127,12 +129,15 @@ def make_split(
     seed: int = 0,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     fingerprint: dict[str, Any] | None = None,
+    duplicate_groups: list[list[int]] | None = None,
 ) -> Split:
     """Split example indices per class in the given proportions.
 
     Every split with a non-zero fraction gets at least one member of each class that has at
     least as many members as there are such splits; counts otherwise follow the fractions by
-    largest-remainder rounding. Indices within each split are sorted (sequential HDF5 reads).
+    largest-remainder rounding. Then each group of duplicate rows joins the split of its first
+    member, so no galaxy is on both sides. Indices within each split are sorted (sequential
+    HDF5 reads).
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
@@ -147,7 +152,6 @@ def make_split(
     rng = np.random.default_rng(seed)
     num_classes = int(labels.max()) + 1
     parts: list[list[np.ndarray]] = [[], [], []]
-    counts = np.zeros((3, num_classes), dtype=np.int64)
     for cls in range(num_classes):
         members = np.flatnonzero(labels == cls)
         if members.size == 0:
@@ -155,10 +159,19 @@ def make_split(
         members = rng.permutation(members)
         sizes = _allocate(members.size, weights)
         bounds = np.cumsum(sizes)[:-1]
-        for part, (chunk, size) in enumerate(zip(np.split(members, bounds), sizes, strict=True)):
+        for part, chunk in enumerate(np.split(members, bounds)):
             parts[part].append(chunk)
-            counts[part, cls] = size
-    train, val, test = (np.sort(np.concatenate(p)).astype(np.int64) for p in parts)
+    assignment = np.empty(labels.size, np.int64)
+    for part, chunks in enumerate(parts):
+        for chunk in chunks:
+            assignment[chunk] = part
+    groups = [sorted(map(int, group)) for group in duplicate_groups or [] if len(group) > 1]
+    for group in groups:
+        assignment[group] = assignment[group[0]]
+    train, val, test = (np.flatnonzero(assignment == part).astype(np.int64) for part in range(3))
+    counts = np.stack(
+        [np.bincount(labels[members], minlength=num_classes) for members in (train, val, test)]
+    )
     return Split(
         train=train,
         val=val,
@@ -168,6 +181,7 @@ def make_split(
         fingerprint=fingerprint,
         num_examples=int(labels.size),
         class_counts={name: counts[i].tolist() for i, name in enumerate(SPLIT_NAMES)},
+        duplicate_groups=groups,
     )
 
 

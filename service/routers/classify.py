@@ -38,14 +38,15 @@ from galmorph.service.uploads import (
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from galmorph.core.decode import CutoutError, DecodedCutout, DecodeLimits, decode_cutout
+from galmorph.core import formats
+from galmorph.core.decode import CutoutError, DecodedCutout, decode_cutout
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API key required and missing or wrong"},
     413: {"model": ErrorResponse, "description": "body or declared image size over the limit"},
-    415: {"model": ErrorResponse, "description": "not FITS, PNG or JPEG"},
+    415: {"model": ErrorResponse, "description": f"not {formats.format_labels()}"},
     422: {"model": ErrorResponse, "description": "corrupt, truncated or unusable input"},
     503: {"model": ErrorResponse, "description": "not ready, queue full or timed out"},
 }
@@ -110,14 +111,6 @@ def classify_options(
 OptionsDep = Annotated[ClassifyOptions, Depends(classify_options)]
 
 
-def decode_limits(settings: Settings) -> DecodeLimits:
-    return DecodeLimits(
-        max_bytes=settings.max_body_bytes,
-        max_pixels=settings.max_pixels,
-        max_side=settings.max_side,
-    )
-
-
 @dataclass(frozen=True)
 class DecodedUpload:
     upload: Upload
@@ -139,7 +132,7 @@ async def decode_upload(
         content_type=upload.content_type,
         stretch=options.stretch,
         fit=options.fit,
-        limits=decode_limits(settings),
+        limits=settings.decode_limits,
     )
     return DecodedUpload(upload, decoded, time.perf_counter() - started)
 
@@ -173,7 +166,7 @@ async def finish(
     response_model=ClassificationResult,
     responses=ERRORS,
     openapi_extra=SINGLE_BODY,
-    summary="Classify one cutout (FITS, PNG or JPEG)",
+    summary=f"Classify one cutout ({formats.format_labels()})",
 )
 async def classify(
     request: Request,

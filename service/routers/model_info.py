@@ -64,16 +64,7 @@ def model_info(model: OnnxModel, batching: dict[str, float]) -> ModelInfo:
 
 @router.get("/model", response_model=ModelInfo, summary="The served model and how it runs")
 async def get_model(ready: ReadyModelDep) -> ModelInfo:
-    config = ready.batcher.config
-    return model_info(
-        ready.model,
-        {
-            "max_batch_size": config.max_batch_size,
-            "max_delay_ms": config.max_delay_ms,
-            "max_queue": config.max_queue,
-            "timeout_s": config.timeout_s,
-        },
-    )
+    return model_info(ready.model, dataclasses.asdict(ready.batcher.config))
 
 
 @router.get(

@@ -1,17 +1,35 @@
-"""GET /: the drop-a-cutout page (static HTML/JS/CSS, no build step, no CDN)."""
+"""GET /: the drop-a-cutout page (static HTML/JS/CSS, no build step, no CDN).
+
+templates/index.html is a `string.Template`: the formats it names and its file-input `accept`
+list come from the format registry (galmorph.core.formats) when the page is served.
+"""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
+from string import Template
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import HTMLResponse
+
+from galmorph.core import formats
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# Outside static/: the page is only ever served filled in.
+INDEX_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "index.html"
 
 router = APIRouter(tags=["web"])
 
 
+def render_index() -> str:
+    page = Template(INDEX_TEMPLATE.read_text(encoding="utf-8"))
+    return page.substitute(
+        formats=html.escape(formats.format_labels()),
+        accept=html.escape(formats.accept_list()),
+    )
+
+
 @router.get("/", include_in_schema=False)
-async def index() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+async def index() -> HTMLResponse:
+    return HTMLResponse(render_index())
