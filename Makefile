@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_DIR ?= demo
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install browser demo test lint typecheck bench clean
+.PHONY: install browser demo test lint typecheck bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ test: install browser lint typecheck
 
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+# GPU readiness (benchmarks/gpu_check.py; about 8 minutes on one GPU, every part skipped with
+# its reason on a host without one). TORCH_SPEC is installed again so that a CUDA build replaces
+# the CPU one in an existing venv, e.g.
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu130 make gpu-check TORCH_SPEC=torch==2.13.0+cu130
+# GPU_CHECK_ARGS passes options (--plan, --only PART...); all cores for torch here.
+gpu-check: install
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

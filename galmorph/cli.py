@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "galmorph.model.cli",  # model list, export
     "galmorph.service.cli",  # serve, classify
     "galmorph.scoring.cli",  # score, merge
+    "galmorph.scoring.fetch_cli",  # fetch
 )
 
 

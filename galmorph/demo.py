@@ -7,6 +7,7 @@ Every step runs the real `galmorph` command a user would type.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
@@ -64,8 +65,11 @@ def main() -> int:
 
     _run("data", "synth", "--out", train_h5, "--n", "3000", "--size", size, "--seed", "0")
     _run("data", "inspect", train_h5, "--out", out / "contact_sheet.png")
+    # Held-out galaxies as the survey serves them: grz flux cubes at 0.262"/px (256 px, the
+    # Galaxy10 field), beside the same galaxies as Galaxy10-layout rows.
+    cutout_rows = out / "synth_cutouts.h5"
     _run(
-        "data", "synth", "--out", out / "synth_cutouts.h5", "--n", "40", "--size", size,
+        "data", "synth", "--out", cutout_rows, "--n", "40", "--size", "256",
         "--seed", "1", "--fits-dir", cutouts,
     )  # fmt: skip
     _run(
@@ -74,6 +78,7 @@ def main() -> int:
     )  # fmt: skip
     _run("evaluate", run_dir, "--data", train_h5, "--split", "test")
     _run("export", run_dir, "--out", model)
+    _run("model", "inspect", model)
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -89,9 +94,34 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
 
-    _run("score", cutouts / "catalog.csv", "--model", model, "--out", out / "scores")
+    scores = out / "scores"
+    _run(
+        "score",
+        cutouts / "catalog.csv",
+        "--model",
+        model,
+        "--out",
+        scores,
+        "--passthrough",
+        "label",
+    )
+    _run("evaluate", model, "--data", cutout_rows, "--split", "all", "--out", out / "rows_eval")
+    fits_top1 = _scored_top1(scores / "scores.parquet")
+    rows_top1 = json.loads((out / "rows_eval" / "evaluation.json").read_text())["top1"]
+    print(
+        f"\nthe same 40 held-out galaxies: top-1 {fits_top1:.3f} from FITS flux cubes at "
+        f"0.262\"/px (rendered to the model's scale), {rows_top1:.3f} from their HDF5 rows"
+    )
     print(f"\nDemo finished. Everything it made is in {out}")
     return 0
+
+
+def _scored_top1(path: Path) -> float:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["label", "pred_index"]).to_pydict()
+    pairs = list(zip(table["label"], table["pred_index"], strict=True))
+    return sum(label == predicted for label, predicted in pairs) / len(pairs)
 
 
 if __name__ == "__main__":

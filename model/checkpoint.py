@@ -15,14 +15,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from galmorph.core.contract import DR2_RGB_BANDS, LEGACY_SURVEY_PIXEL_SCALE
+from galmorph.model.registry import IMAGENET_MEAN, IMAGENET_STD
+
+from galmorph.core.contract import GALAXY10_DECALS
 from galmorph.core.files import atomic_write, atomic_write_text, sha256_file
+from galmorph.core.resample import DEFAULT_INTERPOLATION
 
 if TYPE_CHECKING:
     from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT_VERSION = 1
 MAX_SPEC_BYTES = 1 << 20  # a spec is a few kB; refuse to parse anything absurd
 
@@ -43,11 +44,13 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    stretch: str = "dr2_rgb"
-    pixel_scale: float = LEGACY_SURVEY_PIXEL_SCALE
+    # The imaging of the training images at img_size (galmorph.core.contract.Imaging).
+    stretch: str = GALAXY10_DECALS.stretch
+    pixel_scale: float = GALAXY10_DECALS.pixel_scale
     training_data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    bands: dict[str, str] = field(default_factory=lambda: dict(DR2_RGB_BANDS))
+    bands: dict[str, str] = field(default_factory=lambda: dict(GALAXY10_DECALS.bands))
+    interpolation: str = DEFAULT_INTERPOLATION
 
     def __post_init__(self) -> None:
         self.class_names = tuple(self.class_names)

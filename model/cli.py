@@ -1,9 +1,10 @@
-"""`galmorph model list` and `galmorph export`: the model registry and the ONNX export."""
+"""`galmorph model list|inspect` and `galmorph export`: the registry, model cards, the export."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -24,6 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--num-classes", type=int, default=10)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(func=_list_models)
+    inspect = model_commands.add_parser(
+        "inspect",
+        help="print the model card of an exported .onnx file",
+        description="Print what an exported model says about itself: classes, input size, "
+        "normalisation, interpolation, stretch, bands, pixel scale and field of view (what a "
+        "FITS cutout is rendered to), training data, metrics and provenance.",
+    )
+    inspect.add_argument("model", type=Path, help="an exported galmorph .onnx file")
+    inspect.add_argument("--json", action="store_true", help="print the card as JSON")
+    inspect.set_defaults(func=_inspect)
 
     export = subparsers.add_parser(
         "export",
@@ -110,13 +121,64 @@ def _list_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from galmorph.core.engine import CPU_PROVIDER, ModelLoadError, OnnxModel
+
+    try:
+        model = OnnxModel(args.model, providers=[CPU_PROVIDER], intra_op_threads=1)
+    except ModelLoadError as exc:
+        print(f"galmorph model inspect: {exc}", file=sys.stderr)
+        return 2
+    card = model.card
+    if args.json:
+        document = {**asdict(card), "field_of_view": list(card.field_of_view)}
+        print(json.dumps({"path": str(args.model), "sha256": model.sha256, **document}, indent=2))
+        return 0
+    height, width = card.input_size
+    fov_h, fov_w = card.field_of_view
+    metrics = card.metrics
+    rows = [
+        ("file", f"{args.model} (sha256 {model.sha256[:12]})"),
+        ("model", f"{card.model_name}, {card.precision}, galmorph {card.package_version}"),
+        ("created", card.created or "unknown"),
+        ("classes", f"{card.num_classes}: {', '.join(card.class_names)}"),
+        ("input", f"{height}x{width} RGB uint8, resized with {card.interpolation}"),
+        ("normalisation", f"mean {list(card.mean)}, std {list(card.std)} (inside the graph)"),
+        ("imaging", f"stretch {card.stretch}, bands R,G,B = {_bands(card.bands)}"),
+        ("pixel scale", f'{card.pixel_scale:.4g}"/px, field of view {fov_h:.1f}" x {fov_w:.1f}"'),
+    ]
+    data = card.training_data.get("fingerprint", {})
+    if data:
+        rows.append(("trained on", f"{data.get('file_name')} ({data.get('num_images')} images)"))
+    if "top1" in metrics:
+        rows.append(
+            ("metrics", f"top-1 {metrics['top1']:.4f}, macro-F1 {metrics.get('macro_f1', 0):.4f}")
+        )
+    width_col = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width_col}}  {value}")
+    return 0
+
+
+def _bands(bands: dict[str, str]) -> str:
+    return "/".join(bands.get(channel, "?") for channel in "RGB")
+
+
 def _export(args: argparse.Namespace) -> int:
     import numpy as np
-    from galmorph.model.checkpoint import load_spec
+    from galmorph.model.checkpoint import CheckpointError, load_spec
     from galmorph.model.export import export_model
     from galmorph.model.sample_images import load_images
 
-    spec = load_spec(args.run_dir)
+    try:
+        spec = load_spec(args.run_dir)
+    except CheckpointError as exc:
+        print(
+            f"galmorph export: {exc} (is {args.run_dir} a finished training run?)", file=sys.stderr
+        )
+        return 2
     out = args.out or args.run_dir / "model.onnx"
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     metrics_path = args.metrics or args.run_dir / "evaluation.json"
@@ -125,7 +187,10 @@ def _export(args: argparse.Namespace) -> int:
     parity_images = None
     if args.parity_data:
         parity_images, _ = load_images(
-            args.parity_data, size=spec.img_size, count=args.parity_count
+            args.parity_data,
+            size=spec.img_size,
+            interpolation=spec.interpolation,
+            count=args.parity_count,
         )
 
     calib_images = eval_images = eval_labels = None
@@ -140,11 +205,16 @@ def _export(args: argparse.Namespace) -> int:
             split = Split.load(split_path)
             train_rows, test_rows = split.train, split.test
         calib_images, _ = load_images(
-            args.calib_data, size=spec.img_size, count=args.calib_count, indices=train_rows
+            args.calib_data,
+            size=spec.img_size,
+            interpolation=spec.interpolation,
+            count=args.calib_count,
+            indices=train_rows,
         )
         eval_images, eval_labels = load_images(
             args.eval_data or args.calib_data,
             size=spec.img_size,
+            interpolation=spec.interpolation,
             count=args.eval_count,
             seed=1,
             indices=test_rows,

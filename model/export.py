@@ -122,6 +122,7 @@ def build_card(
         stretch=spec.stretch,
         bands=dict(spec.bands),
         pixel_scale=spec.pixel_scale,
+        interpolation=spec.interpolation,
         precision=precision,
         model_config={
             "name": spec.name,

@@ -12,8 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from galmorph.core.resample import DEFAULT_INTERPOLATION
+
 if TYPE_CHECKING:
     from torch import nn
+
+# ImageNet statistics: the Astroformer recipe registers no normalisation of its own, so timm
+# used these; galmorph pins them per variant and the model card records them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Modules whose import registers models.
 _MODEL_MODULES = ("galmorph.model.astroformer", "galmorph.model.vit_small")
@@ -28,6 +35,11 @@ class ModelEntry:
     default_img_size: int
     layout: str  # e.g. "C-C-C-T", or "ViT"
     source: str  # where the configuration comes from (paper, or "galmorph")
+    # How images are fed to the variant (timm's pretrained-cfg): normalisation inside the graph,
+    # and the resize of rendered images to default_img_size.
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = DEFAULT_INTERPOLATION
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

@@ -4,12 +4,15 @@ with the resize the server applies (`galmorph.core.resample.resize_images`)."""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from galmorph.core.formats import raster_suffixes
+from galmorph.core.resample import DEFAULT_INTERPOLATION, resize_images
 
 MAX_IMAGE_FILE_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -22,14 +25,17 @@ def load_images(
     count: int,
     seed: int = 0,
     indices: np.ndarray | None = None,
+    interpolation: str = DEFAULT_INTERPOLATION,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(uint8 (N, size, size, 3), labels or None). At most `count` images, chosen at random
-    (seeded) from `indices` (e.g. a split's test rows) or from the whole source."""
+    (seeded) from `indices` (e.g. a split's test rows) or from the whole source, resized with
+    the model card's `interpolation`."""
     source = Path(path)
+    resize = functools.partial(_resize, size=size, interpolation=interpolation)
     if source.is_dir():
-        return _from_folder(source, size=size, count=count, seed=seed), None
+        return _from_folder(source, resize=resize, count=count, seed=seed), None
     if source.suffix.lower() in (".h5", ".hdf5"):
-        return _from_galaxy10(source, size=size, count=count, seed=seed, indices=indices)
+        return _from_galaxy10(source, resize=resize, count=count, seed=seed, indices=indices)
     raise ValueError(f"{source}: expected a Galaxy10-layout .h5 file or a folder of PNG/JPEG")
 
 
@@ -39,14 +45,17 @@ def _pick(candidates: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(candidates, size=count, replace=False))
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    from galmorph.core.resample import resize_images
-
-    return np.ascontiguousarray(resize_images(images, size))
+def _resize(images: np.ndarray, *, size: int, interpolation: str) -> np.ndarray:
+    return np.ascontiguousarray(resize_images(images, size, interpolation))
 
 
 def _from_galaxy10(
-    path: Path, *, size: int, count: int, seed: int, indices: np.ndarray | None
+    path: Path,
+    *,
+    resize: Callable[[np.ndarray], np.ndarray],
+    count: int,
+    seed: int,
+    indices: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     from galmorph.core.galaxy10 import Galaxy10File
 
@@ -57,10 +66,12 @@ def _from_galaxy10(
         chosen = _pick(candidates, count, seed)
         images = data.images(chosen)
         labels = data.labels[chosen]
-    return _resize(images, size), labels
+    return resize(images), labels
 
 
-def _from_folder(folder: Path, *, size: int, count: int, seed: int) -> np.ndarray:
+def _from_folder(
+    folder: Path, *, resize: Callable[[np.ndarray], np.ndarray], count: int, seed: int
+) -> np.ndarray:
     from PIL import Image
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in raster_suffixes())
@@ -75,5 +86,5 @@ def _from_folder(folder: Path, *, size: int, count: int, seed: int) -> np.ndarra
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{file}: {image.width}x{image.height} pixels is too large")
             rgb = np.array(image.convert("RGB"))
-        images.append(_resize(rgb[None], size)[0])
+        images.append(resize(rgb[None])[0])
     return np.stack(images)

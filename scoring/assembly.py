@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from galmorph.scoring.catalog import Catalog, CatalogOptions
 from galmorph.scoring.shards import ROW_INDEX, Manifest, ShardError, ShardPlan, write_part
 
 from galmorph.core.contract import ModelCard
+from galmorph.core.sky import CutoutSpec
 
 
 def build_manifest(
@@ -25,8 +27,31 @@ def build_manifest(
     *,
     shard_size: int,
     stretch: str | None,
+    cutouts: CutoutSpec | None = None,
 ) -> Manifest:
-    """What a rerun must match to resume in the same folder; `stretch` None means the model's."""
+    """What a rerun must match to resume in the same folder; `stretch` None means the model's.
+
+    `cutouts`: what a sky catalog's cutouts are fetched as. The base URL is left out, so a
+    rerun may go through a mirror (or the cache alone) and still resume.
+    """
+    settings: dict[str, Any] = {
+        "id_col": options.id_col,
+        "path_col": options.path_col,
+        "passthrough": list(catalog.passthrough),
+        "stretch": stretch or card.stretch,
+        # What every cutout was rendered to: the model card's input spec.
+        "input": {
+            "size": list(card.input_size),
+            "pixel_scale": card.pixel_scale,
+            "field_of_view": [round(side, 4) for side in card.field_of_view],
+            "interpolation": card.interpolation,
+            "bands": dict(card.bands),
+        },
+    }
+    if cutouts is not None:
+        fetched = cutouts.to_dict()
+        del fetched["base_url"]
+        settings["cutouts"] = {"ra_col": options.ra_col, "dec_col": options.dec_col, **fetched}
     return Manifest(
         catalog=catalog.fingerprint(),
         num_rows=catalog.num_rows,
@@ -34,12 +59,7 @@ def build_manifest(
         model_sha256=model_sha256,
         model_name=card.model_name,
         class_names=list(card.class_names),
-        settings={
-            "id_col": options.id_col,
-            "path_col": options.path_col,
-            "passthrough": list(catalog.passthrough),
-            "stretch": stretch or card.stretch,
-        },
+        settings=settings,
     )
 
 

@@ -1,8 +1,12 @@
 """Catalog readers for batch scoring: every input kind becomes a stream of row blocks.
 
 A block is a `pyarrow.Table` with `row_index` (int64, position in the catalog), `id_str`
-(string), `source` (an absolute cutout path, or a Galaxy10 row number) and the passthrough
-columns. Blocks are produced only for the requested row ranges, in catalog order.
+(string), `source` (an absolute cutout path, a Galaxy10 row number, or for a sky catalog a
+struct<ra, dec> in degrees whose cutouts galmorph.scoring.sky_fetch fetches) and the
+passthrough columns. Blocks are produced only for the requested row ranges, in catalog order.
+
+A table catalog locates cutouts by its path column (`file_loc`) when it has one, else by its
+ra/dec columns (decimal degrees; sexagesimal text is refused when the catalog is opened).
 
 Memory: CSV and Parquet are streamed (pyarrow's incremental CSV reader, Parquet row groups),
 so a catalog of any length is never held whole. ECSV and VOTable are not streamable formats:
@@ -45,6 +49,8 @@ class CatalogError(ValueError):
 class CatalogOptions:
     id_col: str = "id_str"
     path_col: str = "file_loc"
+    ra_col: str = "ra"  # used when the catalog has no path column: cutouts fetched by position
+    dec_col: str = "dec"
     passthrough: tuple[str, ...] = ()  # asked for explicitly; ra/dec are added when present
 
 
@@ -52,7 +58,8 @@ class Catalog:
     """Common interface; subclasses implement `_blocks` for one contiguous row range."""
 
     kind: str = ""
-    # "path": `source` is a cutout file path; "galaxy10": `source` is an HDF5 row number.
+    # "path": `source` is a cutout file path; "galaxy10": `source` is an HDF5 row number;
+    # "sky": `source` is struct<ra, dec>, to be fetched (galmorph.scoring.sky_fetch).
     source_kind: str = "path"
 
     def __init__(self, path: Path, num_rows: int, passthrough: tuple[str, ...]) -> None:
@@ -115,16 +122,49 @@ _ASTROPY_FORMATS = (
 )
 
 
+def _source_kind(available: Sequence[str], options: CatalogOptions, where: str) -> str:
+    """`path` when the path column exists, else `sky` when the ra and dec columns do."""
+    if options.path_col in available:
+        return "path"
+    if options.ra_col in available and options.dec_col in available:
+        return "sky"
+    raise CatalogError(
+        f"{where}: no path column {options.path_col!r} and no position columns "
+        f"{options.ra_col!r}, {options.dec_col!r} (columns: {', '.join(available)}); name them "
+        "with --path-col, or --ra-col and --dec-col"
+    )
+
+
+def _source_columns(kind: str, options: CatalogOptions) -> tuple[str, ...]:
+    return (options.ra_col, options.dec_col) if kind == "sky" else (options.path_col,)
+
+
+def _check_degrees(name: str, dtype: pa.DataType, sample: Any, unit: Any, where: str) -> None:
+    """Refuse a position column that is not decimal degrees, naming what it holds instead."""
+    from galmorph.core.sky import parse_degrees
+
+    if unit is not None and str(unit) not in ("deg", "degree", "degrees"):
+        raise CatalogError(f"{where}: column {name!r} is in {unit}; galmorph takes degrees")
+    if pa.types.is_floating(dtype) or pa.types.is_integer(dtype) or pa.types.is_null(dtype):
+        return
+    if sample is not None:
+        try:
+            parse_degrees(sample, f"{where}: column {name!r} holds")
+        except ValueError as exc:
+            raise CatalogError(str(exc)) from None
+    raise CatalogError(f"{where}: column {name!r} holds {dtype}, not decimal degrees")
+
+
 def _choose_columns(
     available: Sequence[str], options: CatalogOptions, where: str
 ) -> tuple[str, ...]:
-    """Check the id/path columns exist; passthrough = ra/dec when present + those asked."""
-    for role, col in (("id", options.id_col), ("path", options.path_col)):
-        if col not in available:
-            raise CatalogError(
-                f"{where}: no {role} column {col!r} (columns: {', '.join(available)}); "
-                f"name it with --{role}-col"
-            )
+    """Check the id/source columns exist; passthrough = ra/dec when present + those asked."""
+    if options.id_col not in available:
+        raise CatalogError(
+            f"{where}: no id column {options.id_col!r} (columns: {', '.join(available)}); "
+            "name it with --id-col"
+        )
+    _source_kind(available, options, where)
     missing = [c for c in options.passthrough if c not in available]
     if missing:
         raise CatalogError(
@@ -146,6 +186,25 @@ def _resolve_paths(values: pa.ChunkedArray | pa.Array, base: Path) -> pa.Array:
         p = Path(str(value).strip()).expanduser()
         out.append(str(p if p.is_absolute() else base / p))
     return pa.array(out, pa.string())
+
+
+def _source_array(
+    kind: str,
+    column: Callable[[str], pa.Array | pa.ChunkedArray],
+    options: CatalogOptions,
+    base: Path,
+) -> pa.Array:
+    """The `source` column: absolute cutout paths, or for sky catalogs struct<ra, dec>."""
+    if kind != "sky":
+        return _resolve_paths(column(options.path_col), base)
+    ra, dec = (pc.cast(column(c), pa.float64()) for c in (options.ra_col, options.dec_col))
+    whole = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in (ra, dec)]
+    return pa.StructArray.from_arrays(whole, names=["ra", "dec"])
+
+
+def _read_columns(options: CatalogOptions, kind: str, passthrough: Sequence[str]) -> list[str]:
+    """Columns a block needs, each once (a sky catalog's ra/dec are usually passed through)."""
+    return list(dict.fromkeys([options.id_col, *_source_columns(kind, options), *passthrough]))
 
 
 def _block(
@@ -174,7 +233,7 @@ class ArrowCatalog(Catalog):
         return _block(
             start,
             table.column(opts.id_col),
-            _resolve_paths(table.column(opts.path_col), self.path.resolve().parent),
+            _source_array(self.source_kind, table.column, opts, self.path.resolve().parent),
             {c: table.column(c) for c in self.passthrough},
         )
 
@@ -190,11 +249,21 @@ class CsvCatalog(ArrowCatalog):
         self.path = path
         self._options = options
         self._parse = pacsv.ParseOptions(delimiter="\t" if path.name.endswith(".tsv") else ",")
-        header = pacsv.open_csv(path, parse_options=self._parse).schema.names
-        passthrough = _choose_columns(header, options, path.name)
+        schema = pacsv.open_csv(path, parse_options=self._parse).schema
+        passthrough = _choose_columns(schema.names, options, path.name)
+        self.source_kind = _source_kind(schema.names, options, path.name)
+        text = {options.id_col: pa.string()}
+        if self.source_kind == "sky":
+            first = next(iter(pacsv.open_csv(path, parse_options=self._parse)), None)
+            for name in (options.ra_col, options.dec_col):
+                values = [] if first is None else first.column(name)
+                sample = values[0].as_py() if len(values) else None
+                _check_degrees(name, schema.field(name).type, sample, None, path.name)
+        else:
+            text[options.path_col] = pa.string()
         self._convert = pacsv.ConvertOptions(
-            include_columns=[options.id_col, options.path_col, *passthrough],
-            column_types={options.id_col: pa.string(), options.path_col: pa.string()},
+            include_columns=_read_columns(options, self.source_kind, passthrough),
+            column_types=text,
         )
         num_rows = sum(len(b) for b in self._reader(id_only=True))
         super().__init__(path, num_rows, passthrough)
@@ -230,14 +299,21 @@ class ParquetCatalog(ArrowCatalog):
 
         self._options = options
         self._file = pq.ParquetFile(path)
-        passthrough = _choose_columns(self._file.schema_arrow.names, options, path.name)
+        schema = self._file.schema_arrow
+        passthrough = _choose_columns(schema.names, options, path.name)
+        self.source_kind = _source_kind(schema.names, options, path.name)
+        if self.source_kind == "sky":
+            for name in (options.ra_col, options.dec_col):
+                first = next(self._file.iter_batches(batch_size=1, columns=[name]), None)
+                sample = first.column(0)[0].as_py() if first is not None and len(first) else None
+                _check_degrees(name, schema.field(name).type, sample, None, path.name)
         super().__init__(path, self._file.metadata.num_rows, passthrough)
 
     def _blocks(self, ranges: list[range], block_rows: int) -> Iterator[pa.Table]:
         meta = self._file.metadata
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         bounds = itertools.pairwise(itertools.accumulate(sizes, initial=0))
-        columns = [self._options.id_col, self._options.path_col, *self.passthrough]
+        columns = _read_columns(self._options, self.source_kind, self.passthrough)
         for group, (lo, hi) in enumerate(bounds):
             inside = [r for r in ranges if r.start < hi and r.stop > lo]
             if not inside:
@@ -262,6 +338,12 @@ class AstropyCatalog(Catalog):
         except Exception as exc:  # astropy raises many types for unreadable tables
             raise CatalogError(f"cannot read {path.name} as {fmt} table: {exc}") from exc
         passthrough = _choose_columns(self._table.colnames, options, path.name)
+        self.source_kind = _source_kind(self._table.colnames, options, path.name)
+        if self.source_kind == "sky":
+            for name in (options.ra_col, options.dec_col):
+                head = self._column(name, 0, 1)
+                sample = head[0].as_py() if len(head) else None
+                _check_degrees(name, head.type, sample, self._table[name].unit, path.name)
         super().__init__(path, len(self._table), passthrough)
 
     def _column(self, name: str, start: int, stop: int) -> pa.Array:
@@ -281,7 +363,12 @@ class AstropyCatalog(Catalog):
         return _block(
             start,
             self._column(opts.id_col, start, stop),
-            _resolve_paths(self._column(opts.path_col, start, stop), self.path.resolve().parent),
+            _source_array(
+                self.source_kind,
+                lambda name: self._column(name, start, stop),
+                opts,
+                self.path.resolve().parent,
+            ),
             {c: self._column(c, start, stop) for c in self.passthrough},
         )
 

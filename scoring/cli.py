@@ -12,12 +12,20 @@ import logging
 import sys
 from pathlib import Path
 
+from galmorph.scoring.fetch_cli import add_cutout_arguments, sky_config
+
 logger = logging.getLogger(__name__)
 
 SCORE_EPILOG = """\
 Catalog: CSV/ECSV/FITS table/VOTable/Parquet with id and cutout-path columns (relative paths
 resolve against the catalog's folder), a Galaxy10-layout .h5 (every image; id = row number),
 or a folder or quoted glob of FITS/PNG/JPEG cutouts.
+
+A table without a path column but with ra/dec (decimal degrees) is scored from the Legacy
+Survey cutout service: cutouts missing from the cache (--cache) are fetched first, at the
+model's input size and pixel scale; a cutout that cannot be had becomes an error row
+`fetch: ...` with the HTTP status. `galmorph fetch` fills the cache ahead (login nodes);
+--offline then scores from the cache alone.
 
 Output: OUT_DIR/part-NNNNN.parquet per shard (written atomically), manifest.json, and when
 the whole catalog is done, OUT_DIR/scores.<format>. A rerun skips finished shards; a rerun
@@ -114,12 +122,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="onnxruntime providers in order, e.g. CPUExecutionProvider "
         "(default: CUDA if this onnxruntime build has it, then CPU)",
     )
+    score.add_argument(
+        "--allow-cpu-fallback",
+        action="store_true",
+        help="score on the CPU when CUDA fails to start on a host with an NVIDIA driver "
+        "(default: refuse, exit 2; --providers CPUExecutionProvider chooses the CPU outright)",
+    )
     score.add_argument("--stretch", default=None, help="colour stretch (default: the model's)")
     score.add_argument(
         "--no-merge",
         action="store_true",
         help="do not merge at the end even when this run covers the whole catalog",
     )
+    score.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="cutout cache folder for ra/dec catalogs (default: $GALMORPH_CUTOUT_CACHE, "
+        "else ~/.cache/galmorph/cutouts)",
+    )
+    add_cutout_arguments(score)
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=run_score)
 
@@ -144,15 +166,26 @@ def run_score(args: argparse.Namespace) -> int:
     from galmorph.scoring.run import ScoreConfig, score
     from galmorph.scoring.shards import ShardError
 
-    from galmorph.core.engine import ModelLoadError
+    from galmorph.core.engine import CpuFallbackError, GpuPolicy, ModelLoadError, probe_placement
 
+    # Before the catalog is read: a GPU host whose CUDA does not start must not spend hours
+    # scoring on the CPU unasked.
+    try:
+        GpuPolicy(allow_cpu_fallback=args.allow_cpu_fallback).check(probe_placement(args.providers))
+    except CpuFallbackError as exc:
+        print(f"galmorph score: {exc}", file=sys.stderr)
+        return 2
     config = ScoreConfig(
         catalog=args.catalog,
         model=args.model,
         out_dir=args.out,
         output_format=args.format,
         catalog_options=CatalogOptions(
-            id_col=args.id_col, path_col=args.path_col, passthrough=args.passthrough
+            id_col=args.id_col,
+            path_col=args.path_col,
+            ra_col=args.ra_col,
+            dec_col=args.dec_col,
+            passthrough=args.passthrough,
         ),
         shard_size=args.shard_size,
         shard_index=args.shard_index,
@@ -165,6 +198,7 @@ def run_score(args: argparse.Namespace) -> int:
         engine=args.engine,
         progress=not args.quiet,
         merge=False if args.no_merge else None,
+        sky=sky_config(args, args.cache),
     )
     try:
         summary = score(config)

@@ -4,10 +4,16 @@ Functions a ProcessPoolExecutor calls must be module-level in an importable modu
 live here, apart from the driver. Decoding is galmorph.core.decode, the same code the server
 runs, so a cutout gets the same pixels from both. A bad or missing cutout becomes a zero image
 plus an error text (`kind: message`); it never stops the run.
+
+Sky catalogs arrive here already fetched (galmorph.scoring.sky_fetch): each source is the
+cache file of its cutout or the error text of its row, so workers never touch the network.
+A cache file is checked as it is decoded (it must parse and have the shape that was asked
+for); one that fails is removed from the cache, so the next fetch gets it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +36,15 @@ class DecodeSettings:
 
     card: ModelCard
     stretch: str | None
-    source_kind: str  # "path" | "galaxy10"
+    source_kind: str  # "path" | "galaxy10" | "sky"
     galaxy10_path: str | None = None
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    # sky: the shape a cached cutout must have (galmorph.core.sky.CutoutSpec.expected_shape)
+    cutout_shape: tuple[int, ...] | None = None
+
+
+class RowError(Exception):
+    """A row that failed before decoding (fetch, position); its text is the error column."""
 
 
 _galaxy10_files: dict[str, Any] = {}
@@ -54,6 +66,8 @@ def decode_sources(
 
 
 def _decode_one(settings: DecodeSettings, source: Any) -> np.ndarray:
+    if settings.source_kind == "sky":
+        return _sky_image(settings, source)
     if source is None:
         raise FileNotFoundError("no cutout path in the catalog row")
     if settings.source_kind == "galaxy10":
@@ -68,6 +82,27 @@ def _decode_one(settings: DecodeSettings, source: Any) -> np.ndarray:
         raise
 
 
+def _sky_image(settings: DecodeSettings, source: dict[str, str | None]) -> np.ndarray:
+    path = source["path"]
+    if path is None:
+        raise RowError(source["error"] or "fetch: no cutout")
+    try:
+        decoded = decode_path(
+            path, card=settings.card, stretch=settings.stretch, limits=settings.limits
+        )
+        problem = None
+        if decoded.info.original_shape != settings.cutout_shape:
+            problem = f"shape {decoded.info.original_shape}, not {settings.cutout_shape}"
+    except CutoutError as exc:
+        problem = f"{exc.kind.value}: {exc.message}"
+    if problem is None:
+        return decoded.image
+    # Fetched files were checked before they were cached: this one was damaged since.
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    raise RowError(f"fetch: cached cutout {path} is unusable ({problem}); removed, fetch again")
+
+
 def _galaxy10_image(settings: DecodeSettings, index: int) -> np.ndarray:
     from galmorph.core.galaxy10 import Galaxy10File
 
@@ -78,11 +113,13 @@ def _galaxy10_image(settings: DecodeSettings, index: int) -> np.ndarray:
     image = handle.image(index)
     # Same fitting as an uploaded PNG of that size: the scorer and the server agree on pixels.
     info = PreprocessInfo(format="galaxy10", bands_used=["R", "G", "B"], original_shape=image.shape)
-    return fit_rgb(image, settings.card.input_size, "resize", info)
+    return fit_rgb(image, settings.card.input_size, "resize", info, settings.card.interpolation)
 
 
 def describe_error(exc: BaseException) -> str:
     """`kind: message` for the error column; the kind is what the summary counts."""
+    if isinstance(exc, RowError):
+        return str(exc)
     if isinstance(exc, CutoutError):
         return f"{exc.kind.value}: {exc.message}"
     if isinstance(exc, FileNotFoundError):

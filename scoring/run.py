@@ -9,6 +9,11 @@ atomically as soon as it is complete. A full run then merges the parts.
 
 A bad or missing cutout becomes a row whose `error` says why ("kind: message",
 galmorph.scoring.decode_worker); it never stops the run.
+
+Sky catalogs (ra/dec, no path column) go through the fetch stage first
+(galmorph.scoring.sky_fetch): cutouts the cache lacks are fetched in this process, at the
+model card's size and pixel scale unless `sky.cutouts` says otherwise; a cutout that cannot be
+had becomes a `fetch` error row.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from galmorph.scoring.shards import (
     merge,
     remove_stale_temps,
 )
+from galmorph.scoring.sky_fetch import SkyConfig, SkyStage
 
 from galmorph.core.decode import CutoutError, resolve_stretch
+from galmorph.core.sky import CutoutSpec
 
 if TYPE_CHECKING:
     from galmorph.core.engine import OnnxModel
@@ -66,6 +73,7 @@ class ScoreConfig:
     engine: str = "local"
     progress: bool = True
     merge: bool | None = None  # None: merge when this run covers the whole catalog
+    sky: SkyConfig = field(default_factory=SkyConfig)  # catalogs of positions: fetch + cache
 
 
 @dataclass
@@ -78,6 +86,7 @@ class ScoreSummary:
     seconds: float  # scoring, from the first batch to the last part written
     startup_seconds: float = 0.0  # opening the model and warming it up, before `seconds`
     merged: MergeSummary | None = None
+    cutouts: dict[str, Any] | None = None  # sky catalogs: rows cached / fetched / failed
 
     @property
     def images_per_second(self) -> float:
@@ -94,6 +103,8 @@ class ScoreSummary:
             "images_per_second": round(self.images_per_second, 2),
             "startup_seconds": round(self.startup_seconds, 3),
         }
+        if self.cutouts is not None:
+            out["cutouts"] = self.cutouts
         if self.merged is not None:
             out["merged"] = {
                 "path": str(self.merged.path),
@@ -127,6 +138,9 @@ def score(config: ScoreConfig) -> ScoreSummary:
         config.model, providers=providers, intra_op_threads=ort_threads, inter_op_threads=1
     )
     builder = ResultBuilder(model.card, model.sha256, catalog.passthrough)
+    spec = None
+    if catalog.source_kind == "sky":
+        spec = CutoutSpec.for_card(model.card, config.sky.cutouts)
     manifest = build_manifest(
         catalog,
         config.catalog_options,
@@ -134,6 +148,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
         model.sha256,
         shard_size=config.shard_size,
         stretch=config.stretch,
+        cutouts=spec,
     )
     claim_output(config.out_dir, manifest)
     plan = manifest.plan
@@ -155,6 +170,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
         stretch=config.stretch,
         source_kind=catalog.source_kind,
         galaxy10_path=str(catalog.path) if catalog.source_kind == "galaxy10" else None,
+        cutout_shape=None if spec is None else spec.expected_shape,
     )
     assembler = ShardAssembler(config.out_dir, plan, todo)
     if config.engine == "local" and todo_rows:
@@ -165,6 +181,12 @@ def score(config: ScoreConfig) -> ScoreSummary:
     logger.info("model loaded and warmed up in %.2f s", startup_seconds)
     started = time.perf_counter()
     blocks = catalog.iter_blocks([plan.rows(k) for k in todo])
+    stage = None
+    if spec is not None:
+        stage = SkyStage(
+            config.sky, spec, progress=config.progress, total=todo_rows, progress_position=1
+        )
+        blocks = stage.resolve(blocks)
     results = _make_engine(config, model, settings).run(blocks, builder)
     _drive(results, assembler, todo_rows, config.progress)
     assembler.finish()
@@ -180,6 +202,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
         seconds=seconds,
         startup_seconds=startup_seconds,
         merged=merged,
+        cutouts=None if stage is None else stage.counts.to_dict(),
     )
 
 

@@ -4,8 +4,9 @@ settings, model runtime and metrics registry (tests build several side by side).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,11 +15,18 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from galmorph.service.batching import BatcherStoppedError, InferenceTimeoutError, QueueFullError
 from galmorph.service.errors import cutout_status
+from galmorph.service.headers import SecurityHeadersMiddleware
+from galmorph.service.http_protocol import POLICY_STATE_KEY, ConnectionPolicy
 from galmorph.service.metrics import MetricsMiddleware, ServiceMetrics
 from galmorph.service.routers import classify, health, metrics, model_info, web
 from galmorph.service.runtime import ServiceRuntime
 from galmorph.service.settings import Settings
-from galmorph.service.uploads import PayloadTooLargeError, UploadError
+from galmorph.service.uploads import (
+    BodyTimeoutError,
+    PayloadTooLargeError,
+    ServerDrainingError,
+    UploadError,
+)
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
@@ -33,14 +41,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     service_metrics = ServiceMetrics()
     runtime = ServiceRuntime(settings, service_metrics)
+    service_metrics.sample_queue = lambda: (
+        runtime.batcher.queue_length if runtime.batcher is not None else 0
+    )
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[Mapping[str, Any]]:
+        # Lifespan state: uvicorn hands it to every connection's protocol and every request.
+        policy = ConnectionPolicy(
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            # Half the graceful-shutdown time: the answers still have to be sent after it.
+            shutdown_upload_grace_s=settings.graceful_shutdown_s / 2,
+            on_header_timeout=service_metrics.header_timeouts.inc,
+        )
         runtime.start()
         try:
-            yield
+            yield {POLICY_STATE_KEY: policy}
         finally:
             await runtime.stop()
+            service_metrics.close()
 
     app = FastAPI(
         title="galmorph",
@@ -48,6 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=f"Galaxy morphology classification of {formats.format_labels()} cutouts "
         "(Galaxy10 DECaLS classes) with onnxruntime.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN: only when asked for.
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
     )
     app.state.settings = settings
     app.state.metrics = service_metrics
@@ -63,10 +86,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["X-API-Key", "Content-Type"],
         )
+    app.add_middleware(SecurityHeadersMiddleware, docs_paths=docs_paths(app))
     # Outermost, so it also counts responses produced by the exception handlers.
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)
     add_exception_handlers(app)
     return app
+
+
+def docs_paths(app: FastAPI) -> frozenset[str]:
+    paths = (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    return frozenset(path for path in paths if path is not None and app.docs_url is not None)
 
 
 def app_from_environment() -> FastAPI:
@@ -89,6 +118,14 @@ def add_exception_handlers(app: FastAPI) -> None:
     async def too_large(_: Request, exc: PayloadTooLargeError) -> JSONResponse:
         # The rest of the body was not read: closing the connection is the only safe end.
         return _error(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(BodyTimeoutError)
+    async def body_timeout(_: Request, exc: BodyTimeoutError) -> JSONResponse:
+        return _error(408, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(ServerDrainingError)
+    async def draining(_: Request, exc: ServerDrainingError) -> JSONResponse:
+        return _error(503, str(exc), {"Connection": "close", "Retry-After": "5"})
 
     @app.exception_handler(UploadError)
     async def bad_upload(_: Request, exc: UploadError) -> JSONResponse:

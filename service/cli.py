@@ -23,6 +23,11 @@ GALMORPH_MODEL_PATH, GALMORPH_MAX_BATCH_SIZE, GALMORPH_API_KEY, GALMORPH_CORS_OR
 GALMORPH_REQUIRE_GPU=true) or a .env file; flags win over both. The API key is read only
 from the environment or .env, never from the command line.
 
+GPU: where an NVIDIA driver is present and CUDA fails to start, serve refuses to start (exit
+2, naming the reason) instead of running on the CPU; --allow-cpu-fallback runs it on the CPU
+anyway, --providers CPUExecutionProvider chooses the CPU outright. --require-gpu refuses the
+CPU on any host.
+
 Endpoints: POST /classify, POST /classify/batch, GET /model, /healthz, /readyz, /metrics,
 KServe v2 /v2/health/live|ready and /v2/models/{name}; the web page is at /.
 """
@@ -35,6 +40,7 @@ SERVE_OVERRIDES = {
     "workers": "workers",
     "providers": "providers",
     "require_gpu": "require_gpu",
+    "allow_cpu_fallback": "allow_cpu_fallback",
     "threads": "intra_op_threads",
     "max_batch_size": "max_batch_size",
     "max_delay_ms": "max_delay_ms",
@@ -67,7 +73,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--require-gpu",
         action="store_true",
         default=None,
-        help="never become ready unless CUDAExecutionProvider is really active",
+        help="refuse to run unless CUDAExecutionProvider is really active, on any host",
+    )
+    serve.add_argument(
+        "--allow-cpu-fallback",
+        action="store_true",
+        default=None,
+        help="run on the CPU when CUDA fails to start on a host with an NVIDIA driver "
+        "(default: refuse to start)",
     )
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     serve.add_argument("--max-batch-size", type=int, help="images per model run (1: no batching)")
@@ -108,6 +121,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from galmorph.service.settings import Settings
     from pydantic import ValidationError
 
+    from galmorph.core.engine import CpuFallbackError, probe_placement
+
     overrides = {
         field: getattr(args, flag)
         for flag, field in SERVE_OVERRIDES.items()
@@ -131,6 +146,13 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     log_config = logging_config(settings.log_format, settings.log_level)
     logging.config.dictConfig(log_config)
+    # Before the port opens and whether or not the model is there yet: a GPU host whose CUDA
+    # does not start must not come up serving on the CPU.
+    try:
+        settings.gpu_policy.check(probe_placement(settings.providers or None))
+    except CpuFallbackError as exc:
+        print(f"galmorph serve: {exc}", file=sys.stderr)
+        return 2
     # Worker processes rebuild the same settings from the environment.
     os.environ.update(settings.to_environment())
     uvicorn.run(

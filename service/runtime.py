@@ -1,8 +1,9 @@
 """The model's life in the server: wait for it, load it, warm it up, verify its provider.
 
 Loading runs in the background so the process is live at once and `/readyz` says what it is
-waiting for. Ready means: model loaded, warmed up at batch sizes 1 and the maximum (so the
-first requests do not pay for allocation), and the active provider checked.
+waiting for: with no model file yet, the commands that make one (`no_model_help`), logged once.
+Ready means: model loaded, its providers allowed by the GPU policy (settings.gpu_policy), and
+warmed up at batch sizes 1 and the maximum (so the first requests do not pay for allocation).
 """
 
 from __future__ import annotations
@@ -17,9 +18,37 @@ from galmorph.service.batching import MicroBatcher
 from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.settings import Settings
 
-from galmorph.core.engine import ModelLoadError, OnnxModel
+from galmorph.core.engine import CpuFallbackError, ModelLoadError, OnnxModel
 
 logger = logging.getLogger(__name__)
+
+
+def no_model_help(path: Path, settings: Settings) -> str:
+    """What to run when there is no model at `path` yet: with the compose files' own commands
+    in a compose deployment (settings.compose_command), else with galmorph's."""
+    lines = [
+        f"waiting for model at {path}: there is no file there yet; it is loaded as soon as it "
+        f"appears (checked every {settings.model_wait_interval_s:g} s).",
+    ]
+    if settings.compose_command:
+        compose = settings.compose_command
+        lines += [
+            f"To download Galaxy10 DECaLS, train, evaluate and export a model to {path}:",
+            f"    {compose} --profile train run --rm train",
+            f"To serve an .onnx you already have, mount the folder that holds it as {path.name}:",
+            f"    GALMORPH_MODELS_MOUNT=/path/to/that/folder {compose} up -d serve",
+            "docker/README.md has the whole path, with the expected times.",
+        ]
+    else:
+        lines += [
+            f"To download Galaxy10 DECaLS, train and export a model to {path}:",
+            "    galmorph data download --out data/",
+            "    galmorph train --data data/Galaxy10_DECals.h5 --model astroformer_4 "
+            "--out runs/astroformer_4",
+            f"    galmorph export runs/astroformer_4 --out {path}",
+            f"Or copy an .onnx made by `galmorph export` to {path}.",
+        ]
+    return "\n".join(lines)
 
 
 class ServiceRuntime:
@@ -56,12 +85,18 @@ class ServiceRuntime:
             return
         try:
             model = await self._open(path)
-            sizes = sorted({1, self.settings.max_batch_size})
-            await asyncio.to_thread(model.warm_up, sizes)
         except ModelLoadError as exc:
             self._not_ready(f"model failed to load: {exc}")
             return
+        # Kept while refused: /readyz reports the providers the refused session got.
         self.model = model
+        try:
+            self.settings.gpu_policy.check(model.placement)
+        except CpuFallbackError as exc:
+            self._not_ready(str(exc))
+            return
+        sizes = sorted({1, self.settings.max_batch_size})
+        await asyncio.to_thread(model.warm_up, sizes)
         self.metrics.model_info.labels(
             model.card.model_name, model.sha256[:12], model.sha256, ",".join(model.providers)
         ).set(1)
@@ -74,12 +109,6 @@ class ServiceRuntime:
             on_batch=self.metrics.observe_batch,
         )
         self.batcher.start()
-        if self.settings.require_gpu and not model.cuda_active:
-            self._not_ready(
-                f"require_gpu is set but the session runs on {model.providers}: "
-                "CUDAExecutionProvider did not load (check CUDA/cuDNN and the GPU)"
-            )
-            return
         self.ready, self.reason = True, None
         self.metrics.ready.set(1)
         logger.info(
@@ -92,9 +121,11 @@ class ServiceRuntime:
         )
 
     async def _open(self, path: Path) -> OnnxModel:
-        """Open the model; in wait mode keep retrying (a missing or half-written file)."""
+        """Open the model; in wait mode keep retrying (a missing or half-written file), and
+        log each new reason for waiting once."""
         settings = self.settings
         started = time.monotonic()
+        logged: str | None = None
         while True:
             try:
                 return await asyncio.to_thread(
@@ -109,13 +140,13 @@ class ServiceRuntime:
                 timeout = settings.model_wait_timeout_s
                 if not settings.wait_for_model or (timeout is not None and waited >= timeout):
                     raise
-                self.reason = f"waiting for model at {path}"
-                logger.info(
-                    "waiting for model at %s (%s); next check in %g s",
-                    path,
-                    exc,
-                    settings.model_wait_interval_s,
-                )
+                if path.exists():
+                    self.reason = f"waiting for model at {path}: {exc}"
+                else:
+                    self.reason = no_model_help(path, settings)
+                if self.reason != logged:
+                    logger.warning("not ready: %s", self.reason)
+                    logged = self.reason
                 await asyncio.sleep(settings.model_wait_interval_s)
 
     def _not_ready(self, reason: str) -> None:

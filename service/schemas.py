@@ -6,9 +6,31 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from galmorph.core import formats
+
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong, in words")
+
+
+# What each error status means on this API; every refusal has the ErrorResponse body.
+ERROR_DESCRIPTIONS = {
+    401: "API key required and missing or wrong",
+    404: "no such model",
+    408: "the upload paused for longer than the body timeout",
+    413: "body or declared image size over the limit",
+    415: f"not {formats.format_labels()}",
+    422: "corrupt, truncated or unusable input, or an invalid parameter",
+    503: "not ready, queue full, timed out or shutting down (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route that can answer these error statuses."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        for status in statuses
+    }
 
 
 class ClassProbability(BaseModel):

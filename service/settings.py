@@ -10,6 +10,7 @@ back as `decode_limits` and `batcher_config`.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,6 +19,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from galmorph.core.cutout_limits import MIB, DecodeLimits
+from galmorph.core.engine import GpuPolicy
 
 _LIMITS = DecodeLimits()
 _BATCHING = BatcherConfig()
@@ -33,8 +35,13 @@ class Settings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="onnxruntime providers in order; empty: CUDA then CPU"
     )
-    require_gpu: bool = Field(
-        default=False, description="stay not-ready unless CUDA is really active"
+    # The GPU policy (galmorph.core.engine.GpuPolicy): require_gpu refuses the CPU everywhere,
+    # allow_cpu_fallback accepts it even where an NVIDIA driver is present; at most one is set.
+    require_gpu: bool = Field(default=False, description="refuse to run unless CUDA is active")
+    allow_cpu_fallback: bool = Field(
+        default=False,
+        description="run on the CPU when CUDA fails on a host with an NVIDIA driver "
+        "(default: refuse to start)",
     )
     intra_op_threads: int | None = Field(
         default=None, ge=1, description="None: onnxruntime default"
@@ -43,6 +50,11 @@ class Settings(BaseSettings):
     wait_for_model: bool = Field(default=False, description="wait for the model file to appear")
     model_wait_interval_s: float = Field(default=5.0, gt=0)
     model_wait_timeout_s: float | None = Field(default=None, gt=0, description="None: wait forever")
+    compose_command: str | None = Field(
+        default=None,
+        description="set by the compose files: how this deployment is run, for the commands "
+        "the server prints while it has no model",
+    )
 
     # Dynamic batching (BatcherConfig)
     max_batch_size: int = Field(
@@ -76,9 +88,39 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     api_key: SecretStr | None = Field(default=None, description="when set, X-API-Key is required")
+    published_address: str | None = Field(
+        default=None,
+        description="host address a deployment publishes the port on (the compose files set "
+        "it); any but a loopback address requires api_key",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    docs: bool = Field(
+        default=False,
+        description="serve /docs and /redoc (their scripts come from a CDN); "
+        "/openapi.json is always served",
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Slow and hostile clients (uvicorn's own limits where it has them; docker/README.md)
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="request line + headers; longer gets 400"
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a connection must send a whole request head within"
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="longest wait for the next piece of an upload (408)"
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, description="idle keep-alive connections are closed after"
+    )
+    max_connections: int = Field(
+        default=256, ge=1, description="open connections (and requests) beyond this get 503"
+    )
+    graceful_shutdown_s: int = Field(
+        default=10, ge=1, description="on SIGTERM, requests in progress get this long"
+    )
 
     @field_validator("providers", "cors_origins", mode="before")
     @classmethod
@@ -86,6 +128,22 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _one_gpu_policy(self) -> Settings:
+        # GpuPolicy refuses require_gpu together with allow_cpu_fallback.
+        GpuPolicy(require_gpu=self.require_gpu, allow_cpu_fallback=self.allow_cpu_fallback)
+        return self
+
+    @model_validator(mode="after")
+    def _key_when_published(self) -> Settings:
+        address = self.published_address
+        if address and not is_loopback(address) and self.api_key is None:
+            raise ValueError(
+                f"published on {address}, beyond this host, without an API key: set "
+                "GALMORPH_API_KEY, or publish on 127.0.0.1 (GALMORPH_BIND_ADDRESS)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> Settings:
@@ -96,6 +154,14 @@ class Settings(BaseSettings):
                 f"max_queue ({self.max_queue})"
             )
         return self
+
+    @property
+    def gpu_policy(self) -> GpuPolicy:
+        return GpuPolicy(
+            require_gpu=self.require_gpu,
+            allow_cpu_fallback=self.allow_cpu_fallback,
+            allow_hint="--allow-cpu-fallback or GALMORPH_ALLOW_CPU_FALLBACK=1",
+        )
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -131,3 +197,13 @@ class Settings(BaseSettings):
                 value = str(value).lower()
             environment[f"GALMORPH_{name.upper()}"] = str(value)
         return environment
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: assume it is reachable from outside
+        return False

@@ -4,16 +4,24 @@ A declared Content-Length over the limit is refused before anything is read; oth
 counted as they arrive and reading stops at the limit, so an oversized (or chunked, undeclared)
 body is never buffered whole. Multipart bodies go through Starlette's parser fed by the same
 counting stream (its own `max_part_size` covers only non-file fields).
+
+Each piece of the body must arrive within the policy's `body_timeout_s` (408 otherwise), and
+when the server starts shutting down an upload still arriving is answered 503 at once instead
+of holding the shutdown (galmorph.service.http_protocol). uvicorn has no such timeout itself;
+behind the proxy of docker/ slow bodies never reach it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from galmorph.service.http_protocol import ConnectionPolicy, connection_policy
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Message
 
 # Boundaries and part headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -26,6 +34,22 @@ class PayloadTooLargeError(Exception):
 
 class UploadError(Exception):
     """The request does not carry a cutout where one was expected (422)."""
+
+
+class BodyTimeoutError(Exception):
+    """The client stopped sending the body (408)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"no part of the request body arrived for {timeout_s:g} s; the upload was abandoned"
+        )
+
+
+class ServerDrainingError(Exception):
+    """The server began shutting down while the body was still arriving (503)."""
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down; send the upload again")
 
 
 @dataclass(frozen=True)
@@ -44,11 +68,58 @@ async def limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes, 
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(limit)
     received = 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, connection_policy(request.scope.get("state", {}))):
         received += len(chunk)
         if received > limit:
             raise PayloadTooLargeError(limit)
         yield chunk
+
+
+async def body_chunks(
+    request: Request, policy: ConnectionPolicy | None
+) -> AsyncGenerator[bytes, None]:
+    """The body as it arrives, each piece within the policy's timeout, until it is complete."""
+    if policy is None:  # the app runs without its lifespan (no server settings to apply)
+        async for chunk in request.stream():
+            yield chunk
+        return
+    draining = asyncio.ensure_future(policy.draining.wait())
+    try:
+        while True:
+            message = await _next_message(request, policy, draining)
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            if chunk := message.get("body", b""):
+                yield chunk
+            if not message.get("more_body", False):
+                return
+    finally:
+        draining.cancel()
+
+
+async def _next_message(
+    request: Request, policy: ConnectionPolicy, draining: asyncio.Future[object]
+) -> Message:
+    receive = asyncio.ensure_future(request.receive())
+    try:
+        if not draining.done():
+            done, _ = await asyncio.wait(
+                (receive, draining),
+                timeout=policy.body_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if receive in done:
+                return receive.result()
+            if draining not in done:
+                raise BodyTimeoutError(policy.body_timeout_s)
+        # Shutting down: the upload may go on until the drain deadline, then it is refused.
+        left = policy.drain_deadline - asyncio.get_running_loop().time()
+        done, _ = await asyncio.wait((receive,), timeout=max(0.0, min(left, policy.body_timeout_s)))
+        if receive in done:
+            return receive.result()
+        raise ServerDrainingError()
+    finally:
+        receive.cancel()
 
 
 async def read_raw_body(request: Request, limit: int, filename: str | None) -> Upload:

@@ -405,6 +405,9 @@ def test_model_metadata_and_kserve_aliases(client: TestClient, model_path: Path)
     assert info["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
     assert info["card"]["model_name"] == info["name"] == "test_factory_model"
     assert "dr2_rgb" in info["preprocessing"]["stretches"]
+    pixel_scale = info["preprocessing"]["pixel_scale"]
+    assert info["preprocessing"]["field_of_view_arcsec"] == [64 * pixel_scale] * 2
+    assert info["preprocessing"]["interpolation"] == info["card"]["interpolation"] == "bicubic"
     kserve = client.get("/v2/models/test_factory_model").json()
     assert kserve["platform"] == "onnxruntime_onnx" and kserve["versions"] == [info["version"]]
     assert client.get("/v2/models/another").status_code == 404

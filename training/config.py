@@ -25,6 +25,8 @@ from galmorph.model.registry import model_entry
 from galmorph.training.augment import AugmentSettings
 from galmorph.training.mixup import MixupSettings
 
+from galmorph.core.files import atomic_write_text
+
 AUGMENT_POLICIES = ("paper", "galaxy", "none")
 LR_SCALINGS = ("sqrt", "linear", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -400,4 +402,4 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 def dump_config(config: TrainConfig, path: Path) -> None:
     """Write the resolved config as JSON (what the run actually used)."""
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")

@@ -38,6 +38,7 @@ EVALUATION_FILE_NAME = "evaluation.json"
 class Predictor(Protocol):
     class_names: tuple[str, ...]
     input_size: int
+    interpolation: str  # the card's: how rendered images are resized to input_size
     max_batch_size: int | None
 
     def predict(self, images: np.ndarray) -> np.ndarray: ...
@@ -54,6 +55,7 @@ class TorchPredictor:
         *,
         class_names: tuple[str, ...],
         input_size: int,
+        interpolation: str,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         device: torch.device,
@@ -62,6 +64,7 @@ class TorchPredictor:
         self.model = model
         self.class_names = class_names
         self.input_size = input_size
+        self.interpolation = interpolation
         self.device = device
         self.preprocess = ImagePreprocess(mean, std).to(device)
         self.use_amp = amp and device.type == "cuda"
@@ -93,6 +96,7 @@ class OnnxPredictor:
         if height != width:
             raise ValueError(f"{path}: only square inputs are supported, got {height}x{width}")
         self.input_size = int(height)
+        self.interpolation = self.engine.card.interpolation
         self.class_names = tuple(self.engine.card.class_names)
         self.max_batch_size = self.engine.max_batch_size
 
@@ -116,7 +120,9 @@ def predict_split(
     starts = range(0, len(indices), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
         batch = resize_images(
-            data.images(indices[start : start + batch_size]), predictor.input_size
+            data.images(indices[start : start + batch_size]),
+            predictor.input_size,
+            predictor.interpolation,
         )
         views = dihedral_views(batch) if tta else [batch]
         outputs.append(np.mean([predictor.predict(view) for view in views], axis=0))
@@ -218,6 +224,7 @@ def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path]:
             model.to(device),
             class_names=tuple(spec.class_names),
             input_size=spec.img_size,
+            interpolation=spec.interpolation,
             mean=spec.mean,
             std=spec.std,
             device=device,

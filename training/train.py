@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from galmorph.model.checkpoint import ModelSpec, save_model
 from galmorph.model.preprocess import ImagePreprocess
+from galmorph.model.registry import model_entry
 from galmorph.training import distributed
 from galmorph.training.augment import BatchAugmenter
 from galmorph.training.config import ConfigError, TrainConfig, dump_config, flatten_keys
@@ -50,6 +51,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from galmorph.core.duplicates import duplicate_groups
+from galmorph.core.files import atomic_write_text
 from galmorph.core.galaxy10 import Galaxy10File
 from galmorph.core.splits import Split, make_split
 
@@ -202,7 +205,7 @@ def build_data(
             f"{file.num_classes} classes"
         )
     fingerprint = file.fingerprint()
-    split = _load_or_make_split(config, file, fingerprint, run_dir)
+    split = _load_or_make_split(config, file, fingerprint, run_dir, progress=ctx.is_main)
     train_set = Galaxy10Dataset(file, split.train)
     sampler = ShardedBatchSampler(
         len(train_set),
@@ -292,7 +295,12 @@ def build_optimisation(
 
 
 def _load_or_make_split(
-    config: TrainConfig, file: Galaxy10File, fingerprint: dict[str, Any], run_dir: Path
+    config: TrainConfig,
+    file: Galaxy10File,
+    fingerprint: dict[str, Any],
+    run_dir: Path,
+    *,
+    progress: bool,
 ) -> Split:
     """config.split_file, else the run folder's split.json (a resume), else a new split."""
     existing = run_dir / SPLIT_FILE_NAME
@@ -301,11 +309,19 @@ def _load_or_make_split(
         split = Split.load(source)
         split.check_data(file.num_images, fingerprint)
         return split
+    groups = duplicate_groups(file, progress=progress)
+    if groups:
+        logger.info(
+            "%d groups of duplicate images (%d rows) kept on one side of the split",
+            len(groups),
+            sum(map(len, groups)),
+        )
     return make_split(
         file.labels,
         seed=config.split_seed,
         fractions=config.split_fractions,
         fingerprint=fingerprint,
+        duplicate_groups=groups,
     )
 
 
@@ -506,6 +522,7 @@ class Trainer:
             self.net.deployable(),
             class_names=spec.class_names,
             input_size=spec.img_size,
+            interpolation=spec.interpolation,
             mean=spec.mean,
             std=spec.std,
             device=self.device,
@@ -588,17 +605,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ run files/logs
     def _spec(self) -> ModelSpec:
-        config, split = self.config, self.data.split
+        config, split, file = self.config, self.data.split, self.data.file
+        entry = model_entry(config.model)
+        # The training images cover one field; at img_size the model sees it at this scale.
+        imaging = file.imaging.resized(file.image_shape[0], self.img_size)
         return ModelSpec(
             name=config.model,
             num_classes=self.data.num_classes,
             img_size=self.img_size,
-            class_names=tuple(self.data.file.class_names),
+            class_names=tuple(file.class_names),
+            mean=entry.mean,
+            std=entry.std,
+            interpolation=entry.interpolation,
+            stretch=imaging.stretch,
+            bands=dict(imaging.bands),
+            pixel_scale=imaging.pixel_scale,
             drop_rate=config.drop_rate,
             drop_path_rate=config.drop_path_rate,
             training_data={
                 "fingerprint": self.data.fingerprint,
-                "split": {"seed": split.seed, "fractions": list(split.fractions)},
+                "imaging": {"source": file.imaging_source, "image_size": file.image_shape[0]},
+                "split": {
+                    "seed": split.seed,
+                    "fractions": list(split.fractions),
+                    "duplicate_groups": len(split.duplicate_groups),
+                },
                 "train_class_counts": self.data.class_counts.tolist(),
                 "epochs_completed": self.progress.epoch,
                 "steps_completed": self.progress.step,
@@ -681,7 +712,7 @@ class Trainer:
                 continue  # a line cut short by a kill
             if record.get("step", 0) <= step:
                 kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _tensorboard(self) -> Any:
         try:

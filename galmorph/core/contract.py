@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from galmorph.core.resample import INTERPOLATIONS
+from galmorph.core.resample import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -76,7 +76,7 @@ class ModelCard:
     stretch: str = GALAXY10_DECALS.stretch
     bands: dict[str, str] = field(default_factory=lambda: dict(GALAXY10_DECALS.bands))
     pixel_scale: float = GALAXY10_DECALS.pixel_scale  # arcsec/pixel of the model's input
-    interpolation: str = "bicubic"  # how rendered images are resized to input_size
+    interpolation: str = DEFAULT_INTERPOLATION  # how rendered images are resized to input_size
     precision: str = "fp32"  # fp32 | fp16 | int8
     model_config: dict[str, Any] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)  # fingerprint of the data

@@ -1,11 +1,23 @@
-"""The error type and size limits for untrusted cutouts (shared by every decoder module)."""
+"""The error type, size limits and memory reservation for untrusted cutouts (shared by every
+decoder module)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 MIB = 2**20
+
+Reserve = Callable[[int, str], None]
+"""`reserve(nbytes, what)`: a decoder calls it with the most memory it is about to use, after
+reading the headers and before reading or decompressing any pixel. A caller that bounds the
+memory of decodes running at once (the server's decode budget) raises from it to refuse the
+decode; the reservation lasts until the caller's decode call returns. Repeated calls add up."""
+
+
+def reserve_nothing(nbytes: int, what: str) -> None:
+    """The default `Reserve`: no budget, every decode may go ahead."""
 
 
 class CutoutErrorKind(StrEnum):
@@ -39,6 +51,13 @@ class DecodeLimits:
     # Bytes a gzip stream may expand to (headers + data + skipped extensions): a 4-plane
     # float32 3000x3000 Legacy Survey cube is 144 MiB.
     max_decompressed_bytes: int = 256 * MIB
+    # FITS structure walked before the image is found: a Legacy Survey cutout has 1-3 HDUs,
+    # an HST exposure 4-7 with ~1600 header cards each. Tens of thousands of empty extensions
+    # would otherwise cost seconds of header parsing for a few hundred KB of gzip.
+    max_fits_hdus: int = 64
+    max_fits_header_cards: int = 36_000  # all headers walked together (each one: 7200)
+    # Reading a cutout file from disk (the scorer): longer is an error row, not a stalled run.
+    read_timeout_s: float = 60.0
 
     def check_encoded_size(self, size: int) -> None:
         if size > self.max_bytes:

@@ -302,13 +302,18 @@ def _decode_raster(
         warnings=raster.warnings,
         fit=fit,
     )
-    return DecodedCutout(fit_rgb(image, card.input_size, fit, info), info)
+    return DecodedCutout(fit_rgb(image, card.input_size, fit, info, card.interpolation), info)
 
 
 def fit_rgb(
-    image: np.ndarray, target: tuple[int, int], fit: str, info: PreprocessInfo
+    image: np.ndarray,
+    target: tuple[int, int],
+    fit: str,
+    info: PreprocessInfo,
+    interpolation: str,
 ) -> np.ndarray:
-    """Bring an already rendered uint8 RGB image to the model's input size.
+    """Bring an already rendered uint8 RGB image to the model's input size (resizing with the
+    model card's `interpolation`).
 
     "resize" crops to the target aspect and resamples (the framing is kept, the pixel scale is
     unknown); "crop_pad" keeps the pixel scale and centre-crops or pads with blank-sky grey.
@@ -324,7 +329,7 @@ def fit_rgb(
             f"resized from {shape[0]}x{shape[1]} to {target[0]}x{target[1]} "
             "(pixel scale unknown: the framing is kept)"
         )
-        image = resize_rgb(np.ascontiguousarray(cropped), target)
+        image = resize_rgb(np.ascontiguousarray(cropped), target, interpolation)
     elif shape != tuple(target):
         info.crop_pad_from = shape
         info.warnings.append(

@@ -3,16 +3,23 @@
 Used by the server, the batch scorer, evaluation and benchmarks, so the model is opened,
 validated and run in exactly one way. Providers: CUDA first when this onnxruntime build offers
 it and an NVIDIA driver is installed, then CPU. `get_available_providers()` lists CUDA even
-when its libraries cannot load, so
-what we report is `session.get_providers()` after the session exists — the providers the model
-really runs on.
+when its libraries cannot load, so what we report is `session.get_providers()` after the
+session exists — the providers the model really runs on — and, when CUDA is missing from them,
+the reason (`Placement.cpu_reason`).
+
+`GpuPolicy` decides whether a CPU session may run at all: never with require_gpu; on a host
+with an NVIDIA driver only with allow_cpu_fallback (or when the caller chose CPU providers
+itself); always on a host without one. `galmorph serve` and `galmorph score` check it with
+`probe_placement` before they start, the server again when its model is loaded.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -27,10 +34,30 @@ logger = logging.getLogger(__name__)
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 PREFERRED_PROVIDERS = (CUDA_PROVIDER, CPU_PROVIDER)
+# onnxruntime's log severities: warning is its default, fatal silences it.
+ORT_LOG_WARNING, ORT_LOG_FATAL = 2, 4
+
+# File name of an onnxruntime provider library ("cuda", "shared"), beside its Python module.
+PROVIDER_LIBRARY = (
+    "onnxruntime_providers_{}.dll" if sys.platform == "win32" else "libonnxruntime_providers_{}.so"
+)
+# y = Relu(x) on one float, the smallest graph a CUDA session can be tried on (probe_placement):
+# onnx.helper.make_model(make_graph([make_node("Relu", ["x"], ["y"])], "probe", [x], [y]),
+# opset 13, ir_version 8), x and y float [1], serialised. The serving install has no `onnx`;
+# tests/test_gpu_fallback.py checks these bytes with it.
+PROBE_MODEL = (
+    b'\x08\x08\x12\x00:7\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x05probeZ\x0f\n\x01x\x12\n\n'
+    b"\x08\x08\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n"
+    b"\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r"
+)
 
 
 class ModelLoadError(ValueError):
     """The file is missing, is not ONNX, or does not follow the galmorph model contract."""
+
+
+class CpuFallbackError(RuntimeError):
+    """The session would run on the CPU where the GPU policy demands CUDA (GpuPolicy)."""
 
 
 @cache
@@ -55,6 +82,147 @@ def default_providers() -> list[str]:
     if not nvidia_driver_present():
         available.discard(CUDA_PROVIDER)
     return [name for name in PREFERRED_PROVIDERS if name in available]
+
+
+def cuda_library_error() -> str | None:
+    """The loader's error for onnxruntime's CUDA provider library (a missing CUDA or cuDNN
+    library, by name), or None when it loads.
+
+    onnxruntime only logs this failure and carries on without CUDA; loading the same file
+    again is how the reason reaches our own error message.
+    """
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        # The CUDA library takes Provider_GetHost from the shared one; onnxruntime loads them
+        # in this order too.
+        ctypes.CDLL(str(capi / PROVIDER_LIBRARY.format("shared")), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / PROVIDER_LIBRARY.format("cuda")))
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which providers a session was asked for and which it really runs on."""
+
+    requested: tuple[str, ...]
+    active: tuple[str, ...]
+    chosen: bool  # the caller named the providers; False: default_providers()
+    cuda_error: str | None = None  # onnxruntime's exception when CUDA failed at session start
+
+    @property
+    def cuda_active(self) -> bool:
+        return CUDA_PROVIDER in self.active
+
+    def cpu_reason(self) -> str:
+        """Why CUDA is not among the active providers, as precisely as this host can tell."""
+        if self.chosen and CUDA_PROVIDER not in self.requested:
+            return (
+                f"CUDAExecutionProvider was not asked for (providers: {', '.join(self.requested)})"
+            )
+        if not nvidia_driver_present():
+            return (
+                "no NVIDIA driver (libcuda.so.1 does not load: no GPU, or none passed to this "
+                "container)"
+            )
+        if CUDA_PROVIDER not in ort.get_available_providers():
+            return (
+                f"this onnxruntime build ({ort.__version__}) has no CUDAExecutionProvider: "
+                "install onnxruntime-gpu instead of onnxruntime"
+            )
+        if self.cuda_error is not None:
+            return f"CUDAExecutionProvider failed to start: {self.cuda_error}"
+        if (load_error := cuda_library_error()) is not None:
+            return f"CUDAExecutionProvider failed to load: {_one_line(load_error)}"
+        return (
+            "CUDAExecutionProvider did not start although its library loads "
+            "(onnxruntime's log above says why: no visible GPU, or a driver too old for its CUDA)"
+        )
+
+
+@dataclass(frozen=True)
+class GpuPolicy:
+    """When a session may run on the CPU. One rule for the server and the scorer:
+
+    - require_gpu: never; CUDA must be active.
+    - allow_cpu_fallback: always (a warning says why CUDA is not used).
+    - neither: on a host without an NVIDIA driver, and where the caller chose providers
+      without CUDA; refused where a driver is present and CUDA was meant to run but did not.
+    """
+
+    require_gpu: bool = False
+    allow_cpu_fallback: bool = False
+    # How the user of this command allows the fallback, named in the refusal.
+    allow_hint: str = "--allow-cpu-fallback"
+
+    def __post_init__(self) -> None:
+        if self.require_gpu and self.allow_cpu_fallback:
+            raise ValueError(
+                "require_gpu and allow_cpu_fallback contradict each other: set at most one"
+            )
+
+    def refusal(self, placement: Placement) -> str | None:
+        """The one-line reason this placement may not run, or None when it may."""
+        if placement.cuda_active:
+            return None
+        if self.require_gpu:
+            return f"require_gpu is set but the session runs on the CPU: {placement.cpu_reason()}"
+        if self.allow_cpu_fallback or not nvidia_driver_present():
+            return None
+        if placement.chosen and CUDA_PROVIDER not in placement.requested:
+            return None
+        return (
+            "an NVIDIA driver is present but the session would run on the CPU: "
+            f"{placement.cpu_reason()}; fix CUDA, or allow the CPU with {self.allow_hint}"
+        )
+
+    def check(self, placement: Placement) -> None:
+        """Raise CpuFallbackError when the placement may not run (OnnxModel itself warns when
+        CUDA was asked for and is not active)."""
+        if (reason := self.refusal(placement)) is not None:
+            raise CpuFallbackError(reason)
+
+
+def _start_session(
+    source: str | bytes, options: ort.SessionOptions, providers: list[str]
+) -> tuple[ort.InferenceSession, str | None]:
+    """The session, and onnxruntime's error if CUDA failed while the session was made.
+
+    onnxruntime's own wrapper catches that error, prints it and retries on the CPU, so the
+    reason would only be on stdout; the retry is done here instead (enable_fallback=0) to keep
+    it. A model that cannot load fails the CPU retry too, with its own error.
+    """
+    try:
+        session = ort.InferenceSession(
+            source, sess_options=options, providers=providers, enable_fallback=0
+        )
+        return session, None
+    except Exception as exc:  # onnxruntime raises its own untyped exception classes
+        if CUDA_PROVIDER not in providers:
+            raise
+        without_cuda = [name for name in providers if name != CUDA_PROVIDER] or [CPU_PROVIDER]
+        session = ort.InferenceSession(source, sess_options=options, providers=without_cuda)
+        return session, _one_line(str(exc))
+
+
+def probe_placement(providers: Sequence[str] | None = None) -> Placement:
+    """Where a model would run with these providers (None: default_providers()), found by
+    starting a session on a one-node graph: no model file needed, so a command can refuse
+    before it reads a catalog or opens a port."""
+    requested = list(providers) if providers else default_providers()
+    # onnxruntime would log its CUDA failure in several lines of its own; the reason is in
+    # Placement.cpu_reason, so the caller's one-line refusal says it alone.
+    ort.set_default_logger_severity(ORT_LOG_FATAL)
+    try:
+        session, cuda_error = _start_session(PROBE_MODEL, ort.SessionOptions(), requested)
+    finally:
+        ort.set_default_logger_severity(ORT_LOG_WARNING)
+    return Placement(tuple(requested), tuple(session.get_providers()), bool(providers), cuda_error)
 
 
 class OnnxModel:
@@ -93,12 +261,15 @@ class OnnxModel:
         # was equal within 3 % (benchmarks/README.md).
         options.enable_mem_pattern = False
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=self.requested_providers
+            self.session, cuda_error = _start_session(
+                str(self.path), options, self.requested_providers
             )
         except Exception as exc:  # onnxruntime raises its own untyped exception classes
             raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
         self.providers: list[str] = list(self.session.get_providers())
+        self.placement = Placement(
+            tuple(self.requested_providers), tuple(self.providers), bool(providers), cuda_error
+        )
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
 
@@ -121,9 +292,9 @@ class OnnxModel:
         )
         if CUDA_PROVIDER in self.requested_providers and not self.cuda_active:
             logger.warning(
-                "CUDAExecutionProvider was requested but the session runs on %s "
-                "(CUDA/cuDNN libraries missing or no GPU visible)",
+                "CUDAExecutionProvider was requested but the session runs on %s: %s",
                 self.providers,
+                self.placement.cpu_reason(),
             )
 
     def _check_graph(self) -> int | None:
@@ -154,7 +325,7 @@ class OnnxModel:
 
     @property
     def cuda_active(self) -> bool:
-        return CUDA_PROVIDER in self.providers
+        return self.placement.cuda_active
 
     @property
     def ort_version(self) -> str:

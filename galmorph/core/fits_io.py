@@ -2,10 +2,18 @@
 
 The file is walked HDU by HDU: each header is parsed alone (astropy `Header.fromstring`), the
 declared shape is checked against `DecodeLimits` (413) and only then are the data bytes
-read or decompressed. gzip is decompressed incrementally, never past what the headers
-declare or `max_decompressed_bytes`, so a gzip bomb costs at most the cap. The chosen HDU
-is then handed to astropy (BSCALE/BZERO, BLANK, tile decompression) and its bands are
-picked by name.
+read or decompressed. At most `max_fits_hdus` HDUs and `max_fits_header_cards` header cards
+are walked before the image (413 beyond), so a flood of empty extensions costs little. gzip
+is decompressed incrementally, never past what the headers declare or
+`max_decompressed_bytes`, so a gzip bomb costs at most the cap.
+
+Before any pixel is read, the bands are picked by name from the header, the caller chooses
+the window of the image it needs (`window`, e.g. the model's field of view) and is told the
+most memory the read will take (`reserve`). Plain float images (the Legacy Survey's, HST's,
+SDSS's) are then read as a section: only the rows of the window, of the planes used, are
+read or decompressed and converted; the rest of a gzip stream is inflated and discarded, only
+to prove the file whole. Other images (BSCALE/BZERO, BLANK, tile compression) are read whole
+by astropy and cut to the window.
 
 Policies:
 - Bands: `BANDn` keys (n = 0..planes-1), else `BANDS` ('grz' or 'g,r,z'); g, r and z are
@@ -24,13 +32,20 @@ import math
 import re
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 
 import numpy as np
 from astropy.io import fits
 
-from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
+from galmorph.core.cutout_limits import (
+    CutoutError,
+    CutoutErrorKind,
+    DecodeLimits,
+    Reserve,
+    reserve_nothing,
+)
 from galmorph.core.formats import FITS_MAGIC, GZIP_MAGIC
 
 BLOCK = 2880
@@ -50,7 +65,11 @@ _STRUCTURE_KEYS = re.compile(
 # survey's cutouts share a single cached WCS parse, which otherwise costs ~3 ms per cutout.
 _SCALE_KEYS = re.compile(r"WCSAXES|CTYPE\d|CUNIT\d|CDELT\d|CROTA\d|CD\d_\d|PC\d_\d")
 _GZIP_INPUT_CHUNK = 1 << 16
-_SKIP_CHUNK = 1 << 20
+_INFLATE_CHUNK = 1 << 20  # most bytes one inflate call may produce
+
+Window = Callable[[tuple[int, int], tuple[float, float] | None], tuple[slice, slice]]
+"""`window((height, width), pixel_scale)`: the rows and columns of each plane the caller
+needs, chosen from the header before any pixel is read; it may raise CutoutError."""
 
 
 @dataclass
@@ -58,7 +77,7 @@ class FitsImage:
     """The planes of the first image HDU, cleaned, in FITS row order (row 0 = south)."""
 
     planes: dict[str, np.ndarray]  # {"g","r","z"} for colour, or {name: plane} for one band
-    original_shape: tuple[int, ...]
+    original_shape: tuple[int, ...]  # as declared, before any window
     pixel_scale: tuple[float, float] | None  # arcsec/px along x (columns) and y (rows)
     compressed: str | None  # "gzip", "fpack" or None
     warnings: list[str] = field(default_factory=list)
@@ -78,8 +97,17 @@ class _PlainSource:
         self._pos += len(chunk)
         return chunk
 
-    def skip(self, n: int) -> None:
-        self._pos += n
+    def read_array(self, n: int, dtype: str) -> np.ndarray:
+        """The next n bytes as an array of `dtype`, without copying; shorter at the end."""
+        chunk = self._view[self._pos : self._pos + n]
+        self._pos += len(chunk)
+        usable = len(chunk) - len(chunk) % np.dtype(dtype).itemsize
+        return np.frombuffer(chunk[:usable], dtype)
+
+    def skip(self, n: int) -> int:
+        skipped = max(0, min(n, len(self._view) - self._pos))
+        self._pos += skipped
+        return skipped
 
 
 class _GzipSource:
@@ -101,34 +129,50 @@ class _GzipSource:
                 "(its headers declare more data than allowed)",
             )
 
+    def _inflate(self, most: int) -> bytes:
+        """Up to `most` (at most _INFLATE_CHUNK) more bytes; b"" at the end of the stream."""
+        try:
+            while not self._inflater.eof:
+                if not self._tail:
+                    if self._pos >= len(self._view):
+                        return b""
+                    self._tail = bytes(self._view[self._pos : self._pos + _GZIP_INPUT_CHUNK])
+                    self._pos += len(self._tail)
+                out = self._inflater.decompress(self._tail, min(most, _INFLATE_CHUNK))
+                self._tail = self._inflater.unconsumed_tail
+                if out:
+                    self._produced += len(out)
+                    return out
+        except zlib.error as exc:
+            raise CutoutError(CutoutErrorKind.INVALID, f"corrupt gzip stream: {exc}") from None
+        return b""
+
     def read(self, n: int) -> bytes:
         self._reserve(n)
         parts: list[bytes] = []
         need = n
-        try:
-            while need > 0 and not self._inflater.eof:
-                if not self._tail:
-                    if self._pos >= len(self._view):
-                        break
-                    self._tail = bytes(self._view[self._pos : self._pos + _GZIP_INPUT_CHUNK])
-                    self._pos += len(self._tail)
-                out = self._inflater.decompress(self._tail, need)
-                self._tail = self._inflater.unconsumed_tail
-                parts.append(out)
-                need -= len(out)
-        except zlib.error as exc:
-            raise CutoutError(CutoutErrorKind.INVALID, f"corrupt gzip stream: {exc}") from None
-        chunk = b"".join(parts)
-        self._produced += len(chunk)
-        return chunk
+        while need > 0 and (out := self._inflate(need)):
+            parts.append(out)
+            need -= len(out)
+        return b"".join(parts)
 
-    def skip(self, n: int) -> None:
+    def read_array(self, n: int, dtype: str) -> np.ndarray:
+        """The next n bytes as an array of `dtype`, inflated straight into it."""
         self._reserve(n)
-        while n > 0:
-            got = len(self.read(min(n, _SKIP_CHUNK)))
-            if got == 0:
-                return
-            n -= got
+        buffer = np.empty(n, np.uint8)
+        filled = 0
+        while filled < n and (out := self._inflate(n - filled)):
+            buffer[filled : filled + len(out)] = np.frombuffer(out, np.uint8)
+            filled += len(out)
+        usable = filled - filled % np.dtype(dtype).itemsize
+        return buffer[:usable].view(dtype)
+
+    def skip(self, n: int) -> int:
+        self._reserve(n)
+        skipped = 0
+        while skipped < n and (out := self._inflate(n - skipped)):
+            skipped += len(out)
+        return skipped
 
 
 _Source = _PlainSource | _GzipSource
@@ -160,26 +204,68 @@ class _Hdu:
     header_text: str  # the whole header, as read
 
 
-def read_fits(data: bytes, limits: DecodeLimits) -> FitsImage:
-    """Decode the first HDU with image data; raises CutoutError (413/415/422)."""
+def read_fits(
+    data: bytes,
+    limits: DecodeLimits,
+    *,
+    window: Window | None = None,
+    reserve: Reserve = reserve_nothing,
+) -> FitsImage:
+    """Decode the first HDU with image data; raises CutoutError (413/415/422).
+
+    `window` picks the part of each plane to read (default: all of it); `reserve` is told
+    the most memory the pixel read will take before it starts (see `Reserve`).
+    """
     gzipped = data[:2] == GZIP_MAGIC
     source: _Source = (
         _GzipSource(data, limits.max_decompressed_bytes) if gzipped else _PlainSource(data)
     )
-    hdu, raw = _find_image_hdu(source, limits)
-    array = _load_hdu(hdu, raw)
-    image = _select_bands(array, hdu.structure.header)
-    image.compressed = "gzip" if gzipped else ("fpack" if hdu.structure.compressed else None)
-    image.pixel_scale = pixel_scale_arcsec(select_cards(hdu.header_text, _SCALE_KEYS))
-    return image
+    hdu = _find_image_hdu(source, limits)
+    structure = hdu.structure
+    scale = pixel_scale_arcsec(select_cards(hdu.header_text, _SCALE_KEYS))
+    layout = _band_layout(structure.shape, structure.header)
+    rows, cols = (
+        window(layout.plane_shape, scale)
+        if window is not None
+        else (slice(0, layout.plane_shape[0]), slice(0, layout.plane_shape[1]))
+    )
+    if structure.plain_dtype is not None:
+        reserve(_section_bytes(structure, layout, rows, cols, gzipped), "FITS image")
+        planes = _read_section(source, hdu, layout, rows, cols)
+    else:
+        reserve(_whole_read_bytes(structure, layout, rows, cols), "FITS image")
+        raw = source.read(structure.data_size)
+        _check_complete(len(raw), hdu)
+        array = _load_hdu(hdu, raw).reshape(layout.squeezed_shape)
+        planes = {
+            name: (array[index] if array.ndim == 3 else array)[rows, cols]
+            for name, index in layout.planes.items()
+        }
+    cleaned, fraction = _replace_non_finite(planes)
+    notes = list(layout.notes)
+    if fraction > 0:
+        notes.append(f"{fraction:.2%} of pixels were NaN or infinite and were set to 0 flux")
+    compressed = "gzip" if gzipped else ("fpack" if structure.compressed else None)
+    return FitsImage(cleaned, structure.shape, scale, compressed, notes)
 
 
-def _find_image_hdu(source: _Source, limits: DecodeLimits) -> tuple[_Hdu, bytes]:
-    index = 0
-    while True:
-        hdu = _read_header(source, index)
+def _check_complete(got: int, hdu: _Hdu) -> None:
+    if got < hdu.structure.data_size:
+        raise CutoutError(
+            CutoutErrorKind.INVALID,
+            f"FITS file is truncated: HDU {hdu.index} declares {hdu.structure.data_size} "
+            f"data bytes but only {got} are present",
+        )
+
+
+def _find_image_hdu(source: _Source, limits: DecodeLimits) -> _Hdu:
+    """The first HDU with image data, its header read and the source at its data."""
+    cards_left = limits.max_fits_header_cards
+    for index in range(limits.max_fits_hdus):
+        hdu = _read_header(source, index, cards_left, limits.max_fits_header_cards)
         if hdu is None:
             raise CutoutError(CutoutErrorKind.INVALID, "FITS file has no HDU with image data")
+        cards_left -= len(hdu.header_text) // CARD
         structure = hdu.structure
         if structure.random_groups:
             raise CutoutError(CutoutErrorKind.INVALID, "FITS random-groups files are not images")
@@ -187,21 +273,24 @@ def _find_image_hdu(source: _Source, limits: DecodeLimits) -> tuple[_Hdu, bytes]
             shape = structure.shape
             if shape and all(side > 0 for side in shape):
                 limits.check_declared_shape(shape, f"FITS HDU {index}")
-                raw = source.read(structure.data_size)
-                if len(raw) < structure.data_size:
-                    raise CutoutError(
-                        CutoutErrorKind.INVALID,
-                        f"FITS file is truncated: HDU {index} declares {structure.data_size} "
-                        f"data bytes but only {len(raw)} are present",
-                    )
-                return hdu, raw
+                return hdu
         source.skip(_padded(structure.data_size))
-        index += 1
+    raise CutoutError(
+        CutoutErrorKind.TOO_LARGE,
+        f"FITS file has no image in its first {limits.max_fits_hdus} HDUs, "
+        f"the limit walked before the image",
+    )
 
 
-def _read_header(source: _Source, index: int) -> _Hdu | None:
+def _read_header(source: _Source, index: int, cards_left: int, card_limit: int) -> _Hdu | None:
     blocks: list[bytes] = []
     for _ in range(MAX_HEADER_BLOCKS):
+        if (len(blocks) + 1) * (BLOCK // CARD) > cards_left:
+            raise CutoutError(
+                CutoutErrorKind.TOO_LARGE,
+                f"FITS headers of HDUs 0-{index} hold more than {card_limit} cards, "
+                "the limit walked before the image",
+            )
         block = source.read(BLOCK)
         if not block and not blocks and index > 0:
             return None
@@ -331,15 +420,12 @@ def _primary_header_bytes() -> bytes:
 
 
 def _load_hdu(hdu: _Hdu, raw: bytes) -> np.ndarray:
-    """The HDU's pixels: read directly when plain float, else interpreted by astropy.
+    """The HDU's pixels interpreted by astropy (scaling, BLANK, tile decompression).
 
-    astropy handles scaling, BLANK and tile decompression. Tile-compressed HDUs need their
-    whole header (column and tiling cards); plain images only the structural cards, which
-    keeps astropy from re-parsing long headers.
+    Tile-compressed HDUs need their whole header (column and tiling cards); plain images only
+    the structural cards, which keeps astropy from re-parsing long headers.
     """
     structure = hdu.structure
-    if structure.plain_dtype is not None:
-        return np.frombuffer(raw, structure.plain_dtype).reshape(structure.shape)
     if structure.compressed:
         header_bytes = hdu.header_text.encode("ascii")
     else:
@@ -381,48 +467,112 @@ def band_names(header: fits.Header, planes: int) -> list[str] | None:
     return names
 
 
-def _select_bands(array: np.ndarray, header: fits.Header) -> FitsImage:
-    original_shape = tuple(int(side) for side in array.shape)
-    while array.ndim > 2 and array.shape[0] == 1:
-        array = array[0]
-    notes: list[str] = []
-    if array.ndim == 2:
+@dataclass(frozen=True)
+class _BandLayout:
+    """Which planes of the data hold which band, known from the header alone."""
+
+    planes: dict[str, int]  # band name -> plane index ({name: 0} for a 2-D image)
+    squeezed_shape: tuple[int, ...]  # the declared shape without leading axes of length 1
+    notes: tuple[str, ...]
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return (self.squeezed_shape[-2], self.squeezed_shape[-1])
+
+
+def _band_layout(shape: tuple[int, ...], header: fits.Header) -> _BandLayout:
+    squeezed = shape
+    while len(squeezed) > 2 and squeezed[0] == 1:
+        squeezed = squeezed[1:]
+    if len(squeezed) == 2:
         name = str(header.get("BAND0") or header.get("BANDS") or header.get("FILTER") or "band")
-        planes = {name.strip(): array}
-    elif array.ndim == 3:
-        names = band_names(header, array.shape[0])
-        if names is None:
-            if array.shape[0] != 3:
-                raise CutoutError(
-                    CutoutErrorKind.INVALID,
-                    f"FITS cube of shape {original_shape} has no BANDS/BANDn header naming "
-                    "its planes; only a 3-plane cube is assumed to be g, r, z",
-                )
-            names = list(COLOUR_BANDS)
-            notes.append("no BANDS/BANDn header: the 3 planes are assumed to be g, r, z")
-        if len(set(names)) != len(names):
-            raise CutoutError(CutoutErrorKind.INVALID, f"FITS cube names a band twice: {names}")
-        missing = [band for band in COLOUR_BANDS if band not in names]
-        if missing:
-            raise CutoutError(
-                CutoutErrorKind.INVALID,
-                f"FITS cube lacks band(s) {', '.join(missing)}: it has {', '.join(names)}; "
-                "the colour stretch needs g, r and z",
-            )
-        planes = {band: array[names.index(band)] for band in COLOUR_BANDS}
-        unused = [name for name in names if name not in COLOUR_BANDS]
-        if unused:
-            notes.append(f"band(s) {', '.join(unused)} not used (the stretch takes g, r, z)")
-    else:
+        return _BandLayout({name.strip(): 0}, squeezed, ())
+    if len(squeezed) != 3:
         raise CutoutError(
             CutoutErrorKind.INVALID,
-            f"FITS image of shape {original_shape} has {array.ndim} dimensions; "
+            f"FITS image of shape {shape} has {len(squeezed)} dimensions; "
             "expected a 2-D image or a (bands, H, W) cube",
         )
-    cleaned, fraction = _replace_non_finite(planes)
-    if fraction > 0:
-        notes.append(f"{fraction:.2%} of pixels were NaN or infinite and were set to 0 flux")
-    return FitsImage(cleaned, original_shape, None, None, notes)
+    notes = []
+    names = band_names(header, squeezed[0])
+    if names is None:
+        if squeezed[0] != 3:
+            raise CutoutError(
+                CutoutErrorKind.INVALID,
+                f"FITS cube of shape {shape} has no BANDS/BANDn header naming "
+                "its planes; only a 3-plane cube is assumed to be g, r, z",
+            )
+        names = list(COLOUR_BANDS)
+        notes.append("no BANDS/BANDn header: the 3 planes are assumed to be g, r, z")
+    if len(set(names)) != len(names):
+        raise CutoutError(CutoutErrorKind.INVALID, f"FITS cube names a band twice: {names}")
+    missing = [band for band in COLOUR_BANDS if band not in names]
+    if missing:
+        raise CutoutError(
+            CutoutErrorKind.INVALID,
+            f"FITS cube lacks band(s) {', '.join(missing)}: it has {', '.join(names)}; "
+            "the colour stretch needs g, r and z",
+        )
+    unused = [name for name in names if name not in COLOUR_BANDS]
+    if unused:
+        notes.append(f"band(s) {', '.join(unused)} not used (the stretch takes g, r, z)")
+    return _BandLayout({band: names.index(band) for band in COLOUR_BANDS}, squeezed, tuple(notes))
+
+
+def _span(window: slice) -> int:
+    return int(window.stop) - int(window.start)
+
+
+def _cleaning_bytes(layout: _BandLayout, rows: slice, cols: slice) -> int:
+    """float32 copies of the windows, the finite mask and its temporaries, the NaN fill."""
+    window = _span(rows) * _span(cols)
+    return (len(layout.planes) + 1) * 4 * window + 2 * window
+
+
+def _section_bytes(
+    structure: _Structure, layout: _BandLayout, rows: slice, cols: slice, gzipped: bool
+) -> int:
+    """Peak bytes of a section read: inflated rows (gzip; plain data is viewed in place)."""
+    assert structure.plain_dtype is not None
+    row_bytes = layout.plane_shape[1] * np.dtype(structure.plain_dtype).itemsize
+    inflated = len(layout.planes) * _span(rows) * row_bytes if gzipped else 0
+    return inflated + _cleaning_bytes(layout, rows, cols)
+
+
+def _whole_read_bytes(
+    structure: _Structure, layout: _BandLayout, rows: slice, cols: slice
+) -> int:
+    """Peak bytes of a read through astropy: the data bytes, the FITS text astropy parses
+    (a second copy), its raw and its scaled arrays (float64 at worst), then the windows."""
+    pixels = math.prod(structure.shape)
+    stored = abs(int(structure.header.get("ZBITPIX", structure.header["BITPIX"]))) // 8
+    return 2 * structure.data_size + pixels * (stored + 8) + _cleaning_bytes(layout, rows, cols)
+
+
+def _read_section(
+    source: _Source, hdu: _Hdu, layout: _BandLayout, rows: slice, cols: slice
+) -> dict[str, np.ndarray]:
+    """The window of each used plane of a plain float image, reading only its rows, then
+    consuming the rest of the data unit to prove the file is whole."""
+    structure = hdu.structure
+    assert structure.plain_dtype is not None
+    dtype = structure.plain_dtype
+    height, width = layout.plane_shape
+    row_bytes = width * np.dtype(dtype).itemsize
+    position = 0
+    planes: dict[str, np.ndarray] = {}
+    for name, index in sorted(layout.planes.items(), key=lambda item: item[1]):
+        start = (index * height + int(rows.start)) * row_bytes
+        position += source.skip(start - position)
+        length = _span(rows) * row_bytes
+        section = source.read_array(length, dtype)
+        position += section.nbytes
+        if section.nbytes < length:
+            _check_complete(position, hdu)
+        planes[name] = section.reshape(_span(rows), width)[:, cols]
+    position += source.skip(structure.data_size - position)
+    _check_complete(position, hdu)
+    return planes
 
 
 def _replace_non_finite(planes: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:

@@ -4,24 +4,84 @@ Flux planes are resampled on float32 data before the stretch (Pillow mode "F"): 
 uses the BOX filter, an exact area average, and enlarging uses bilinear interpolation. Pixel
 values keep their level (surface brightness is preserved), as the Legacy Survey viewer does
 when it shows the sky at other zoom levels, so the stretch sees the same levels at any scale.
+
+A cutout at another pixel scale is resampled straight from the part of the sky the model
+sees (`plan_scale_resampling`): the output is never larger than the model's input, whatever
+the ratio of the scales, and the source read is that field plus a 2-pixel margin for the
+interpolation kernel.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 # Blank sky in the viewer's dr2_rgb render: 0.127 * 255.
 BLANK_SKY_UINT8 = 32
+# Source pixels read beyond the model's field on each side: bilinear interpolation reaches
+# one pixel past a sample, the BOX filter none.
+RESAMPLE_MARGIN = 2
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom, in pixels
 
 
-def resample_plane(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resample a float image to (H, W): area average when shrinking, bilinear otherwise."""
+def resample_plane(
+    plane: np.ndarray, shape: tuple[int, int], box: Box | None = None
+) -> np.ndarray:
+    """Resample a float image (or its `box` region) to (H, W): area average when shrinking,
+    bilinear otherwise."""
     height, width = shape
-    shrinking = height <= plane.shape[0] and width <= plane.shape[1]
+    left, top, right, bottom = box or (0.0, 0.0, float(plane.shape[1]), float(plane.shape[0]))
+    shrinking = height <= bottom - top and width <= right - left
     flt = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
     image = Image.fromarray(np.ascontiguousarray(plane, np.float32), mode="F")
-    return np.asarray(image.resize((width, height), flt), np.float32)
+    return np.asarray(image.resize((width, height), flt, box=box), np.float32)
+
+
+@dataclass(frozen=True)
+class ScaleResampling:
+    """How a cutout at one pixel scale becomes the model's field at the model's scale."""
+
+    window: tuple[slice, slice]  # source rows and columns to read: the field plus a margin
+    box: Box  # the field inside the window (source pixels, fractional)
+    shape: tuple[int, int]  # output (H, W): the model's input, less where the source is smaller
+    field: tuple[float, float]  # the model's field in source pixels (H, W)
+
+
+def plan_scale_resampling(
+    source_shape: tuple[int, int],
+    source_scale: tuple[float, float],
+    target_scale: float,
+    target_shape: tuple[int, int],
+) -> ScaleResampling:
+    """The centred window of a (H, W) source at (x, y) arcsec/px that covers `target_shape`
+    pixels at `target_scale`, and the output shape; the source centre stays the centre."""
+    windows, starts, ends, sizes, fields = [], [], [], [], []
+    # numpy order: rows use the y scale, columns the x scale
+    for size, scale, target in zip(
+        source_shape, (source_scale[1], source_scale[0]), target_shape, strict=True
+    ):
+        field = target * target_scale / scale
+        if field >= size:  # the whole axis fits in the field: it shrinks to its own extent
+            low, high, out = 0.0, float(size), min(target, max(1, round(size / field * target)))
+        else:
+            low, high, out = (size - field) / 2, (size + field) / 2, target
+        first = max(0, math.floor(low) - RESAMPLE_MARGIN)
+        last = min(size, math.ceil(high) + RESAMPLE_MARGIN)
+        windows.append(slice(first, last))
+        starts.append(low - first)
+        ends.append(high - first)
+        sizes.append(out)
+        fields.append(field)
+    return ScaleResampling(
+        window=(windows[0], windows[1]),
+        box=(starts[1], starts[0], ends[1], ends[0]),
+        shape=(sizes[0], sizes[1]),
+        field=(fields[0], fields[1]),
+    )
 
 
 def centre_window(size: int, window: int) -> slice:
@@ -46,15 +106,21 @@ def crop_pad(image: np.ndarray, shape: tuple[int, int], fill: float) -> np.ndarr
     return out
 
 
-def crop_to_aspect(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Centre-crop so width/height matches `shape`'s, so a resize does not distort galaxies."""
-    height, width = image.shape[:2]
+def aspect_window(size: tuple[int, int], shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The centred rows and columns of a (H, W) image whose width/height is `shape`'s."""
+    height, width = size
     target = shape[1] / shape[0]
     if abs(width / height - target) < 1e-3:
-        return image
+        return slice(0, height), slice(0, width)
     if width / height > target:
-        return image[:, centre_window(width, round(height * target))]
-    return image[centre_window(height, round(width / target))]
+        return slice(0, height), centre_window(width, round(height * target))
+    return centre_window(height, round(width / target)), slice(0, width)
+
+
+def crop_to_aspect(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Centre-crop so width/height matches `shape`'s, so a resize does not distort galaxies."""
+    rows, cols = aspect_window((image.shape[0], image.shape[1]), shape)
+    return image[rows, cols]
 
 
 # How rendered images are resized to a model's input: the names a model card may give.
@@ -65,10 +131,11 @@ _FILTERS = {
     "box": Image.Resampling.BOX,
 }
 INTERPOLATIONS = tuple(_FILTERS)
+DEFAULT_INTERPOLATION = "bicubic"
 
 
 def resize_rgb(
-    image: np.ndarray, shape: tuple[int, int], interpolation: str = "bicubic"
+    image: np.ndarray, shape: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION
 ) -> np.ndarray:
     """Resize a uint8 RGB image with Pillow (antialiased when shrinking); `interpolation` is a
     model card's (bicubic is timm's eval interpolation)."""
@@ -77,7 +144,9 @@ def resize_rgb(
     return np.asarray(resized)
 
 
-def resize_images(images: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+def resize_images(
+    images: np.ndarray, size: int, interpolation: str = DEFAULT_INTERPOLATION
+) -> np.ndarray:
     """uint8 NHWC batch to size x size with `resize_rgb`, the resize the server applies.
 
     Evaluation and export checks use it too, so reported metrics are measured on the pixels a
@@ -88,7 +157,9 @@ def resize_images(images: np.ndarray, size: int, interpolation: str = "bicubic")
     return np.stack([resize_rgb(image, (size, size), interpolation) for image in images])
 
 
-def rescale_rgb(image: np.ndarray, zoom: float, interpolation: str = "bicubic") -> np.ndarray:
+def rescale_rgb(
+    image: np.ndarray, zoom: float, interpolation: str = DEFAULT_INTERPOLATION
+) -> np.ndarray:
     """A rendered image at `zoom` times the wanted pixel scale, brought to the wanted scale at
     the same size: zoom > 1 (it covers more sky) crops the centre and enlarges it; zoom < 1
     shrinks it and pads with blank sky. The centre stays centred."""

@@ -15,19 +15,20 @@ centred on (ra, dec) (DESIGN.md section 4).
 
 Defaults come from the model card so that the service returns exactly the field the model
 sees: size = card.input_size, pixscale = card.pixel_scale, bands = the card's bands (grz),
-layer ls-dr10; `CutoutOptions` overrides any of them, `base_url` points at a mirror or a stub.
+layer ls-dr10; `CutoutOptions` (galmorph.core.sky_options) overrides any of them, `base_url`
+points at a mirror or a stub.
 
 Every response is checked before it is cached or used (`verify_cutout`): status 200 and a body
 that parses as the requested format (FITS through fits_io.read_fits under DecodeLimits) with
 the requested shape. An HTML error page or a truncated FITS is a failed fetch, never a
 classification.
 
-Politeness (`Politeness`): at most `concurrency` requests in flight; request starts spaced by
-1/`rate` seconds per host; a User-Agent naming galmorph. Retries (tenacity): connection
-errors, timeouts, 408, 429, 5xx and FITS bodies cut short, up to `attempts` tries, waiting with
-exponential backoff plus jitter; a Retry-After (429/503) is honoured and holds back every
-request to that host, up to `max_retry_after` (a longer demand fails the fetch rather than
-come back early). Other 4xx statuses and text bodies fail at once.
+Politeness (`Politeness`, galmorph.core.sky_options): at most `concurrency` requests in
+flight; request starts spaced by 1/`rate` seconds per host; a User-Agent naming galmorph.
+Retries (tenacity): connection errors, timeouts, 408, 429, 5xx and FITS bodies cut short, up
+to `attempts` tries, waiting with exponential backoff plus jitter; a Retry-After (429/503) is
+honoured and holds back every request to that host, up to `max_retry_after` (a longer demand
+fails the fetch rather than come back early). Other 4xx statuses and text bodies fail at once.
 
 `CutoutFetcher` puts the disk cache (galmorph.core.cutout_cache) in front of the client: the
 cache first, the service for what is missing (never twice for one cutout at a time), nothing
@@ -53,27 +54,29 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import httpx
+from astropy.io import fits
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
+from tenacity.wait import wait_exponential, wait_random
 
-from galmorph import __version__
 from galmorph.core import formats
 from galmorph.core.contract import LEGACY_SURVEY_PIXEL_SCALE, ModelCard
 from galmorph.core.cutout_cache import CutoutCache
 from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
-from galmorph.core.fits_io import BLOCK, read_fits
+from galmorph.core.fits_io import BLOCK, CARD, MAX_HEADER_BLOCKS, read_fits
 from galmorph.core.raster_io import read_raster
+from galmorph.core.sky_options import (
+    DEFAULT_LAYER,
+    IMAGE_FORMATS,
+    LEGACY_SURVEY_VIEWER,
+    MAX_SIDE,
+    CutoutOptions,
+    Politeness,
+)
 
-LEGACY_SURVEY_VIEWER = "https://www.legacysurvey.org/viewer"
-DEFAULT_LAYER = "ls-dr10"
-MAX_SIDE = 3000  # the viewer's `maxsize`: larger sizes are cut to it without a word
-# image format -> (endpoint under the base URL, cache file suffix)
-IMAGE_FORMATS = {"fits": ("cutout.fits", ".fits"), "jpeg": ("cutout.jpg", ".jpg")}
 # Positions are sent rounded to 1e-7 degree (0.36 mas, a thousandth of a pixel), so float noise
 # from unit conversions maps to one request and one cache entry.
 COORDINATE_DECIMALS = 7
 BAND_ORDER = "ugrizY"  # wavelength order, the order the viewer's `bands` lists them in
-USER_AGENT = f"galmorph/{__version__} (galaxy morphology classifier) httpx/{httpx.__version__}"
 _SNIPPET_CHARS = 160
 _SEXAGESIMAL = re.compile(r"\d\s*[:hdms°'\"]\s*\d|\d\s+\d")
 
@@ -129,18 +132,6 @@ def card_bands(card: ModelCard) -> str:
     """The survey bands the model's colour mapping uses, in wavelength order ('grz')."""
     used = set(card.bands.values())
     return "".join(sorted(used, key=lambda b: (b not in BAND_ORDER, BAND_ORDER.find(b), b)))
-
-
-@dataclass(frozen=True)
-class CutoutOptions:
-    """What a user may choose; None takes the value from the model card."""
-
-    base_url: str = LEGACY_SURVEY_VIEWER
-    layer: str = DEFAULT_LAYER
-    bands: str | None = None  # None: the card's bands (grz)
-    pixscale: float | None = None  # arcsec/px; None: card.pixel_scale
-    size: int | None = None  # pixels (square); None: card.input_size
-    image_format: str = "fits"  # or "jpeg": the viewer's own rendering
 
 
 @dataclass(frozen=True)
@@ -295,7 +286,7 @@ class FetchError(Exception):
 def _snippet(data: bytes) -> str:
     """The start of a text body, tags stripped, on one line: what an error page says."""
     text = data[:4096].decode("utf-8", "replace")
-    text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", text, flags=re.S | re.I)
+    text = re.sub(r"<(script|style|head)\b.*?</\1>|<[^>]*>", " ", text, flags=re.S | re.I)
     text = " ".join(text.split())
     return text[:_SNIPPET_CHARS] or "(empty body)"
 
@@ -334,7 +325,7 @@ def verify_cutout(data: bytes, spec: CutoutSpec, limits: DecodeLimits = DecodeLi
         else:
             shape = tuple(int(s) for s in read_raster(data, fmt, limits).image.shape)
     except CutoutError as exc:
-        cut_short = spec.image_format == "jpeg" or len(data) % BLOCK != 0
+        cut_short = spec.image_format == "jpeg" or _fits_cut_short(data)
         raise FetchError(
             f"unreadable {wanted} ({len(data)} bytes): {exc.message}",
             retryable=cut_short and exc.kind is CutoutErrorKind.INVALID,
@@ -344,6 +335,24 @@ def verify_cutout(data: bytes, spec: CutoutSpec, limits: DecodeLimits = DecodeLi
             f"{wanted} of shape {shape}, expected {spec.expected_shape} for bands "
             f"{spec.bands!r} at {spec.width}x{spec.height} (the layer may lack a band)"
         )
+
+
+def _fits_cut_short(data: bytes) -> bool:
+    """Whether the primary HDU declares more header or data than `data` holds (a transfer
+    cut short, worth another try), as opposed to a whole file that is wrong."""
+    for end in range(0, min(len(data), MAX_HEADER_BLOCKS * BLOCK), CARD):
+        if data[end : end + 8] == b"END     ":
+            break
+    else:
+        return True
+    try:
+        header = fits.Header.fromstring(data[: end + CARD].decode("ascii"))
+        axes = [int(header[f"NAXIS{i}"]) for i in range(1, int(header.get("NAXIS", 0)) + 1)]
+        values = math.prod(axes) if axes else 0
+        declared = abs(int(header.get("BITPIX", 8))) // 8 * values
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return True
+    return len(data) < -(-(end + CARD) // BLOCK) * BLOCK + declared
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -363,28 +372,6 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 # ---------------------------------------------------------------- the polite client
-
-
-@dataclass(frozen=True)
-class Politeness:
-    """How hard galmorph may lean on a cutout service."""
-
-    concurrency: int = 4  # requests in flight
-    rate: float = 4.0  # request starts per second, per host
-    timeout: float = 60.0  # seconds for one attempt, connection to last byte
-    attempts: int = 5  # tries per cutout, the first included
-    backoff: float = 1.0  # first retry wait (s); doubles each retry, plus up to this of jitter
-    max_backoff: float = 60.0
-    max_retry_after: float = 300.0  # a longer Retry-After fails the fetch
-    user_agent: str = USER_AGENT
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.attempts < 1:
-            raise ValueError("concurrency and attempts must be at least 1")
-        if not (self.rate > 0 and self.timeout > 0):
-            raise ValueError("rate and timeout must be positive")
-        if self.backoff < 0 or self.max_backoff < 0 or self.max_retry_after < 0:
-            raise ValueError("backoff and retry-after limits must not be negative")
 
 
 class HostRateLimiter:
@@ -419,9 +406,9 @@ class _Backoff:
     """tenacity wait: the server's Retry-After when it gave one, else exponential + jitter."""
 
     def __init__(self, politeness: Politeness) -> None:
-        self._exponential = wait_exponential_jitter(
-            initial=politeness.backoff, max=politeness.max_backoff, jitter=politeness.backoff
-        )
+        self._exponential = wait_exponential(
+            multiplier=politeness.backoff, max=politeness.max_backoff
+        ) + wait_random(0, politeness.backoff)
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -449,7 +436,7 @@ class CutoutClient:
 
     def __init__(
         self,
-        politeness: Politeness = Politeness(),
+        politeness: Politeness = Politeness(),  # noqa: B008 (frozen dataclass: safe default)
         *,
         limits: DecodeLimits = DecodeLimits(),  # noqa: B008 (frozen dataclass: safe default)
         transport: httpx.AsyncBaseTransport | None = None,
@@ -575,7 +562,7 @@ class CutoutFetcher:
         self,
         spec: CutoutSpec,
         cache: CutoutCache,
-        politeness: Politeness = Politeness(),
+        politeness: Politeness = Politeness(),  # noqa: B008 (frozen dataclass: safe default)
         *,
         offline: bool = False,
         limits: DecodeLimits = DecodeLimits(),  # noqa: B008
@@ -640,6 +627,8 @@ class CutoutFetcher:
             path, _ = await self._download_once(request)
         except FetchError as exc:
             return FetchOutcome(request, None, "failed", str(exc))
+        except Exception as exc:  # one cutout never stops a catalog (a full disk, a bug)
+            return FetchOutcome(request, None, "failed", f"{type(exc).__name__}: {exc}")
         return FetchOutcome(request, path, "cached" if joined else "fetched")
 
     async def ensure_many(

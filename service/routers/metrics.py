@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from galmorph.service.dependencies import MetricsDep, RuntimeDep
+from galmorph.service.dependencies import MetricsDep
 from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(metrics: MetricsDep, runtime: RuntimeDep) -> Response:
-    if runtime.batcher is not None:
-        metrics.queue_length.set(runtime.batcher.queue_length)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (summed over all worker processes)",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
+async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
 from galmorph.service.dependencies import ReadyModelDep, require_api_key
-from galmorph.service.schemas import ErrorResponse, KServeModelMetadata, ModelInfo, TensorSpec
+from galmorph.service.schemas import KServeModelMetadata, ModelInfo, TensorSpec, error_responses
 
 from galmorph.core.contract import INPUT_NAME, LOGITS_NAME, OUTPUT_NAME
 from galmorph.core.engine import OnnxModel
@@ -52,6 +52,8 @@ def model_info(model: OnnxModel, batching: dict[str, float]) -> ModelInfo:
             "stretch": card.stretch,
             "bands": card.bands,
             "pixel_scale": card.pixel_scale,
+            "field_of_view_arcsec": list(card.field_of_view),
+            "interpolation": card.interpolation,
             "stretches": sorted(STRETCHES),
         },
         providers=model.providers,
@@ -62,7 +64,12 @@ def model_info(model: OnnxModel, batching: dict[str, float]) -> ModelInfo:
     )
 
 
-@router.get("/model", response_model=ModelInfo, summary="The served model and how it runs")
+@router.get(
+    "/model",
+    response_model=ModelInfo,
+    responses=error_responses(401, 503),
+    summary="The served model and how it runs",
+)
 async def get_model(ready: ReadyModelDep) -> ModelInfo:
     return model_info(ready.model, dataclasses.asdict(ready.batcher.config))
 
@@ -70,7 +77,9 @@ async def get_model(ready: ReadyModelDep) -> ModelInfo:
 @router.get(
     "/v2/models/{name}",
     response_model=KServeModelMetadata,
-    responses={404: {"model": ErrorResponse}},
+    # 422 never happens (any name is a valid string) but FastAPI documents one for every
+    # route with parameters; this keeps its body the one the server sends.
+    responses=error_responses(401, 404, 422, 503),
     summary="KServe v2 model metadata",
 )
 async def kserve_model(name: str, ready: ReadyModelDep) -> KServeModelMetadata:

@@ -1,0 +1,107 @@
+"""Hostile cutouts: small files that ask a decoder for a lot of memory, CPU or time.
+
+Shared by tests/test_hostile.py and benchmarks/bench_hostile.py. Every builder is
+deterministic and cached (some take a second to build), and returns the file's bytes.
+The large ones are written by hand (PNG chunks, gzip streams) so that building them costs
+far less than decoding them would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import zlib
+from functools import lru_cache
+
+import numpy as np
+from astropy.io import fits
+from PIL import Image
+
+from tests.cutout_factory import fits_header_only, galaxy_planes, tan_wcs_header
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+@lru_cache(maxsize=4)
+def flat_png(side: int = 8192, colour_type: int = 2, bit_depth: int = 8) -> bytes:
+    """A valid side x side PNG of zeros (colour type 2 = RGB, 0 = grey, 6 = RGBA): a few
+    hundred KB that decode to side^2 pixels."""
+    channels = {0: 1, 2: 3, 6: 4}[colour_type] * bit_depth // 8
+    row = b"\0" * (1 + side * channels)  # filter byte 0, then the pixels
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+@lru_cache(maxsize=2)
+def flat_jpeg(side: int = 8192, progressive: bool = False) -> bytes:
+    """A side x side grey-ish JPEG (baseline or progressive)."""
+    image = Image.new("RGB", (side, side), (40, 40, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=50, progressive=progressive)
+    return buffer.getvalue()
+
+
+def scale_bomb_fits(pixel_scale: float, size: int = 64) -> bytes:
+    """A small grz cube whose WCS claims `pixel_scale` arcsec per pixel."""
+    planes = galaxy_planes(size, seed=1)
+    header = tan_wcs_header((size, size), pixel_scale)
+    header["BANDS"] = "grz"
+    hdu = fits.PrimaryHDU(np.stack([planes[b] for b in "grz"]), header)
+    buffer = io.BytesIO()
+    hdu.writeto(buffer)
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=2)
+def flat_gzip_cube(side: int = 4096, bands: str = "grz", pixel_scale: float = 0.262) -> bytes:
+    """A gzip FITS float32 (len(bands), side, side) cube of zeros with a TAN WCS: under 1 MB
+    that expands to 4 x side^2 x bands bytes."""
+    header = tan_wcs_header((side, side), pixel_scale)
+    header["BANDS"] = bands
+    primary = fits.Header()
+    primary["SIMPLE"] = True
+    primary["BITPIX"] = -32
+    primary["NAXIS"] = 3
+    primary["NAXIS1"], primary["NAXIS2"], primary["NAXIS3"] = side, side, len(bands)
+    primary.extend(header)
+    head = primary.tostring().encode("ascii")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [compressor.compress(head)]
+    plane_row = b"\0" * (4 * side)
+    for _ in range(side * len(bands)):
+        parts.append(compressor.compress(plane_row))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+@lru_cache(maxsize=2)
+def extension_flood(extensions: int = 30_000) -> bytes:
+    """A .fits.gz: empty primary, then `extensions` empty IMAGE extensions (no image at all)."""
+    empty = fits.Header()
+    empty["XTENSION"] = "IMAGE"
+    empty["BITPIX"] = 8
+    empty["NAXIS"] = 0
+    empty["PCOUNT"] = 0
+    empty["GCOUNT"] = 1
+    block = empty.tostring().encode("ascii")
+    return gzip.compress(fits_header_only(()) + block * extensions, compresslevel=9, mtime=0)
+
+
+def header_card_flood(cards: int = 200_000) -> bytes:
+    """A primary header with `cards` COMMENT cards before END (no END within the first blocks)."""
+    header = fits_header_only(())
+    body = header[: header.index(b"END" + b" " * 77)]
+    comment = b"COMMENT " + b"x" * 72
+    data = body + comment * cards + b"END" + b" " * 77
+    return gzip.compress(data + b" " * (-len(data) % 2880), compresslevel=9, mtime=0)
