@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_DIR ?= demo
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install browser demo test lint typecheck bench gpu-check clean
+.PHONY: install browser nginx demo test lint typecheck bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,14 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "install Debian's chromium (sudo apt-get install chromium) for the browser test"; fi; }
 
-test: install browser lint typecheck
+# The proxy's configuration (docker/nginx.conf) is checked by `nginx -t` (Debian package),
+# installed when absent.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nginx >/dev/null; \
+	  else echo "install Debian's nginx (sudo apt-get install nginx) for the proxy test"; fi; }
+
+test: install browser nginx lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -69,14 +69,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
+from galmorph.core.engine import CPU_PROVIDER, CUDA_PROVIDER
 
 if TYPE_CHECKING:
     from galmorph.core.engine import OnnxModel
 
 DEFAULT_OUT = RESULTS_DIR / "gpu.json"
 REAL_IMAGES = REPO_ROOT / "tests" / "data" / "galaxy10-real"
-CUDA_PROVIDER = "CUDAExecutionProvider"
-CPU_PROVIDER = "CPUExecutionProvider"
 # A part still running at this multiple of its budget is stopped and failed.
 HARD_STOP_FACTOR = 3
 # The best batch size: the smallest one within this fraction of the sweep's best images/s
@@ -191,6 +190,7 @@ def torch_facts() -> dict[str, Any]:
     """torch's build and what it sees. Importing torch first also loads its CUDA libraries,
     which onnxruntime's CUDA provider then finds in this process (onnxruntime.preload_dlls)."""
     import torch
+    import torch.distributed as distributed
 
     facts: dict[str, Any] = {
         "version": torch.__version__,
@@ -210,7 +210,7 @@ def torch_facts() -> dict[str, Any]:
             for index in range(facts["device_count"])
         ]
         facts["bf16_supported"] = bool(torch.cuda.is_bf16_supported())
-        facts["nccl_available"] = bool(torch.distributed.is_nccl_available())
+        facts["nccl_available"] = bool(distributed.is_nccl_available())
     return facts
 
 
@@ -569,8 +569,13 @@ def part_cuda_provider(check: Check) -> dict[str, Any]:
         "provider_options": model.session.get_provider_options().get(check.provider, {}),
     }
     if model.providers[:1] != [check.provider]:
+        built_for = check.env["onnxruntime"]["built_for_cuda"]
         raise CheckFailed(
-            f"{check.provider} was requested but the session runs on {model.providers}", result
+            f"{check.provider} was requested but the session runs on {model.providers}: "
+            f"onnxruntime found no usable CUDA {built_for} and cuDNN libraries (its own error "
+            "is above in the output); a torch build for the same CUDA carries them "
+            "(benchmarks/README.md, GPU readiness)",
+            result,
         )
     images = check.real_images()[:4]
     device_input = ort.OrtValue.ortvalue_from_numpy(images, check.ort_device, 0)
@@ -887,9 +892,13 @@ def part_service(check: Check) -> dict[str, Any]:
     if check.gpu:
         flags.append("--require-gpu")
     with serve(path, check.work, *flags) as server:
-        before = time_raw(raw_model, batch, requests)
-        figures = asyncio.run(load(server.port, uploads, batch, requests))
-        after = time_raw(raw_model, batch, requests)
+        try:
+            before = time_raw(raw_model, batch, requests)
+            figures = asyncio.run(load(server.port, uploads, batch, requests))
+            after = time_raw(raw_model, batch, requests)
+        except Exception as exc:  # the server's own log says what went wrong on its side
+            message = f"{type(exc).__name__}: {exc}"
+            raise CheckFailed(message, {"server_log": tail(server.log())}) from exc
     raw_rate = (before["images_per_s"] + after["images_per_s"]) / 2
     fraction = figures["requests_per_s"] / raw_rate
     return {

@@ -28,4 +28,6 @@ log "4/4 export: $run_dir -> $published"
 # The parity check (onnxruntime against PyTorch) runs on real Galaxy10 images.
 galmorph export "$run_dir" --out "$staging" --parity-data "$data_file"
 mv -f "$staging" "$published"
-log "published $published; a running serve loads it on restart: docker compose restart serve"
+# serve polls for a missing model (GALMORPH_WAIT_FOR_MODEL in its image); a model it already
+# serves is only replaced by a new process.
+log "published $published; a serve still waiting for a model loads it within seconds, one serving an older model on: docker compose restart serve"

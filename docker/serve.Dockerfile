@@ -68,4 +68,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 ENTRYPOINT ["galmorph"]
+# 0.0.0.0 of the container's own network: who reaches it is decided where the port is
+# published. The compose files publish only the proxy, on 127.0.0.1 unless
+# GALMORPH_BIND_ADDRESS says otherwise (then serve needs GALMORPH_API_KEY). /docs stays off
+# (GALMORPH_DOCS), so no page of this image loads scripts from a CDN.
 CMD ["serve", "--model", "/models/model.onnx", "--host", "0.0.0.0", "--port", "8000"]

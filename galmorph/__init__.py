@@ -1,8 +1,29 @@
-"""galmorph: galaxy morphology classification with Astroformer and onnxruntime."""
+"""galmorph: galaxy morphology classification with Astroformer and onnxruntime.
+
+`from galmorph import Classifier` is the Python API (galmorph.core.classifier); it is imported
+on first use, so that `import galmorph` (and `galmorph --help`) stays free of onnxruntime.
+"""
+
+from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from galmorph.core.classifier import Classifier, Prediction, Predictions
+
+__all__ = ["Classifier", "Prediction", "Predictions", "__version__"]
+_LAZY = {"Classifier", "Prediction", "Predictions"}
 
 try:
     __version__ = version("galmorph")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from galmorph.core import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module 'galmorph' has no attribute {name!r}")

@@ -104,6 +104,14 @@ class Astroformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
 
+    def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, head_hidden): forward(x) == classifier(forward_pre_logits(x))."""
+        return self.head.forward_pre_logits(self.forward_features(x))
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.head.fc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 

@@ -6,6 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from galmorph.model.checkpoint import ModelSpec
+    from galmorph.model.export import FitImages
+
+# galmorph.core.ood.DEFAULT_FPR, repeated here so that `--help` imports no numpy.
+DEFAULT_OOD_FPR = 0.05
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "normalisation, interpolation, stretch, bands, pixel scale and field of view (what a "
         "FITS cutout is rendered to), training data, metrics and provenance.",
     )
-    inspect.add_argument("model", type=Path, help="an exported galmorph .onnx file")
+    inspect.add_argument(
+        "model", type=Path, help="an exported galmorph .onnx file (or a folder for >2 GiB)"
+    )
     inspect.add_argument("--json", action="store_true", help="print the card as JSON")
     inspect.set_defaults(func=_inspect)
 
@@ -40,10 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="export a training run to a verified, self-describing ONNX file",
         description="Export RUN_DIR/model.safetensors + model.json to ONNX: uint8 [N,H,W,3] "
-        "'images' in, float32 'probabilities' (and 'logits') out, preprocessing inside the "
-        "graph, class names/normalisation/stretch/provenance in the metadata. The export "
-        "checks onnxruntime against PyTorch (max |dp| <= 1e-4, same argmax in fp32) and "
-        "writes nothing if they disagree.",
+        "'images' in, float32 'probabilities', 'logits', 'embeddings' (the pre-logit "
+        "representation) and 'ood_score' out, preprocessing inside the graph, class "
+        "names/normalisation/stretch/provenance in the metadata. With the run's training file "
+        "(--data, default: the one in RUN_DIR/config.json) the probabilities are "
+        "temperature-scaled on the validation split and the out-of-distribution score is fitted "
+        "on the training split, its threshold on the validation split. The export checks "
+        "onnxruntime against PyTorch (max |dp| <= 1e-4, same argmax in fp32) and writes nothing "
+        "if they disagree. Models over 2 GiB are written as a folder (model.onnx + "
+        "model.onnx.data) that serve, score and Classifier load like a file.",
     )
     export.add_argument("run_dir", type=Path, help="run folder holding model.safetensors/.json")
     export.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/model.onnx")
@@ -84,6 +99,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="JSON file of evaluation metrics to store in the metadata "
         "(default: RUN_DIR/evaluation.json, written by `galmorph evaluate`, when it exists)",
+    )
+    export.add_argument(
+        "--data",
+        type=Path,
+        help="the run's Galaxy10-layout .h5, for temperature scaling and the OOD score "
+        "(default: the training file named in RUN_DIR/config.json, when it exists)",
+    )
+    export.add_argument(
+        "--fit-count",
+        type=int,
+        default=2000,
+        help="at most this many training and validation images each for the temperature and "
+        "the OOD statistics (default 2000)",
+    )
+    export.add_argument(
+        "--no-calibrate", action="store_true", help="skip temperature scaling (temperature 1)"
+    )
+    export.add_argument(
+        "--no-ood", action="store_true", help="export without the 'ood_score' output"
+    )
+    export.add_argument(
+        "--ood-fpr",
+        type=float,
+        default=DEFAULT_OOD_FPR,
+        help="fraction of in-distribution validation images the OOD threshold flags "
+        f"(default {DEFAULT_OOD_FPR})",
     )
     export.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     export.set_defaults(func=_export)
@@ -152,6 +193,28 @@ def _inspect(args: argparse.Namespace) -> int:
     data = card.training_data.get("fingerprint", {})
     if data:
         rows.append(("trained on", f"{data.get('file_name')} ({data.get('num_images')} images)"))
+    calibration = card.calibration
+    if calibration.get("applied"):
+        rows.append(
+            (
+                "calibration",
+                f"temperature {calibration['temperature']:.4g}, ECE "
+                f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} "
+                f"({calibration['num_images']} {calibration['split']} images)",
+            )
+        )
+    elif calibration:
+        rows.append(("calibration", f"none: {calibration.get('reason')}"))
+    outputs = ", ".join(node.name for node in model.session.get_outputs())
+    rows.append(("outputs", outputs))
+    if card.ood:
+        rows.append(
+            (
+                "OOD score",
+                f"{card.ood['method']}, in distribution up to {card.ood['threshold']:.4g} "
+                f"({card.ood['in_distribution_fpr']:.0%} of validation images above)",
+            )
+        )
     if "top1" in metrics:
         rows.append(
             ("metrics", f"top-1 {metrics['top1']:.4f}, macro-F1 {metrics.get('macro_f1', 0):.4f}")
@@ -233,6 +296,9 @@ def _export(args: argparse.Namespace) -> int:
         calib_images=calib_images,
         eval_images=eval_images,
         eval_labels=eval_labels,
+        fit_images=_fit_images(args, spec),
+        calibrate=not args.no_calibrate,
+        ood_fpr=None if args.no_ood else args.ood_fpr,
         intra_op_threads=args.threads,
     )
     parity = report.parity
@@ -242,7 +308,71 @@ def _export(args: argparse.Namespace) -> int:
         f"{parity.argmax_agreement:.4f} on {parity.num_images} images "
         f"({parity.num_real_images} real)"
     )
+    calibration, ood = report.card.calibration, report.card.ood
+    if calibration.get("applied"):
+        print(
+            f"temperature {calibration['temperature']:.4g}: ECE {calibration['ece_before']:.4f} "
+            f"-> {calibration['ece_after']:.4f} on {calibration['num_images']} validation images"
+        )
+    else:
+        print(f"not calibrated: {calibration.get('reason')}")
+    if ood:
+        print(
+            f"OOD score threshold {ood['threshold']:.4g} (flags {ood['in_distribution_fpr']:.0%} "
+            f"of {ood['threshold_fit']['num_images']} validation images)"
+        )
     if "int8_eval" in report.card.metrics:
         print("int8 accuracy change:", json.dumps(report.card.metrics["int8_eval"]))
     print("seconds:", json.dumps({k: round(v, 2) for k, v in report.seconds.items()}))
     return 0
+
+
+def _fit_images(args: argparse.Namespace, spec: ModelSpec) -> FitImages | None:
+    """The run's own training and validation images for calibration and the OOD score."""
+    if args.no_calibrate and args.no_ood:
+        return None
+    data = args.data or _training_file(args.run_dir)
+    if data is None:
+        print(
+            "galmorph export: no --data and no training file recorded in the run: exporting "
+            "without temperature scaling and without the OOD score",
+            file=sys.stderr,
+        )
+        return None
+    from galmorph.model.export import FitImages
+    from galmorph.model.sample_images import load_images
+
+    from galmorph.core.galaxy10 import Galaxy10File
+    from galmorph.core.splits import Split, SplitError
+
+    split_path = args.split or args.run_dir / "split.json"
+    if not split_path.is_file():
+        raise SystemExit(
+            f"galmorph export: --data needs the run's split ({split_path} not found): "
+            "the temperature must be fitted on images the model was not trained on"
+        )
+    split = Split.load(split_path)
+    try:
+        with Galaxy10File(data) as file:
+            split.check_data(file.num_images, file.fingerprint())
+    except SplitError as exc:
+        raise SystemExit(f"galmorph export: {data} is not the run's data: {exc}") from None
+    size, interpolation, count = spec.img_size, spec.interpolation, args.fit_count
+    train_images, train_labels = load_images(
+        data, size=size, interpolation=interpolation, count=count, indices=split.train
+    )
+    val_images, val_labels = load_images(
+        data, size=size, interpolation=interpolation, count=count, seed=1, indices=split.val
+    )
+    if train_labels is None or val_labels is None:
+        raise SystemExit(f"galmorph export: {data} has no labels")
+    return FitImages(train_images, train_labels, val_images, val_labels)
+
+
+def _training_file(run_dir: Path) -> Path | None:
+    """The training file named in RUN_DIR/config.json, when it is still there."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text()).get("data")
+    return Path(data) if data and Path(data).is_file() else None

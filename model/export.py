@@ -2,8 +2,19 @@
 
 Graph contract (galmorph/core/contract.py): input `images` uint8 [N, H, W, 3]; the /255, mean/std
 and NHWC->NCHW steps run inside the graph (galmorph.model.preprocess.ImagePreprocess, the module
-training itself uses); outputs `probabilities` float32 [N, K] (softmax) and `logits`. N is
-dynamic, H and W are fixed (the relative position tables are sized for them).
+training itself uses); outputs `probabilities` float32 [N, K] (softmax of the logits divided by
+the calibrated temperature), `logits`, `embeddings` [N, D] (the input of the last Linear layer)
+and, when the export had labelled training images, `ood_score` [N]. N is dynamic, H and W are
+fixed (the relative position tables are sized for them).
+
+With labelled images from the run's own split (`FitImages`), the export fits what needs data
+before it traces the graph: the temperature on the validation rows (galmorph.core.calibration;
+kept at 1 when it would raise the ECE there), and the out-of-distribution score's class
+statistics on the training rows with its threshold on the validation rows (galmorph.core.ood).
+Both go into the graph and the card (`calibration`, `ood`).
+
+Models whose weights exceed protobuf's 2 GiB limit are written as a folder (model.onnx + the
+weights as ONNX external data, galmorph.core.artifact) that every consumer loads like a file.
 
 Exporter choice, measured on this kind of machine: the dynamo exporter at opset 20 emits
 ONNX's native Gelu op, which onnxruntime runs as one kernel; at opset 18 GELU decomposes into
@@ -21,22 +32,35 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from galmorph.model.checkpoint import ModelSpec, load_model
+from galmorph.model.head import PreLogitsModel
 from galmorph.model.preprocess import ImagePreprocess
 from torch import nn
 
 from galmorph import __version__
-from galmorph.core.contract import INPUT_NAME, LOGITS_NAME, METADATA_PREFIX, OUTPUT_NAME, ModelCard
+from galmorph.core import ood
+from galmorph.core.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME, artifact_size
+from galmorph.core.calibration import ece, fit_temperature, nll, softmax
+from galmorph.core.contract import (
+    EMBEDDINGS_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    METADATA_PREFIX,
+    OOD_SCORE_NAME,
+    OUTPUT_NAME,
+    ModelCard,
+)
 from galmorph.core.files import atomic_write
 
 if TYPE_CHECKING:
@@ -49,9 +73,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # int8 is judged by the accuracy change on held-out images instead (recorded, not enforced).
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3}
 PARITY_KEY = METADATA_PREFIX + "export_parity"
-# protobuf cannot serialise a single file above 2 GiB; the graph holds fp32 weights.
+# protobuf cannot serialise a single file above 2 GiB: larger weights go to external data.
 MAX_SINGLE_FILE_BYTES = 2**31 - 2**24
 RANDOM_BATCH_SIZES = (1, 5)
+# Images per PyTorch forward pass while embeddings and logits are collected for fitting.
+FIT_BATCH_SIZE = 64
 
 
 class ExportError(RuntimeError):
@@ -59,7 +85,14 @@ class ExportError(RuntimeError):
 
 
 class ImageClassifierGraph(nn.Module):
-    """uint8 NHWC images -> (probabilities, logits): what the ONNX graph computes."""
+    """uint8 NHWC images -> (probabilities, logits, embeddings[, ood_score]): what the ONNX
+    graph computes. Probabilities are softmax(logits / temperature); the OOD score is
+    galmorph.core.ood.mahalanobis_score of the embeddings, for the given class statistics."""
+
+    inverse_temperature: torch.Tensor
+    ood_whitener: torch.Tensor
+    ood_centres: torch.Tensor
+    ood_centre_norms: torch.Tensor
 
     def __init__(
         self,
@@ -68,16 +101,50 @@ class ImageClassifierGraph(nn.Module):
         std: Sequence[float],
         *,
         compute_dtype: torch.dtype = torch.float32,
+        temperature: float = 1.0,
+        gaussians: ood.ClassGaussians | None = None,
     ) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.preprocess = ImagePreprocess(mean, std)
         self.model = model.to(compute_dtype)
         self.compute_dtype = compute_dtype
+        self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature))
+        self.has_ood = gaussians is not None
+        if gaussians is not None:
+            # The score as matrix products: |z - m_c|^2 = |z|^2 - 2 z.m_c + |m_c|^2, z = e W.
+            whitener, centres = gaussians.mahalanobis_terms()
+            self.register_buffer("ood_whitener", torch.from_numpy(whitener).float())
+            self.register_buffer("ood_centres", torch.from_numpy(centres.T.copy()).float())
+            self.register_buffer("ood_centre_norms", torch.from_numpy((centres**2).sum(1)).float())
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.preprocess(images).to(self.compute_dtype)
-        logits = self.model(x).float()
-        return logits.softmax(dim=-1), logits
+        model = cast(PreLogitsModel, self.model)
+        pre_logits = model.forward_pre_logits(x)
+        logits = model.classifier(pre_logits).float()
+        embeddings = pre_logits.float()
+        probabilities = (logits * self.inverse_temperature).softmax(dim=-1)
+        if not self.has_ood:
+            return probabilities, logits, embeddings
+        z = embeddings @ self.ood_whitener
+        distances = (z * z).sum(1, keepdim=True) - 2 * (z @ self.ood_centres)
+        distances = distances + self.ood_centre_norms
+        score = distances.min(dim=1).values.clamp_min(0.0) / z.shape[1]
+        return probabilities, logits, embeddings, score
+
+
+@dataclass(frozen=True)
+class FitImages:
+    """Labelled images of the run's own split for what the export fits: the validation rows
+    (never trained on) set the temperature and the OOD threshold, the training rows the OOD
+    score's class statistics."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -156,14 +223,21 @@ def export_model(
     calib_images: np.ndarray | None = None,
     eval_images: np.ndarray | None = None,
     eval_labels: np.ndarray | None = None,
+    fit_images: FitImages | None = None,
+    calibrate: bool = True,
+    ood_fpr: float | None = ood.DEFAULT_FPR,
     intra_op_threads: int | None = None,
     seed: int = 0,
 ) -> ExportReport:
-    """Checkpoint (model.safetensors + model.json) -> verified ONNX file at out_path.
+    """Checkpoint (model.safetensors + model.json) -> verified ONNX model at out_path (a file,
+    or a folder when the weights exceed 2 GiB).
 
     parity_images: real uint8 NHWC images at the model's input size, checked in addition to
     random ones. int8 needs calib_images (static QDQ calibration) and eval_images/eval_labels
     (held-out images on which the accuracy change is measured and stored in the metadata).
+    fit_images: the run's labelled train/val images; with them the probabilities are
+    temperature-scaled (unless calibrate is False) and, unless ood_fpr is None, the graph gets
+    an `ood_score` output whose threshold flags that fraction of the validation images.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -177,12 +251,21 @@ def export_model(
             _check_images(images, size, what)
     if eval_images is not None:
         _check_images(eval_images, size, "evaluation")
+    if fit_images is not None:
+        _check_fit_images(fit_images, size, spec.num_classes)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    card = build_card(spec, precision=precision, metrics=metrics)
-    reference = ImageClassifierGraph(model, spec.mean, spec.std).eval()
-    _check_single_file_size(model)
+    external = _needs_external_data(model, precision)
+    if external and precision == "int8":
+        raise ExportError("int8 export of a model over 2 GiB is not supported; use fp16")
     seconds: dict[str, float] = {}
+    tick = time.perf_counter()
+    temperature, gaussians, card = _fit(model, spec, fit_images, calibrate, ood_fpr, precision)
+    card = replace(card, metrics={**card.metrics, **(metrics or {})})
+    seconds["fit"] = time.perf_counter() - tick
+    reference = ImageClassifierGraph(
+        model, spec.mean, spec.std, temperature=temperature, gaussians=gaussians
+    ).eval()
 
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as work_dir:
         work = Path(work_dir)
@@ -192,13 +275,22 @@ def export_model(
             reference
             if graph_dtype == torch.float32
             else ImageClassifierGraph(
-                _copy_model(spec, model), spec.mean, spec.std, compute_dtype=graph_dtype
+                _copy_model(spec, model),
+                spec.mean,
+                spec.std,
+                compute_dtype=graph_dtype,
+                temperature=temperature,
+                gaussians=gaussians,
             ).eval()
         )
         proto = _trace_to_onnx(graph_module, size, opset)
         seconds["export"] = time.perf_counter() - tick
-        candidate = work / "model.onnx"
-        _save(proto, candidate, card)
+        # A folder holds the graph and, for external data, its weights beside it.
+        candidate_dir = work / "candidate"
+        candidate_dir.mkdir()
+        candidate = candidate_dir / GRAPH_FILE_NAME
+        _save(proto, candidate, card, external)
+        del proto
 
         rng = np.random.default_rng(seed)
         random_batches = [
@@ -229,18 +321,25 @@ def export_model(
                 },
             )
             candidate = work / "final.onnx"
-            _save(_load(quantised), candidate, card)
+            _save(_load(quantised), candidate, card, external=False)
         parity = check_parity(
             candidate, reference, random_batches, real, precision, intra_op_threads
         )
         seconds["parity"] = time.perf_counter() - tick
         _require(parity, precision)
-        final = _load(candidate)
-        _set_metadata(final, card, parity)
-        with atomic_write(out) as staged:
-            _write_proto(final, staged)
+        if external:
+            # Only the graph file is rewritten; the weights file stays where it was checked.
+            final = _load(candidate, load_external_data=False)
+            _set_metadata(final, card, parity)
+            onnx_save(final, candidate)
+            _replace_folder(candidate_dir, out)
+        else:
+            final = _load(candidate)
+            _set_metadata(final, card, parity)
+            with atomic_write(out) as staged:
+                _write_proto(final, staged, external=False)
     seconds["total"] = time.perf_counter() - started
-    report = ExportReport(out, card, parity, seconds, out.stat().st_size)
+    report = ExportReport(out, card, parity, seconds, artifact_size(out))
     log.info(
         "exported %s (%s, %.1f MB) in %.1fs; parity max|Δp|=%.2e argmax agreement=%.3f",
         out,
@@ -253,6 +352,155 @@ def export_model(
     return report
 
 
+def _fit(
+    model: nn.Module,
+    spec: ModelSpec,
+    fit_images: FitImages | None,
+    calibrate: bool,
+    ood_fpr: float | None,
+    precision: str,
+) -> tuple[float, ood.ClassGaussians | None, ModelCard]:
+    """(temperature, OOD class statistics or None, the card recording both)."""
+    card = build_card(spec, precision=precision)
+    if fit_images is None:
+        reason = "no labelled images were given to the export (galmorph export --data)"
+        if not calibrate:
+            reason = "calibration was switched off (--no-calibrate)"
+        return (
+            1.0,
+            None,
+            replace(card, calibration={"applied": False, "temperature": 1.0, "reason": reason}),
+        )
+    # The export's only bulk forward passes: on the GPU when there is one (then back, for
+    # the CPU parity check).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plain = ImageClassifierGraph(model, spec.mean, spec.std).eval().to(device)
+    try:
+        val_logits, val_embeddings = graph_outputs(plain, fit_images.val_images)
+        train_embeddings = None
+        if ood_fpr is not None:
+            _, train_embeddings = graph_outputs(plain, fit_images.train_images)
+    finally:
+        plain.to("cpu")
+    calibration = fit_calibration(val_logits, fit_images.val_labels, calibrate=calibrate)
+    gaussians = None
+    ood_record: dict[str, Any] = {}
+    if ood_fpr is not None and train_embeddings is not None:
+        gaussians, ood_record = fit_ood(
+            train_embeddings, fit_images.train_labels, val_embeddings, ood_fpr
+        )
+    card = replace(card, calibration=calibration, ood=ood_record)
+    return float(calibration["temperature"]), gaussians, card
+
+
+def graph_outputs(graph: ImageClassifierGraph, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embeddings) of the PyTorch graph for uint8 NHWC images, in batches."""
+    device = graph.inverse_temperature.device
+    logits, embeddings = [], []
+    with torch.no_grad():
+        for batch in _chunks(images, FIT_BATCH_SIZE):
+            outputs = graph(torch.from_numpy(batch).to(device))
+            logits.append(outputs[1].cpu().numpy())
+            embeddings.append(outputs[2].cpu().numpy())
+    return np.concatenate(logits), np.concatenate(embeddings)
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, calibrate: bool) -> dict[str, Any]:
+    """Temperature scaling on held-out images, as the card's `calibration` record.
+
+    The temperature minimises the NLL; it is applied only when it does not raise the ECE on the
+    same images (with few images the two can disagree), so a calibrated file is never worse
+    calibrated than it was on the split it was measured on.
+    """
+    before = {"ece": ece(softmax(logits), labels), "nll": nll(logits, labels)}
+    record: dict[str, Any] = {
+        "method": "temperature scaling",
+        "split": "val",
+        "num_images": len(labels),
+        "ece_before": before["ece"],
+        "nll_before": before["nll"],
+    }
+    if not calibrate:
+        reason = "calibration was switched off (--no-calibrate)"
+        return {
+            **record,
+            "applied": False,
+            "temperature": 1.0,
+            "reason": reason,
+            "ece_after": before["ece"],
+            "nll_after": before["nll"],
+        }
+    temperature = fit_temperature(logits, labels)
+    after = {
+        "ece": ece(softmax(logits, temperature), labels),
+        "nll": nll(logits, labels, temperature),
+    }
+    if after["ece"] > before["ece"]:
+        reason = (
+            f"the NLL-optimal temperature {temperature:.4g} would raise the ECE from "
+            f"{before['ece']:.4f} to {after['ece']:.4f}"
+        )
+        log.warning("not calibrated: %s", reason)
+        return {
+            **record,
+            "applied": False,
+            "temperature": 1.0,
+            "reason": reason,
+            "fitted_temperature": temperature,
+            "ece_after": before["ece"],
+            "nll_after": before["nll"],
+        }
+    log.info(
+        "temperature %.4g: ECE %.4f -> %.4f, NLL %.4f -> %.4f on %d validation images",
+        temperature,
+        before["ece"],
+        after["ece"],
+        before["nll"],
+        after["nll"],
+        len(labels),
+    )
+    return {
+        **record,
+        "applied": True,
+        "temperature": temperature,
+        "ece_after": after["ece"],
+        "nll_after": after["nll"],
+    }
+
+
+def fit_ood(
+    train_embeddings: np.ndarray,
+    train_labels: np.ndarray,
+    val_embeddings: np.ndarray,
+    fpr: float,
+) -> tuple[ood.ClassGaussians, dict[str, Any]]:
+    """The OOD score's class statistics and the card's `ood` record with its threshold."""
+    gaussians = ood.fit_class_gaussians(train_embeddings, train_labels)
+    val_scores = ood.mahalanobis_score(val_embeddings, gaussians)
+    threshold = ood.threshold_at_fpr(val_scores, fpr)
+    record = {
+        "method": ood.METHOD,
+        "score": "squared Mahalanobis distance of the embeddings to the nearest training-class "
+        "mean (shared covariance), divided by the embedding width",
+        "threshold": threshold,
+        "in_distribution_fpr": fpr,
+        "shrinkage": ood.SHRINKAGE,
+        "fit": {"split": "train", "num_images": len(train_labels), "classes": len(gaussians.means)},
+        "threshold_fit": {
+            "split": "val",
+            "num_images": len(val_scores),
+            "score_median": float(np.median(val_scores)),
+        },
+    }
+    log.info(
+        "OOD threshold %.4g (%.0f%% of %d validation images above)",
+        threshold,
+        100 * fpr,
+        len(val_scores),
+    )
+    return gaussians, record
+
+
 def _check_images(images: np.ndarray, size: int, what: str) -> None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(
@@ -263,13 +511,27 @@ def _check_images(images: np.ndarray, size: int, what: str) -> None:
         raise ValueError(f"{what} images are empty")
 
 
-def _check_single_file_size(model: nn.Module) -> None:
-    weight_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
-    if weight_bytes > MAX_SINGLE_FILE_BYTES:
-        raise ExportError(
-            f"{weight_bytes / 2**30:.2f} GiB of fp32 weights exceed the 2 GiB limit of a "
-            "single-file ONNX model"
-        )
+def _check_fit_images(fit: FitImages, size: int, num_classes: int) -> None:
+    for what, images, labels in (
+        ("training", fit.train_images, fit.train_labels),
+        ("validation", fit.val_images, fit.val_labels),
+    ):
+        _check_images(images, size, what)
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),):
+            raise ValueError(f"{len(labels)} {what} labels for {len(images)} {what} images")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"{what} labels must be class indices 0..{num_classes - 1}")
+
+
+def weight_bytes(model: nn.Module, precision: str = "fp32") -> int:
+    """Bytes the graph's weights take (works on the meta device: only shapes count)."""
+    itemsize = 2 if precision == "fp16" else 4
+    return sum(t.numel() * itemsize for t in model.state_dict().values())
+
+
+def _needs_external_data(model: nn.Module, precision: str) -> bool:
+    return weight_bytes(model, precision) > MAX_SINGLE_FILE_BYTES
 
 
 def _copy_model(spec: ModelSpec, model: nn.Module) -> nn.Module:
@@ -277,6 +539,11 @@ def _copy_model(spec: ModelSpec, model: nn.Module) -> nn.Module:
     twin = spec.build()
     twin.load_state_dict(model.state_dict())
     return twin.eval()
+
+
+def _output_names(graph_module: nn.Module) -> list[str]:
+    names = [OUTPUT_NAME, LOGITS_NAME, EMBEDDINGS_NAME]
+    return [*names, OOD_SCORE_NAME] if getattr(graph_module, "has_ood", False) else names
 
 
 def _trace_to_onnx(graph_module: nn.Module, size: int, opset: int) -> onnx.ModelProto:
@@ -291,7 +558,7 @@ def _trace_to_onnx(graph_module: nn.Module, size: int, opset: int) -> onnx.Model
             opset_version=opset,
             external_data=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME, LOGITS_NAME],
+            output_names=_output_names(graph_module),
             dynamic_shapes={"images": {0: batch}},
             verbose=False,
         )
@@ -320,22 +587,61 @@ def _set_metadata(proto: onnx.ModelProto, card: ModelCard, parity: ParityReport 
     proto.doc_string = f"galmorph {card.model_name} ({card.precision}): uint8 NHWC -> probabilities"
 
 
-def _save(proto: onnx.ModelProto, path: Path, card: ModelCard) -> None:
+def _save(proto: onnx.ModelProto, path: Path, card: ModelCard, external: bool) -> None:
     _set_metadata(proto, card, None)
-    _write_proto(proto, path)
+    _write_proto(proto, path, external=external)
 
 
-def _write_proto(proto: onnx.ModelProto, path: Path) -> None:
+def _write_proto(proto: onnx.ModelProto, path: Path, *, external: bool) -> None:
     import onnx
 
-    onnx.checker.check_model(proto)
+    if not external:
+        onnx.checker.check_model(proto)
+        onnx.save_model(proto, str(path))
+        return
+    # The weights move out of the message before it is serialised, so it stays under 2 GiB.
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS_FILE_NAME,
+    )
+    onnx.checker.check_model(str(path))
+
+
+def onnx_save(proto: onnx.ModelProto, path: Path) -> None:
+    """Write a graph whose tensors already point at external data (only the graph changes)."""
+    import onnx
+
     onnx.save_model(proto, str(path))
 
 
-def _load(path: Path) -> onnx.ModelProto:
+def _load(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
     import onnx
 
-    return onnx.load_model(str(path))
+    return onnx.load_model(str(path), load_external_data=load_external_data)
+
+
+def _replace_folder(staged: Path, target: Path) -> None:
+    """Put a finished folder artifact at target; a previous model there goes only after the
+    new one is in place, so a crash leaves one of the two whole."""
+    for entry in staged.iterdir():
+        with open(entry, "rb") as handle:
+            os.fsync(handle.fileno())
+    previous = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(previous)
+    os.replace(staged, target)
+    folder = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    elif previous.exists():
+        previous.unlink()
 
 
 def _chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:

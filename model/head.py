@@ -3,8 +3,21 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
+
+
+class PreLogitsModel(Protocol):
+    """What every registered model offers besides forward: its pre-logit representation (the
+    embeddings the export puts in the graph) and the last Linear layer that reads it, with
+    forward(x) == classifier(forward_pre_logits(x)) in eval mode."""
+
+    def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def classifier(self) -> nn.Linear: ...
 
 
 class NormMlpHead(nn.Module):
@@ -24,6 +37,10 @@ class NormMlpHead(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden_size, num_classes)
 
+    def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation `fc` reads (dropout is the identity in eval mode): the model's
+        embeddings."""
+        return self.act(self.pre_logits(self.norm(x.mean((2, 3)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.norm(x.mean((2, 3)))
-        return self.fc(self.drop(self.act(self.pre_logits(pooled))))
+        return self.fc(self.drop(self.forward_pre_logits(x)))

@@ -130,11 +130,19 @@ class VitSmall(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, dim), the class token: forward(x) == classifier(this)."""
         tokens = self.tokenizer(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = self.pos_drop(torch.cat([cls, tokens], dim=1) + self.pos_embed)
-        return self.head(self.norm(self.blocks(tokens))[:, 0])
+        return self.norm(self.blocks(tokens))[:, 0]
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_pre_logits(x))
 
 
 @register_model(

@@ -6,7 +6,8 @@ struct<ra, dec> in degrees whose cutouts galmorph.scoring.sky_fetch fetches) and
 passthrough columns. Blocks are produced only for the requested row ranges, in catalog order.
 
 A table catalog locates cutouts by its path column (`file_loc`) when it has one, else by its
-ra/dec columns (decimal degrees; sexagesimal text is refused when the catalog is opened).
+ra/dec columns (decimal degrees; sexagesimal text is refused when the catalog is opened). A
+path column named on purpose (--path-col) must exist.
 
 Memory: CSV and Parquet are streamed (pyarrow's incremental CSV reader, Parquet row groups),
 so a catalog of any length is never held whole. ECSV and VOTable are not streamable formats:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from galmorph.core.galaxy10 import Galaxy10File
 
 DEFAULT_PASSTHROUGH = ("ra", "dec")
+DEFAULT_PATH_COL = "file_loc"  # Zoobot's name; a catalog without it may locate cutouts by ra/dec
 # Galaxy10 columns a user may pass through; `label` is the Galaxy10 class id (`ans`).
 GALAXY10_COLUMNS = ("ra", "dec", "redshift", "pxscale", "label")
 BLOCK_ROWS = 4096
@@ -48,7 +50,7 @@ class CatalogError(ValueError):
 @dataclass(frozen=True)
 class CatalogOptions:
     id_col: str = "id_str"
-    path_col: str = "file_loc"
+    path_col: str = DEFAULT_PATH_COL
     ra_col: str = "ra"  # used when the catalog has no path column: cutouts fetched by position
     dec_col: str = "dec"
     passthrough: tuple[str, ...] = ()  # asked for explicitly; ra/dec are added when present
@@ -123,9 +125,18 @@ _ASTROPY_FORMATS = (
 
 
 def _source_kind(available: Sequence[str], options: CatalogOptions, where: str) -> str:
-    """`path` when the path column exists, else `sky` when the ra and dec columns do."""
+    """`path` when the path column exists, else `sky` when the ra and dec columns do.
+
+    A path column named on purpose (not the default) must exist: such a catalog is never
+    quietly scored by position instead.
+    """
     if options.path_col in available:
         return "path"
+    if options.path_col != DEFAULT_PATH_COL:
+        raise CatalogError(
+            f"{where}: no path column {options.path_col!r} (columns: {', '.join(available)}); "
+            "name it with --path-col"
+        )
     if options.ra_col in available and options.dec_col in available:
         return "sky"
     raise CatalogError(

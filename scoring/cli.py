@@ -172,7 +172,7 @@ def run_score(args: argparse.Namespace) -> int:
     # scoring on the CPU unasked.
     try:
         GpuPolicy(allow_cpu_fallback=args.allow_cpu_fallback).check(probe_placement(args.providers))
-    except CpuFallbackError as exc:
+    except (CpuFallbackError, ModelLoadError) as exc:
         print(f"galmorph score: {exc}", file=sys.stderr)
         return 2
     config = ScoreConfig(

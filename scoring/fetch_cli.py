@@ -90,7 +90,9 @@ def add_cutout_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--ra-col", default="ra", help="RA column, decimal degrees (default ra)")
     group.add_argument("--dec-col", default="dec", help="Dec column, decimal degrees (default dec)")
-    group.add_argument("--layer", default=DEFAULT_LAYER, help=f"survey layer (default {DEFAULT_LAYER})")
+    group.add_argument(
+        "--layer", default=DEFAULT_LAYER, help=f"survey layer (default {DEFAULT_LAYER})"
+    )
     group.add_argument("--bands", default=None, help="bands to request (default: the model's)")
     group.add_argument(
         "--pixscale",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -11,21 +9,10 @@ import pyarrow as pa
 from galmorph.scoring.shards import MODEL_SHA_COLUMN, ROW_INDEX
 
 from galmorph.core.contract import ModelCard
+from galmorph.core.tables import class_columns
 
 # The column names of a result row besides passthrough and per-class probabilities.
 FIXED_COLUMNS = (ROW_INDEX, "id_str", "pred_label", "pred_index", "pred_prob")
-
-
-def class_columns(class_names: Iterable[str]) -> list[str]:
-    """`p_<class>` column names: lower case, non-alphanumerics to `_`; must stay unique."""
-    names = []
-    for name in class_names:
-        ident = re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
-        names.append(f"p_{ident or 'class'}")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"class names collide as column names: {', '.join(duplicates)}")
-    return names
 
 
 class ResultBuilder:

@@ -39,7 +39,7 @@ from galmorph.scoring.shards import (
     merge,
     remove_stale_temps,
 )
-from galmorph.scoring.sky_fetch import SkyConfig, SkyStage
+from galmorph.scoring.sky_fetch import CHUNK_ROWS, SkyConfig, SkyStage
 
 from galmorph.core.decode import CutoutError, resolve_stretch
 from galmorph.core.sky import CutoutSpec
@@ -183,8 +183,15 @@ def score(config: ScoreConfig) -> ScoreSummary:
     blocks = catalog.iter_blocks([plan.rows(k) for k in todo])
     stage = None
     if spec is not None:
+        # Whole batches per chunk: the engines batch within each table they are handed.
+        batches = -(-CHUNK_ROWS // config.batch_size)
         stage = SkyStage(
-            config.sky, spec, progress=config.progress, total=todo_rows, progress_position=1
+            config.sky,
+            spec,
+            progress=config.progress,
+            total=todo_rows,
+            progress_position=1,
+            chunk_rows=batches * config.batch_size,
         )
         blocks = stage.resolve(blocks)
     results = _make_engine(config, model, settings).run(blocks, builder)

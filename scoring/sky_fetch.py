@@ -31,7 +31,7 @@ from galmorph.core.sky import CutoutFetcher, CutoutSpec, FetchOutcome
 from galmorph.core.sky_options import CutoutOptions, Politeness
 
 SOURCE_TYPE = pa.struct([("path", pa.string()), ("error", pa.string())])
-CHUNK_ROWS = 64
+CHUNK_ROWS = 64  # rows handed on at once; the scorer rounds it up to whole inference batches
 LOOKAHEAD = 8  # chunks being fetched ahead of the one handed on
 _T = TypeVar("_T")
 
@@ -97,6 +97,7 @@ class SkyStage:
         total: int | None = None,
         progress_position: int = 0,
         verify_cached: bool = False,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         self.config = config
         self.spec = spec
@@ -106,6 +107,7 @@ class SkyStage:
         # `galmorph fetch` reads every cached entry back and checks it; the scorer's decode
         # workers check what they decode instead, so a hit costs the scorer one stat.
         self.verify_cached = verify_cached
+        self.chunk_rows = chunk_rows
         self.counts = FetchCounts()
 
     def resolve(self, blocks: Iterable[pa.Table]) -> Iterator[pa.Table]:
@@ -137,7 +139,7 @@ class SkyStage:
         )
         try:
             call(fetcher.__aenter__())
-            for piece in _chunks(blocks, CHUNK_ROWS):
+            for piece in _chunks(blocks, self.chunk_rows):
                 job = self._sources(fetcher, piece, bar)
                 pending.append((piece, asyncio.run_coroutine_threadsafe(job, loop)))
                 if len(pending) > LOOKAHEAD:

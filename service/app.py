@@ -3,6 +3,7 @@ settings, model runtime and metrics registry (tests build several side by side).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,11 +15,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from galmorph.service.batching import BatcherStoppedError, InferenceTimeoutError, QueueFullError
+from galmorph.service.decoding import DecodeBusyError, Decoder
 from galmorph.service.errors import cutout_status
 from galmorph.service.headers import SecurityHeadersMiddleware
 from galmorph.service.http_protocol import POLICY_STATE_KEY, ConnectionPolicy
 from galmorph.service.metrics import MetricsMiddleware, ServiceMetrics
-from galmorph.service.routers import classify, health, metrics, model_info, web
+from galmorph.service.routers import (
+    classify,
+    health,
+    inference_protocol,
+    metrics,
+    model_info,
+    web,
+)
 from galmorph.service.runtime import ServiceRuntime
 from galmorph.service.settings import Settings
 from galmorph.service.uploads import (
@@ -41,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     service_metrics = ServiceMetrics()
     runtime = ServiceRuntime(settings, service_metrics)
+    decoder = Decoder(settings.decode_memory_budget_bytes, settings.decode_threads)
     service_metrics.sample_queue = lambda: (
         runtime.batcher.queue_length if runtime.batcher is not None else 0
     )
@@ -60,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield {POLICY_STATE_KEY: policy}
         finally:
             await runtime.stop()
+            decoder.shutdown()
             service_metrics.close()
 
     app = FastAPI(
@@ -75,9 +86,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = service_metrics
     app.state.runtime = runtime
+    app.state.decoder = decoder
 
-    for router in (classify.router, health.router, model_info.router, metrics.router, web.router):
-        app.include_router(router)
+    routers = (classify, health, inference_protocol, model_info, metrics, web)
+    for module in routers:
+        app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     if settings.cors_origins:
         app.add_middleware(
@@ -105,6 +118,14 @@ def app_from_environment() -> FastAPI:
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def parameter_problem(error: Mapping[str, Any]) -> str:
+    """`query top_k: Input should be ..., got "0"`: where, what was wrong, what was sent."""
+    where = " ".join(str(part) for part in error["loc"])
+    sent = error.get("input")
+    got = f", got {json.dumps(sent, ensure_ascii=False)}" if isinstance(sent, str) else ""
+    return f"{where}: {error['msg']}{got}"
 
 
 def add_exception_handlers(app: FastAPI) -> None:
@@ -137,14 +158,14 @@ def add_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{' '.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in exc.errors()
-        ]
-        return _error(422, "; ".join(problems))
+        return _error(422, "; ".join(parameter_problem(error) for error in exc.errors()))
 
     @app.exception_handler(QueueFullError)
     async def queue_full(_: Request, exc: QueueFullError) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(DecodeBusyError)
+    async def decode_busy(_: Request, exc: DecodeBusyError) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(InferenceTimeoutError)

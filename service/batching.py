@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from galmorph.core.contract import ModelOutputs
+
 logger = logging.getLogger(__name__)
 
-Predict = Callable[[np.ndarray], np.ndarray]
+Predict = Callable[[np.ndarray], ModelOutputs]
 BatchObserver = Callable[[int, float], None]  # (batch size, inference seconds)
 
 
@@ -52,10 +54,14 @@ class BatcherStoppedError(Exception):
 
 @dataclass(frozen=True)
 class Prediction:
-    probabilities: np.ndarray  # (K,) float32
+    outputs: ModelOutputs  # this image's row: probabilities (K,) and the optional outputs
     queue_s: float  # from submission to the start of its batch
     inference_s: float  # the model run of its batch
     batch_size: int
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.outputs.probabilities
 
 
 @dataclass
@@ -172,7 +178,7 @@ class MicroBatcher:
         images = np.stack([item.image for item in batch])
         loop = asyncio.get_running_loop()
         try:
-            probabilities = await loop.run_in_executor(self._executor, self._predict, images)
+            outputs = await loop.run_in_executor(self._executor, self._predict, images)
         except asyncio.CancelledError:
             self._fail(batch, BatcherStoppedError("service is shutting down"))
             raise
@@ -186,8 +192,8 @@ class MicroBatcher:
         )
         if self._on_batch is not None:
             self._on_batch(len(batch), elapsed)
-        for item, row in zip(batch, probabilities, strict=True):
+        for index, item in enumerate(batch):
             if not item.future.done():
                 item.future.set_result(
-                    Prediction(row, started - item.enqueued, elapsed, len(batch))
+                    Prediction(outputs.row(index), started - item.enqueued, elapsed, len(batch))
                 )

@@ -28,6 +28,11 @@ GPU: where an NVIDIA driver is present and CUDA fails to start, serve refuses to
 anyway, --providers CPUExecutionProvider chooses the CPU outright. --require-gpu refuses the
 CPU on any host.
 
+Slow and hostile clients: GALMORPH_MAX_HEADER_BYTES, GALMORPH_HEADER_TIMEOUT_S,
+GALMORPH_BODY_TIMEOUT_S, GALMORPH_KEEP_ALIVE_TIMEOUT_S, GALMORPH_MAX_CONNECTIONS and
+GALMORPH_GRACEFUL_SHUTDOWN_S (docker/README.md puts a proxy in front as well). With several
+--workers, /metrics sums all of them (PROMETHEUS_MULTIPROC_DIR, made and emptied here).
+
 Endpoints: POST /classify, POST /classify/batch, GET /model, /healthz, /readyz, /metrics,
 KServe v2 /v2/health/live|ready and /v2/models/{name}; the web page is at /.
 """
@@ -117,11 +122,13 @@ def serve_command(args: argparse.Namespace) -> int:
     import logging.config
 
     import uvicorn
+    from galmorph.service.http_protocol import PROTOCOL_PATH
     from galmorph.service.log_format import logging_config
-    from galmorph.service.settings import Settings
+    from galmorph.service.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
+    from galmorph.service.settings import Settings, is_loopback
     from pydantic import ValidationError
 
-    from galmorph.core.engine import CpuFallbackError, probe_placement
+    from galmorph.core.engine import CpuFallbackError, ModelLoadError, probe_placement
 
     overrides = {
         field: getattr(args, flag)
@@ -150,20 +157,42 @@ def serve_command(args: argparse.Namespace) -> int:
     # does not start must not come up serving on the CPU.
     try:
         settings.gpu_policy.check(probe_placement(settings.providers or None))
-    except CpuFallbackError as exc:
+    except (CpuFallbackError, ModelLoadError) as exc:  # ModelLoadError: a misspelt provider
         print(f"galmorph serve: {exc}", file=sys.stderr)
         return 2
+    if (
+        settings.api_key is None
+        and settings.published_address is None
+        and not is_loopback(settings.host)
+    ):
+        logging.getLogger(__name__).warning(
+            "listening on %s without an API key: anyone who reaches port %d can use the "
+            "service (GALMORPH_API_KEY requires a key)",
+            settings.host,
+            settings.port,
+        )
     # Worker processes rebuild the same settings from the environment.
     os.environ.update(settings.to_environment())
-    uvicorn.run(
-        "galmorph.service.app:app_from_environment",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_config=log_config,
-        timeout_graceful_shutdown=10,
-    )
+    # Before the worker processes start: prometheus-client reads the variable once, on import.
+    metrics_dir = prepare_multiprocess_dir(settings.workers)
+    try:
+        uvicorn.run(
+            "galmorph.service.app:app_from_environment",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=log_config,
+            # Slow clients: a bounded request head that must arrive in time (the protocol
+            # adds the deadline uvicorn lacks), idle connections closed, a connection cap.
+            http=PROTOCOL_PATH,
+            h11_max_incomplete_event_size=settings.max_header_bytes,
+            timeout_keep_alive=settings.keep_alive_timeout_s,
+            limit_concurrency=settings.max_connections,
+            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        )
+    finally:
+        remove_multiprocess_dir(metrics_dir)
     return 0
 
 

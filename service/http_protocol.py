@@ -20,6 +20,7 @@ uses its own app's settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -103,9 +104,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         self._cancel_head_timer()
         self._cycle_before_head = self.cycle
-        self._head_timer = self.loop.call_later(
-            self._policy.header_timeout_s, self._head_timed_out
-        )
+        self._head_timer = self.loop.call_later(self._policy.header_timeout_s, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -119,8 +118,6 @@ class GuardedH11Protocol(H11Protocol):
         if self._policy is not None:
             self._policy.on_header_timeout()
         # Nothing is owed to a client that never finished asking: close without an answer.
-        try:
+        with contextlib.suppress(h11.LocalProtocolError):
             self.conn.send(h11.ConnectionClosed())
-        except h11.LocalProtocolError:
-            pass
         self.transport.close()

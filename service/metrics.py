@@ -147,16 +147,23 @@ class ServiceMetrics:
 
 
 def route_template(scope: Scope) -> str:
-    """The template of the route the router will pick (as Starlette matches), never the path."""
+    """The template of the route the app's own router matches, never the raw path.
+
+    Routes of included routers are found by FastAPI, which leaves the route in the scope;
+    this matches the app's top-level routes (Mounts such as /static, /openapi.json, /docs)
+    the way Starlette does, before the request changes the scope.
+    """
     partial = None
     for route in getattr(scope.get("app"), "routes", ()):
-        match, _ = route.matches(scope)
         template = getattr(route, "path_format", None)
-        if match is Match.FULL and template is not None:
+        if template is None:
+            continue
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
             return str(template)
         if match is Match.PARTIAL and partial is None:
-            partial = template  # the path matches but not the method (405)
-    return str(partial) if partial is not None else UNMATCHED_ROUTE
+            partial = str(template)  # the path matches but not the method (405)
+    return partial or UNMATCHED_ROUTE
 
 
 class MetricsMiddleware:
@@ -189,6 +196,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             self.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path_format", route)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
             self.metrics.queue_length.set(self.metrics.sample_queue())

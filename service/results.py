@@ -40,8 +40,10 @@ def build_result(
     decode_s: float,
     total_s: float,
     image_png: str | None,
+    embeddings: bool = False,
 ) -> ClassificationResult:
     names = model.card.class_names
+    outputs = prediction.outputs
     probabilities = [float(p) for p in prediction.probabilities]
     order = np.argsort(-prediction.probabilities, kind="stable")
     top = [ClassProbability(name=names[i], probability=probabilities[i]) for i in order[:top_k]]
@@ -61,4 +63,9 @@ def build_result(
             batch_size=prediction.batch_size,
         ),
         image_png_base64=image_png,
+        ood_score=None if outputs.ood_score is None else float(outputs.ood_score),
+        in_distribution=None if outputs.in_distribution is None else bool(outputs.in_distribution),
+        embeddings=outputs.embeddings.tolist()
+        if embeddings and outputs.embeddings is not None
+        else None,
     )

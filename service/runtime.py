@@ -36,7 +36,7 @@ def no_model_help(path: Path, settings: Settings) -> str:
             f"To download Galaxy10 DECaLS, train, evaluate and export a model to {path}:",
             f"    {compose} --profile train run --rm train",
             f"To serve an .onnx you already have, mount the folder that holds it as {path.name}:",
-            f"    GALMORPH_MODELS_MOUNT=/path/to/that/folder {compose} up -d serve",
+            f"    GALMORPH_MODELS_MOUNT=/path/to/that/folder {compose} up -d",
             "docker/README.md has the whole path, with the expected times.",
         ]
     else:
@@ -104,7 +104,7 @@ class ServiceRuntime:
         if model.max_batch_size is not None:
             max_batch = min(max_batch, model.max_batch_size)
         self.batcher = MicroBatcher(
-            model.predict,
+            model.run,
             dataclasses.replace(self.settings.batcher_config, max_batch_size=max_batch),
             on_batch=self.metrics.observe_batch,
         )

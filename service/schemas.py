@@ -91,6 +91,19 @@ class ClassificationResult(BaseModel):
     image_png_base64: str | None = Field(
         default=None, description="the model's input image as PNG (when return_image=true)"
     )
+    ood_score: float | None = Field(
+        default=None,
+        description="distance of the image from the training classes (the model card's `ood`); "
+        "null when the model file has no OOD score",
+    )
+    in_distribution: bool | None = Field(
+        default=None,
+        description="ood_score within the model's threshold: false for stars, blank sky, "
+        "artefacts and anything unlike its training galaxies",
+    )
+    embeddings: list[float] | None = Field(
+        default=None, description="the pre-logit representation (when embeddings=true)"
+    )
 
 
 class BatchItemError(BaseModel):

@@ -11,6 +11,7 @@ back as `decode_limits` and `batcher_config`.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -67,7 +68,9 @@ class Settings(BaseSettings):
         default=_BATCHING.max_queue, ge=1, description="queued images beyond this get 503"
     )
     request_timeout_s: float = Field(
-        default=_BATCHING.timeout_s, gt=0, description="queue + inference per request"
+        default=_BATCHING.timeout_s,
+        gt=0,
+        description="decode + queue + inference per request, counted once the body is read",
     )
 
     # Input limits (DecodeLimits, except the batch ones)
@@ -82,6 +85,18 @@ class Settings(BaseSettings):
         default=_LIMITS.max_decompressed_bytes, ge=1, description="a gzip FITS may expand to"
     )
     default_top_k: int = Field(default=3, ge=1)
+    # Decoding (galmorph.service.decoding): memory and threads of all decodes together.
+    decode_memory_budget_bytes: int = Field(
+        default=1024 * MIB,
+        ge=64 * MIB,
+        description="memory all decodes running at once may reserve; beyond: 503, and 413 "
+        "for an upload that alone needs more (the largest allowed need ~600 MiB)",
+    )
+    decode_threads: int = Field(
+        default_factory=lambda: min(32, (os.cpu_count() or 1) + 4),
+        ge=1,
+        description="threads that decode uploads (default: CPUs + 4, at most 32)",
+    )
 
     # HTTP
     host: str = "127.0.0.1"
@@ -134,6 +149,14 @@ class Settings(BaseSettings):
         # GpuPolicy refuses require_gpu together with allow_cpu_fallback.
         GpuPolicy(require_gpu=self.require_gpu, allow_cpu_fallback=self.allow_cpu_fallback)
         return self
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key would let in every client that sends an empty X-API-Key header.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("the API key is empty: set one or leave GALMORPH_API_KEY unset")
+        return value
 
     @model_validator(mode="after")
     def _key_when_published(self) -> Settings:

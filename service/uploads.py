@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from galmorph.service.http_protocol import ConnectionPolicy, connection_policy
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
@@ -30,6 +30,11 @@ MULTIPART_OVERHEAD = 64 * 1024
 class PayloadTooLargeError(Exception):
     def __init__(self, limit: int, what: str = "request body") -> None:
         super().__init__(f"{what} exceeds the limit of {limit} bytes")
+
+
+class TooManyFilesError(PayloadTooLargeError):
+    def __init__(self, limit: int) -> None:
+        Exception.__init__(self, f"batch has more than the limit of {limit} files")
 
 
 class UploadError(Exception):
@@ -128,16 +133,34 @@ async def read_raw_body(request: Request, limit: int, filename: str | None) -> U
 
 
 async def read_multipart_files(
-    request: Request, *, total_limit: int, max_files: int
+    request: Request, *, field: str, total_limit: int, max_files: int
 ) -> list[tuple[str, UploadFile]]:
-    """(field name, file) for every file part, in order."""
+    """(field name, file) for every file part, in order; more than `max_files` is a 413.
+
+    Every part must be a file named `field` (422 otherwise): nothing else is read, and a
+    client that sends other fields learns they were not used.
+    """
     parser = MultiPartParser(
         request.headers,
         limited_stream(request, total_limit),
         max_files=max_files,
         max_fields=max_files,
     )
-    form = await parser.parse()
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        # Starlette stops at the first file over its max_files, before reading that file.
+        if exc.message.startswith("Too many files"):
+            raise TooManyFilesError(max_files) from None
+        raise
+    for name, value in form.multi_items():
+        if name != field or not isinstance(value, UploadFile):
+            await form.close()
+            problem = "holds text, not a file" if name == field else "is not expected"
+            raise UploadError(
+                f"multipart part '{name}' {problem}: send each cutout as a file part "
+                f"named '{field}', and nothing else"
+            )
     return [(name, value) for name, value in form.multi_items() if isinstance(value, UploadFile)]
 
 
@@ -153,8 +176,9 @@ async def read_single_upload(request: Request, limit: int, filename: str | None)
     """The cutout from a raw body (named `filename`), or from the multipart field `file`."""
     if not is_multipart(request):
         return await read_raw_body(request, limit, filename)
-    files = await read_multipart_files(request, total_limit=limit + MULTIPART_OVERHEAD, max_files=1)
-    for name, file in files:
-        if name == "file":
-            return await to_upload(file, limit)
-    raise UploadError("multipart body has no file part named 'file'")
+    files = await read_multipart_files(
+        request, field="file", total_limit=limit + MULTIPART_OVERHEAD, max_files=1
+    )
+    if not files:
+        raise UploadError("multipart body has no file part named 'file'")
+    return await to_upload(files[0][1], limit)

@@ -26,14 +26,47 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
+def _repeated_deflate(
+    head: bytes, unit: bytes, count: int, tail: bytes = b""
+) -> tuple[bytes, list[bytes]]:
+    """Raw deflate of head + unit * count + tail, compressing `unit` once: each copy ends in
+    a full flush, which resets the compressor, so every copy compresses to the same bytes.
+    Returns the deflate stream and the pieces of the uncompressed data (for the checksum)."""
+    first = zlib.compressobj(9, zlib.DEFLATED, -15)
+    start = first.compress(head) + first.flush(zlib.Z_FULL_FLUSH)
+    again = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = again.compress(unit) + again.flush(zlib.Z_FULL_FLUSH)
+    last = zlib.compressobj(9, zlib.DEFLATED, -15)
+    end = last.compress(tail) + last.flush()
+    return start + packed * count + end, [head, *([unit] * count), tail]
+
+
+def _zlib_of(head: bytes, unit: bytes, count: int) -> bytes:
+    body, pieces = _repeated_deflate(head, unit, count)
+    checksum = 1
+    for piece in pieces:
+        checksum = zlib.adler32(piece, checksum)
+    return b"\x78\xda" + body + struct.pack(">I", checksum)
+
+
+def _gzip_of(head: bytes, unit: bytes, count: int, tail: bytes = b"") -> bytes:
+    body, pieces = _repeated_deflate(head, unit, count, tail)
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    size = len(head) + len(unit) * count + len(tail)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    return header + body + struct.pack("<II", crc, size & 0xFFFFFFFF)
+
+
 @lru_cache(maxsize=4)
 def flat_png(side: int = 8192, colour_type: int = 2, bit_depth: int = 8) -> bytes:
     """A valid side x side PNG of zeros (colour type 2 = RGB, 0 = grey, 6 = RGBA): a few
     hundred KB that decode to side^2 pixels."""
     channels = {0: 1, 2: 3, 6: 4}[colour_type] * bit_depth // 8
     row = b"\0" * (1 + side * channels)  # filter byte 0, then the pixels
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    rows_per_unit = next(n for n in (64, 32, 16, 8, 4, 2, 1) if side % n == 0)
+    idat = _zlib_of(b"", row * rows_per_unit, side // rows_per_unit)
     ihdr = struct.pack(">IIBBBBB", side, side, bit_depth, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
@@ -76,13 +109,10 @@ def flat_gzip_cube(side: int = 4096, bands: str = "grz", pixel_scale: float = 0.
     primary["NAXIS1"], primary["NAXIS2"], primary["NAXIS3"] = side, side, len(bands)
     primary.extend(header)
     head = primary.tostring().encode("ascii")
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    parts = [compressor.compress(head)]
-    plane_row = b"\0" * (4 * side)
-    for _ in range(side * len(bands)):
-        parts.append(compressor.compress(plane_row))
-    parts.append(compressor.flush())
-    return b"".join(parts)
+    rows = side * len(bands)
+    rows_per_unit = next(n for n in (64, 32, 16, 8, 4, 2, 1) if rows % n == 0)
+    padding = b"\0" * (-(rows * 4 * side) % 2880)
+    return _gzip_of(head, b"\0" * (4 * side * rows_per_unit), rows // rows_per_unit, padding)
 
 
 @lru_cache(maxsize=2)
@@ -94,8 +124,9 @@ def extension_flood(extensions: int = 30_000) -> bytes:
     empty["NAXIS"] = 0
     empty["PCOUNT"] = 0
     empty["GCOUNT"] = 1
-    block = empty.tostring().encode("ascii")
-    return gzip.compress(fits_header_only(()) + block * extensions, compresslevel=9, mtime=0)
+    per_unit = next(n for n in (100, 10, 1) if extensions % n == 0)
+    unit = empty.tostring().encode("ascii") * per_unit
+    return _gzip_of(fits_header_only(()), unit, extensions // per_unit)
 
 
 def header_card_flood(cards: int = 200_000) -> bytes:

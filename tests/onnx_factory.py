@@ -3,7 +3,9 @@
 The graph follows the contract in galmorph/core/contract.py: input `images` uint8 [N, H, W, 3];
 /255, mean/std and NHWC->NCHW inside; a strided conv, `extra_convs` same-size 3x3 convs (the
 knob that makes the model as slow as a benchmark needs), global average pool, a linear head;
-outputs `logits` and `probabilities` (softmax). Weights are seeded, so outputs are
+outputs `logits` and `probabilities` (softmax), `embeddings` (the pooled features the head
+reads; `embeddings=False` builds a model from before they existed) and, with an
+`ood_threshold`, `ood_score` (mean squared embedding). Weights are seeded, so outputs are
 deterministic for a given image.
 """
 
@@ -17,9 +19,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from galmorph.core.contract import (
+    EMBEDDINGS_NAME,
     GALAXY10_CLASS_NAMES,
     INPUT_NAME,
     LOGITS_NAME,
+    OOD_SCORE_NAME,
     OUTPUT_NAME,
     ModelCard,
 )
@@ -37,6 +41,8 @@ class FactoryModel:
     seed: int = 0
     model_name: str = "test_factory_model"
     fixed_batch: int | None = None  # None: dynamic N as the contract asks
+    embeddings: bool = True  # False: a file from before the embeddings output
+    ood_threshold: float | None = None  # an `ood_score` output with this threshold in the card
     metadata_overrides: dict[str, str] = field(default_factory=dict)
 
     def card(self) -> ModelCard:
@@ -47,6 +53,9 @@ class FactoryModel:
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             model_config={"extra_convs": self.extra_convs, "channels": self.channels},
+            ood={}
+            if self.ood_threshold is None
+            else {"method": "test", "threshold": self.ood_threshold},
             package_version="test",
             created="2025-01-01T00:00:00Z",
         )
@@ -104,6 +113,20 @@ def build_model(spec: FactoryModel) -> onnx.ModelProto:
         helper.make_node("Softmax", [LOGITS_NAME], [OUTPUT_NAME], axis=-1),
     ]
     batch: int | str = spec.fixed_batch if spec.fixed_batch is not None else "N"
+    optional = []
+    if spec.embeddings:
+        nodes.append(helper.make_node("Identity", ["features"], [EMBEDDINGS_NAME]))
+        optional.append(
+            helper.make_tensor_value_info(EMBEDDINGS_NAME, TensorProto.FLOAT, [batch, ch])
+        )
+    if spec.ood_threshold is not None:
+        nodes += [
+            helper.make_node("Mul", ["features", "features"], ["features_squared"]),
+            helper.make_node(
+                "ReduceMean", ["features_squared"], [OOD_SCORE_NAME], axes=[1], keepdims=0
+            ),
+        ]
+        optional.append(helper.make_tensor_value_info(OOD_SCORE_NAME, TensorProto.FLOAT, [batch]))
     graph = helper.make_graph(
         nodes,
         spec.model_name,
@@ -111,6 +134,7 @@ def build_model(spec: FactoryModel) -> onnx.ModelProto:
         [
             helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [batch, k]),
             helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, [batch, k]),
+            *optional,
         ],
         initializer=initializers,
     )

@@ -36,9 +36,18 @@ class RunningServer:
 
 @contextmanager
 def serve(
-    model: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None
+    model: Path,
+    log_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    providers: str | None = "CPUExecutionProvider",
+    up_when: str = "/readyz",
 ) -> Iterator[RunningServer]:
-    """Start the server, wait until /readyz answers 200, stop it afterwards."""
+    """Start the server, wait until `up_when` answers 200, stop it afterwards.
+
+    providers None: serve's default (CUDA first where an NVIDIA driver is); up_when /healthz:
+    the process is up, model or not.
+    """
     port = free_port()
     log_path = log_dir / f"serve_{port}.log"
     environment = {
@@ -48,7 +57,8 @@ def serve(
     command = [
         *(sys.executable, "-m", "galmorph.cli", "serve"),
         *("--model", str(model), "--port", str(port), "--host", "127.0.0.1"),
-        *("--providers", "CPUExecutionProvider", "--threads", "1"),
+        *(("--providers", providers) if providers else ()),
+        *("--threads", "1"),
         *args,
     ]
     with log_path.open("wb") as log:
@@ -57,7 +67,7 @@ def serve(
         )
     server = RunningServer(f"http://127.0.0.1:{port}", port, process, log_path)
     try:
-        wait_ready(server)
+        wait_ready(server, path=up_when)
         yield server
     finally:
         process.terminate()
@@ -68,13 +78,13 @@ def serve(
             process.wait()
 
 
-def wait_ready(server: RunningServer, timeout: float = 60.0) -> None:
+def wait_ready(server: RunningServer, timeout: float = 60.0, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -18,11 +18,13 @@ from tests.cutout_factory import (
     bad_inputs,
     fits_bytes,
     fits_header_only,
+    galaxy_planes,
     gzip_bomb,
     make_grz_fits,
     make_jpeg,
     make_png,
 )
+from tests.hostile_inputs import extension_flood
 
 CARD = ModelCard(
     model_name="test",
@@ -212,3 +214,30 @@ def test_bands_header_disagreeing_with_plane_count_is_422() -> None:
     header = fits.Header({"BANDS": "grz"})
     status, message = status_of(fits_bytes(np.zeros((4, 16, 16), np.float32), header), "x.fits")
     assert status == 422 and "names 3 bands but the cube has 4 planes" in message
+
+
+def test_fits_structure_walked_before_the_image_is_capped() -> None:
+    flood = extension_flood(500)
+    status, message = status_of(flood, "x.fits.gz")
+    assert status == 413 and "no image in its first 64 HDUs" in message, message
+    # An image after a few empty extensions is found; after too many it is not.
+    image = fits.ImageHDU(np.stack(list(galaxy_planes(16).values())), fits.Header({"BANDS": "grz"}))
+    hdus = [fits.PrimaryHDU(), *(fits.ImageHDU() for _ in range(5)), image]
+    buffer = io.BytesIO()
+    fits.HDUList(hdus).writeto(buffer)
+    assert status_of(buffer.getvalue(), "x.fits")[0] == 200
+    few = DecodeLimits(max_fits_hdus=6)
+    status, message = status_of(buffer.getvalue(), "x.fits", limits=few)
+    assert status == 413 and "first 6 HDUs" in message, message
+
+
+def test_fits_header_cards_are_capped_across_hdus() -> None:
+    cards = fits.Header([("COMMENT", "x" * 60)] * 3000)  # 3000 cards in each extension
+    hdus = [fits.PrimaryHDU(), *(fits.ImageHDU(header=cards) for _ in range(4))]
+    buffer = io.BytesIO()
+    fits.HDUList(hdus).writeto(buffer)
+    status, message = status_of(buffer.getvalue(), "x.fits", limits=DecodeLimits())
+    assert status == 422 and "no HDU with image data" in message  # 12,000 cards: walked
+    small = DecodeLimits(max_fits_header_cards=5000)
+    status, message = status_of(buffer.getvalue(), "x.fits", limits=small)
+    assert status == 413 and "more than 5000 cards" in message, message

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,10 @@ from galmorph.core.cutout_limits import CutoutErrorKind
 from galmorph.core.decode import (
     CutoutError,
     DecodeLimits,
+    PreprocessInfo,
     decode_cutout,
     decode_path,
+    fit_rgb,
 )
 from galmorph.core.fits_io import read_fits
 from galmorph.core.imaging import dr2_rgb, to_uint8
@@ -210,16 +215,22 @@ def test_fine_pixel_scale_is_resampled_to_the_same_sky_per_pixel() -> None:
     assert error < 0.5 and naive_error > 10 * error + 2, (error, naive_error)
 
 
-def test_coarse_pixel_scale_is_upsampled_from_a_cropped_window() -> None:
+def test_coarse_pixel_scale_is_upsampled_from_the_field_straight_to_the_input() -> None:
     coarse = make_grz_fits(size=400, pixel_scale=0.524, seed=4)
-    decoded = decode_cutout(coarse, card=CARD_64)
-    # The model's 64 px at 0.262 cover 32 px at 0.524 (+2 margin, +1 for WCS rounding): only
-    # that window of the 400 px is resampled, then the 2 px margin is cropped off.
-    match = re.search(r"\((\d+)x\1 -> (\d+)x\2 pixels\)", " ".join(decoded.info.warnings))
+    reserved: dict[str, int] = {}
+    decoded = decode_cutout(
+        coarse, card=CARD_64, reserve=lambda n, what: reserved.update({what: n})
+    )
+    # The model's 64 px at 0.262 cover 32 px at 0.524: that field of the 400 px (read with a
+    # 2 px margin) is resampled straight to the 64 px input, nothing to crop afterwards.
+    match = re.search(r"\(([\d.]+)x\1 -> (\d+)x\2 pixels\)", " ".join(decoded.info.warnings))
     assert match is not None, decoded.info.warnings
-    window, resampled = int(match[1]), int(match[2])
-    assert 34 <= window <= 35 and resampled == 2 * window
-    assert decoded.info.crop_pad_from == (resampled, resampled)
+    assert float(match[1]) == pytest.approx(32, abs=0.1) and int(match[2]) == 64
+    assert decoded.info.crop_pad_from is None and decoded.image.shape == (64, 64, 3)
+    # Only the field plus 2 px margins (36-38 px: WCS rounding) of three planes is converted:
+    # float32 copies of 3 planes and the finite masks are 15 bytes a pixel.
+    assert reserved.keys() == {"FITS render", "FITS image"}
+    assert reserved["FITS image"] in {15 * side * side for side in (36, 37, 38)}
 
 
 def test_small_cutout_is_padded_with_blank_sky_or_resized() -> None:
@@ -350,10 +361,10 @@ def test_filename_and_content_type_are_only_hints() -> None:
 def test_decode_path_checks_size_before_reading(tmp_path: Path, monkeypatch) -> None:
     make_grz_fits(tmp_path, size=64, name="big.fits")
 
-    def refuse(self: Path) -> bytes:
+    def refuse(descriptor: int, size: int) -> bytes:
         raise AssertionError("read before the size check")
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(os, "read", refuse)
     with pytest.raises(CutoutError, match="over the limit of 1000 bytes") as error:
         decode_path(tmp_path / "big.fits", card=CARD_64, limits=DecodeLimits(max_bytes=1000))
     assert error.value.kind == CutoutErrorKind.TOO_LARGE
@@ -363,3 +374,111 @@ def test_decode_path_missing_file_is_a_cutout_error(tmp_path: Path) -> None:
     with pytest.raises(CutoutError, match=r"nope\.fits") as error:
         decode_path(tmp_path / "nope.fits", card=CARD_64)
     assert error.value.kind == CutoutErrorKind.INVALID
+
+
+# --- bounded work: scales, windows, reduced decodes --------------------------------------
+
+
+def test_scale_range_admits_hst_and_sdss_and_refuses_absurd_scales(real_data: Path) -> None:
+    coarse_model = replace(card_of(64), pixel_scale=1.048)  # a 64 px Galaxy10 model
+    hst = real_data / "hst-fits" / "abell_2744_spiral_galaxy_f105w.fits.gz"
+    decoded = decode_path(hst, card=coarse_model)
+    assert decoded.info.resampled_from_scale == pytest.approx(0.06, rel=1e-3)
+    assert decoded.image.shape == (64, 64, 3)
+    sdss = decode_cutout(make_grz_fits(size=128, pixel_scale=0.396), card=CARD_64)
+    assert sdss.info.resampled_from_scale == pytest.approx(0.396, rel=1e-3)
+    for scale in (0.262 * 8.5, 0.262 / 70):
+        with pytest.raises(CutoutError, match=r'0\.004094 to 2\.096"/px') as error:
+            decode_cutout(make_grz_fits(size=32, pixel_scale=scale), card=CARD_64)
+        assert error.value.kind is CutoutErrorKind.INVALID
+        assert f'{scale:.4g}"/px' in error.value.message
+    # resize ignores the scale, so it accepts any
+    resized = decode_cutout(make_grz_fits(size=32, pixel_scale=50.0), card=CARD_64, fit="resize")
+    assert resized.info.resized_from == (32, 32)
+
+
+@pytest.mark.parametrize("scale", [0.262 * 7.9, 0.262 * 3, 0.131, 0.262 / 60])
+def test_resampled_output_never_exceeds_the_input(scale: float) -> None:
+    reserved: list[int] = []
+    data = make_grz_fits(size=300, pixel_scale=scale, noise=False)
+    decoded = decode_cutout(data, card=CARD_64, reserve=lambda n, what: reserved.append(n))
+    note = next(w for w in decoded.info.warnings if w.startswith("resampled from"))
+    out = re.search(r"-> (\d+)x(\d+) pixels", note)
+    assert out is not None and int(out[1]) <= 64 and int(out[2]) <= 64, note
+    assert sum(reserved) < 16 * 2**20  # whatever the ratio, about the input's size of work
+
+
+def test_section_reads_equal_whole_reads_for_plain_and_gzip() -> None:
+    planes = galaxy_planes(150, bands="griz", seed=11)
+    planes["r"][70:75, 60:90] = np.nan
+    header = tan_wcs_header((150, 150), 0.262)
+    header["BANDS"] = "izgr"  # file order differs from band order
+    cube = np.stack([planes[b] for b in "izgr"])
+    centre = {b: np.where(np.isnan(planes["r"]), 0, p)[43:107, 43:107] for b, p in planes.items()}
+    expected = expected_dr2(centre)
+    for gz in (False, True):
+        decoded = decode_cutout(fits_bytes(cube, header, gz=gz), card=CARD_64)
+        np.testing.assert_array_equal(decoded.image, expected, err_msg=f"gz={gz}")
+        assert decoded.info.crop_pad_from == (150, 150)
+        # NaN fraction of the window read: 5 x 30 of its 64 x 64 pixels
+        assert any(f"{5 * 30 / 64**2:.2%} of pixels" in w for w in decoded.info.warnings)
+
+
+def test_reserve_refuses_before_any_pixel_is_read() -> None:
+    class Refused(Exception):
+        pass
+
+    def refuse(nbytes: int, what: str) -> None:
+        if what == "FITS image":
+            raise Refused(nbytes)
+
+    data = make_grz_fits(size=1024, gz=True)
+    tracemalloc.start()
+    try:
+        with pytest.raises(Refused):
+            decode_cutout(data, card=CARD_64, fit="resize", reserve=refuse)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20, peak  # headers only: 3 x 1024^2 float32 would be 12 MiB
+
+
+def test_huge_jpeg_decodes_at_reduced_scale_like_the_full_decode() -> None:
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((1536, 2048), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    reduced = decode_cutout(buffer.getvalue(), card=CARD_64)
+    assert reduced.info.original_shape == (2048, 1536, 3)
+    assert any(
+        "JPEG decoded at 1/8 scale (2048x1536 -> 256x192)" in w for w in reduced.info.warnings
+    )
+    assert reduced.info.resized_from == (192, 192) and reduced.info.crop_pad_from == (256, 192)
+    full = decode_cutout(buffer.getvalue(), card=CARD_64, fit="crop_pad")  # never reduced
+    assert not any("scale (" in w for w in full.info.warnings)
+    with Image.open(io.BytesIO(buffer.getvalue())) as reference:
+        expected = np.asarray(reference.convert("RGB").crop((0, 256, 1536, 1792)).resize((64, 64)))
+    assert np.abs(reduced.image.astype(int) - expected).mean() < 3
+
+
+def test_rendered_images_fit_alike_from_arrays_and_files() -> None:
+    data = make_png(size=(100, 160), seed=4)
+    decoded = decode_cutout(data, card=CARD_64)
+    assert decoded.info.crop_pad_from == (100, 160) and decoded.info.resized_from == (100, 100)
+    array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    info = PreprocessInfo(format="png", bands_used=["R", "G", "B"], original_shape=(100, 160, 3))
+    np.testing.assert_array_equal(
+        fit_rgb(array, (64, 64), "resize", info, "bicubic"), decoded.image
+    )
+    grey = decode_cutout(make_png(size=(100, 160), mode="L", seed=4), card=CARD_64)
+    assert (grey.image[..., 0] == grey.image[..., 2]).all()
+
+
+def test_sixteen_bit_scaling_is_exact_for_every_value() -> None:
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    decoded = decode_cutout(buffer.getvalue(), card=CARD_256)
+    expected = np.clip(np.round(values.astype(np.float64) * 255 / 65535), 0, 255)
+    np.testing.assert_array_equal(decoded.image[..., 0], expected.astype(np.uint8))

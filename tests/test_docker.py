@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from galmorph.cli import build_parser
+from galmorph.core import engine
+from galmorph.core.engine import CPU_PROVIDER, CUDA_PROVIDER, Placement, probe_placement
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER_DIR = REPO_ROOT / "docker"
@@ -38,6 +41,7 @@ SERVE_REQUIREMENTS = DOCKER_DIR / "requirements-serve.txt"
 COMPOSE_GPU = REPO_ROOT / "docker-compose.yml"
 COMPOSE_CPU = REPO_ROOT / "docker-compose.cpu.yml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
+NGINX_CONF = DOCKER_DIR / "nginx.conf"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 
 IMAGE_PYTHON_VERSION = "3.12"  # Ubuntu 24.04's, in both images
@@ -170,10 +174,14 @@ def healthcheck_url(command: list[str]) -> str:
 
 
 def compose_config(
-    tools: Tools, *files: Path, profiles: tuple[str, ...] = (), check: bool = True
+    tools: Tools,
+    *files: Path,
+    profiles: tuple[str, ...] = (),
+    check: bool = True,
+    env_file: Path = ENV_EXAMPLE,
 ) -> dict[str, Any]:
     args = [str(tools.compose), "--project-directory", str(REPO_ROOT)]
-    args += ["--env-file", str(ENV_EXAMPLE)]
+    args += ["--env-file", str(env_file)]
     for path in files:
         args += ["-f", str(path)]
     for profile in profiles:
@@ -185,6 +193,10 @@ def compose_config(
     )
     assert result.returncode == 0, f"compose rejected {[p.name for p in files]}:\n{result.stderr}"
     return json.loads(result.stdout)
+
+
+def tmpfs_target(entry: str) -> str:
+    return entry.partition(":")[0]
 
 
 def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
@@ -201,14 +213,18 @@ def mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
 
 def test_gpu_compose_serves_on_a_reserved_gpu(tools: Tools) -> None:
     config = compose_config(tools, COMPOSE_GPU)
-    assert set(config["services"]) == {"serve"}, "train must only start under its profile"
+    assert set(config["services"]) == {"serve", "proxy"}, "train only starts under its profile"
     serve = config["services"]["serve"]
     assert gpu_devices(serve) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert serve["environment"]["GALMORPH_REQUIRE_GPU"] == "true"
+    assert serve["environment"]["GALMORPH_ALLOW_CPU_FALLBACK"] == "false"
+    assert serve["environment"]["GALMORPH_COMPOSE_COMMAND"] == "docker compose"
     assert serve["restart"] == "unless-stopped"
     assert mounts(serve) == {"/models": ("models", True), "/data": ("data", True)}
-    assert serve["read_only"] is True and serve["tmpfs"] == ["/tmp"]
-    assert [port["target"] for port in serve["ports"]] == [8000]
+    assert serve["read_only"] is True and [tmpfs_target(entry) for entry in serve["tmpfs"]] == [
+        "/tmp"
+    ]
+    assert "ports" not in serve and serve["expose"] == ["8000"], "only the proxy is published"
     assert serve["healthcheck"]["test"][0] == "CMD"
     assert healthcheck_url(serve["healthcheck"]["test"]) == "http://127.0.0.1:8000/readyz"
     assert serve["build"]["dockerfile"] == "docker/serve.Dockerfile"
@@ -242,12 +258,28 @@ def test_cpu_override_drops_the_gpu_and_selects_the_cpu_provider(tools: Tools) -
     serve_env = cpu["services"]["serve"]["environment"]
     assert serve_env["GALMORPH_PROVIDERS"] == "CPUExecutionProvider"
     assert serve_env["GALMORPH_REQUIRE_GPU"] == "false"
+    assert serve_env["GALMORPH_COMPOSE_COMMAND"] == (
+        f"docker compose -f {COMPOSE_GPU.name} -f {COMPOSE_CPU.name}"
+    )
     train = cpu["services"]["train"]
     assert train["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
     assert train["environment"]["GALMORPH_TRAIN_MODEL"].startswith("gm_")
-    # Everything else (volumes, healthcheck, restart policy) is inherited unchanged.
-    for key in ("volumes", "healthcheck", "restart", "ports"):
+    # Everything else (volumes, healthcheck, restart policy, limits) is inherited unchanged.
+    for key in ("volumes", "healthcheck", "restart", "expose", "tmpfs", "mem_limit"):
         assert cpu["services"]["serve"][key] == gpu["services"]["serve"][key]
+    assert cpu["services"]["proxy"] == gpu["services"]["proxy"]
+
+
+def test_models_mount_puts_a_host_folder_at_models(tools: Tools, tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("GALMORPH_MODELS_MOUNT=./my-models\n")
+    services = compose_config(tools, COMPOSE_GPU, profiles=("train",), env_file=env_file)[
+        "services"
+    ]
+    host_folder = str(REPO_ROOT / "my-models")
+    assert mounts(services["serve"])["/models"] == (host_folder, True)
+    assert mounts(services["train"])["/models"] == (host_folder, False)
+    assert {volume["type"] for volume in services["serve"]["volumes"]} == {"bind", "volume"}
 
 
 def test_compose_validation_rejects_a_misspelt_gpu_reservation(
@@ -277,13 +309,134 @@ def test_readme_multi_gpu_override_is_valid(tools: Tools, tmp_path: Path) -> Non
     (tmp_path / COMPOSE_GPU.name).symlink_to(COMPOSE_GPU)  # what `extends: file:` names
     services = compose_config(tools, COMPOSE_GPU, override)["services"]
     assert {
-        name: gpu_devices(service)[0].get("device_ids") for name, service in services.items()
+        name: gpu_devices(service)[0].get("device_ids")
+        for name, service in services.items()
+        if gpu_devices(service)
     } == {
         "serve": ["0"],
         "serve-gpu1": ["1"],
     }
     assert services["serve-gpu1"]["healthcheck"] == services["serve"]["healthcheck"]
     assert mounts(services["serve-gpu1"]) == mounts(services["serve"])
+    # The proxy finds both replicas under the one name it proxies to.
+    assert "serve" in services["serve-gpu1"]["networks"]["default"]["aliases"]
+    assert "ports" not in services["serve-gpu1"], "replicas are reached through the proxy"
+
+
+# --- The proxy and the deployment defaults ---------------------------------------------
+
+
+def nginx_directives() -> dict[str, list[str]]:
+    """Each directive of docker/nginx.conf with its arguments (one entry per occurrence);
+    `proxy_pass_target` is what the variable proxy_pass resolves to."""
+    text = re.sub(r"#.*", "", NGINX_CONF.read_text())
+    found: dict[str, list[str]] = {}
+    for name, arguments in re.findall(r"^\s*(\w+)\s+([^;{]*?)\s*;", text, re.MULTILINE):
+        found.setdefault(name, []).append(arguments)
+    (setting,) = found["set"]
+    variable, target = setting.split()
+    assert found["proxy_pass"] == [variable], "proxy_pass goes through the resolver variable"
+    found["proxy_pass_target"] = [target]
+    return found
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+    assert found, "Debian's nginx is needed for the proxy check (make nginx)"
+    return found
+
+
+def test_the_proxy_configuration_passes_nginx_t() -> None:
+    result = subprocess.run(
+        [nginx_binary(), "-t", "-e", "stderr", "-c", str(NGINX_CONF)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_nginx_t_would_catch_a_broken_configuration(tmp_path: Path) -> None:
+    broken = tmp_path / "nginx.conf"
+    broken.write_text(NGINX_CONF.read_text().replace("client_body_timeout", "client_body_timout"))
+    result = subprocess.run(
+        [nginx_binary(), "-t", "-e", "stderr", "-c", str(broken)], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "client_body_timout" in result.stderr
+
+
+def test_the_proxy_limits_slow_clients_and_fits_the_service(tools: Tools) -> None:
+    from galmorph.service.settings import Settings
+
+    directives = nginx_directives()
+    seconds = {name: int(directives[name][0].removesuffix("s")) for name in (
+        "client_header_timeout", "client_body_timeout", "send_timeout", "keepalive_timeout"
+    )}  # fmt: skip
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    # No looser than serve's own limits, which stay behind it as a second line.
+    assert seconds["client_header_timeout"] <= defaults.header_timeout_s
+    assert seconds["client_body_timeout"] <= defaults.body_timeout_s
+    assert seconds["keepalive_timeout"] <= defaults.keep_alive_timeout_s
+    _buffers, line_size = directives["large_client_header_buffers"][0].split()
+    assert int(line_size.removesuffix("k")) * 1024 <= defaults.max_header_bytes
+    body_mib = int(directives["client_max_body_size"][0].removesuffix("m"))
+    assert body_mib * 1024 * 1024 == defaults.max_batch_body_bytes
+    assert directives["proxy_request_buffering"] == ["on"]
+    assert any(arg.startswith("per_client ") for arg in directives["limit_conn"])
+
+    config = compose_config(tools, COMPOSE_GPU)
+    proxy = config["services"]["proxy"]
+    [listen] = directives["listen"]
+    assert [port["target"] for port in proxy["ports"]] == [int(listen)]
+    assert {"/etc/nginx/nginx.conf": (str(NGINX_CONF), True)} == {
+        target: value for target, value in mounts(proxy).items()
+    }
+    # Everything nginx writes is in the proxy's tmpfs (the root is read-only).
+    writable = [tmpfs_target(entry) for entry in proxy["tmpfs"]]
+    assert proxy["read_only"] is True and writable == ["/tmp"]
+    for name in ("pid", "client_body_temp_path", "proxy_temp_path"):
+        assert directives[name][0].startswith("/tmp/"), name
+    name, _, tag = proxy["image"].partition(":")
+    assert name == "nginx" and tag and tag != "latest", "pin the proxy image"
+    assert proxy["user"] != "0" and not proxy["user"].startswith("0:")
+
+
+def test_defaults_publish_on_localhost_with_bounded_memory(tools: Tools, tmp_path: Path) -> None:
+    no_env = tmp_path / "empty.env"
+    no_env.write_text("")
+    for env_file in (ENV_EXAMPLE, no_env):
+        services = compose_config(tools, COMPOSE_GPU, env_file=env_file)["services"]
+        published = [port for service in services.values() for port in service.get("ports", [])]
+        assert [port["host_ip"] for port in published] == ["127.0.0.1"], env_file.name
+        assert services["serve"]["environment"]["GALMORPH_PUBLISHED_ADDRESS"] == "127.0.0.1"
+    for name, service in services.items():
+        assert int(service["mem_limit"]) > 0, f"{name} has no memory limit"
+        for entry in service.get("tmpfs", []):
+            assert re.search(r"[:,]size=\d+[kmg]?\b", entry), f"{name}: unbounded tmpfs {entry}"
+    # tmpfs pages count against the memory limit: serve's must leave room for the process.
+    serve_tmpfs = services["serve"]["tmpfs"][0]
+    size_gib = int(re.search(r"size=(\d+)g", serve_tmpfs).group(1))  # type: ignore[union-attr]
+    assert int(services["serve"]["mem_limit"]) >= 4 * size_gib << 30
+
+
+def test_publishing_beyond_localhost_requires_an_api_key(
+    tools: Tools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("GALMORPH_BIND_ADDRESS=0.0.0.0\n")
+    services = compose_config(tools, COMPOSE_GPU, env_file=env_file)["services"]
+    assert services["proxy"]["ports"][0]["host_ip"] == "0.0.0.0"
+    published = services["serve"]["environment"]["GALMORPH_PUBLISHED_ADDRESS"]
+    with pytest.raises(ValidationError, match="without an API key"):
+        settings_from({"GALMORPH_PUBLISHED_ADDRESS": published}, monkeypatch)
+    keyed = settings_from(
+        {"GALMORPH_PUBLISHED_ADDRESS": published, "GALMORPH_API_KEY": "k" * 32}, monkeypatch
+    )
+    assert keyed.api_key is not None
+    with pytest.raises(ValidationError, match="API key is empty"):
+        settings_from({"GALMORPH_API_KEY": " "}, monkeypatch)
 
 
 def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -316,12 +469,37 @@ def test_serve_environment_is_understood_by_the_settings(
     settings = settings_from(env, monkeypatch)
     assert settings.wait_for_model is True
     assert str(settings.model_path) == "/models/model.onnx"
+    assert settings.allow_cpu_fallback is False
     if override:
         assert settings.require_gpu is False
         assert settings.providers == ["CPUExecutionProvider"]
+        # A CPU host has nothing to allow: the CPU session the container gets may run,
+        # with or without a driver visible (the providers are chosen, not fallen back to).
+        for driver in (False, True):
+            monkeypatch.setattr(engine, "nvidia_driver_present", lambda driver=driver: driver)
+            assert settings.gpu_policy.refusal(probe_placement(settings.providers)) is None
     else:
         assert settings.require_gpu is True
         assert settings.providers == [], "empty: CUDA first, then CPU"
+
+
+def test_gpu_compose_never_allows_the_cpu_fallback(
+    tools: Tools, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not even from a .env that asks for it: the GPU host's serve exits instead."""
+    hostile = {"GALMORPH_REQUIRE_GPU": "false", "GALMORPH_ALLOW_CPU_FALLBACK": "true"}
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in hostile.items()))
+    serve = compose_config(tools, COMPOSE_GPU, env_file=env_file)["services"]["serve"]
+    # Compose's precedence: the service's environment over env_file over the image's ENV.
+    env = {**env_settings(SERVE_DOCKERFILE), **hostile, **serve["environment"]}
+    settings = settings_from(env, monkeypatch)
+    assert (settings.require_gpu, settings.allow_cpu_fallback) == (True, False)
+    failed = Placement((CUDA_PROVIDER, CPU_PROVIDER), (CPU_PROVIDER,), chosen=False)
+    for driver in (True, False):  # the GPU reservation gives the container a driver, or fails
+        monkeypatch.setattr(engine, "nvidia_driver_present", lambda driver=driver: driver)
+        refusal = settings.gpu_policy.refusal(failed)
+        assert refusal is not None and refusal.startswith("require_gpu is set")
 
 
 def test_env_example_names_only_settings_that_something_reads() -> None:
@@ -361,7 +539,8 @@ def test_serve_image_runs_a_valid_galmorph_serve(tools: Tools) -> None:
     assert Path(args.model).parent == Path("/models") and mounts(serve)["/models"][1]
     assert args.host == "0.0.0.0"
     assert only(SERVE_DOCKERFILE, "EXPOSE").arguments == str(args.port)
-    assert [port["target"] for port in serve["ports"]] == [args.port]
+    assert serve["expose"] == [str(args.port)]
+    assert nginx_directives()["proxy_pass_target"] == [f"http://serve:{args.port}"]
     image_probe = exec_form(only(SERVE_DOCKERFILE, "HEALTHCHECK").arguments.split("CMD", 1)[1])
     assert image_probe == serve["healthcheck"]["test"][1:], "image and compose probe differ"
     assert healthcheck_url(image_probe) == f"http://127.0.0.1:{args.port}/readyz"

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from galmorph.service.headers import CONTENT_SECURITY_POLICY
 from websockets.asyncio.client import ClientConnection, connect
 
 from galmorph.core.contract import GALAXY10_CLASS_NAMES
@@ -28,6 +29,11 @@ from tests.server_process import RunningServer, serve
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path(tempfile.gettempdir()) / "galmorph_web.png"
+RECORD_CSP_VIOLATIONS = (
+    "window.cspViolations = [];"
+    "document.addEventListener('securitypolicyviolation',"
+    " (e) => window.cspViolations.push(`${e.effectiveDirective} ${e.blockedURI}`));"
+)
 
 
 class DevTools:
@@ -125,6 +131,8 @@ async def run_page(devtools_url: str, page_url: str, upload: Path) -> dict[str, 
         tools = DevTools(connection)
         for domain in ("Page", "Runtime", "DOM"):
             await tools.send(f"{domain}.enable")
+        # Before the page's own script: every Content-Security-Policy violation is recorded.
+        await tools.send("Page.addScriptToEvaluateOnNewDocument", source=RECORD_CSP_VIOLATIONS)
         await tools.send("Page.navigate", url=page_url)
         await tools.wait_event("Page.loadEventFired")
         await tools.wait_for("document.getElementById('stretch').options.length > 1")
@@ -152,6 +160,14 @@ async def run_page(devtools_url: str, page_url: str, upload: Path) -> dict[str, 
         )
         shot = await tools.send("Page.captureScreenshot", format="png")
         page_state["screenshot"] = base64.b64decode(shot["data"])
+        page_state["csp_violations"] = await tools.evaluate("window.cspViolations")
+        # The policy is enforced: an injected inline script does not run.
+        await tools.evaluate(
+            "document.body.append(Object.assign(document.createElement('script'),"
+            " {textContent: 'window.inlineRan = true'}))"
+        )
+        page_state["inline_script_ran"] = await tools.evaluate("window.inlineRan === true")
+        page_state["csp_after_inline"] = await tools.evaluate("window.cspViolations")
         assert state == page_state["state"]
         return dict(page_state)
 
@@ -163,6 +179,13 @@ def test_page_shows_the_model_view_and_probability_bars(
     page = asyncio.run(run_page(browser, f"{server.url}/", upload))
     SCREENSHOT.write_bytes(page["screenshot"])
     assert page["state"] == "done", page["error"]
+    # The page works under its Content-Security-Policy, which is really enforced.
+    assert httpx.get(f"{server.url}/").headers["Content-Security-Policy"] == (
+        CONTENT_SECURITY_POLICY
+    )
+    assert page["csp_violations"] == []
+    assert page["inline_script_ran"] is False
+    assert [v.split()[0] for v in page["csp_after_inline"]] == ["script-src-elem"]
     api = httpx.post(
         f"{server.url}/classify", files={"file": (upload.name, upload.read_bytes())}
     ).json()
@@ -184,3 +207,45 @@ def test_page_reports_a_refused_file(server: RunningServer, browser: str, tmp_pa
     page = asyncio.run(run_page(browser, f"{server.url}/", upload))
     assert page["state"] == "error"
     assert page["error"].startswith("415: ") and "SIMPLE" in page["error"]
+
+
+async def watch_until_served(devtools_url: str, page_url: str, model: Path) -> dict[str, Any]:
+    """The page before the model exists, then after it is written (no reload)."""
+    targets = httpx.get(f"{devtools_url}/json/list").json()
+    page = next(target for target in targets if target["type"] == "page")
+    state = """(() => ({
+      panelShown: document.getElementById('not-ready').offsetHeight > 0,
+      reason: document.getElementById('not-ready-reason').textContent,
+      modelLine: document.getElementById('model-line').textContent,
+    }))()"""
+    async with connect(page["webSocketDebuggerUrl"], max_size=None) as connection:
+        tools = DevTools(connection)
+        for domain in ("Page", "Runtime"):
+            await tools.send(f"{domain}.enable")
+        await tools.send("Page.navigate", url=page_url)
+        await tools.wait_event("Page.loadEventFired")
+        await tools.wait_for(
+            "document.getElementById('model-line').textContent.includes('no model')"
+        )
+        before = await tools.evaluate(state)
+        write_model(model)
+        await tools.wait_for("document.getElementById('stretch').options.length > 1")
+        return {"before": before, "after": await tools.evaluate(state)}
+
+
+def test_page_says_what_to_do_until_the_model_arrives(browser: str, tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    with serve(
+        model,
+        tmp_path,
+        *("--wait-for-model", "--wait-interval", "0.2"),
+        env={"GALMORPH_COMPOSE_COMMAND": "docker compose"},
+        up_when="/healthz",
+    ) as server:
+        page = asyncio.run(watch_until_served(browser, f"{server.url}/", model))
+    before, after = page["before"], page["after"]
+    assert before["panelShown"], before
+    assert before["reason"].startswith(f"waiting for model at {model}: there is no file")
+    assert "    docker compose --profile train run --rm train\n" in before["reason"]
+    assert not after["panelShown"]
+    assert "test_factory_model" in after["modelLine"]

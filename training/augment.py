@@ -168,6 +168,13 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 NHWC batch at size x size (antialiased bilinear); itself when already so."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return to_uint8_nhwc(resize(to_float_nchw(images), size))
+
+
 def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
     """The 8 flips/90-degree rotations of a uint8 NHWC batch (test-time augmentation)."""
     views = []

@@ -23,7 +23,9 @@ from typing import Any
 
 from galmorph.model.registry import model_entry
 from galmorph.training.augment import AugmentSettings
+from galmorph.training.distill import DISTILL_KINDS, DistillSettings
 from galmorph.training.mixup import MixupSettings
+from galmorph.training.sam import SAM_KINDS
 
 from galmorph.core.files import atomic_write_text
 
@@ -54,8 +56,10 @@ class TrainConfig:
     out: str = ""
     img_size: int | None = None  # None: the model's registered input size (model/registry.py)
     num_classes: int | None = None  # None: taken from the data file
+    # Names of labels 0..K-1 for a file that names none (else they must equal the file's).
+    class_names: tuple[str, ...] | None = None
     split_seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test; val may be 0
     split_file: str | None = None  # an existing split.json to reuse (must match the data)
 
     # Schedule. lr is derived from lr_base as timm does unless given explicitly.
@@ -83,6 +87,19 @@ class TrainConfig:
 
     # Augmentation, applied on the collated uint8 batch (training/augment.py).
     augment: AugmentSettings = field(default_factory=AugmentSettings)
+
+    # Sharpness-aware minimisation around AdamW (training/sam.py): two passes per step.
+    sam: str = "none"  # none | sam | asam
+    sam_rho: float = 0.05  # neighbourhood radius (ASAM's scale-invariant radius is ~10x larger)
+    sam_eta: float = 0.01  # ASAM: T = |w| + eta
+
+    # Fine-tuning (training/finetune.py).
+    init_from: str | None = None  # a galmorph run folder, or timm / official Astroformer weights
+    freeze_stages: int = 0  # keep the stem and this many first stages frozen
+    layer_decay: float = 1.0  # layer-wise lr decay; 1 = off
+
+    # Distillation from a trained teacher (training/distill.py).
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     # Class imbalance.
     sampling: str = "uniform"  # balanced: draw classes equally often (with replacement)
@@ -131,6 +148,24 @@ class TrainConfig:
         _check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         _check(len(self.split_fractions) == 3, "split_fractions", "needs train, val, test")
         _check(math.isclose(sum(self.split_fractions), 1.0), "split_fractions", "must sum to 1")
+        _check(min(self.split_fractions) >= 0, "split_fractions", "must not be negative")
+        _check(self.split_fractions[0] > 0, "split_fractions", "needs a positive train share")
+        _check(
+            self.class_names is None or len(self.class_names) >= 2,
+            "class_names",
+            "needs at least two names",
+        )
+        _check(self.sam in SAM_KINDS, "sam", f"must be one of {SAM_KINDS}")
+        _check(self.sam_rho > 0, "sam_rho", "must be positive")
+        _check(self.sam_eta >= 0, "sam_eta", "must be >= 0")
+        _check(self.freeze_stages >= 0, "freeze_stages", "must be >= 0")
+        _check(0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
+        _check(
+            self.freeze_stages == 0 or self.init_from is not None,
+            "freeze_stages",
+            "needs init_from (freezing untrained stages keeps them random)",
+        )
+        _validate_distill(self.distill)
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
         _validate_mixup(self.mixup)
@@ -346,6 +381,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
+    if origin is tuple and typing.get_args(annotation)[-1] is Ellipsis:
+        item_type = typing.get_args(annotation)[0]
+        if isinstance(value, str):  # `--set class_names=a,b,c`
+            value = [part.strip() for part in value.split(",")]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r} needs a list of values")
+        return tuple(_coerce(key, v, item_type) for v in value)
     if origin is tuple:
         item_types = typing.get_args(annotation)
         if not isinstance(value, list | tuple) or len(value) != len(item_types):
@@ -381,6 +423,12 @@ def _validate_mixup(m: MixupSettings) -> None:
     _check(0 <= m.prob <= 1, "mixup.prob", "must be in [0, 1]")
     _check(0 <= m.switch_prob <= 1, "mixup.switch_prob", "must be in [0, 1]")
     _check(0 <= m.label_smoothing < 1, "mixup.label_smoothing", "must be in [0, 1)")
+
+
+def _validate_distill(d: DistillSettings) -> None:
+    _check(d.kind in DISTILL_KINDS, "distill.kind", f"must be one of {DISTILL_KINDS}")
+    _check(0 <= d.alpha <= 1, "distill.alpha", "must be in [0, 1]")
+    _check(d.tau > 0, "distill.tau", "must be positive")
 
 
 def _validate_augment(a: AugmentSettings) -> None:

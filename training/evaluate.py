@@ -35,6 +35,10 @@ SPLIT_FILE_NAME = "split.json"
 EVALUATION_FILE_NAME = "evaluation.json"
 
 
+class EvaluationError(ValueError):
+    """The model and the data cannot be evaluated together; the message says why."""
+
+
 class Predictor(Protocol):
     class_names: tuple[str, ...]
     input_size: int
@@ -134,8 +138,10 @@ def predict_split(
 class EvaluationRequest:
     model: Path  # a run folder (model.safetensors + model.json) or a .onnx file
     data: Path
-    split: str = "test"  # train | val | test | all
+    # train | val | test | all; None: test of the training file, all rows of another file
+    split: str | None = None
     split_file: Path | None = None  # default: split.json beside the model
+    class_names: tuple[str, ...] | None = None  # for a data file that names none
     tta: bool = False
     batch_size: int = 64
     out_dir: Path | None = None  # default: the run folder, or the .onnx file's folder
@@ -145,15 +151,15 @@ class EvaluationRequest:
 
 
 def evaluate(request: EvaluationRequest) -> dict[str, Any]:
-    """Run the evaluation, write evaluation.json and figures, return the report."""
-    predictor, backend, model_dir = _open_model(request)
-    data = Galaxy10File(request.data)
-    if tuple(data.class_names) != tuple(predictor.class_names):
-        raise ValueError(
-            f"model classes {list(predictor.class_names)} differ from the data's "
-            f"{list(data.class_names)}"
-        )
-    indices = _split_indices(request, data, model_dir)
+    """Run the evaluation, write evaluation.json and figures, return the report.
+
+    On the file the model was trained on, `split` picks rows of the run's split (test by
+    default). On any other file every row is evaluated: its rows belong to no split.
+    """
+    predictor, backend, model_dir, training_digest = _open_model(request)
+    data = _open_data(request, predictor.class_names)
+    labels = _labels_in_model_order(data, predictor.class_names)
+    split, indices = _rows(request, data, model_dir, training_digest)
     probabilities = predict_split(
         predictor,
         data,
@@ -162,10 +168,10 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
         tta=request.tta,
         progress=request.progress,
     )
-    report = classification_report(probabilities, data.labels[indices], data.class_names)
+    report = classification_report(probabilities, labels[indices], predictor.class_names)
     report.update(
         {
-            "split": request.split,
+            "split": split,
             "tta": request.tta,
             "backend": backend,
             "model": str(request.model),
@@ -176,8 +182,8 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
     out_dir = request.out_dir or model_dir
     write_report(report, out_dir)
     logger.info(
-        "%s split: top-1 %.4f, macro-F1 %.4f, ECE %.4f on %d images (%s%s); results in %s",
-        request.split,
+        "%s: top-1 %.4f, macro-F1 %.4f, ECE %.4f on %d images (%s%s); results in %s",
+        f"{split} split" if split != "all" else "all rows",
         report["top1"],
         report["macro_f1"],
         report["ece"],
@@ -187,6 +193,36 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
         out_dir,
     )
     return report
+
+
+def _open_data(request: EvaluationRequest, model_names: tuple[str, ...]) -> Galaxy10File:
+    """The data file; one that names no classes is read with the model's names (and says so)."""
+    data = Galaxy10File(request.data, class_names=request.class_names)
+    if data.class_names_named:
+        return data
+    data = Galaxy10File(request.data, class_names=model_names)
+    logger.info(
+        "%s names no classes: reading its labels 0..%d as the model's classes (%s)",
+        request.data,
+        len(model_names) - 1,
+        ", ".join(model_names),
+    )
+    return data
+
+
+def _labels_in_model_order(data: Galaxy10File, model_names: tuple[str, ...]) -> np.ndarray:
+    """The data's labels as indices of the model's classes; refuse other class sets."""
+    names = tuple(data.class_names)
+    if names == tuple(model_names):
+        return data.labels
+    if sorted(names) != sorted(model_names):
+        raise EvaluationError(
+            f"the model's classes {list(model_names)} differ from those of {data.path} "
+            f"{list(names)}: evaluate on data with the classes the model was trained on"
+        )
+    logger.info("%s lists the model's classes in another order: labels mapped", data.path)
+    mapping = np.asarray([model_names.index(name) for name in names], dtype=np.int64)
+    return mapping[data.labels]
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
@@ -208,10 +244,13 @@ def _write_json(path: Path, document: Any) -> None:
     atomic_write_text(path, json.dumps(document, indent=1) + "\n")
 
 
-def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path]:
+def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path, str | None]:
+    """The predictor, its backend, its folder and the digest of the data it was trained on."""
     path = request.model
     if path.is_file() and path.suffix.lower() == ".onnx":
-        return OnnxPredictor(path, threads=request.threads), "onnxruntime", path.parent
+        onnx = OnnxPredictor(path, threads=request.threads)
+        digest = _digest(onnx.engine.card.training_data)
+        return onnx, "onnxruntime", path.parent, digest
     if path.is_dir():
         from galmorph.model.checkpoint import load_model
         from galmorph.training.distributed import resolve_device
@@ -229,15 +268,42 @@ def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path]:
             std=spec.std,
             device=device,
         )
-        return predictor, "pytorch", path
-    raise ValueError(f"{path}: expected a run folder (model.json + model.safetensors) or a .onnx")
+        return predictor, "pytorch", path, _digest(spec.training_data)
+    raise EvaluationError(
+        f"{path}: expected a run folder (model.json + model.safetensors) or a .onnx"
+    )
 
 
-def _split_indices(request: EvaluationRequest, data: Galaxy10File, model_dir: Path) -> np.ndarray:
+def _digest(training_data: dict[str, Any]) -> str | None:
+    digest = (training_data.get("fingerprint") or {}).get("digest")
+    return str(digest) if digest else None
+
+
+def _rows(
+    request: EvaluationRequest, data: Galaxy10File, model_dir: Path, training_digest: str | None
+) -> tuple[str, np.ndarray]:
+    """(split name, row indices) to evaluate."""
+    if request.split is not None and request.split not in (*SPLIT_NAMES, "all"):
+        raise EvaluationError(
+            f"unknown split {request.split!r}; use one of {(*SPLIT_NAMES, 'all')}"
+        )
     if request.split == "all":
-        return np.arange(data.num_images)
-    if request.split not in SPLIT_NAMES:
-        raise ValueError(f"unknown split {request.split!r}; use one of {(*SPLIT_NAMES, 'all')}")
+        return "all", np.arange(data.num_images)
+    other_file = training_digest is not None and data.fingerprint()["digest"] != training_digest
+    if other_file:
+        if request.split is not None:
+            raise EvaluationError(
+                f"{data.path} is not the file the model was trained on, so its rows are in "
+                f"no {request.split} split: leave out --split (or use --split all) to "
+                "evaluate all of them"
+            )
+        logger.info(
+            "%s is not the file the model was trained on: evaluating all its %d rows",
+            data.path,
+            data.num_images,
+        )
+        return "all", np.arange(data.num_images)
+    split_name = request.split or "test"
     split_path = request.split_file or model_dir / SPLIT_FILE_NAME
     if not split_path.is_file():
         raise SplitError(
@@ -245,4 +311,11 @@ def _split_indices(request: EvaluationRequest, data: Galaxy10File, model_dir: Pa
         )
     split = Split.load(split_path)
     split.check_data(data.num_images, data.fingerprint())
-    return split.indices(request.split)
+    indices = split.indices(split_name)
+    if indices.size == 0:
+        raise EvaluationError(
+            f"the {split_name} split of {split_path} is empty (split fractions "
+            f"{'/'.join(f'{f:g}' for f in split.fractions)}): evaluate on a separate file "
+            "with --data, or use --split all"
+        )
+    return split_name, indices

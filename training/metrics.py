@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-ECE_BINS = 15
+from galmorph.core.calibration import calibration_bins, expected_calibration_error
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -30,28 +30,6 @@ def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
         2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
     )
     return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
-
-
-def calibration_bins(
-    probabilities: np.ndarray, labels: np.ndarray, num_bins: int = ECE_BINS
-) -> dict[str, np.ndarray]:
-    """Equal-width confidence bins: mean confidence, accuracy and count per bin."""
-    confidence = probabilities.max(1)
-    correct = (probabilities.argmax(1) == labels).astype(np.float64)
-    # Bin b holds confidences in (b/B, (b+1)/B]; confidence is never 0 for a softmax.
-    index = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
-    count = np.bincount(index, minlength=num_bins)
-    safe = np.maximum(count, 1)
-    return {
-        "confidence": np.bincount(index, weights=confidence, minlength=num_bins) / safe,
-        "accuracy": np.bincount(index, weights=correct, minlength=num_bins) / safe,
-        "count": count,
-    }
-
-
-def expected_calibration_error(bins: dict[str, np.ndarray]) -> float:
-    weights = bins["count"] / max(int(bins["count"].sum()), 1)
-    return float(np.sum(weights * np.abs(bins["accuracy"] - bins["confidence"])))
 
 
 def classification_report(

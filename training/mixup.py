@@ -45,31 +45,57 @@ class Mixup:
         self, x: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed images and soft targets; `rng` draws lambda (and the CutMix box)."""
+        x, _, targets = self.mix_pair(x, None, labels, rng)
+        return x, targets
+
+    def mix_pair(
+        self,
+        x: torch.Tensor,
+        companion: torch.Tensor | None,
+        labels: torch.Tensor,
+        rng: np.random.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """As __call__, and `companion` (the same images, e.g. at a teacher's size) mixed alike."""
         s = self.settings
         targets = smooth_one_hot(labels, self.num_classes, s.label_smoothing)
         if not s.enabled or rng.random() >= s.prob:
-            return x, targets
+            return x, companion, targets
         use_cutmix = s.cutmix_alpha > 0 and (s.mixup_alpha == 0 or rng.random() < s.switch_prob)
         alpha = s.cutmix_alpha if use_cutmix else s.mixup_alpha
         lam = float(rng.beta(alpha, alpha))
         if use_cutmix:
-            x, lam = _cutmix(x, lam, rng)
+            box, lam = _cutmix_box(x.shape[-2], x.shape[-1], lam, rng)
+            x = _paste(x, box)
+            companion = None if companion is None else _paste(companion, box)
         else:
             x = x * lam + x.flip(0) * (1 - lam)
-        return x, targets * lam + targets.flip(0) * (1 - lam)
+            if companion is not None:
+                companion = companion * lam + companion.flip(0) * (1 - lam)
+        return x, companion, targets * lam + targets.flip(0) * (1 - lam)
 
 
-def _cutmix(x: torch.Tensor, lam: float, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
-    """Paste a box of area ~(1 - lam) from the reversed batch; lam corrected for clipping."""
-    h, w = x.shape[-2:]
+Box = tuple[float, float, float, float]  # y0, y1, x0, x1 as fractions of the height/width
+
+
+def _cutmix_box(h: int, w: int, lam: float, rng: np.random.Generator) -> tuple[Box, float]:
+    """A box of area ~(1 - lam) (timm's draw); lam corrected for clipping at the border."""
     cut = np.sqrt(1 - lam)
     ch, cw = int(h * cut), int(w * cut)
     cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
     y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h)
     x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w)
+    area = float((y1 - y0) * (x1 - x0)) / (h * w)
+    return (y0 / h, y1 / h, x0 / w, x1 / w), 1 - area
+
+
+def _paste(x: torch.Tensor, box: Box) -> torch.Tensor:
+    """Paste `box` of the reversed batch into each image (the box scaled to x's size)."""
+    h, w = x.shape[-2:]
+    y0, y1 = round(box[0] * h), round(box[1] * h)
+    x0, x1 = round(box[2] * w), round(box[3] * w)
     x = x.clone()
     x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
-    return x, 1 - float((y1 - y0) * (x1 - x0)) / (h * w)
+    return x
 
 
 def soft_target_cross_entropy(

@@ -15,12 +15,23 @@ NO_DECAY_NAME_PARTS = ("relative_position_bias_table", "pos_embed", "cls_token")
 
 
 def adamw(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    *,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW without decay on biases, norm weights and position tables (timm's filter)."""
+    """AdamW without decay on biases, norm weights and position tables (timm's filter).
+
+    With `layer_decay` < 1 each layer gets its own groups with `lr_scale` = decay^(depth from
+    the head) (training/finetune.py `layer_ids`); the schedule multiplies its lr by it.
+    """
+    from galmorph.training.finetune import layer_ids
+
     declared: set[str] = set(getattr(model, "no_weight_decay", set)())
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    ids, last = layer_ids(model) if layer_decay != 1.0 else ({}, 0)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -30,12 +41,19 @@ def adamw(
             or name in declared
             or any(part in name for part in NO_DECAY_NAME_PARTS)
         )
-        (no_decay if exempt else decay).append(param)
-    groups = [
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": decay, "weight_decay": weight_decay},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        layer = ids.get(name, last)
+        group = groups.setdefault(
+            (layer, exempt),
+            {
+                "params": [],
+                "weight_decay": 0.0 if exempt else weight_decay,
+                "lr_scale": layer_decay ** (last - layer),
+            },
+        )
+        group["params"].append(param)
+    # No-decay group first, as before layer decay existed (optimizer state order in checkpoints).
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1]))
+    return torch.optim.AdamW([group for _, group in ordered], lr=lr, betas=betas)
 
 
 @dataclass(frozen=True)
@@ -62,9 +80,10 @@ class CosineSchedule:
         return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's lr (times its layer-decay `lr_scale`); returns the base lr."""
         lr = self.lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
 

@@ -19,6 +19,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,12 @@ from galmorph.model.checkpoint import ModelSpec, save_model
 from galmorph.model.preprocess import ImagePreprocess
 from galmorph.model.registry import model_entry
 from galmorph.training import distributed
-from galmorph.training.augment import BatchAugmenter
+from galmorph.training.augment import (
+    BatchAugmenter,
+    resize_batch,
+    to_float_nchw,
+    to_uint8_nhwc,
+)
 from galmorph.training.config import ConfigError, TrainConfig, dump_config, flatten_keys
 from galmorph.training.dataset import (
     Galaxy10Dataset,
@@ -40,11 +46,14 @@ from galmorph.training.dataset import (
     balanced_sample_weights,
     make_loader,
 )
+from galmorph.training.distill import DistillSettings, Teacher, distillation_loss
 from galmorph.training.evaluate import SPLIT_FILE_NAME, TorchPredictor, predict_split
+from galmorph.training.finetune import InitError, freeze_stages, initialise_from
 from galmorph.training.metrics import classification_report
 from galmorph.training.mixup import Mixup, soft_target_cross_entropy
 from galmorph.training.optim import CosineSchedule, ModelEma, adamw
 from galmorph.training.plots import training_curves
+from galmorph.training.sam import SharpnessAware, frozen_batchnorm_statistics
 from galmorph.training.state import has_checkpoint, load_checkpoint, save_checkpoint
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -53,8 +62,8 @@ from tqdm import tqdm
 
 from galmorph.core.duplicates import duplicate_groups
 from galmorph.core.files import atomic_write_text
-from galmorph.core.galaxy10 import Galaxy10File
-from galmorph.core.splits import Split, make_split
+from galmorph.core.galaxy10 import Galaxy10Error, Galaxy10File
+from galmorph.core.splits import Split, SplitError, make_split
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +174,13 @@ class TrainModel:
     ema: ModelEma | None
     preprocess: ImagePreprocess
     channels_last: bool
+    frozen: list[nn.Module] = field(default_factory=list)  # freeze_stages: kept in eval mode
+
+    def train_mode(self) -> None:
+        """Training mode, except frozen stages (their BatchNorm statistics stay as loaded)."""
+        self.model.train()
+        for module in self.frozen:
+            module.eval()
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC (augmented) -> the normalised float batch the model takes."""
@@ -186,19 +202,54 @@ class Optimisation:
     mixup: Mixup
     class_weights: torch.Tensor | None
     amp: bool  # bf16 autocast, CUDA only; bf16 needs no gradient scaler
+    sam: SharpnessAware | None
+    distill: DistillSettings
 
     def autocast(self) -> AbstractContextManager[Any]:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return soft_target_cross_entropy(logits, targets, self.class_weights)
+    def loss(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        label_loss = soft_target_cross_entropy(logits, targets, self.class_weights)
+        if teacher_logits is None:
+            return label_loss
+        return distillation_loss(logits, teacher_logits, label_loss, self.distill)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch ready for the model: inputs, targets, the teacher's logits."""
+
+    x: torch.Tensor
+    targets: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    dropout_seed: int
 
 
 def build_data(
-    config: TrainConfig, ctx: distributed.DistContext, img_size: int, run_dir: Path
+    config: TrainConfig,
+    ctx: distributed.DistContext,
+    img_size: int,
+    run_dir: Path,
+    *,
+    augment_size: int | None = None,
 ) -> TrainData:
-    """Open the file, make or reload the split, and set up sharded, augmented batches."""
-    file = Galaxy10File(config.data)
+    """Open the file, make or reload the split, and set up sharded, augmented batches.
+
+    `augment_size`: the size augmented batches come out at (a larger teacher's), when it
+    differs from img_size.
+    """
+    try:
+        file = Galaxy10File(config.data, class_names=config.class_names)
+        file.check_class_names()
+    except Galaxy10Error as exc:
+        raise ConfigError(str(exc)) from exc
+    if ctx.is_main:
+        logger.info("classes (%s): %s", file.class_names_source, ", ".join(file.class_names))
     if config.num_classes is not None and config.num_classes != file.num_classes:
         raise ConfigError(
             f"config key 'num_classes' is {config.num_classes} but {config.data} has "
@@ -235,7 +286,7 @@ def build_data(
         class_counts=train_set.class_counts(),
         sampler=sampler,
         loader=loader,
-        augmenter=BatchAugmenter(config.augment, img_size),
+        augmenter=BatchAugmenter(config.augment, augment_size or img_size),
     )
 
 
@@ -244,6 +295,15 @@ def build_model(config: TrainConfig, ctx: distributed.DistContext, spec: ModelSp
     cuda = ctx.device.type == "cuda"
     seed_everything(config.seed)  # identical initial weights on every rank
     model = spec.build()
+    frozen: list[nn.Module] = []
+    try:
+        if config.init_from is not None:
+            initialise_from(
+                model, config.init_from, model_name=spec.name, class_names=spec.class_names
+            )
+        frozen = freeze_stages(model, config.freeze_stages)
+    except InitError as exc:
+        raise ConfigError(str(exc)) from exc
     if config.sync_batchnorm and ctx.distributed:
         if not cuda:
             raise ConfigError("config key 'sync_batchnorm' needs CUDA (no CPU kernel)")
@@ -265,13 +325,14 @@ def build_model(config: TrainConfig, ctx: distributed.DistContext, spec: ModelSp
         ema=ema,
         preprocess=ImagePreprocess(spec.mean, spec.std).to(ctx.device),
         channels_last=channels_last,
+        frozen=frozen,
     )
 
 
 def build_optimisation(
     config: TrainConfig, ctx: distributed.DistContext, model: nn.Module, data: TrainData
 ) -> Optimisation:
-    """AdamW at timm's scaled lr, the cosine schedule, AMP, mixup targets and the loss."""
+    """AdamW at timm's scaled lr (SAM/ASAM around it), the cosine schedule, AMP, the loss."""
     peak_lr = config.learning_rate(ctx.world_size)
     class_weights = None
     if config.loss_weighting == "balanced":
@@ -279,7 +340,9 @@ def build_optimisation(
         class_weights = torch.tensor(weights, dtype=torch.float32).to(ctx.device)
     return Optimisation(
         peak_lr=peak_lr,
-        optimizer=adamw(model, peak_lr, config.weight_decay, config.betas),
+        optimizer=adamw(
+            model, peak_lr, config.weight_decay, config.betas, layer_decay=config.layer_decay
+        ),
         schedule=CosineSchedule(
             peak_lr=peak_lr,
             warmup_lr=config.warmup_lr,
@@ -291,6 +354,17 @@ def build_optimisation(
         mixup=Mixup(config.mixup, data.num_classes),
         class_weights=class_weights,
         amp=ctx.device.type == "cuda" and config.amp,
+        sam=(
+            SharpnessAware(
+                model.named_parameters(),
+                rho=config.sam_rho,
+                adaptive=config.sam == "asam",
+                eta=config.sam_eta,
+            )
+            if config.sam != "none"
+            else None
+        ),
+        distill=config.distill,
     )
 
 
@@ -306,8 +380,11 @@ def _load_or_make_split(
     existing = run_dir / SPLIT_FILE_NAME
     source = Path(config.split_file) if config.split_file else existing
     if source.is_file():
-        split = Split.load(source)
-        split.check_data(file.num_images, fingerprint)
+        try:
+            split = Split.load(source)
+            split.check_data(file.num_images, fingerprint)
+        except SplitError as exc:
+            raise ConfigError(f"split file {source}: {exc}") from exc
         return split
     groups = duplicate_groups(file, progress=progress)
     if groups:
@@ -337,7 +414,20 @@ class Trainer:
         self.device = ctx.device
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.data = build_data(self.config, ctx, self.img_size, self.run_dir)
+        self.teacher = self._teacher()
+        teacher_size = self.teacher.input_size if self.teacher is not None else 0
+        self.data = build_data(
+            self.config,
+            ctx,
+            self.img_size,
+            self.run_dir,
+            augment_size=max(self.img_size, teacher_size),
+        )
+        if self.teacher is not None and self.teacher.class_names != self.data.file.class_names:
+            raise ConfigError(
+                f"teacher {self.teacher.source} predicts {list(self.teacher.class_names)}, "
+                f"the data has {list(self.data.file.class_names)}"
+            )
         self.net = build_model(self.config, ctx, self._spec())
         self.optim = build_optimisation(self.config, ctx, self.net.model, self.data)
         self.tensorboard = self._tensorboard() if ctx.is_main and config.tensorboard else None
@@ -366,7 +456,7 @@ class Trainer:
         steps_per_epoch = self.data.sampler.steps_per_epoch
         first_step = self.progress.step - self.progress.epoch * steps_per_epoch
         self.data.sampler.set_epoch(self.progress.epoch, start_step=first_step)
-        self.net.model.train()
+        self.net.train_mode()
         global_batch = config.global_batch_size(ctx.world_size)
         bar = tqdm(
             total=steps_per_epoch,
@@ -378,15 +468,13 @@ class Trainer:
         )
         started = time.perf_counter()
         steps_done = 0
-        micro = 0
-        step_loss = step_correct = 0.0
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         for images, labels in self.data.loader:
-            loss, correct = self._forward_backward(images, labels, micro)
-            step_loss += loss
-            step_correct += correct
-            micro += 1
-            if micro < config.grad_accum_steps:
+            pending.append((images, labels))
+            if len(pending) < config.grad_accum_steps:
                 continue
+            step_loss, step_correct = self._gradients(pending)
+            pending = []
             lr = self.optim.schedule.apply(self.optim.optimizer, self.progress.step)
             grad_norm = self._optimizer_step()
             self.progress.step += 1
@@ -408,32 +496,70 @@ class Trainer:
                 lr=f"{lr:.2e}",
                 run_eta=_format_eta(self._remaining_steps() * global_batch / rate),
             )
-            micro, step_loss, step_correct = 0, 0.0, 0.0
             self._maybe_stop(stop)
         bar.close()
         self._epoch_seconds = time.perf_counter() - started
         self._epoch_rate = steps_done * global_batch / max(self._epoch_seconds, 1e-9)
 
-    def _forward_backward(
-        self, images: torch.Tensor, labels: torch.Tensor, micro: int
-    ) -> tuple[float, float]:
-        config = self.config
-        augment_gen, mixup_rng = self._seed_micro_batch(micro)
+    def _gradients(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """Accumulate one optimizer step's gradients; returns its summed loss and correct count.
+
+        With SAM, the first pass's gradient (of the whole global batch: every micro-batch,
+        averaged over ranks by DDP) sets the perturbation, and a second pass over the same
+        micro-batches at the perturbed weights gives the gradient the optimizer uses.
+        """
+        prepared = (
+            self._prepare(images, labels, micro) for micro, (images, labels) in enumerate(batches)
+        )
+        sam = self.optim.sam
+        if sam is None:
+            return self._accumulate(prepared)
+        kept = list(prepared)
+        loss, correct = self._accumulate(kept)
+        sam.perturb()
+        self.optim.optimizer.zero_grad(set_to_none=True)
+        with frozen_batchnorm_statistics(self.net.model):
+            self._accumulate(kept)
+        sam.restore()
+        return loss, correct
+
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> MicroBatch:
+        """Augment, mix and (when distilling) ask the teacher, seeded by (seed, step, shard)."""
+        augment_gen, mixup_rng, dropout_seed = self._seed_micro_batch(micro)
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        x = self.net.inputs(self.data.augmenter(images, augment_gen))
-        x, targets = self.optim.mixup(x, labels, mixup_rng)
-        last_micro = micro == config.grad_accum_steps - 1
-        sync: AbstractContextManager[Any] = nullcontext()
-        if isinstance(self.net.train_model, DistributedDataParallel) and not last_micro:
-            sync = self.net.train_model.no_sync()
-        with sync:
-            with self.optim.autocast():
-                logits = self.net.train_model(x)
-            loss = self.optim.loss(logits, targets)
-            (loss / config.grad_accum_steps).backward()
-        correct = (logits.argmax(1) == targets.argmax(1)).sum()
-        return float(loss.detach()), float(correct)
+        augmented = self.data.augmenter(images, augment_gen)
+        x = self.net.inputs(resize_batch(augmented, self.img_size))
+        if self.teacher is None:
+            x, targets = self.optim.mixup(x, labels, mixup_rng)
+            return MicroBatch(x, targets, None, dropout_seed)
+        # The teacher sees the same images, mixed the same way, at its own input size.
+        seen = resize_batch(augmented, self.teacher.input_size)
+        x, seen_mixed, targets = self.optim.mixup.mix_pair(
+            x, to_float_nchw(seen), labels, mixup_rng
+        )
+        assert seen_mixed is not None
+        teacher_logits = self.teacher.logits(to_uint8_nhwc(seen_mixed))
+        return MicroBatch(x, targets, teacher_logits, dropout_seed)
+
+    def _accumulate(self, batches: Iterable[MicroBatch]) -> tuple[float, float]:
+        """Forward and backward over the micro-batches; DDP all-reduces on the last one."""
+        config = self.config
+        total_loss = total_correct = 0.0
+        for micro, batch in enumerate(batches):
+            last_micro = micro == config.grad_accum_steps - 1
+            sync: AbstractContextManager[Any] = nullcontext()
+            if isinstance(self.net.train_model, DistributedDataParallel) and not last_micro:
+                sync = self.net.train_model.no_sync()
+            torch.manual_seed(batch.dropout_seed)  # dropout and stochastic depth
+            with sync:
+                with self.optim.autocast():
+                    logits = self.net.train_model(batch.x)
+                loss = self.optim.loss(logits, batch.targets, batch.teacher_logits)
+                (loss / config.grad_accum_steps).backward()
+            total_loss += float(loss.detach())
+            total_correct += float((logits.argmax(1) == batch.targets.argmax(1)).sum())
+        return total_loss, total_correct
 
     def _optimizer_step(self) -> float | None:
         grad_norm = None
@@ -446,7 +572,7 @@ class Trainer:
             self.net.ema.update(self.net.model)
         return grad_norm
 
-    def _seed_micro_batch(self, micro: int) -> tuple[torch.Generator, np.random.Generator]:
+    def _seed_micro_batch(self, micro: int) -> tuple[torch.Generator, np.random.Generator, int]:
         """Generators for this micro-batch, keyed by (seed, step, shard).
 
         The shard index is the one the sampler uses (micro x world_size + rank), so a shard
@@ -456,9 +582,8 @@ class Trainer:
         shard = micro * self.ctx.world_size + self.ctx.rank
         key = [self.config.seed, self.progress.step, shard]
         augment_seed, mixup_seed, dropout_seed = np.random.SeedSequence(key).generate_state(3)
-        torch.manual_seed(int(dropout_seed))  # dropout and stochastic depth
         augment_gen = torch.Generator().manual_seed(int(augment_seed))
-        return augment_gen, np.random.default_rng(int(mixup_seed))
+        return augment_gen, np.random.default_rng(int(mixup_seed)), int(dropout_seed)
 
     def _maybe_stop(self, stop: _StopSignal) -> None:
         config = self.config
@@ -477,6 +602,28 @@ class Trainer:
 
     def _remaining_steps(self) -> int:
         return self.config.epochs * self.data.sampler.steps_per_epoch - self.progress.step
+
+    def _teacher(self) -> Teacher | None:
+        settings = self.config.distill
+        if settings.teacher is None:
+            return None
+        try:
+            teacher = Teacher(
+                settings.teacher, self.device, amp=self.config.amp, threads=self.config.threads
+            )
+        except (ValueError, OSError) as exc:  # CheckpointError and engine errors included
+            raise ConfigError(f"config key 'distill.teacher': {exc}") from exc
+        if self.ctx.is_main:
+            logger.info(
+                "distilling from %s (%s, %d px): %s, alpha %.2f%s",
+                teacher.source,
+                teacher.kind,
+                teacher.input_size,
+                settings.kind,
+                settings.alpha,
+                f", tau {settings.tau:g}" if settings.kind == "soft" else "",
+            )
+        return teacher
 
     # ------------------------------------------------------------------------- epoch end
     def _end_epoch(self) -> None:
@@ -653,6 +800,19 @@ class Trainer:
             f"  {k:2d} {name:<28s} {counts[k]:7d}"
             for k, name in enumerate(self.data.file.class_names)
         ]
+        split = self.data.split
+        logger.info(
+            "split of %s (fractions train/val/test %s): %d train, %d val, %d test%s",
+            Path(config.data).name,
+            "/".join(f"{f:g}" for f in split.fractions),
+            split.train.size,
+            split.val.size,
+            split.test.size,
+            " -- no validation (val fraction 0): evaluate on a separate file with "
+            "`galmorph evaluate RUN --data TEST.h5`"
+            if split.val.size == 0
+            else "",
+        )
         logger.info(
             "training split: %d images, class counts:\n%s\n  imbalance (largest/smallest): %.1f"
             " -- sampling=%s, loss_weighting=%s",
@@ -662,6 +822,15 @@ class Trainer:
             config.sampling,
             config.loss_weighting,
         )
+        empty = [name for k, name in enumerate(self.data.file.class_names) if counts[k] == 0]
+        if empty:
+            logger.warning("no training images of class(es) %s", ", ".join(empty))
+        if config.sam != "none":
+            logger.info(
+                "%s with rho %g: two forward/backward passes per step",
+                config.sam.upper(),
+                config.sam_rho,
+            )
         logger.info(
             "%s at %d px on %s x %d process(es): global batch %d, peak lr %.3g, %d steps/epoch,"
             " %d epochs",

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from galmorph.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +25,18 @@ for the paper's variants; `galmorph model list`). Precedence: defaults < --confi
 < --set. Augmentation and mixup keys live in sections: nested mappings in a config file
 (`augment: {policy: galaxy}`), dotted keys with --set (augment.hflip, mixup.mixup_alpha).
 
+Your own few hundred to few thousand labelled galaxies: configs/small_data.yaml (the README
+section "Train on your own labelled galaxies"; its evidence is in docs/small_data.md).
+
 examples:
   galmorph train --data Galaxy10_DECals.h5 --model astroformer_4 --out runs/a4 \\
       --config configs/paper_galaxy10.yaml
+  galmorph train --data mine.h5 --out runs/mine --config configs/small_data.yaml \\
+      --class-names elliptical,spiral,edge-on,merger
+  galmorph train --data mine.h5 --out runs/ft --config configs/small_data.yaml \\
+      --init-from runs/pretrained --set layer_decay=0.75
+  galmorph train --data mine.h5 --out runs/student --config configs/small_data.yaml \\
+      --model gm_astroformer_tiny --teacher runs/mine
   galmorph train --data synth.h5 --model gm_astroformer_tiny --out runs/demo \\
       --config configs/cpu_demo.yaml --set epochs=5 --set augment.policy=paper
   torchrun --nproc_per_node=8 -m galmorph train --data Galaxy10_DECals.h5 \\
@@ -58,6 +72,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set augment.hflip=0 (section keys are dotted)",
     )
     train.add_argument(
+        "--class-names",
+        type=_names,
+        metavar="A,B,...",
+        help="names of labels 0,1,... when the file names none (no 'class_names' attribute "
+        "and no DATA.classes.txt sidecar); must agree with the file's names when it has some",
+    )
+    train.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="share of the file held out for validation each epoch; 0 trains on those rows "
+        "too (no val metrics). Sets split_fractions with --test-fraction (the config's test "
+        "share otherwise); logged at the start",
+    )
+    train.add_argument(
+        "--test-fraction",
+        type=float,
+        metavar="F",
+        help="share held out as this file's test split (0 when you have a separate test file)",
+    )
+    train.add_argument(
+        "--init-from",
+        metavar="RUN|WEIGHTS",
+        help="start from a galmorph run folder or timm/official Astroformer weights "
+        "(.safetensors/.pth); the classifier is re-initialised when the classes differ "
+        "(see also freeze_stages, layer_decay)",
+    )
+    train.add_argument(
+        "--teacher",
+        metavar="RUN|ONNX",
+        help="distil from a trained run folder or exported .onnx (distill.kind hard|soft, "
+        "distill.alpha, distill.tau)",
+    )
+    train.add_argument(
         "--resume",
         action="store_true",
         help="continue from the run folder's checkpoint (its config.json is the base config)",
@@ -69,16 +117,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="top-1, per-class P/R/F1, macro-F1, confusion matrix and calibration of a model",
         description=(
             "Evaluate a run folder (PyTorch) or an exported .onnx (onnxruntime, the serving "
-            "engine) on a split of a Galaxy10-layout file. Writes evaluation.json, "
-            "confusion_matrix.json/.png and reliability.png; export stores evaluation.json "
-            "in the ONNX metadata."
+            "engine) on a Galaxy10-layout file: the test split of the file it was trained "
+            "on, or every row of any other file (a separate test file). Writes "
+            "evaluation.json, confusion_matrix.json/.png and reliability.png; export stores "
+            "evaluation.json in the ONNX metadata."
         ),
     )
     evaluate.add_argument("model", type=Path, help="run folder or .onnx file")
     evaluate.add_argument("data_positional", nargs="?", type=Path, metavar="DATA", help="HDF5")
     evaluate.add_argument("--data", type=Path, help="Galaxy10-layout HDF5 file (or positional)")
     evaluate.add_argument(
-        "--split", default="test", choices=("train", "val", "test", "all"), help="default: test"
+        "--split",
+        choices=("train", "val", "test", "all"),
+        help="rows of the training file's split (default: test); another file: all rows",
+    )
+    evaluate.add_argument(
+        "--class-names",
+        type=_names,
+        metavar="A,B,...",
+        help="names of the file's labels 0,1,... if it names none (default: the model's)",
     )
     evaluate.add_argument(
         "--split-file", type=Path, help="split.json to use (default: the one beside the model)"
@@ -92,6 +149,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--threads", type=int, help="CPU threads for inference")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=run_evaluate)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(","))
+    if len(names) < 2 or not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
+    return names
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -109,7 +173,11 @@ def run_train(args: argparse.Namespace) -> int:
             data=str(args.data) if args.data else None,
             model=args.model,
             out=str(args.out),
+            class_names=list(args.class_names) if args.class_names else None,
+            init_from=args.init_from,
+            distill={"teacher": args.teacher} if args.teacher else None,
         )
+        config = _with_split_flags(config, args.val_fraction, args.test_fraction)
         config.validate()
         run_dir = train(config, resume=args.resume)
     except ConfigError as exc:  # also what a resume or the data file finds wrong
@@ -122,27 +190,53 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_split_flags(config: TrainConfig, val: float | None, test: float | None) -> TrainConfig:
+    """--val-fraction / --test-fraction rewrite split_fractions; train gets the rest."""
+    if val is None and test is None:
+        return config
+    _, config_val, config_test = config.split_fractions
+    val = config_val if val is None else val
+    test = config_test if test is None else test
+    from galmorph.training.config import ConfigError
+
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ConfigError(
+            f"--val-fraction {val:g} and --test-fraction {test:g} must be in [0, 1) and leave "
+            "a training share"
+        )
+    return replace(config, split_fractions=(1.0 - val - test, val, test))
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
-    from galmorph.training.evaluate import EvaluationRequest, evaluate
+    from galmorph.model.checkpoint import CheckpointError
+    from galmorph.training.evaluate import EvaluationError, EvaluationRequest, evaluate
+
+    from galmorph.core.galaxy10 import Galaxy10Error
+    from galmorph.core.splits import SplitError
 
     data = args.data or args.data_positional
     if data is None:
         logger.error("evaluate needs the data file (DATA or --data)")
         return 2
-    report = evaluate(
-        EvaluationRequest(
-            model=args.model,
-            data=data,
-            split=args.split,
-            split_file=args.split_file,
-            tta=args.tta,
-            batch_size=args.batch_size,
-            out_dir=args.out,
-            device=args.device,
-            threads=args.threads,
-            progress=not args.no_progress,
+    try:
+        report = evaluate(
+            EvaluationRequest(
+                model=args.model,
+                data=data,
+                split=args.split,
+                split_file=args.split_file,
+                class_names=args.class_names,
+                tta=args.tta,
+                batch_size=args.batch_size,
+                out_dir=args.out,
+                device=args.device,
+                threads=args.threads,
+                progress=not args.no_progress,
+            )
         )
-    )
+    except (EvaluationError, Galaxy10Error, SplitError, CheckpointError) as exc:
+        logger.error("%s", exc)
+        return 2
     summary = {k: report[k] for k in ("split", "num_images", "top1", "macro_f1", "ece", "tta")}
     print(json.dumps(summary, indent=1))
     return 0

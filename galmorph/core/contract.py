@@ -5,8 +5,13 @@ normalisation, stretch, band mapping, pixel scale and provenance in its `metadat
 Everything downstream reads them from the file through `ModelCard`; nothing keeps a copy.
 
 Graph: input `images` uint8 [N, H, W, 3] (the Galaxy10 array layout; /255, mean/std and
-NHWC->NCHW happen inside the graph), output `probabilities` float32 [N, K] (softmax inside),
-optional second output `logits`. N is dynamic, H and W are fixed.
+NHWC->NCHW happen inside the graph), output `probabilities` float32 [N, K] (softmax inside, of
+the logits divided by the card's calibrated temperature), optional outputs `logits` (before the
+temperature), `embeddings` float32 [N, D] (the pre-logit representation: the input of the last
+Linear layer) and `ood_score` float32 [N] (distance of the embedding to the training classes;
+above the card's `ood.threshold` the image is out of distribution). N is dynamic, H and W are
+fixed. Files made before embeddings and the OOD score existed lack those outputs: consumers key
+these features on what the file has (`ModelOutputs` fields are None).
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from galmorph.core.resample import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 LOGITS_NAME = "logits"
+EMBEDDINGS_NAME = "embeddings"
+OOD_SCORE_NAME = "ood_score"
 METADATA_PREFIX = "galmorph."
 
 GALAXY10_CLASS_NAMES: tuple[str, ...] = (
@@ -81,12 +90,23 @@ class ModelCard:
     model_config: dict[str, Any] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)  # fingerprint of the data
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluation results when known
+    # Temperature scaling at export: temperature, ECE/NLL before and after, on which images.
+    calibration: dict[str, Any] = field(default_factory=dict)
+    # The `ood_score` output: what it measures, the threshold, the in-distribution FPR it was
+    # chosen at and on which images; empty when the graph has no such output.
+    ood: dict[str, Any] = field(default_factory=dict)
     package_version: str = ""
     created: str = ""  # ISO 8601 UTC
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """`ood_score` above this is out of distribution; None when the model has no score."""
+        threshold = self.ood.get("threshold")
+        return None if threshold is None else float(threshold)
 
     @property
     def imaging(self) -> Imaging:
@@ -133,3 +153,26 @@ class ModelCard:
         for key in ("class_names", "input_size", "mean", "std"):
             known[key] = tuple(known[key])
         return cls(**known)
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What one model run answers for N images; optional outputs are None when the model file
+    lacks them (files exported before they existed)."""
+
+    probabilities: np.ndarray  # float32 (N, K)
+    embeddings: np.ndarray | None = None  # float32 (N, D)
+    ood_score: np.ndarray | None = None  # float32 (N,)
+    in_distribution: np.ndarray | None = None  # bool (N,): ood_score <= the card's threshold
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def row(self, index: int) -> ModelOutputs:
+        """The outputs of one image, each array without its batch axis."""
+        return ModelOutputs(
+            self.probabilities[index],
+            None if self.embeddings is None else self.embeddings[index],
+            None if self.ood_score is None else self.ood_score[index],
+            None if self.in_distribution is None else self.in_distribution[index],
+        )

@@ -6,51 +6,75 @@ and content type are only hints (a mismatch is a warning). Limits are checked be
 are read (`DecodeLimits`); refusals are `CutoutError` with a kind, which the server answers
 as 413 too large, 415 unsupported format or 422 corrupt/unusable.
 
+Memory: the work is sized by the model's input, not by the file, wherever the format allows:
+a FITS image is read only over the field the model sees, a JPEG much larger than the input
+is decoded at a reduced scale, and rendered images are resized without numpy copies. Before
+any pixel is read, the decoders call `reserve` with the most memory the decode will take
+(see `galmorph.core.cutout_limits.Reserve`); the server refuses decodes beyond its budget.
+
 FITS (flux) pipeline, in this order, so the angular scale matches the training images:
-1. read the first image HDU, pick g, r, z by name (or one band), NaN/inf -> 0 (fits_io);
-2. pixel scale from the WCS; if it differs from the model's (card.pixel_scale) by more than
-   2% on either axis, crop the source to the field the model sees and resample it to the
-   model's scale (area average when shrinking): a 0.131"/px cutout is halved, an HST
-   0.06"/px image shrinks 4.4x. No WCS: the model's scale is assumed (warning);
+1. the first image HDU's header: bands g, r, z by name (or one band), the WCS pixel scale;
+2. the window of the image the model needs is chosen and only it is read, NaN/inf -> 0
+   (fits_io). If the scale differs from the model's (card.pixel_scale) by more than 2% on
+   either axis, the window is the model's field of view (plus a 2-pixel margin), resampled
+   straight to the input size (area average when shrinking): a 0.131"/px cutout is halved,
+   an HST 0.06"/px image shrinks 4.4x; a source smaller than the field gives a smaller
+   output. Scales outside 1/64 to 8 times the model's are a 422 naming both scales
+   (`SCALE_RATIO_RANGE`). No WCS: the model's scale is assumed (warning);
 3. fit to card.input_size: "crop_pad" (default) centre-crops or pads with 0 flux, which the
    stretch renders as the viewer's blank-sky grey, keeping the angular scale the model was
    trained at (a 100x100 cutout at 0.262"/px stays 26" wide inside a 67" field rather than
    being magnified 2.56x, which would change the size cue the classes depend on);
-   "resize" squeezes the whole field into the input instead (records resized_from);
-4. single band: sky (median) subtracted and scaled so the robust noise (MAD) equals DECaLS
-   r-band sky noise, then rendered grey by the stretch ("single band: no colour");
+   "resize" squeezes the whole image into the input instead, ignoring the scale (records
+   resized_from);
+4. single band: sky (median) subtracted and scaled so the robust noise (MAD) of the pixels
+   the model sees equals DECaLS r-band sky noise, then rendered grey by the stretch
+   ("single band: no colour");
 5. flip north up (FITS row 0 is south), stretch (card.stretch unless chosen), to uint8.
 
-PNG/JPEG (already rendered) pipeline: to RGB (raster_io), then fit to card.input_size:
-"resize" (default; the pixel scale is unknown, so the framing the user chose is kept):
-centre-crop to the input's aspect ratio, then antialiased bicubic resize; or "crop_pad"
-(pads with the blank-sky grey). Images already at the input size are passed through
-unchanged.
+PNG/JPEG (already rendered) pipeline: to RGB or grey (raster_io), then fit to
+card.input_size: "resize" (default; the pixel scale is unknown, so the framing the user
+chose is kept): the centre window of the input's aspect ratio, resized with the card's
+interpolation (antialiased); or "crop_pad" (pads with the blank-sky grey). Images already at
+the input size are passed through unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import stat
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from galmorph.core import formats
 from galmorph.core.contract import ModelCard
-from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
+from galmorph.core.cutout_limits import (
+    CutoutError,
+    CutoutErrorKind,
+    DecodeLimits,
+    Reserve,
+    reserve_nothing,
+)
 from galmorph.core.fits_io import read_fits
 from galmorph.core.formats import CutoutFormat, Reader
 from galmorph.core.imaging import STRETCHES, Stretch, flip_north_up, normalise_single_band, to_uint8
-from galmorph.core.raster_io import SINGLE_BAND_WARNING, read_raster
+from galmorph.core.raster_io import SINGLE_BAND_WARNING, least_size_for_resize, read_raster
 from galmorph.core.resample import (
     BLANK_SKY_UINT8,
+    ScaleResampling,
+    aspect_window,
     centre_window,
     crop_pad,
-    crop_to_aspect,
+    plan_scale_resampling,
     resample_plane,
-    resize_rgb,
+    resize_picture,
 )
 
 __all__ = [
@@ -67,6 +91,18 @@ __all__ = [
 
 FIT_MODES = ("crop_pad", "resize")
 SCALE_TOLERANCE = 0.02
+# Source pixel scales a model accepts, as multiples of its own (others are a 422). Finer than
+# 1/64 of it, a 256 px model's field spans 16384 source pixels, twice the widest image
+# accepted; coarser than 8 times, each source pixel would become 64 model pixels, leaving
+# nothing to classify. HST (0.03-0.06"/px) and SDSS (0.396"/px) cutouts are well inside for a
+# Galaxy10 model (0.262"/px at 256 px, 1.048"/px at 64 px).
+SCALE_RATIO_RANGE = (1 / 64, 8.0)
+# Working memory at the model's input size, per input pixel: the resampled planes, the
+# stretch's temporaries (Lupton's in float64), the uint8 image (measured peak ~110 B).
+_RENDER_BYTES_PER_PIXEL = 160
+_FITS_OVERHEAD_BYTES = 8 * 2**20  # header parsing, WCS, Python objects
+_RASTER_FIT_BYTES_PER_PIXEL = 16  # a crop or resize at the input size and its RGB array
+_READ_CHUNK = 1 << 20
 # Content types that say nothing about the format (a raw body, a browser that did not know).
 _GENERIC_CONTENT_TYPES = ("application/octet-stream", "multipart/form-data")
 
@@ -166,11 +202,13 @@ def decode_cutout(
     stretch: str | None = None,
     fit: str | None = None,
     limits: DecodeLimits = DecodeLimits(),  # noqa: B008 (frozen dataclass: safe default)
+    reserve: Reserve = reserve_nothing,
 ) -> DecodedCutout:
     """Decode one cutout to uint8 (H, W, 3) at card.input_size; raises CutoutError.
 
     `stretch` overrides card.stretch for FITS; `fit` is "crop_pad" or "resize" (default:
-    crop_pad for FITS, resize for PNG/JPEG).
+    crop_pad for FITS, resize for PNG/JPEG). `reserve` is called with the memory the decode
+    will need before any pixel is read, and may raise to refuse it.
     """
     limits.check_encoded_size(len(data))
     fmt = sniff_format(data, filename)
@@ -181,9 +219,9 @@ def decode_cutout(
         )
     hints = _hint_warnings(fmt, filename, content_type)
     if fmt.reader is Reader.FITS:
-        decoded = _decode_fits(data, card, chosen, fit or "crop_pad", limits)
+        decoded = _decode_fits(data, card, chosen, fit or "crop_pad", limits, reserve)
     else:
-        decoded = _decode_raster(data, fmt, card, fit or "resize", limits)
+        decoded = _decode_raster(data, fmt, card, fit or "resize", limits, reserve)
         if stretch is not None:
             decoded.info.warnings.append(f"stretch {stretch!r} ignored: {fmt.label} is rendered")
     decoded.info.warnings[:0] = hints
@@ -198,24 +236,140 @@ def decode_path(
     fit: str | None = None,
     limits: DecodeLimits = DecodeLimits(),  # noqa: B008
 ) -> DecodedCutout:
-    """Decode a cutout file; its size is checked against limits.max_bytes before reading."""
+    """Decode a cutout file (`read_cutout_file`); a file that cannot be read is a CutoutError."""
     path = Path(path)
-    try:
-        limits.check_encoded_size(path.stat().st_size)
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CutoutError(
-            CutoutErrorKind.INVALID, f"cannot read {str(path)!r}: {exc.strerror or exc}"
-        ) from None
+    data = read_cutout_file(path, limits)
     return decode_cutout(
         data, card=card, filename=path.name, stretch=stretch, fit=fit, limits=limits
     )
 
 
+@dataclass
+class _FitsWindow:
+    """Chooses, from the header, the part of a FITS plane the model needs (read_fits's window)
+    and reserves the memory of the work that follows the read."""
+
+    card: ModelCard
+    fit: str
+    reserve: Reserve
+    source_shape: tuple[int, int] = (0, 0)
+    resampling: ScaleResampling | None = None
+
+    def __call__(
+        self, shape: tuple[int, int], scale: tuple[float, float] | None
+    ) -> tuple[slice, slice]:
+        self.source_shape = shape
+        card, target = self.card, self.card.input_size
+        if self.fit == "resize":
+            rows, cols = slice(0, shape[0]), slice(0, shape[1])
+        elif scale is not None and not _same_scale(scale, card.pixel_scale):
+            _check_scale(scale, card)
+            self.resampling = plan_scale_resampling(shape, scale, card.pixel_scale, target)
+            rows, cols = self.resampling.window
+        else:
+            rows, cols = centre_window(shape[0], target[0]), centre_window(shape[1], target[1])
+        # Pillow's copy of one plane while it is resampled, then the render at the input size.
+        window_pixels = (rows.stop - rows.start) * (cols.stop - cols.start)
+        render = _RENDER_BYTES_PER_PIXEL * target[0] * target[1]
+        self.reserve(4 * window_pixels + render + _FITS_OVERHEAD_BYTES, "FITS render")
+        return rows, cols
+
+
+def _same_scale(scale: tuple[float, float], model_scale: float) -> bool:
+    return all(abs(s / model_scale - 1) <= SCALE_TOLERANCE for s in scale)
+
+
+def _check_scale(scale: tuple[float, float], card: ModelCard) -> None:
+    low, high = (card.pixel_scale * ratio for ratio in SCALE_RATIO_RANGE)
+    if all(low <= s <= high for s in scale):
+        return
+    shown = f"{scale[0]:.4g}" if scale[0] == scale[1] else f"{scale[0]:.4g}x{scale[1]:.4g}"
+    raise CutoutError(
+        CutoutErrorKind.INVALID,
+        f'pixel scale {shown}"/px (from the WCS) is outside what this model accepts: '
+        f'{low:.4g} to {high:.4g}"/px, 1/64 to 8 times its own {card.pixel_scale}"/px; '
+        "send a cutout nearer the model's scale, or fit=resize to fill the input whatever "
+        "the scale",
+    )
+
+
+def read_cutout_file(path: Path, limits: DecodeLimits) -> bytes:
+    """The bytes of a regular file of at most limits.max_bytes, read within read_timeout_s.
+
+    Catalogs name files the reader does not control. The file is opened without blocking (a
+    FIFO with no writer would block the open forever) and checked with fstat before a byte is
+    read: a FIFO, device, directory or socket is refused, as is a symlink loop (ELOOP). Reading
+    stops one byte past the limit whatever the size claimed (files in /proc claim 0), and a
+    read still going after the timeout is abandoned between chunks; a read blocked inside
+    the kernel (a hung network mount) is beyond what a process can interrupt.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENXIO:  # what opening a Unix socket answers
+            reason = "it is a socket or a device without a driver, not a regular file"
+        raise CutoutError(CutoutErrorKind.INVALID, f"cannot read {str(path)!r}: {reason}") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise CutoutError(
+                CutoutErrorKind.INVALID,
+                f"cannot read {str(path)!r}: it is {_file_kind(mode)}, not a regular file",
+            )
+        limits.check_encoded_size(os.fstat(descriptor).st_size)
+        return _read_bounded(descriptor, path, limits)
+    except OSError as exc:
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"cannot read {str(path)!r}: {exc.strerror or exc}"
+        ) from None
+    finally:
+        os.close(descriptor)
+
+
+def _read_bounded(descriptor: int, path: Path, limits: DecodeLimits) -> bytes:
+    deadline = time.monotonic() + limits.read_timeout_s
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := os.read(descriptor, min(_READ_CHUNK, limits.max_bytes + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limits.max_bytes:
+            raise CutoutError(
+                CutoutErrorKind.TOO_LARGE,
+                f"{str(path)!r} holds more than the limit of {limits.max_bytes} bytes",
+            )
+        if time.monotonic() > deadline:
+            raise CutoutError(
+                CutoutErrorKind.INVALID,
+                f"cannot read {str(path)!r}: still reading after {limits.read_timeout_s:g} s "
+                f"({total} bytes)",
+            )
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "an unknown kind of file")
+
+
 def _decode_fits(
-    data: bytes, card: ModelCard, stretch: Stretch, fit: str, limits: DecodeLimits
+    data: bytes,
+    card: ModelCard,
+    stretch: Stretch,
+    fit: str,
+    limits: DecodeLimits,
+    reserve: Reserve,
 ) -> DecodedCutout:
-    fits_image = read_fits(data, limits)
+    window = _FitsWindow(card, fit, reserve)
+    fits_image = read_fits(data, limits, window=window, reserve=reserve)
     notes = list(fits_image.warnings)
     planes = fits_image.planes
     target = card.input_size
@@ -233,8 +387,9 @@ def _decode_fits(
     )
     if scale is None:
         notes.append(f'no celestial WCS: pixel scale assumed to be {card.pixel_scale}"/px')
-        scale = (card.pixel_scale, card.pixel_scale)
-    shape = next(iter(planes.values())).shape
+    shape = window.source_shape
+    fitted_shape = shape  # what the centre crop/pad starts from
+    resampling = window.resampling
     if fit == "resize":
         if shape != target:
             planes = {b: resample_plane(p, target) for b, p in planes.items()}
@@ -243,12 +398,20 @@ def _decode_fits(
                 f"resized from {shape[0]}x{shape[1]} to {target[0]}x{target[1]}: "
                 "the angular scale differs from the model's"
             )
-    else:
-        planes = _to_model_scale(planes, scale, card, info)
+        fitted_shape = target
+    elif resampling is not None:
+        planes = {b: resample_plane(p, resampling.shape, resampling.box) for b, p in planes.items()}
+        left, top, right, bottom = resampling.box
+        info.resampled_from_scale = info.pixel_scale
+        notes.append(
+            f'resampled from {info.pixel_scale:.4g}"/px to the model\'s {card.pixel_scale}"/px '
+            f"({bottom - top:.4g}x{right - left:.4g} -> {resampling.shape[0]}x"
+            f"{resampling.shape[1]} pixels)"
+        )
+        fitted_shape = resampling.shape
     if fits_image.single_band:
         notes.append(f"{SINGLE_BAND_WARNING} (sky-subtracted, noise-scaled, rendered grey)")
         planes = {b: normalise_single_band(p) for b, p in planes.items()}
-    fitted_shape = next(iter(planes.values())).shape
     if fitted_shape != target:
         info.crop_pad_from = (fitted_shape[0], fitted_shape[1])
         notes.append(
@@ -265,44 +428,28 @@ def _decode_fits(
     return DecodedCutout(to_uint8(rgb), info)
 
 
-def _to_model_scale(
-    planes: dict[str, np.ndarray],
-    scale: tuple[float, float],
-    card: ModelCard,
-    info: PreprocessInfo,
-) -> dict[str, np.ndarray]:
-    """Resample to card.pixel_scale, first cropping the source to the field the model sees."""
-    zoom_x, zoom_y = (s / card.pixel_scale for s in scale)  # output pixels per input pixel
-    if abs(zoom_x - 1) <= SCALE_TOLERANCE and abs(zoom_y - 1) <= SCALE_TOLERANCE:
-        return planes
-    height, width = next(iter(planes.values())).shape
-    # Source pixels covering the model's field, plus a margin for the interpolation kernel.
-    rows = centre_window(height, math.ceil(card.input_size[0] / zoom_y) + 2)
-    cols = centre_window(width, math.ceil(card.input_size[1] / zoom_x) + 2)
-    source_h, source_w = rows.stop - rows.start, cols.stop - cols.start
-    shape = (max(1, round(source_h * zoom_y)), max(1, round(source_w * zoom_x)))
-    info.resampled_from_scale = info.pixel_scale
-    info.warnings.append(
-        f'resampled from {info.pixel_scale:.4g}"/px to the model\'s {card.pixel_scale}"/px '
-        f"({source_h}x{source_w} -> {shape[0]}x{shape[1]} pixels)"
-    )
-    return {b: resample_plane(p[rows, cols], shape) for b, p in planes.items()}
-
-
 def _decode_raster(
-    data: bytes, fmt: CutoutFormat, card: ModelCard, fit: str, limits: DecodeLimits
+    data: bytes,
+    fmt: CutoutFormat,
+    card: ModelCard,
+    fit: str,
+    limits: DecodeLimits,
+    reserve: Reserve,
 ) -> DecodedCutout:
-    raster = read_raster(data, fmt, limits)
-    image = raster.image
+    target = card.input_size
+    reserve(_RASTER_FIT_BYTES_PER_PIXEL * target[0] * target[1], f"{fmt.label} fit")
+    least = least_size_for_resize(target) if fit == "resize" else None
+    raster = read_raster(data, fmt, limits, least_size=least, reserve=reserve)
     grey = SINGLE_BAND_WARNING in raster.warnings
     info = PreprocessInfo(
         format=fmt.name,
         bands_used=["L"] if grey else ["R", "G", "B"],
-        original_shape=tuple(int(s) for s in image.shape),
+        original_shape=raster.original_shape,
         warnings=raster.warnings,
         fit=fit,
     )
-    return DecodedCutout(fit_rgb(image, card.input_size, fit, info, card.interpolation), info)
+    image = fit_picture(raster.picture, target, fit, info, card.interpolation)
+    return DecodedCutout(image, info)
 
 
 def fit_rgb(
@@ -312,29 +459,52 @@ def fit_rgb(
     info: PreprocessInfo,
     interpolation: str,
 ) -> np.ndarray:
-    """Bring an already rendered uint8 RGB image to the model's input size (resizing with the
-    model card's `interpolation`).
+    """`fit_picture` for a uint8 (H, W, 3) array (the scorer's Galaxy10 images)."""
+    return fit_picture(Image.fromarray(image, mode="RGB"), target, fit, info, interpolation)
 
-    "resize" crops to the target aspect and resamples (the framing is kept, the pixel scale is
-    unknown); "crop_pad" keeps the pixel scale and centre-crops or pads with blank-sky grey.
-    What was done is recorded in `info`.
+
+def fit_picture(
+    picture: Image.Image,
+    target: tuple[int, int],
+    fit: str,
+    info: PreprocessInfo,
+    interpolation: str,
+) -> np.ndarray:
+    """Bring an already rendered RGB or grey image to the model's input size as uint8
+    (H, W, 3), resizing with the model card's `interpolation`.
+
+    "resize" resizes the centre window of the target's aspect (the framing is kept, the pixel
+    scale is unknown); "crop_pad" keeps the pixel scale and centre-crops or pads with
+    blank-sky grey. Only the input-sized result is copied out of the picture. What was done
+    is recorded in `info`.
     """
-    shape = (image.shape[0], image.shape[1])
-    if shape != tuple(target) and fit == "resize":
-        cropped = crop_to_aspect(image, target)
-        if cropped.shape[:2] != shape:
+    shape = (picture.height, picture.width)
+    target = (target[0], target[1])
+    if shape != target and fit == "resize":
+        rows, cols = aspect_window(shape, target)
+        window = (rows.stop - rows.start, cols.stop - cols.start)
+        if window != shape:
             info.crop_pad_from = shape
-        info.resized_from = (cropped.shape[0], cropped.shape[1])
+        info.resized_from = window
         info.warnings.append(
             f"resized from {shape[0]}x{shape[1]} to {target[0]}x{target[1]} "
             "(pixel scale unknown: the framing is kept)"
         )
-        image = resize_rgb(np.ascontiguousarray(cropped), target, interpolation)
-    elif shape != tuple(target):
+        return _rgb_array(resize_picture(picture, target, interpolation, (rows, cols)))
+    if shape != target:
         info.crop_pad_from = shape
         info.warnings.append(
             f"centre crop/pad from {shape[0]}x{shape[1]} to {target[0]}x{target[1]} "
             "(padding is blank-sky grey)"
         )
-        image = crop_pad(image, target, BLANK_SKY_UINT8)
-    return np.ascontiguousarray(image)
+        rows, cols = centre_window(shape[0], target[0]), centre_window(shape[1], target[1])
+        window = picture.crop((cols.start, rows.start, cols.stop, rows.stop))
+        return crop_pad(_rgb_array(window), target, BLANK_SKY_UINT8)
+    return _rgb_array(picture)
+
+
+def _rgb_array(picture: Image.Image) -> np.ndarray:
+    pixels = np.asarray(picture)
+    if pixels.ndim == 2:
+        return np.repeat(pixels[..., None], 3, axis=2)
+    return np.ascontiguousarray(pixels)

@@ -26,8 +26,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from galmorph.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
-from galmorph.core.files import sha256_file
+from galmorph.core.artifact import artifact_sha256, graph_file
+from galmorph.core.contract import (
+    EMBEDDINGS_NAME,
+    INPUT_NAME,
+    OOD_SCORE_NAME,
+    OUTPUT_NAME,
+    ModelCard,
+    ModelOutputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +195,19 @@ class GpuPolicy:
             raise CpuFallbackError(reason)
 
 
+def _requested(providers: Sequence[str] | None) -> list[str]:
+    """The providers to ask for: these, checked by name, or default_providers()."""
+    requested = list(providers) if providers else default_providers()
+    unknown = [name for name in requested if name not in ort.get_all_providers()]
+    if unknown:
+        # onnxruntime only warns about a misspelt provider and silently runs on another one.
+        raise ModelLoadError(
+            f"unknown onnxruntime provider(s) {', '.join(unknown)}; this build offers "
+            f"{', '.join(ort.get_available_providers())}"
+        )
+    return requested
+
+
 def _start_session(
     source: str | bytes, options: ort.SessionOptions, providers: list[str]
 ) -> tuple[ort.InferenceSession, str | None]:
@@ -213,8 +233,8 @@ def _start_session(
 def probe_placement(providers: Sequence[str] | None = None) -> Placement:
     """Where a model would run with these providers (None: default_providers()), found by
     starting a session on a one-node graph: no model file needed, so a command can refuse
-    before it reads a catalog or opens a port."""
-    requested = list(providers) if providers else default_providers()
+    before it reads a catalog or opens a port. A misspelt provider raises ModelLoadError."""
+    requested = _requested(providers)
     # onnxruntime would log its CUDA failure in several lines of its own; the reason is in
     # Placement.cpu_reason, so the caller's one-line refusal says it alone.
     ort.set_default_logger_severity(ORT_LOG_FATAL)
@@ -237,17 +257,12 @@ class OnnxModel:
         inter_op_threads: int | None = None,
     ) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelLoadError(f"model file not found: {self.path}")
-        self.sha256 = sha256_file(self.path)
-        self.requested_providers = list(providers) if providers else default_providers()
-        unknown = [name for name in self.requested_providers if name not in ort.get_all_providers()]
-        if unknown:
-            # onnxruntime only warns about a misspelt provider and silently runs on another one.
-            raise ModelLoadError(
-                f"unknown onnxruntime provider(s) {', '.join(unknown)}; this build offers "
-                f"{', '.join(ort.get_available_providers())}"
-            )
+        # Models over 2 GiB are folders: the graph file with its weights beside it.
+        self.graph_file = graph_file(self.path)
+        if not self.graph_file.is_file():
+            raise ModelLoadError(f"model file not found: {self.graph_file}")
+        self.sha256 = artifact_sha256(self.path)
+        self.requested_providers = _requested(providers)
 
         options = ort.SessionOptions()
         # 0 lets onnxruntime pick (one thread per physical core); callers sharing a machine
@@ -262,7 +277,7 @@ class OnnxModel:
         options.enable_mem_pattern = False
         try:
             self.session, cuda_error = _start_session(
-                str(self.path), options, self.requested_providers
+                str(self.graph_file), options, self.requested_providers
             )
         except Exception as exc:  # onnxruntime raises its own untyped exception classes
             raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
@@ -282,6 +297,7 @@ class OnnxModel:
             int(self.card.input_size[1]),
         )
         self.max_batch_size = self._check_graph()
+        self.output_names = self._output_names()
 
         logger.info(
             "model %s (sha256 %s…) providers requested %s, active %s",
@@ -323,6 +339,25 @@ class OnnxModel:
         # A graph exported with N fixed at 1 still works, one image per run.
         return 1 if batch == 1 else None
 
+    def _output_names(self) -> list[str]:
+        """probabilities, then the optional outputs this file has (older files lack them)."""
+        present = {node.name for node in self.session.get_outputs()}
+        if OOD_SCORE_NAME in present and self.card.ood_threshold is None:
+            raise ModelLoadError(
+                f"{self.path}: output {OOD_SCORE_NAME!r} but no threshold in the metadata "
+                "(galmorph.ood)"
+            )
+        optional = [name for name in (EMBEDDINGS_NAME, OOD_SCORE_NAME) if name in present]
+        return [OUTPUT_NAME, *optional]
+
+    @property
+    def has_embeddings(self) -> bool:
+        return EMBEDDINGS_NAME in self.output_names
+
+    @property
+    def has_ood(self) -> bool:
+        return OOD_SCORE_NAME in self.output_names
+
     @property
     def cuda_active(self) -> bool:
         return self.placement.cuda_active
@@ -331,16 +366,35 @@ class OnnxModel:
     def ort_version(self) -> str:
         return str(ort.__version__)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 (N, K) class probabilities."""
+    def _check_images(self, images: np.ndarray) -> None:
         height, width = self.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (height, width, 3):
             raise ValueError(
                 f"expected uint8 images of shape (N, {height}, {width}, 3), "
                 f"got {images.dtype} {images.shape}"
             )
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, K) class probabilities."""
+        self._check_images(images)
         (probabilities,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
         return np.asarray(probabilities, dtype=np.float32)
+
+    def run(self, images: np.ndarray) -> ModelOutputs:
+        """uint8 (N, H, W, 3) -> probabilities and the optional outputs this file has
+        (embeddings, OOD score and the in-distribution flag from the card's threshold)."""
+        self._check_images(images)
+        results = self.session.run(self.output_names, {INPUT_NAME: images})
+        values = dict(zip(self.output_names, results, strict=True))
+        embeddings = values.get(EMBEDDINGS_NAME)
+        score = values.get(OOD_SCORE_NAME)
+        threshold = self.card.ood_threshold
+        return ModelOutputs(
+            probabilities=np.asarray(values[OUTPUT_NAME], dtype=np.float32),
+            embeddings=None if embeddings is None else np.asarray(embeddings, dtype=np.float32),
+            ood_score=None if score is None else np.asarray(score, dtype=np.float32),
+            in_distribution=None if score is None or threshold is None else score <= threshold,
+        )
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run blank batches so the first real request does not pay for allocation/tuning."""

@@ -523,30 +523,33 @@ def _span(window: slice) -> int:
     return int(window.stop) - int(window.start)
 
 
-def _cleaning_bytes(layout: _BandLayout, rows: slice, cols: slice) -> int:
-    """float32 copies of the windows, the finite mask and its temporaries, the NaN fill."""
+def _window_bytes(layout: _BandLayout, rows: slice, cols: slice) -> tuple[int, int]:
+    """(float32 copies of every used plane's window, the finite masks: 3 bytes a pixel)."""
     window = _span(rows) * _span(cols)
-    return (len(layout.planes) + 1) * 4 * window + 2 * window
+    return len(layout.planes) * 4 * window, 3 * window
 
 
 def _section_bytes(
     structure: _Structure, layout: _BandLayout, rows: slice, cols: slice, gzipped: bool
 ) -> int:
-    """Peak bytes of a section read: inflated rows (gzip; plain data is viewed in place)."""
+    """Peak bytes of a section read. gzip: the inflated rows, turned into native floats in
+    place. Plain: the data is viewed where it lies and only the window is copied."""
     assert structure.plain_dtype is not None
-    row_bytes = layout.plane_shape[1] * np.dtype(structure.plain_dtype).itemsize
-    inflated = len(layout.planes) * _span(rows) * row_bytes if gzipped else 0
-    return inflated + _cleaning_bytes(layout, rows, cols)
+    itemsize = np.dtype(structure.plain_dtype).itemsize
+    copies, masks = _window_bytes(layout, rows, cols)
+    if not gzipped:
+        return copies + masks
+    inflated = len(layout.planes) * _span(rows) * layout.plane_shape[1] * itemsize
+    return inflated + (copies if itemsize != 4 else 0) + masks
 
 
-def _whole_read_bytes(
-    structure: _Structure, layout: _BandLayout, rows: slice, cols: slice
-) -> int:
+def _whole_read_bytes(structure: _Structure, layout: _BandLayout, rows: slice, cols: slice) -> int:
     """Peak bytes of a read through astropy: the data bytes, the FITS text astropy parses
     (a second copy), its raw and its scaled arrays (float64 at worst), then the windows."""
     pixels = math.prod(structure.shape)
     stored = abs(int(structure.header.get("ZBITPIX", structure.header["BITPIX"]))) // 8
-    return 2 * structure.data_size + pixels * (stored + 8) + _cleaning_bytes(layout, rows, cols)
+    copies, masks = _window_bytes(layout, rows, cols)
+    return 2 * structure.data_size + pixels * (stored + 8) + copies + masks
 
 
 def _read_section(
@@ -569,13 +572,18 @@ def _read_section(
         position += section.nbytes
         if section.nbytes < length:
             _check_complete(position, hdu)
+        if section.flags.writeable and not section.dtype.isnative:
+            # Inflated rows are ours: big-endian to native in place, no second copy.
+            section = section.byteswap(inplace=True).view(section.dtype.newbyteorder("="))
         planes[name] = section.reshape(_span(rows), width)[:, cols]
     position += source.skip(structure.data_size - position)
     _check_complete(position, hdu)
-    return planes
+    return {name: planes[name] for name in layout.planes}  # in band order, not file order
 
 
 def _replace_non_finite(planes: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    """float32 planes with NaN/inf set to 0 in every plane where any plane has one, and the
+    fraction of such pixels. Planes this module made are cleaned in place."""
     cleaned = {name: np.asarray(plane, np.float32) for name, plane in planes.items()}
     finite = np.ones(next(iter(cleaned.values())).shape, bool)
     for plane in cleaned.values():
@@ -586,9 +594,13 @@ def _replace_non_finite(planes: dict[str, np.ndarray]) -> tuple[dict[str, np.nda
         raise CutoutError(
             CutoutErrorKind.INVALID, "FITS image has no finite pixel (all NaN or infinite)"
         )
+    bad = ~finite
     for name, plane in cleaned.items():
-        cleaned[name] = np.where(finite, plane, np.float32(0.0))
-    return cleaned, 1.0 - float(finite.mean())
+        if plane.flags.writeable:
+            plane[bad] = np.float32(0.0)
+        else:
+            cleaned[name] = np.where(bad, np.float32(0.0), plane)
+    return cleaned, float(bad.mean())
 
 
 @lru_cache(maxsize=256)

@@ -1,8 +1,12 @@
 """Lazy, validated access to HDF5 files in the Galaxy10 layout.
 
 Layout: `images` uint8 (N, H, W, 3), `ans` integer labels (N,), optional 1-D columns `ra`, `dec`,
-`redshift`, `pxscale`. Class names come from a root `class_names` attribute when present,
-otherwise the file is Galaxy10 and has its ten classes.
+`redshift`, `pxscale`. Class names (label k is the k-th name) come from the caller
+(`--class-names`), a root `class_names` attribute or a sidecar text file beside the data
+(`my_galaxies.classes.txt` for `my_galaxies.h5`, one name per line); named sources that
+disagree are an error. A file naming no classes is read as Galaxy10's ten classes, and
+`class_names_named` says so: training refuses that unless the labels are Galaxy10's
+(`check_class_names`), so a 4-class file is never silently taken for Galaxy10.
 
 How the images were made (`Galaxy10File.imaging`) comes from root attributes `pixel_scale` (or
 `pxscale`, arcsec/pixel), `stretch` and `bands` (the survey bands shown as R, G, B, e.g. "zrg");
@@ -35,12 +39,16 @@ if TYPE_CHECKING:
 IMAGES_KEY = "images"
 LABELS_KEY = "ans"
 CLASS_NAMES_ATTR = "class_names"
+CLASS_NAMES_SIDECAR_SUFFIX = ".classes.txt"
+MAX_SIDECAR_BYTES = 1 << 20
 OPTIONAL_COLUMNS = ("ra", "dec", "redshift", "pxscale")
 # Rows hashed by fingerprint(): enough to tell files apart, cheap on a 2.5 GB file.
 FINGERPRINT_SAMPLE_ROWS = 16
 # Labels are read whole: refuse absurd row counts before allocating for them.
 MAX_IMAGES = 100_000_000
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# class_names_source when nothing named the classes.
+GALAXY10_ASSUMED = "assumed Galaxy10 (the file names no classes)"
 # Rows within this fraction of the file's pixel scale are left as they are.
 SCALE_TOLERANCE = 0.02
 
@@ -52,11 +60,16 @@ class Galaxy10Error(ValueError):
 class Galaxy10File:
     """A Galaxy10-layout HDF5 file, validated on construction, images read lazily by index."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], class_names: Sequence[str] | None = None
+    ) -> None:
+        """`class_names`: the names of labels 0..K-1, checked against any the file carries."""
         self.path = Path(path)
         self._handle: h5py.File | None = None
         self._handle_pid: int | None = None
-        self.labels, self.class_names, self.image_shape, self._columns = _validate(self.path)
+        self.labels, self.class_names, self.image_shape, self._columns, self.class_names_source = (
+            _validate(self.path, None if class_names is None else tuple(class_names))
+        )
         self.imaging, self.imaging_source, self._row_zoom = _imaging(
             self.path, self._columns, self.num_images
         )
@@ -69,6 +82,27 @@ class Galaxy10File:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def class_names_named(self) -> bool:
+        """False when nothing named the classes and Galaxy10's ten were assumed."""
+        return self.class_names_source != GALAXY10_ASSUMED
+
+    def check_class_names(self) -> None:
+        """Raise Galaxy10Error if Galaxy10's names were assumed for labels that are not its ten.
+
+        A file naming no classes whose labels stop short of Galaxy10's last class is almost
+        surely a file of its own classes: reading it as Galaxy10 would mislabel every class.
+        """
+        if self.class_names_named or int(self.labels.max()) == len(GALAXY10_CLASS_NAMES) - 1:
+            return
+        used = int(self.labels.max()) + 1
+        raise Galaxy10Error(
+            f"{self.path}: no class names (labels 0..{used - 1}, so {used} classes, not "
+            f"Galaxy10's {len(GALAXY10_CLASS_NAMES)}): name them with --class-names "
+            f"a,b,c, a '{CLASS_NAMES_ATTR}' attribute, or a sidecar file "
+            f"{class_names_sidecar(self.path).name} with one name per line"
+        )
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -190,9 +224,15 @@ class Galaxy10File:
         return index
 
 
+def class_names_sidecar(path: str | os.PathLike[str]) -> Path:
+    """The text file beside a data file that may name its classes, one per line."""
+    path = Path(path)
+    return path.with_name(path.stem + CLASS_NAMES_SIDECAR_SUFFIX)
+
+
 def _validate(
-    path: Path,
-) -> tuple[np.ndarray, tuple[str, ...], tuple[int, int, int], tuple[str, ...]]:
+    path: Path, given_names: tuple[str, ...] | None
+) -> tuple[np.ndarray, tuple[str, ...], tuple[int, int, int], tuple[str, ...], str]:
     """Check the layout (shapes and dtypes first, then labels) and return what it describes."""
     import h5py
 
@@ -241,22 +281,22 @@ def _validate(
                     f"got {column.dtype} {column.shape}"
                 )
             columns.append(name)
-        class_names = _class_names(handle, path)
+        class_names, names_source = _resolve_class_names(path, handle, given_names)
         labels = np.asarray(labels_ds[()], dtype=np.int64)
     bad = (labels < 0) | (labels >= len(class_names))
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         hint = (
-            f"; a file whose classes are not Galaxy10's must name them in a "
-            f"'{CLASS_NAMES_ATTR}' attribute"
-            if class_names is GALAXY10_CLASS_NAMES
-            else ""
+            f"; a file whose classes are not Galaxy10's must name them (--class-names, a "
+            f"'{CLASS_NAMES_ATTR}' attribute or {class_names_sidecar(path).name})"
+            if names_source == GALAXY10_ASSUMED
+            else f" for the {len(class_names)} class names ({names_source})"
         )
         raise Galaxy10Error(
             f"{path}: {int(bad.sum())} label(s) outside 0..{len(class_names) - 1} "
             f"(first at row {first}: {int(labels[first])}){hint}"
         )
-    return labels, class_names, (int(height), int(width), 3), tuple(columns)
+    return labels, class_names, (int(height), int(width), 3), tuple(columns), names_source
 
 
 def _dataset(handle: h5py.File, path: Path, key: str) -> h5py.Dataset:
@@ -271,15 +311,44 @@ def _dataset(handle: h5py.File, path: Path, key: str) -> h5py.Dataset:
     return node
 
 
-def _class_names(handle: h5py.File, path: Path) -> tuple[str, ...]:
-    if CLASS_NAMES_ATTR not in handle.attrs:
-        return GALAXY10_CLASS_NAMES
-    raw = np.asarray(handle.attrs[CLASS_NAMES_ATTR]).reshape(-1)
-    names = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in raw.tolist())
-    if not names or any(not name.strip() for name in names):
-        raise Galaxy10Error(f"{path}: attribute '{CLASS_NAMES_ATTR}' has empty class names")
-    if len(set(names)) != len(names):
-        raise Galaxy10Error(f"{path}: attribute '{CLASS_NAMES_ATTR}' repeats a class name")
+def _resolve_class_names(
+    path: Path, handle: h5py.File, given: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], str]:
+    """The class names and where they came from; named sources must agree."""
+    named: dict[str, tuple[str, ...]] = {}
+    if given is not None:
+        named["the given class names"] = _checked_names(given, path, "the given class names")
+    if CLASS_NAMES_ATTR in handle.attrs:
+        raw = np.asarray(handle.attrs[CLASS_NAMES_ATTR]).reshape(-1)
+        stored = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in raw.tolist())
+        what = f"attribute '{CLASS_NAMES_ATTR}'"
+        named[what] = _checked_names(stored, path, what)
+    sidecar = class_names_sidecar(path)
+    if sidecar.is_file():
+        if sidecar.stat().st_size > MAX_SIDECAR_BYTES:
+            raise Galaxy10Error(f"{sidecar}: too large for a list of class names")
+        lines = sidecar.read_text(encoding="utf-8").splitlines()
+        what = f"sidecar {sidecar.name}"
+        named[what] = _checked_names(tuple(x.strip() for x in lines if x.strip()), path, what)
+    if not named:
+        return GALAXY10_CLASS_NAMES, GALAXY10_ASSUMED
+    (source, names), *others = named.items()
+    for other, other_names in others:
+        if other_names != names:
+            raise Galaxy10Error(
+                f"{path}: class names disagree: {source} says {list(names)}, "
+                f"{other} says {list(other_names)}"
+            )
+    return names, source
+
+
+def _checked_names(names: tuple[str, ...], path: Path, what: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in names)
+    if not names or any(not name for name in names):
+        raise Galaxy10Error(f"{path}: {what}: a class name is empty")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise Galaxy10Error(f"{path}: {what}: class name {repeated[0]!r} appears twice")
     return names
 
 

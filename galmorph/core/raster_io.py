@@ -1,39 +1,79 @@
-"""Decode untrusted PNG/JPEG cutouts with Pillow into uint8 RGB, size checked before pixels.
+"""Decode untrusted PNG/JPEG cutouts with Pillow into RGB or grey, size checked before pixels.
 
 Image.open is lazy: it reads the header only, so the declared size is checked against
 `DecodeLimits` (and Pillow's own decompression-bomb guard, which stays on) before `load()`.
 Truncated files stay errors (ImageFile.LOAD_TRUNCATED_IMAGES is left False).
 
-Pixel modes: RGB as is; RGBA/LA drop alpha (warning); grey L is copied to R, G and B
-("single band: no colour"); 16-bit grey is scaled by 255/65535 with rounding (warning);
-palette and CMYK are converted to RGB (warning). Other modes are a 415.
+Memory: before `load()` the caller is told the most the decode will take (`reserve`), from
+the declared size and pixel mode: Pillow holds RGB at 4 bytes a pixel, grey at 1, 16-bit grey
+at 2; a progressive JPEG also buffers 2 bytes per colour sample at full size. A JPEG much
+larger than the caller needs (`least_size`) is decoded by libjpeg at 1/2, 1/4 or 1/8 scale
+(Pillow's `draft`), so an 8192 px photo of a galaxy costs 1/64 of the memory and time.
+The image stays a Pillow image, so cropping and resizing never make numpy copies of a large
+picture; `RasterImage.image` gives the uint8 (H, W, 3) array.
+
+Pixel modes: RGB as is; RGBA/LA/PA drop alpha (warning); grey L stays one channel and is
+copied to R, G and B at the end ("single band: no colour"); 16-bit grey is scaled by
+255/65535 with rounding (warning); palette and CMYK are converted to RGB (warning). Other
+modes are a 415.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind, DecodeLimits
+from galmorph.core.cutout_limits import (
+    CutoutError,
+    CutoutErrorKind,
+    DecodeLimits,
+    Reserve,
+    reserve_nothing,
+)
 from galmorph.core.formats import CutoutFormat
 
 SINGLE_BAND_WARNING = "single band: no colour"
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I"}
 _WITHOUT_ALPHA = {"RGBA": "RGB", "LA": "L", "PA": "RGB"}
+# Bytes per pixel of a Pillow image in each mode (every multi-band mode uses 4).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
+_ROWS_PER_BLOCK = 64  # 16-bit to 8-bit conversion works in blocks of rows
+# Decoder state, Python objects and the conversions' row blocks, beyond the pictures.
+_DECODE_OVERHEAD_BYTES = 8 * 2**20
+
+LeastSize = Callable[[tuple[int, int]], tuple[int, int]]
+"""`least_size((height, width))`: the smallest (H, W) the caller can use from an image of
+that declared size; a JPEG at least twice as large is decoded at a reduced scale."""
 
 
 @dataclass
 class RasterImage:
-    image: np.ndarray  # uint8 (H, W, 3)
+    picture: Image.Image  # loaded, mode "RGB", or "L" for one band
     mode: str  # Pillow mode of the file
+    original_shape: tuple[int, int, int]  # (H, W, 3) as declared, before any reduced decode
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def image(self) -> np.ndarray:
+        """uint8 (H, W, 3)."""
+        pixels = np.asarray(self.picture)
+        return pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
 
-def read_raster(data: bytes, fmt: CutoutFormat, limits: DecodeLimits) -> RasterImage:
+
+def read_raster(
+    data: bytes,
+    fmt: CutoutFormat,
+    limits: DecodeLimits,
+    *,
+    least_size: LeastSize | None = None,
+    reserve: Reserve = reserve_nothing,
+) -> RasterImage:
     """Decode a Pillow-read format (PNG, JPEG); raises CutoutError (413 too large, 415 mode,
     422 corrupt)."""
     if fmt.pillow_format is None:
@@ -59,13 +99,16 @@ def read_raster(data: bytes, fmt: CutoutFormat, limits: DecodeLimits) -> RasterI
             CutoutErrorKind.TOO_LARGE,
             f"{name} image of {width}x{height} exceeds Pillow's bomb limit",
         )
+    notes: list[str] = []
+    if least_size is not None and image.format == "JPEG":
+        _reduce_jpeg(image, least_size((height, width)), notes)
+    reserve(_decode_bytes(image, (height, width)), f"{name} image")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CutoutError(
             CutoutErrorKind.INVALID, f"truncated or corrupt {name} file: {exc}"
         ) from None
-    notes: list[str] = []
     if getattr(image, "n_frames", 1) > 1:
         notes.append("animated image: only the first frame is used")
     if (
@@ -75,28 +118,93 @@ def read_raster(data: bytes, fmt: CutoutFormat, limits: DecodeLimits) -> RasterI
         and image.mode not in _SIXTEEN_BIT_MODES
     ):
         notes.append("16-bit PNG reduced to 8 bit per channel")
-    return RasterImage(_to_rgb(image, name, notes), image.mode, notes)
+    return RasterImage(_to_rgb_or_grey(image, name, notes), image.mode, (height, width, 3), notes)
 
 
-def _to_rgb(image: Image.Image, name: str, notes: list[str]) -> np.ndarray:
+def _reduce_jpeg(image: Image.Image, least: tuple[int, int], notes: list[str]) -> None:
+    """Let libjpeg decode at the largest 1/2^k scale that keeps twice `least` pixels."""
+    width, height = image.size
+    wanted = (2 * least[1], 2 * least[0])
+    if width < 2 * wanted[0] or height < 2 * wanted[1]:
+        return
+    image.draft(image.mode, wanted)
+    if image.size != (width, height):
+        notes.append(
+            f"JPEG decoded at 1/{round(width / image.size[0])} scale ({height}x{width} -> "
+            f"{image.size[1]}x{image.size[0]}): far larger than the model's input"
+        )
+
+
+def _decode_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
+    """The most memory decoding and converting `image` takes: the decoded picture, its
+    RGB or grey copy, libjpeg's full-size coefficients when progressive. (The fit to the
+    model's input resizes from the picture in place, or crops at most the input's size.)"""
+    pixels = image.size[0] * image.size[1]
+    stored = _STORED_BYTES.get(image.mode, 4)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        converted = stored + 2  # numpy copy of the values, the grey array, its Pillow copy
+    elif image.mode in ("RGB", "L"):
+        converted = 0
+    else:
+        converted = 4 + 1  # an RGB copy; the alpha plane checked as numpy
+    total = pixels * (stored + converted) + _DECODE_OVERHEAD_BYTES
+    if image.info.get("progressive") or image.info.get("progression"):
+        total += _coefficient_bytes(image, declared)
+    return total
+
+
+def _coefficient_bytes(image: Image.Image, declared: tuple[int, int]) -> int:
+    """A progressive JPEG's DCT coefficients, held for the whole image at full size whatever
+    the scale decoded: 2 bytes per sample of each component (its sampling factors from the
+    frame header, Pillow's `layer`; 3 full-size components when unknown)."""
+    layer = getattr(image, "layer", None) or []
+    factors = [(h, v) for _, h, v, _ in layer]
+    samples = 3.0
+    if factors:
+        most = max(h for h, _ in factors) * max(v for _, v in factors)
+        samples = sum(h * v for h, v in factors) / most
+    return math.ceil(2 * samples * declared[0] * declared[1])
+
+
+def _to_rgb_or_grey(image: Image.Image, name: str, notes: list[str]) -> Image.Image:
     if image.mode in _WITHOUT_ALPHA:
         alpha = np.asarray(image.getchannel("A"))
         notes.append(f"alpha channel dropped ({(alpha < 255).mean():.1%} of pixels not opaque)")
+        del alpha
         image = image.convert(_WITHOUT_ALPHA[image.mode])
     mode = image.mode
     if mode == "RGB":
-        return np.asarray(image)
+        return image
     if mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(image).astype(np.float32)
-        grey = np.clip(np.round(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
         notes.append("16-bit image scaled to 8 bit (x 255/65535)")
         notes.append(SINGLE_BAND_WARNING)
-        return np.repeat(grey[..., None], 3, axis=2)
+        return Image.fromarray(_sixteen_to_eight_bit(np.asarray(image)), mode="L")
     if mode in ("L", "1"):
         notes.append(SINGLE_BAND_WARNING)
-        grey = np.asarray(image.convert("L"))
-        return np.repeat(grey[..., None], 3, axis=2)
+        return image if mode == "L" else image.convert("L")
     if mode in ("P", "CMYK", "YCbCr"):
         notes.append(f"{mode} image converted to RGB")
-        return np.asarray(image.convert("RGB"))
+        return image.convert("RGB")
     raise CutoutError(CutoutErrorKind.UNSUPPORTED, f"unsupported {name} pixel mode {mode!r}")
+
+
+def _sixteen_to_eight_bit(wide: np.ndarray) -> np.ndarray:
+    """round(v * 255 / 65535) clipped to 0..255, in integers, a block of rows at a time
+    (v / 257 is never exactly half-way, so the integer rounding is exact)."""
+    grey = np.empty(wide.shape, np.uint8)
+    for start in range(0, wide.shape[0], _ROWS_PER_BLOCK):
+        block = np.clip(wide[start : start + _ROWS_PER_BLOCK].astype(np.int32), 0, 65535)
+        grey[start : start + _ROWS_PER_BLOCK] = (block * 510 + 65535) // 131070
+    return grey
+
+
+def least_size_for_resize(target: tuple[int, int]) -> LeastSize:
+    """`least_size` for an image that will be centre-cropped to the aspect of `target` and
+    resized to it: the crop must keep at least the target's pixels."""
+
+    def least(size: tuple[int, int]) -> tuple[int, int]:
+        height, width = size
+        keep = min(height / target[0], width / target[1])  # crop side / target side
+        return (math.ceil(height / keep), math.ceil(width / keep))
+
+    return least

@@ -28,9 +28,7 @@ RESAMPLE_MARGIN = 2
 Box = tuple[float, float, float, float]  # left, top, right, bottom, in pixels
 
 
-def resample_plane(
-    plane: np.ndarray, shape: tuple[int, int], box: Box | None = None
-) -> np.ndarray:
+def resample_plane(plane: np.ndarray, shape: tuple[int, int], box: Box | None = None) -> np.ndarray:
     """Resample a float image (or its `box` region) to (H, W): area average when shrinking,
     bilinear otherwise."""
     height, width = shape
@@ -139,9 +137,23 @@ def resize_rgb(
 ) -> np.ndarray:
     """Resize a uint8 RGB image with Pillow (antialiased when shrinking); `interpolation` is a
     model card's (bicubic is timm's eval interpolation)."""
+    return np.asarray(resize_picture(Image.fromarray(image, mode="RGB"), shape, interpolation))
+
+
+def resize_picture(
+    picture: Image.Image,
+    shape: tuple[int, int],
+    interpolation: str = DEFAULT_INTERPOLATION,
+    window: tuple[slice, slice] | None = None,
+) -> Image.Image:
+    """`resize_rgb` on a Pillow image, of its `window` (rows, columns) when given: the window is
+    read in place, never copied out (neighbours outside it feed the filter at its edges)."""
     height, width = shape
-    resized = Image.fromarray(image, mode="RGB").resize((width, height), _FILTERS[interpolation])
-    return np.asarray(resized)
+    box = None
+    if window is not None:
+        rows, cols = window
+        box = (cols.start, rows.start, cols.stop, rows.stop)
+    return picture.resize((width, height), _FILTERS[interpolation], box=box)
 
 
 def resize_images(

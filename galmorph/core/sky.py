@@ -162,7 +162,7 @@ class CutoutSpec:
             if not 1 <= side <= MAX_SIDE:
                 raise ValueError(
                     f"cutout {name} {side} is outside 1..{MAX_SIDE} (the service cuts larger "
-                    "requests to 3000 pixels without saying so)"
+                    f"requests to {MAX_SIDE} pixels without saying so)"
                 )
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from galmorph.service.batching import Prediction
+from galmorph.service.batching import Prediction, QueueFullError
+from galmorph.service.decoding import DecodeBusyError, Decoder, DecodeRequest, within_deadline
 from galmorph.service.dependencies import (
     MetricsDep,
     ReadyModel,
@@ -23,7 +23,7 @@ from galmorph.service.schemas import (
     BatchItemError,
     BatchResponse,
     ClassificationResult,
-    ErrorResponse,
+    error_responses,
 )
 from galmorph.service.settings import Settings
 from galmorph.service.uploads import (
@@ -39,17 +39,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from galmorph.core import formats
-from galmorph.core.decode import CutoutError, DecodedCutout, decode_cutout
+from galmorph.core.decode import FIT_MODES, CutoutError, DecodedCutout
+from galmorph.core.imaging import STRETCHES
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "API key required and missing or wrong"},
-    413: {"model": ErrorResponse, "description": "body or declared image size over the limit"},
-    415: {"model": ErrorResponse, "description": f"not {formats.format_labels()}"},
-    422: {"model": ErrorResponse, "description": "corrupt, truncated or unusable input"},
-    503: {"model": ErrorResponse, "description": "not ready, queue full or timed out"},
-}
+ERRORS = error_responses(401, 408, 413, 415, 422, 503)
 SINGLE_BODY = {
     "requestBody": {
         "required": True,
@@ -60,6 +55,7 @@ SINGLE_BODY = {
                     "type": "object",
                     "properties": {"file": {"type": "string", "format": "binary"}},
                     "required": ["file"],
+                    "additionalProperties": False,
                 }
             },
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
@@ -74,13 +70,28 @@ BATCH_BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                        }
                     },
+                    "required": ["files"],
+                    "additionalProperties": False,
                 }
             }
         },
     }
 }
+
+
+if TYPE_CHECKING:
+    StretchName = str
+    FitMode = str
+else:
+    # The decoder's closed sets, validated here and listed as enums in the OpenAPI schema.
+    StretchName = Literal[tuple(sorted(STRETCHES))]
+    FitMode = Literal[FIT_MODES]
 
 
 @dataclass(frozen=True)
@@ -89,23 +100,27 @@ class ClassifyOptions:
     fit: str | None
     top_k: int | None
     return_image: bool
+    embeddings: bool = False
 
 
 def classify_options(
     stretch: Annotated[
-        str | None,
+        StretchName | None,
         Query(description="FITS flux stretch (default: the model's, as in training)"),
     ] = None,
     fit: Annotated[
-        str | None,
+        FitMode | None,
         Query(description="crop_pad (keep the pixel scale) or resize (default: by format)"),
     ] = None,
     top_k: Annotated[int | None, Query(ge=1, description="classes in top_k")] = None,
     return_image: Annotated[
         bool, Query(description="include the model's input image as a base64 PNG")
     ] = False,
+    embeddings: Annotated[
+        bool, Query(description="include the pre-logit representation (the embeddings)")
+    ] = False,
 ) -> ClassifyOptions:
-    return ClassifyOptions(stretch, fit, top_k, return_image)
+    return ClassifyOptions(stretch, fit, top_k, return_image, embeddings)
 
 
 OptionsDep = Annotated[ClassifyOptions, Depends(classify_options)]
@@ -118,22 +133,51 @@ class DecodedUpload:
     decode_s: float
 
 
-async def decode_upload(
-    upload: Upload, ready: ReadyModel, settings: Settings, options: ClassifyOptions
-) -> DecodedUpload:
+def get_decoder(request: Request) -> Decoder:
+    decoder: Decoder = request.app.state.decoder
+    return decoder
+
+
+DecoderDep = Annotated[Decoder, Depends(get_decoder)]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every cutout of one request shares: the model, settings, options, decoder and the
+    request's deadline (time.monotonic(); decode, queue and inference all count)."""
+
+    ready: ReadyModel
+    settings: Settings
+    options: ClassifyOptions
+    decoder: Decoder
+    deadline: float
+
+
+def start_job(
+    ready: ReadyModel, settings: Settings, options: ClassifyOptions, decoder: Decoder
+) -> Job:
+    """The request's clock starts once its body is read (slow uploads have their own timeout)."""
+    if options.embeddings and not ready.model.has_embeddings:
+        raise HTTPException(
+            422,
+            f"embeddings=true but model {ready.model.card.model_name!r} has no embeddings output "
+            "(exported before galmorph wrote them): export it again",
+        )
+    return Job(ready, settings, options, decoder, time.monotonic() + settings.request_timeout_s)
+
+
+async def decode_upload(upload: Upload, job: Job) -> DecodedUpload:
     if not upload.data:
         raise UploadError("empty upload: send the cutout as the body or as multipart 'file'")
     started = time.perf_counter()
-    decoded = await run_in_threadpool(
-        decode_cutout,
-        upload.data,
-        card=ready.model.card,
-        filename=upload.filename,
-        content_type=upload.content_type,
-        stretch=options.stretch,
-        fit=options.fit,
-        limits=settings.decode_limits,
+    request = DecodeRequest(
+        upload,
+        job.ready.model.card,
+        job.options.stretch,
+        job.options.fit,
+        job.settings.decode_limits,
     )
+    decoded = await job.decoder.decode(request, job.deadline)
     return DecodedUpload(upload, decoded, time.perf_counter() - started)
 
 
@@ -158,6 +202,7 @@ async def finish(
         decode_s=item.decode_s,
         total_s=time.perf_counter() - started,
         image_png=image_png,
+        embeddings=options.embeddings,
     )
 
 
@@ -174,16 +219,21 @@ async def classify(
     settings: SettingsDep,
     metrics: MetricsDep,
     options: OptionsDep,
+    decoder: DecoderDep,
     filename: Annotated[str | None, Query(description="file name hint for a raw body")] = None,
 ) -> ClassificationResult:
     started = time.perf_counter()
     try:
         upload = await read_single_upload(request, settings.max_body_bytes, filename)
-        item = await decode_upload(upload, ready, settings, options)
+        job = start_job(ready, settings, options, decoder)
+        item = await decode_upload(upload, job)
     except CutoutError as exc:
         metrics.cutouts.labels(str(cutout_status(exc))).inc()
         raise
-    prediction = await ready.batcher.submit(item.cutout.image)
+    except DecodeBusyError:
+        metrics.cutouts.labels("503").inc()
+        raise
+    prediction = await within_deadline(ready.batcher.submit(item.cutout.image), job.deadline)
     metrics.queue_time.observe(prediction.queue_s)
     metrics.cutouts.labels("ok").inc()
     return await finish(
@@ -191,14 +241,14 @@ async def classify(
     )
 
 
-async def _decode_item(
-    file: UploadFile, ready: ReadyModel, settings: Settings, options: ClassifyOptions
-) -> DecodedUpload | BatchItemError:
+async def _decode_item(file: UploadFile, job: Job) -> DecodedUpload | BatchItemError:
     try:
-        upload = await to_upload(file, settings.max_body_bytes)
-        return await decode_upload(upload, ready, settings, options)
+        upload = await to_upload(file, job.settings.max_body_bytes)
+        return await decode_upload(upload, job)
     except CutoutError as exc:
         return BatchItemError(status=cutout_status(exc), detail=exc.message)
+    except DecodeBusyError as exc:
+        return BatchItemError(status=503, detail=str(exc))
     except PayloadTooLargeError as exc:
         return BatchItemError(status=413, detail=str(exc))
     except UploadError as exc:
@@ -218,21 +268,30 @@ async def classify_batch(
     settings: SettingsDep,
     metrics: MetricsDep,
     options: OptionsDep,
+    decoder: DecoderDep,
 ) -> BatchResponse:
     started = time.perf_counter()
     if not is_multipart(request):
         raise HTTPException(415, "send the cutouts as multipart/form-data file parts ('files')")
     files = await read_multipart_files(
-        request, total_limit=settings.max_batch_body_bytes, max_files=settings.max_batch_files
+        request,
+        field="files",
+        total_limit=settings.max_batch_body_bytes,
+        max_files=settings.max_batch_files,
     )
     if not files:
         raise UploadError("multipart body has no file parts (send each cutout as 'files')")
-    outcomes = await asyncio.gather(
-        *(_decode_item(file, ready, settings, options) for _, file in files)
-    )
+    batcher = ready.batcher
+    # Refused before any file is decoded when the queue could not take them all now.
+    if batcher.queue_length + len(files) > batcher.config.max_queue:
+        raise QueueFullError(batcher.retry_after_s(len(files)))
+    job = start_job(ready, settings, options, decoder)
+    # One file at a time: a batch holds one decode's memory at most, not all of its files'.
+    outcomes = [await _decode_item(file, job) for _, file in files]
     decoded = [outcome for outcome in outcomes if isinstance(outcome, DecodedUpload)]
     # All good images are queued together (or refused together when the queue is full).
-    predictions = iter(await ready.batcher.submit_many([d.cutout.image for d in decoded]))
+    images = [d.cutout.image for d in decoded]
+    predictions = iter(await within_deadline(batcher.submit_many(images), job.deadline))
     items: list[BatchItem] = []
     for (_, file), outcome in zip(files, outcomes, strict=True):
         if isinstance(outcome, BatchItemError):

@@ -1,4 +1,5 @@
-"""Liveness and readiness, plus their KServe v2 aliases. Always open (no API key)."""
+"""Liveness and readiness, plus the Open Inference Protocol's server-ready alias (its body has
+the protocol's `ready`). Always open (no API key)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from galmorph.service.schemas import Liveness, Readiness
 router = APIRouter(tags=["health"])
 
 
+# /v2/health/live answers in the protocol's own shape (routers/inference_protocol.py).
 @router.get("/healthz", response_model=Liveness, summary="Liveness: the process answers")
-@router.get("/v2/health/live", response_model=Liveness, include_in_schema=False)
 async def live() -> Liveness:
     return Liveness()
 

@@ -1,15 +1,15 @@
-"""GET /model and the KServe v2 model metadata alias."""
+"""GET /model (the Open Inference Protocol's model metadata is in inference_protocol.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from galmorph.service.dependencies import ReadyModelDep, require_api_key
-from galmorph.service.schemas import KServeModelMetadata, ModelInfo, TensorSpec, error_responses
+from galmorph.service.schemas import ModelInfo, TensorSpec, error_responses
 
-from galmorph.core.contract import INPUT_NAME, LOGITS_NAME, OUTPUT_NAME
+from galmorph.core.contract import INPUT_NAME
 from galmorph.core.engine import OnnxModel
 from galmorph.core.imaging import STRETCHES
 
@@ -39,11 +39,7 @@ def model_info(model: OnnxModel, batching: dict[str, float]) -> ModelInfo:
         sha256=model.sha256,
         class_names=list(card.class_names),
         input=input_spec,
-        outputs=[
-            s
-            for s in tensor_specs(model.session.get_outputs())
-            if s.name in (OUTPUT_NAME, LOGITS_NAME)
-        ],
+        outputs=tensor_specs(model.session.get_outputs()),
         preprocessing={
             "input_size": list(card.input_size),
             "mean": list(card.mean),
@@ -72,26 +68,3 @@ def model_info(model: OnnxModel, batching: dict[str, float]) -> ModelInfo:
 )
 async def get_model(ready: ReadyModelDep) -> ModelInfo:
     return model_info(ready.model, dataclasses.asdict(ready.batcher.config))
-
-
-@router.get(
-    "/v2/models/{name}",
-    response_model=KServeModelMetadata,
-    # 422 never happens (any name is a valid string) but FastAPI documents one for every
-    # route with parameters; this keeps its body the one the server sends.
-    responses=error_responses(401, 404, 422, 503),
-    summary="KServe v2 model metadata",
-)
-async def kserve_model(name: str, ready: ReadyModelDep) -> KServeModelMetadata:
-    model = ready.model
-    if name != model.card.model_name:
-        raise HTTPException(
-            404, f"no model named {name!r}; this server serves {model.card.model_name!r}"
-        )
-    return KServeModelMetadata(
-        name=model.card.model_name,
-        versions=[model.sha256[:12]],
-        platform="onnxruntime_onnx",
-        inputs=tensor_specs(model.session.get_inputs()),
-        outputs=tensor_specs(model.session.get_outputs()),
-    )

@@ -2,6 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// How often the page asks /readyz while the server has no model (the server checks every 5 s).
+const READINESS_POLL_MS = 3000;
 
 function headers() {
   const key = $("api-key").value.trim();
@@ -35,6 +37,25 @@ async function loadModelInfo() {
     option.textContent = name === info.preprocessing.stretch ? `${name} (model default)` : name;
     select.appendChild(option);
   }
+}
+
+// Until the server is ready, show why (for a missing model: the commands that make one), then
+// load the model's description once it is.
+async function watchReadiness() {
+  let body;
+  try {
+    body = await (await fetch("/readyz")).json();
+  } catch (err) {
+    body = { ready: false, reason: `the server did not answer: ${err}` };
+  }
+  $("not-ready").hidden = body.ready;
+  if (body.ready) {
+    await loadModelInfo();
+    return;
+  }
+  $("not-ready-reason").textContent = body.reason;
+  $("model-line").textContent = "no model is being served yet";
+  setTimeout(watchReadiness, READINESS_POLL_MS);
 }
 
 function percent(p) {
@@ -151,7 +172,7 @@ function setUp() {
     if (event.dataTransfer.files.length) classify(event.dataTransfer.files[0]);
   });
   $("api-key").addEventListener("change", loadModelInfo);
-  loadModelInfo();
+  watchReadiness();
 }
 
 setUp();

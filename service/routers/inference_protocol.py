@@ -1,0 +1,587 @@
+"""The Open Inference Protocol v2 over REST (KServe, Triton, Seldon clients call it as is).
+
+Routes, as in the protocol's spec (github.com/kserve/open-inference-protocol,
+specification/protocol/inference_rest.md):
+
+- `GET /v2` server metadata, `GET /v2/health/live` -> {"live": true} (`/v2/health/ready` is
+  the readiness route's alias, galmorph.service.routers.health);
+- `GET /v2/models/{name}[/versions/{version}]` model metadata, `.../ready` model readiness;
+- `POST /v2/models/{name}[/versions/{version}]/infer`.
+
+The model's name is the card's `model_name`, its one version the first 12 hex digits of its
+SHA-256 (as `GET /model` reports). An inference request sends exactly one input:
+
+- `images`, UINT8 `[N, H, W, 3]`: rendered RGB images; other sizes than the model's are fitted
+  as a PNG of them would be (galmorph.core.classifier.fit_array);
+- `files`, BYTES `[N]`: encoded FITS/PNG/JPEG files, decoded exactly as `POST /classify`
+  decodes an upload (in JSON, each element is the file in base64; with the binary tensor data
+  extension, the raw bytes).
+
+Request parameters `stretch` and `fit` are `/classify`'s query options. Outputs:
+`probabilities` FP32 [N, K], and as the model file has them `embeddings` FP32 [N, D],
+`ood_score` FP32 [N] and `in_distribution` BOOL [N]; without `outputs` in the request, all of
+them. Triton's binary tensor data extension (`Inference-Header-Content-Length`,
+`binary_data_size`, `binary_data`/`binary_data_output`) is supported both ways, which is what
+`tritonclient` uses by default. Errors are the protocol's `{"error": "..."}` with the status
+the rest of the API gives the same refusal (400 for a malformed protocol request).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from galmorph.service.batching import Prediction
+from galmorph.service.decoding import within_deadline
+from galmorph.service.dependencies import (
+    MetricsDep,
+    ReadyModelDep,
+    RuntimeDep,
+    SettingsDep,
+    require_api_key,
+)
+from galmorph.service.errors import cutout_status
+from galmorph.service.routers.classify import (
+    ClassifyOptions,
+    DecoderDep,
+    Job,
+    decode_upload,
+    start_job,
+)
+from galmorph.service.schemas import ERROR_DESCRIPTIONS, KServeModelMetadata, TensorSpec
+from galmorph.service.uploads import Upload, read_raw_body
+from pydantic import BaseModel, Field, ValidationError
+
+from galmorph import __version__
+from galmorph.core.classifier import fit_array
+from galmorph.core.contract import EMBEDDINGS_NAME, INPUT_NAME, OOD_SCORE_NAME, OUTPUT_NAME
+from galmorph.core.decode import CutoutError, DecodedCutout
+from galmorph.core.engine import OnnxModel
+from galmorph.core.tables import IN_DISTRIBUTION_NAME
+
+SERVER_NAME = "galmorph"
+PLATFORM = "onnx_onnxv1"  # the protocol's platform name for an ONNX model run by onnxruntime
+BINARY_EXTENSION = "binary_tensor_data"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+FILES_INPUT = "files"
+IMAGES_INPUT = INPUT_NAME
+# numpy dtype of each protocol datatype this server reads or writes.
+DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "BOOL": np.dtype(np.bool_)}
+UNSUPPORTED_PARAMETERS = ("classification", "shared_memory_region")
+
+
+class ProtocolErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, in words")
+
+
+class ProtocolError(Exception):
+    """A malformed or unanswerable protocol request: answered {"error": message}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ProtocolRoute(APIRoute):
+    """Answers every refusal in the protocol's shape, {"error": ...}, with the status and
+    headers (Retry-After, Connection) the app's own exception handlers give it elsewhere."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ProtocolError as exc:
+                return JSONResponse({"error": exc.message}, status_code=exc.status)
+            except Exception as exc:
+                return await _as_protocol_error(request, exc)
+
+        return answer
+
+
+async def _as_protocol_error(request: Request, exc: Exception) -> Response:
+    handlers = request.app.exception_handlers
+    handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+    if handler is None:
+        raise exc
+    response: Response = await handler(request, exc)
+    try:
+        detail = json.loads(bytes(response.body))["detail"]
+    except (ValueError, KeyError, TypeError):
+        return response
+    headers = {
+        key: value
+        for key, value in response.headers.items()
+        if key.lower() not in ("content-length", "content-type")
+    }
+    message = detail if isinstance(detail, str) else json.dumps(detail)
+    return JSONResponse({"error": message}, status_code=response.status_code, headers=headers)
+
+
+def protocol_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {400: "malformed inference request (protocol)", **ERROR_DESCRIPTIONS}
+    return {
+        status: {"model": ProtocolErrorResponse, "description": descriptions[status]}
+        for status in statuses
+    }
+
+
+router = APIRouter(tags=["open inference protocol"], route_class=ProtocolRoute)
+keyed = [Depends(require_api_key)]
+
+
+# --- protocol documents ------------------------------------------------------------------
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: Any = None
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "an inference request; with the binary tensor data extension the JSON "
+        f"is followed by the tensors' bytes and `{HEADER_LENGTH}` gives the JSON's length",
+        "content": {"application/json": {"schema": InferenceRequest.model_json_schema()}},
+    }
+}
+
+
+# --- server ------------------------------------------------------------------------------
+
+
+@router.get("/v2", response_model=ServerMetadata, summary="Open Inference Protocol: server")
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=[BINARY_EXTENSION])
+
+
+@router.get("/v2/health/live", response_model=ServerLive, summary="Open Inference Protocol: live")
+async def server_live() -> ServerLive:
+    return ServerLive(live=True)
+
+
+# --- model -------------------------------------------------------------------------------
+
+
+def model_version(model: OnnxModel) -> str:
+    return model.sha256[:12]
+
+
+def check_model(model: OnnxModel, name: str, version: str | None) -> None:
+    served = model.card.model_name
+    if name != served:
+        raise ProtocolError(404, f"no model named {name!r}; this server serves {served!r}")
+    if version is not None and version != model_version(model):
+        raise ProtocolError(
+            404, f"model {name!r} has no version {version!r}; it has {model_version(model)!r}"
+        )
+
+
+def output_specs(model: OnnxModel) -> list[TensorSpec]:
+    """The outputs this model can answer (embeddings and the OOD score as its file has them)."""
+    specs = [TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, model.card.num_classes])]
+    if model.has_embeddings:
+        (node,) = [n for n in model.session.get_outputs() if n.name == EMBEDDINGS_NAME]
+        width = node.shape[1] if isinstance(node.shape[1], int) else -1
+        specs.append(TensorSpec(name=EMBEDDINGS_NAME, datatype="FP32", shape=[-1, width]))
+    if model.has_ood:
+        specs.append(TensorSpec(name=OOD_SCORE_NAME, datatype="FP32", shape=[-1]))
+        specs.append(TensorSpec(name=IN_DISTRIBUTION_NAME, datatype="BOOL", shape=[-1]))
+    return specs
+
+
+def input_specs(model: OnnxModel) -> list[TensorSpec]:
+    """Two ways in; a request sends one of them."""
+    height, width = model.input_size
+    return [
+        TensorSpec(name=IMAGES_INPUT, datatype="UINT8", shape=[-1, height, width, 3]),
+        TensorSpec(name=FILES_INPUT, datatype="BYTES", shape=[-1]),
+    ]
+
+
+MODEL_ERRORS = protocol_errors(401, 404, 422, 503)
+
+
+@router.get(
+    "/v2/models/{name}",
+    response_model=KServeModelMetadata,
+    responses=MODEL_ERRORS,
+    dependencies=keyed,
+    summary="Open Inference Protocol: model metadata",
+)
+@router.get(
+    "/v2/models/{name}/versions/{version}",
+    response_model=KServeModelMetadata,
+    responses=MODEL_ERRORS,
+    dependencies=keyed,
+    summary="Open Inference Protocol: model metadata of a version",
+)
+async def model_metadata(
+    name: str, ready: ReadyModelDep, version: str | None = None
+) -> KServeModelMetadata:
+    model = ready.model
+    check_model(model, name, version)
+    return KServeModelMetadata(
+        name=model.card.model_name,
+        versions=[model_version(model)],
+        platform=PLATFORM,
+        inputs=input_specs(model),
+        outputs=output_specs(model),
+    )
+
+
+@router.get(
+    "/v2/models/{name}/ready",
+    response_model=ModelReady,
+    responses={503: {"model": ModelReady, "description": "not ready"}, **protocol_errors(404, 422)},
+    summary="Open Inference Protocol: model readiness",
+)
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready",
+    response_model=ModelReady,
+    responses={503: {"model": ModelReady, "description": "not ready"}, **protocol_errors(404, 422)},
+    summary="Open Inference Protocol: readiness of a model version",
+)
+async def model_ready(
+    name: str, runtime: RuntimeDep, response: Response, version: str | None = None
+) -> ModelReady:
+    if runtime.model is not None:
+        check_model(runtime.model, name, version)
+    if not runtime.ready:
+        response.status_code = 503
+    return ModelReady(name=name, ready=runtime.ready)
+
+
+# --- inference ---------------------------------------------------------------------------
+
+INFER_ERRORS = protocol_errors(400, 401, 404, 408, 413, 415, 422, 503)
+
+
+@router.post(
+    "/v2/models/{name}/infer",
+    response_model=InferenceResponse,
+    responses=INFER_ERRORS,
+    openapi_extra=INFER_BODY,
+    dependencies=keyed,
+    summary="Open Inference Protocol: classify images or files",
+)
+@router.post(
+    "/v2/models/{name}/versions/{version}/infer",
+    response_model=InferenceResponse,
+    responses=INFER_ERRORS,
+    openapi_extra=INFER_BODY,
+    dependencies=keyed,
+    summary="Open Inference Protocol: classify with a model version",
+)
+async def infer(
+    request: Request,
+    name: str,
+    ready: ReadyModelDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    decoder: DecoderDep,
+    version: str | None = None,
+) -> Response:
+    model = ready.model
+    check_model(model, name, version)
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise ProtocolError(415, "compressed requests are not supported: send them uncompressed")
+    body = await read_raw_body(request, settings.max_batch_body_bytes, None)
+    document, binary = _split_body(body.data, request.headers.get(HEADER_LENGTH))
+    try:
+        inference = InferenceRequest.model_validate_json(document)
+    except ValidationError as exc:
+        raise ProtocolError(400, f"not an inference request: {_first_problem(exc)}") from None
+    for key in UNSUPPORTED_PARAMETERS:
+        if key in inference.parameters:
+            raise ProtocolError(400, f"parameter {key!r} is not supported by this server")
+    wanted = _requested_outputs(inference, model)
+    tensor, data = _single_input(inference, binary, settings.max_batch_files)
+    options = ClassifyOptions(
+        stretch=_string_parameter(inference, "stretch"),
+        fit=_string_parameter(inference, "fit"),
+        top_k=None,
+        return_image=False,
+    )
+    job = start_job(ready, settings, options, decoder)
+    try:
+        if tensor.name == FILES_INPUT:
+            cutouts = [await _decode_file(i, item, job) for i, item in enumerate(data)]
+        else:
+            cutouts = [_fit_image(i, image, model, options.fit) for i, image in enumerate(data)]
+    except CutoutError as exc:
+        metrics.cutouts.labels(str(cutout_status(exc))).inc()
+        raise
+    images = [cutout.image for cutout in cutouts]
+    predictions = await within_deadline(ready.batcher.submit_many(images), job.deadline)
+    for prediction in predictions:
+        metrics.queue_time.observe(prediction.queue_s)
+        metrics.cutouts.labels("ok").inc()
+    default_binary = bool(inference.parameters.get("binary_data_output", False))
+    return _respond(inference, model, predictions, wanted, default_binary)
+
+
+def _split_body(data: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON document, binary tensor data after it)."""
+    if header_length is None:
+        return data, b""
+    if not header_length.isdigit() or int(header_length) > len(data):
+        raise ProtocolError(
+            400,
+            f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(data)}-byte body",
+        )
+    length = int(header_length)
+    return data[:length], data[length:]
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
+
+
+def _string_parameter(inference: InferenceRequest, key: str) -> str | None:
+    value = inference.parameters.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ProtocolError(400, f"parameter {key!r} must be a string, got {json.dumps(value)}")
+    return value
+
+
+def _requested_outputs(inference: InferenceRequest, model: OnnxModel) -> list[RequestOutput]:
+    available = [spec.name for spec in output_specs(model)]
+    if inference.outputs is None:
+        return [RequestOutput(name=name) for name in available]
+    known = [OUTPUT_NAME, EMBEDDINGS_NAME, OOD_SCORE_NAME, IN_DISTRIBUTION_NAME]
+    for output in inference.outputs:
+        if output.name not in known:
+            raise ProtocolError(
+                400, f"unknown output {output.name!r}; this server answers {', '.join(known)}"
+            )
+        if output.name not in available:
+            raise ProtocolError(
+                400,
+                f"model {model.card.model_name!r} has no {output.name!r} output (its file was "
+                "exported before galmorph wrote it, or without it): export it again",
+            )
+        if "classification" in output.parameters:
+            raise ProtocolError(400, "the classification extension is not supported")
+    return inference.outputs
+
+
+def _single_input(
+    inference: InferenceRequest, binary: bytes, max_items: int
+) -> tuple[RequestInput, list[Any]]:
+    """The one input tensor, as a list of N images (UINT8) or N files (bytes)."""
+    names = [tensor.name for tensor in inference.inputs]
+    if len(inference.inputs) != 1 or names[0] not in (IMAGES_INPUT, FILES_INPUT):
+        raise ProtocolError(
+            400,
+            f"send exactly one input, {IMAGES_INPUT!r} (UINT8 [N,H,W,3]) or {FILES_INPUT!r} "
+            f"(BYTES [N], encoded FITS/PNG/JPEG files); got {names}",
+        )
+    tensor = inference.inputs[0]
+    expected = "UINT8" if tensor.name == IMAGES_INPUT else "BYTES"
+    if tensor.datatype != expected:
+        raise ProtocolError(400, f"input {tensor.name!r} must be {expected}, not {tensor.datatype}")
+    rank = 4 if tensor.name == IMAGES_INPUT else 1
+    if len(tensor.shape) != rank or any(d < 0 for d in tensor.shape):
+        shape = "[N, H, W, 3]" if rank == 4 else "[N]"
+        raise ProtocolError(
+            400, f"input {tensor.name!r} must have shape {shape}, got {tensor.shape}"
+        )
+    count = tensor.shape[0]
+    if not 1 <= count <= max_items:
+        raise ProtocolError(
+            400 if count < 1 else 413,
+            f"input {tensor.name!r} holds {count} items; send 1 to {max_items} per request",
+        )
+    raw = _binary_part(tensor, binary)
+    if tensor.name == FILES_INPUT:
+        files = _bytes_elements(tensor, raw)
+        if len(files) != count:
+            raise ProtocolError(400, f"shape {tensor.shape} but {len(files)} files were sent")
+        return tensor, files
+    if tensor.shape[3] != 3:
+        raise ProtocolError(400, f"input {IMAGES_INPUT!r} must be RGB [N, H, W, 3]")
+    return tensor, list(_uint8_images(tensor, raw))
+
+
+def _binary_part(tensor: RequestInput, binary: bytes) -> bytes | None:
+    size = tensor.parameters.get("binary_data_size")
+    if size is None:
+        if tensor.data is None:
+            raise ProtocolError(400, f"input {tensor.name!r} has neither data nor binary data")
+        return None
+    if not isinstance(size, int) or size < 0 or size != len(binary):
+        raise ProtocolError(
+            400, f"input {tensor.name!r}: binary_data_size {size} but {len(binary)} bytes follow"
+        )
+    return binary
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    return [value for item in data for value in _flatten(item)]
+
+
+def _bytes_elements(tensor: RequestInput, raw: bytes | None) -> list[bytes]:
+    if raw is not None:
+        # Triton's layout: each element is a 4-byte little-endian length, then the bytes.
+        files, offset = [], 0
+        while offset < len(raw):
+            if offset + 4 > len(raw):
+                raise ProtocolError(400, f"input {FILES_INPUT!r}: truncated element length")
+            length = int.from_bytes(raw[offset : offset + 4], "little")
+            offset += 4
+            if offset + length > len(raw):
+                raise ProtocolError(400, f"input {FILES_INPUT!r}: element {len(files)} truncated")
+            files.append(raw[offset : offset + length])
+            offset += length
+        return files
+    files = []
+    for index, value in enumerate(_flatten(tensor.data)):
+        if not isinstance(value, str):
+            raise ProtocolError(400, f"{FILES_INPUT}[{index}]: expected a base64 string")
+        try:
+            files.append(base64.b64decode(value, validate=True))
+        except binascii.Error:
+            raise ProtocolError(
+                400, f"{FILES_INPUT}[{index}]: not base64 (in JSON, files are base64-encoded)"
+            ) from None
+    return files
+
+
+def _uint8_images(tensor: RequestInput, raw: bytes | None) -> np.ndarray:
+    count = math.prod(tensor.shape)
+    if raw is not None:
+        if len(raw) != count:
+            raise ProtocolError(400, f"shape {tensor.shape} needs {count} bytes, got {len(raw)}")
+        return np.frombuffer(raw, np.uint8).reshape(tensor.shape)
+    values = _flatten(tensor.data)
+    if len(values) != count:
+        raise ProtocolError(400, f"shape {tensor.shape} needs {count} values, got {len(values)}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+        raise ProtocolError(400, f"input {IMAGES_INPUT!r}: UINT8 values are integers 0..255")
+    return np.asarray(values, np.uint8).reshape(tensor.shape)
+
+
+async def _decode_file(index: int, data: bytes, job: Job) -> DecodedCutout:
+    if not data:
+        raise ProtocolError(400, f"{FILES_INPUT}[{index}] is empty")
+    try:
+        decoded = await decode_upload(Upload(data, None, None), job)
+    except CutoutError as exc:
+        raise CutoutError(exc.kind, f"{FILES_INPUT}[{index}]: {exc.message}") from None
+    return decoded.cutout
+
+
+def _fit_image(index: int, image: np.ndarray, model: OnnxModel, fit: str | None) -> DecodedCutout:
+    try:
+        return fit_array(image, model.card, fit)
+    except CutoutError as exc:
+        raise CutoutError(exc.kind, f"{IMAGES_INPUT}[{index}]: {exc.message}") from None
+
+
+def _output_values(name: str, predictions: list[Prediction]) -> np.ndarray:
+    rows = [getattr(p.outputs, name) for p in predictions]
+    return np.stack([np.asarray(row) for row in rows])
+
+
+def _respond(
+    inference: InferenceRequest,
+    model: OnnxModel,
+    predictions: list[Prediction],
+    wanted: list[RequestOutput],
+    default_binary: bool,
+) -> Response:
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for request_output in wanted:
+        attribute = "probabilities" if request_output.name == OUTPUT_NAME else request_output.name
+        values = _output_values(attribute, predictions)
+        datatype = "BOOL" if values.dtype == np.bool_ else "FP32"
+        values = values.astype(DTYPES[datatype], copy=False)
+        entry: dict[str, Any] = {
+            "name": request_output.name,
+            "datatype": datatype,
+            "shape": list(values.shape),
+        }
+        if request_output.parameters.get("binary_data", default_binary):
+            blob = np.ascontiguousarray(values).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = values.reshape(-1).tolist()
+        outputs.append(entry)
+    document: dict[str, Any] = {
+        "model_name": model.card.model_name,
+        "model_version": model_version(model),
+        "outputs": outputs,
+    }
+    if inference.id is not None:
+        document["id"] = inference.id
+    header = json.dumps(document, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(
+        header + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(header))},
+    )
