@@ -89,7 +89,8 @@ TORCH_FREE_PROBE = """\
 import json, sys
 from galmorph.core.engine import OnnxModel
 model = OnnxModel(sys.argv[1], providers=sys.argv[2:] or None)
-print(json.dumps({"providers": model.providers, "torch_imported": "torch" in sys.modules}))
+print(json.dumps({"providers": model.providers, "torch_imported": "torch" in sys.modules,
+                  "cpu_reason": None if model.cuda_active else model.placement.cpu_reason()}))
 """
 
 
@@ -188,7 +189,8 @@ class MemoryPeak:
 
 def torch_facts() -> dict[str, Any]:
     """torch's build and what it sees. Importing torch first also loads its CUDA libraries,
-    which onnxruntime's CUDA provider then finds in this process (onnxruntime.preload_dlls)."""
+    which onnxruntime's CUDA provider then finds in this process (as onnxruntime.preload_dlls
+    documents for a torch built for the same CUDA)."""
     import torch
     import torch.distributed as distributed
 
@@ -569,12 +571,10 @@ def part_cuda_provider(check: Check) -> dict[str, Any]:
         "provider_options": model.session.get_provider_options().get(check.provider, {}),
     }
     if model.providers[:1] != [check.provider]:
-        built_for = check.env["onnxruntime"]["built_for_cuda"]
         raise CheckFailed(
             f"{check.provider} was requested but the session runs on {model.providers}: "
-            f"onnxruntime found no usable CUDA {built_for} and cuDNN libraries (its own error "
-            "is above in the output); a torch build for the same CUDA carries them "
-            "(benchmarks/README.md, GPU readiness)",
+            f"{model.placement.cpu_reason()}. A torch build for the CUDA that onnxruntime was "
+            "built for carries the libraries (benchmarks/README.md, GPU readiness)",
             result,
         )
     images = check.real_images()[:4]
@@ -633,11 +633,11 @@ def part_cuda_without_torch(check: Check) -> dict[str, Any]:
         raise CheckFailed("the probe imported torch: it no longer tests a torch-free process")
     if probe["providers"][:1] != [check.provider]:
         raise CheckFailed(
-            f"a process without torch runs on {probe['providers']}: onnxruntime cannot load the "
-            "CUDA and cuDNN libraries by itself, so `galmorph serve` and `galmorph score` would "
-            "run on the CPU. Install CUDA and cuDNN system-wide (the versions onnxruntime was "
-            "built for, environment.onnxruntime.built_for_cuda), or use the serving image "
-            "(docker/serve.Dockerfile)",
+            f"a process without torch runs on {probe['providers']} ({probe['cpu_reason']}), so "
+            "`galmorph serve` and `galmorph score` would not run on the GPU here: onnxruntime "
+            "does not find the CUDA and cuDNN libraries by itself. Install the versions it was "
+            "built for (environment.onnxruntime.built_for_cuda) system-wide, or use the "
+            "serving image (docker/serve.Dockerfile)",
             {"providers": probe["providers"], "stderr": tail(done.stderr)},
         )
     return {"summary": f"providers {probe['providers']}", "providers": probe["providers"]}
@@ -1322,7 +1322,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2**k for k in range(9)])
     parser.add_argument(
-        "--seconds-per-point", type=float, default=1.0, help="timing per sweep point"
+        "--seconds-per-point", type=float, default=0.5, help="timing per sweep point"
     )
     parser.add_argument("--graph-batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--service-requests", type=int, default=1024)

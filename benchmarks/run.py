@@ -73,6 +73,7 @@ BENCHMARKS = (
     ),
     Benchmark("decode", "benchmarks.bench_decode", "imaging"),
     Benchmark("service", "benchmarks.bench_service", "service"),
+    Benchmark("slow_clients", "benchmarks.bench_slow_clients", "service"),
     Benchmark("score", "benchmarks.bench_score", "scoring", writes_to_out=False),
     Benchmark("sky", "benchmarks.bench_sky", "scoring"),
     Benchmark("synth", "benchmarks.bench_synth", "data", writes_to_out=False),

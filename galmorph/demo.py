@@ -82,9 +82,13 @@ def main() -> int:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    # The demo is a CPU walk-through: on a GPU host whose CUDA libraries do not load it runs on
+    # the CPU with a warning instead of refusing (serving and scoring refuse by default).
+    cpu_ok = "--allow-cpu-fallback"
     server = subprocess.Popen(
-        [sys.executable, "-m", "galmorph", "serve", "--model", str(model), "--port", str(port)]
-    )
+        [sys.executable, "-m", "galmorph", "serve", "--model", str(model), "--port", str(port),
+         cpu_ok]
+    )  # fmt: skip
     try:
         _wait_ready(url, server)
         fits_files = sorted(cutouts.glob("*.fits"))[:3]
@@ -102,6 +106,7 @@ def main() -> int:
         model,
         "--out",
         scores,
+        cpu_ok,
         "--passthrough",
         "label",
     )

@@ -339,8 +339,7 @@ def _fit_images(args: argparse.Namespace, spec: ModelSpec) -> FitImages | None:
             file=sys.stderr,
         )
         return None
-    from galmorph.model.export import FitImages
-    from galmorph.model.sample_images import load_images
+    from galmorph.model.export import load_fit_images
 
     from galmorph.core.galaxy10 import Galaxy10File
     from galmorph.core.splits import Split, SplitError
@@ -355,18 +354,15 @@ def _fit_images(args: argparse.Namespace, spec: ModelSpec) -> FitImages | None:
     try:
         with Galaxy10File(data) as file:
             split.check_data(file.num_images, file.fingerprint())
-    except SplitError as exc:
-        raise SystemExit(f"galmorph export: {data} is not the run's data: {exc}") from None
-    size, interpolation, count = spec.img_size, spec.interpolation, args.fit_count
-    train_images, train_labels = load_images(
-        data, size=size, interpolation=interpolation, count=count, indices=split.train
-    )
-    val_images, val_labels = load_images(
-        data, size=size, interpolation=interpolation, count=count, seed=1, indices=split.val
-    )
-    if train_labels is None or val_labels is None:
-        raise SystemExit(f"galmorph export: {data} has no labels")
-    return FitImages(train_images, train_labels, val_images, val_labels)
+        return load_fit_images(
+            data,
+            split,
+            size=spec.img_size,
+            interpolation=spec.interpolation,
+            count=args.fit_count,
+        )
+    except (SplitError, ValueError) as exc:
+        raise SystemExit(f"galmorph export: {data}: {exc}") from None
 
 
 def _training_file(run_dir: Path) -> Path | None:

@@ -62,6 +62,7 @@ from galmorph.core.contract import (
     ModelCard,
 )
 from galmorph.core.files import atomic_write
+from galmorph.core.splits import Split
 
 if TYPE_CHECKING:
     import onnx
@@ -145,6 +146,29 @@ class FitImages:
     train_labels: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
+
+
+def load_fit_images(
+    data: str | os.PathLike[str],
+    split: Split,
+    *,
+    size: int,
+    interpolation: str,
+    count: int,
+) -> FitImages:
+    """At most `count` training and `count` validation images of a run's split (seeded),
+    resized as evaluation and serving resize them."""
+    from galmorph.model.sample_images import load_images
+
+    train_images, train_labels = load_images(
+        data, size=size, interpolation=interpolation, count=count, indices=split.train
+    )
+    val_images, val_labels = load_images(
+        data, size=size, interpolation=interpolation, count=count, seed=1, indices=split.val
+    )
+    if train_labels is None or val_labels is None:
+        raise ValueError(f"{data} has no labels: temperature and OOD fits need labelled images")
+    return FitImages(train_images, train_labels, val_images, val_labels)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ def build_manifest(
     shard_size: int,
     stretch: str | None,
     cutouts: CutoutSpec | None = None,
+    embeddings: bool = False,
 ) -> Manifest:
     """What a rerun must match to resume in the same folder; `stretch` None means the model's.
 
@@ -48,6 +49,8 @@ def build_manifest(
             "bands": dict(card.bands),
         },
     }
+    if embeddings:  # parts with and without the column must not be merged
+        settings["embeddings"] = True
     if cutouts is not None:
         fetched = cutouts.to_dict()
         del fetched["base_url"]

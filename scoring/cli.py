@@ -130,6 +130,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     score.add_argument("--stretch", default=None, help="colour stretch (default: the model's)")
     score.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="also write each row's embeddings (the model's pre-logit representation) as the "
+        "column `embeddings`, a fixed-size list of float32 (docs/scoring.md)",
+    )
+    score.add_argument(
         "--no-merge",
         action="store_true",
         help="do not merge at the end even when this run covers the whole catalog",
@@ -195,6 +201,7 @@ def run_score(args: argparse.Namespace) -> int:
         ort_threads=args.ort_threads,
         providers=args.providers,
         stretch=args.stretch,
+        embeddings=args.embeddings,
         engine=args.engine,
         progress=not args.quiet,
         merge=False if args.no_merge else None,

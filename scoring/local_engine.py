@@ -1,7 +1,7 @@
 """`--engine local`: decode in a process pool, overlapped with batched inference here.
 
 Rows are grouped into batches of `batch_size`; each batch is split across `workers` decode
-processes (galmorph.scoring.decode_worker); this process runs OnnxModel.predict on the batch
+processes (galmorph.scoring.decode_worker); this process runs OnnxModel.run on the batch
 whose cutouts are ready while the workers decode the next ones. At most `prefetch` batches are
 in flight, so memory stays flat however long the catalog.
 """
@@ -24,6 +24,8 @@ from galmorph.scoring.decode_worker import (
     init_worker,
 )
 from galmorph.scoring.rows import ResultBuilder
+
+from galmorph.core.contract import ModelOutputs
 
 if TYPE_CHECKING:
     from galmorph.core.engine import OnnxModel
@@ -106,11 +108,10 @@ class LocalEngine:
             for i in range(0, len(sources), step)
         ]
 
-    def _predict(self, images: np.ndarray, errors: list[str | None]) -> np.ndarray:
-        probs = np.full((len(images), self.model.card.num_classes), np.nan, np.float32)
+    def _predict(self, images: np.ndarray, errors: list[str | None]) -> ModelOutputs:
         good = np.array([e is None for e in errors], bool)
         if good.all():  # the usual case: no copy of the batch
-            probs[:] = self.model.predict(images)
-        elif good.any():
-            probs[good] = self.model.predict(images[good])
-        return probs
+            return self.model.run(images)
+        if good.any():
+            return self.model.run(images[good]).scatter(good)
+        return ModelOutputs(np.full((len(images), self.model.card.num_classes), np.nan, np.float32))

@@ -25,8 +25,13 @@ import pyarrow as pa
 from galmorph.scoring.decode_worker import DecodeSettings, decode_sources
 from galmorph.scoring.rows import ResultBuilder
 
+from galmorph.core.contract import ModelOutputs
+
 IMAGE_COLUMN = "_image"
 PROBS_COLUMN = "_probs"
+EMBEDDINGS_COLUMN = "_embeddings"
+OOD_COLUMN = "_ood_score"
+IN_DISTRIBUTION_COLUMN = "_in_distribution"
 ERROR_COLUMN = "_error"
 # Rows handed to Ray at once: bounds the driver's and the object store's share of the catalog
 # (paths and coordinates only; images live inside the pipeline).
@@ -72,14 +77,45 @@ class OnnxPredictor:
         )
         images = images.reshape(len(column), *self.shape)
         ok = batch.column(ERROR_COLUMN).is_null().to_numpy(zero_copy_only=False)
-        probs = np.full((len(batch), self.model.card.num_classes), np.nan, np.float32)
         if ok.any():
-            probs[ok] = self.model.predict(images[ok])
-        k = probs.shape[1]
-        flat = pa.array(probs.reshape(-1))
-        probs_column = pa.FixedSizeListArray.from_arrays(flat, k)
+            outputs = self.model.run(images[ok]).scatter(ok)
+        else:
+            k = self.model.card.num_classes
+            outputs = ModelOutputs(np.full((len(batch), k), np.nan, np.float32))
         batch = batch.drop_columns([IMAGE_COLUMN])
-        return batch.append_column(PROBS_COLUMN, probs_column)
+        batch = batch.append_column(PROBS_COLUMN, _rows(outputs.probabilities))
+        if outputs.embeddings is not None:
+            batch = batch.append_column(EMBEDDINGS_COLUMN, _rows(outputs.embeddings))
+        if outputs.ood_score is not None and outputs.in_distribution is not None:
+            batch = batch.append_column(OOD_COLUMN, pa.array(outputs.ood_score))
+            batch = batch.append_column(IN_DISTRIBUTION_COLUMN, pa.array(outputs.in_distribution))
+        return batch
+
+
+def _rows(values: np.ndarray) -> pa.Array:
+    """(N, W) float32 -> one fixed-size list per row."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def _matrix(batch: pa.Table, column: str, width: int) -> np.ndarray:
+    flat = batch.column(column).combine_chunks().flatten().to_numpy()
+    return np.asarray(flat, np.float32).reshape(len(batch), width)
+
+
+def _outputs(batch: pa.Table, num_classes: int) -> ModelOutputs:
+    """The actors' columns back as the model's outputs."""
+    names = batch.column_names
+    embeddings = None
+    if EMBEDDINGS_COLUMN in names:
+        width = batch.schema.field(EMBEDDINGS_COLUMN).type.list_size
+        embeddings = _matrix(batch, EMBEDDINGS_COLUMN, width)
+    ood = OOD_COLUMN in names
+    return ModelOutputs(
+        _matrix(batch, PROBS_COLUMN, num_classes),
+        embeddings,
+        batch.column(OOD_COLUMN).to_numpy() if ood else None,
+        batch.column(IN_DISTRIBUTION_COLUMN).to_numpy(zero_copy_only=False) if ood else None,
+    )
 
 
 class RayEngine:
@@ -157,8 +193,6 @@ class RayEngine:
         )
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             assert isinstance(batch, pa.Table)
-            k = len(builder.prob_columns)
-            flat = batch.column(PROBS_COLUMN).combine_chunks().flatten().to_numpy()
-            probs = np.asarray(flat, np.float32).reshape(len(batch), k)
+            outputs = _outputs(batch, len(builder.prob_columns))
             errors = batch.column(ERROR_COLUMN).to_pylist()
-            yield builder.build(batch, probs, errors)
+            yield builder.build(batch, outputs, errors)

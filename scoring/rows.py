@@ -1,4 +1,10 @@
-"""Result rows: catalog rows + class probabilities + decode errors -> the output table."""
+"""Result rows: catalog rows + model outputs + decode errors -> the output table.
+
+Columns (galmorph.core.tables): the catalog's row index, id and passthrough columns,
+pred_label/pred_index/pred_prob, one `p_<class>` per class, `ood_score` and `in_distribution`
+when the model has an OOD score, `embeddings` (fixed_size_list<float32>[D]) when asked for,
+the model's SHA-256 and `error`.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +14,51 @@ import numpy as np
 import pyarrow as pa
 from galmorph.scoring.shards import MODEL_SHA_COLUMN, ROW_INDEX
 
-from galmorph.core.contract import ModelCard
-from galmorph.core.tables import class_columns
+from galmorph.core.contract import ModelCard, ModelOutputs
+from galmorph.core.tables import (
+    EMBEDDINGS_NAME,
+    IN_DISTRIBUTION_NAME,
+    OOD_SCORE_NAME,
+    class_columns,
+    embeddings_array,
+)
 
 # The column names of a result row besides passthrough and per-class probabilities.
 FIXED_COLUMNS = (ROW_INDEX, "id_str", "pred_label", "pred_index", "pred_prob")
 
 
 class ResultBuilder:
-    """Turns a block of catalog rows + probabilities + errors into output rows."""
+    """Turns a block of catalog rows + model outputs + errors into output rows.
 
-    def __init__(self, card: ModelCard, model_sha256: str, passthrough: tuple[str, ...]) -> None:
+    ood: the model has an OOD score (its columns are written); embedding_size: write the
+    embeddings, D wide (None: not asked for).
+    """
+
+    def __init__(
+        self,
+        card: ModelCard,
+        model_sha256: str,
+        passthrough: tuple[str, ...],
+        *,
+        ood: bool = False,
+        embedding_size: int | None = None,
+    ) -> None:
         self.class_names = list(card.class_names)
         self.prob_columns = class_columns(card.class_names)
         self.model_sha256 = model_sha256
         self.passthrough = passthrough
+        self.ood = ood
+        self.embedding_size = embedding_size
         reserved = {*FIXED_COLUMNS, *self.prob_columns, MODEL_SHA_COLUMN, "error", "source"}
+        reserved |= {OOD_SCORE_NAME, IN_DISTRIBUTION_NAME, EMBEDDINGS_NAME}
         clash = [c for c in passthrough if c in reserved]
         if clash:
             raise ValueError(f"passthrough column(s) {', '.join(clash)} clash with output columns")
 
-    def build(self, block: pa.Table, probs: np.ndarray, errors: list[str | None]) -> pa.Table:
+    def build(self, block: pa.Table, outputs: ModelOutputs, errors: list[str | None]) -> pa.Table:
+        """outputs: one row per block row (rows with an error are ignored)."""
         n = len(block)
+        probs = outputs.probabilities
         ok = np.array([e is None for e in errors], bool)
         index = np.argmax(probs, axis=1) if probs.size else np.zeros(n, np.int64)
         mask = ~ok
@@ -49,6 +78,16 @@ class ResultBuilder:
         )
         for k, name in enumerate(self.prob_columns):
             columns[name] = pa.array(probs[:, k], mask=mask)
+        if self.ood:
+            if outputs.ood_score is None or outputs.in_distribution is None:
+                raise ValueError("the model's OOD score is missing from its outputs")
+            columns[OOD_SCORE_NAME] = pa.array(outputs.ood_score, pa.float32(), mask=mask)
+            columns[IN_DISTRIBUTION_NAME] = pa.array(outputs.in_distribution, mask=mask)
+        if self.embedding_size is not None:
+            embeddings = outputs.embeddings
+            if embeddings is None:  # no row of this block reached the model
+                embeddings = np.zeros((n, self.embedding_size), np.float32)
+            columns[EMBEDDINGS_NAME] = embeddings_array(embeddings, mask=mask)
         columns[MODEL_SHA_COLUMN] = pa.array([self.model_sha256] * n, pa.string())
         columns["error"] = pa.array(errors, pa.string())
         return pa.table(columns)

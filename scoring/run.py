@@ -70,6 +70,7 @@ class ScoreConfig:
     providers: tuple[str, ...] | None = None  # onnxruntime providers in order; None: CUDA, CPU
     prefetch: int = 0  # batches in flight; 0: 2 + workers
     stretch: str | None = None  # None: the stretch recorded in the model
+    embeddings: bool = False  # write each row's embeddings (the model must have them)
     engine: str = "local"
     progress: bool = True
     merge: bool | None = None  # None: merge when this run covers the whole catalog
@@ -137,7 +138,20 @@ def score(config: ScoreConfig) -> ScoreSummary:
     model = OnnxModel(
         config.model, providers=providers, intra_op_threads=ort_threads, inter_op_threads=1
     )
-    builder = ResultBuilder(model.card, model.sha256, catalog.passthrough)
+    if config.embeddings and config.output_format == "csv":
+        raise ValueError("--embeddings needs --format parquet or fits: CSV has no list columns")
+    if config.embeddings and not model.has_embeddings:
+        raise ValueError(
+            f"--embeddings: {config.model} has no embeddings output (exported before galmorph "
+            "wrote them): export the model again"
+        )
+    builder = ResultBuilder(
+        model.card,
+        model.sha256,
+        catalog.passthrough,
+        ood=model.has_ood,
+        embedding_size=model.embedding_size if config.embeddings else None,
+    )
     spec = None
     if catalog.source_kind == "sky":
         spec = CutoutSpec.for_card(model.card, config.sky.cutouts)
@@ -149,6 +163,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
         shard_size=config.shard_size,
         stretch=config.stretch,
         cutouts=spec,
+        embeddings=config.embeddings,
     )
     claim_output(config.out_dir, manifest)
     plan = manifest.plan

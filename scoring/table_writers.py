@@ -147,8 +147,11 @@ class _FitsTableWriter:
         self._stream.close()
 
 
-def _fits_column(f: pa.Field, width: int) -> tuple[str, str, int | None]:
+def _fits_column(f: pa.Field, width: int) -> tuple[str, Any, int | None]:
     t = f.type
+    if pa.types.is_fixed_size_list(t) and pa.types.is_float32(t.value_type):
+        # A vector column (the embeddings): D floats per row, NaN for null rows.
+        return f"{t.list_size}E", (">f4", (t.list_size,)), None
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         width = max(width, 1)
         return f"{width}A", f"S{width}", None
@@ -165,6 +168,12 @@ def _fits_column(f: pa.Field, width: int) -> tuple[str, str, int | None]:
 
 def _fits_values(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
     t = column.type
+    if pa.types.is_fixed_size_list(t):
+        rows = column.combine_chunks()
+        values = np.asarray(rows.flatten().to_numpy(), np.float32).reshape(-1, t.list_size)
+        full = np.full((len(rows), t.list_size), np.nan, np.float32)
+        full[rows.is_valid().to_numpy(zero_copy_only=False)] = values
+        return full
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return np.array([(v or "").encode() for v in column.to_pylist()], dtype=dtype)
     if pa.types.is_boolean(t):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 from galmorph.service.http_protocol import ConnectionPolicy, connection_policy
 from starlette.datastructures import UploadFile
@@ -103,7 +104,7 @@ async def body_chunks(
 
 
 async def _next_message(
-    request: Request, policy: ConnectionPolicy, draining: asyncio.Future[object]
+    request: Request, policy: ConnectionPolicy, draining: asyncio.Future[Any]
 ) -> Message:
     receive = asyncio.ensure_future(request.receive())
     try:

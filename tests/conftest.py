@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,6 +16,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from tests.real_data import REAL_DATA, missing_real_files
+
+if TYPE_CHECKING:
+    from tests.trained_model import TrainedExport
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +28,14 @@ def real_data() -> Path:
     missing = missing_real_files(REAL_DATA)
     assert not missing, f"real test images missing: {', '.join(map(str, missing))}"
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def trained_export(tmp_path_factory: pytest.TempPathFactory) -> TrainedExport:
+    """A tiny model trained on synthetic data, exported calibrated and with its OOD score."""
+    import torch
+
+    from tests.trained_model import train_and_export
+
+    torch.set_num_threads(1)
+    return train_and_export(tmp_path_factory.mktemp("trained_export"))

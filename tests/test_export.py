@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,15 +20,19 @@ from galmorph.model.checkpoint import CheckpointError, ModelSpec, save_model
 from galmorph.model.export import ExportError, ImageClassifierGraph, export_model
 from galmorph.model.registry import create_model
 from galmorph.model.sample_images import load_images
+from PIL import Image
 from torch import nn
 
+from galmorph.core.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME, artifact_sha256
 from galmorph.core.contract import (
+    EMBEDDINGS_NAME,
     GALAXY10_CLASS_NAMES,
     INPUT_NAME,
     LOGITS_NAME,
     OUTPUT_NAME,
     ModelCard,
 )
+from galmorph.core.engine import OnnxModel
 
 NAME = "gm_astroformer_tiny"
 SIZE = 64
@@ -107,11 +112,13 @@ def test_graph_contract(exported: dict) -> None:
     assert dims[0].dim_param and not dims[0].HasField("dim_value")  # dynamic batch
     assert [d.dim_value for d in dims[1:]] == [SIZE, SIZE, 3]
     outputs = {o.name: o.type.tensor_type for o in proto.graph.output}
-    assert set(outputs) == {OUTPUT_NAME, LOGITS_NAME}
-    for out in outputs.values():
+    # No labelled data was given: no OOD score, and the card says why there is no calibration.
+    assert set(outputs) == {OUTPUT_NAME, LOGITS_NAME, EMBEDDINGS_NAME}
+    hidden = exported["model"].classifier.in_features
+    for name, out in outputs.items():
         assert out.elem_type == onnx.TensorProto.FLOAT
         assert out.shape.dim[0].dim_param == dims[0].dim_param
-        assert out.shape.dim[1].dim_value == 10
+        assert out.shape.dim[1].dim_value == (hidden if name == EMBEDDINGS_NAME else 10)
     assert {o.version for o in proto.opset_import if o.domain == ""} == {20}
     assert not list(exported["path"].parent.glob(".export-*"))  # no leftovers
 
@@ -131,6 +138,8 @@ def test_metadata_round_trips_through_model_card(exported: dict) -> None:
     assert card.metrics == {"val_accuracy": 0.5}
     assert card.model_config["img_size"] == SIZE
     assert card.precision == "fp32" and card.package_version and card.created
+    assert card.calibration["applied"] is False and card.calibration["temperature"] == 1.0
+    assert "no labelled images" in card.calibration["reason"] and card.ood == {}
     parity = json.loads(props[export_module.PARITY_KEY])
     assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0
     assert parity["num_real_images"] == 20
@@ -146,12 +155,20 @@ def test_onnxruntime_matches_pytorch(exported: dict, real_images, batch: int) ->
     )
     spec: ModelSpec = exported["spec"]
     reference = ImageClassifierGraph(exported["model"], spec.mean, spec.std).eval()
-    probs, logits = _session(exported["path"]).run([OUTPUT_NAME, LOGITS_NAME], {INPUT_NAME: images})
+    names = [OUTPUT_NAME, LOGITS_NAME, EMBEDDINGS_NAME]
+    probs, logits, embeddings = _session(exported["path"]).run(names, {INPUT_NAME: images})
     with torch.no_grad():
-        want_probs, want_logits = (t.numpy() for t in reference(torch.from_numpy(images)))
+        want_probs, want_logits, want_embeddings = (
+            t.numpy() for t in reference(torch.from_numpy(images))
+        )
+        # The embeddings are the pre-logit representation: what the last Linear layer reads.
+        x = reference.preprocess(torch.from_numpy(images))
+        pre_logits = exported["model"].forward_pre_logits(x).numpy()
     assert probs.dtype == np.float32 and probs.shape == (2 * batch, 10)
     assert np.abs(probs - want_probs).max() <= 1e-4
     assert np.abs(logits - want_logits).max() <= 1e-3
+    assert np.abs(embeddings - want_embeddings).max() <= 1e-4
+    np.testing.assert_array_equal(want_embeddings, pre_logits)
     assert (probs.argmax(1) == want_probs.argmax(1)).all()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
@@ -254,3 +271,72 @@ def test_bad_parity_images_are_refused(exported: dict, tmp_path: Path) -> None:
         export_model(
             exported["run"], tmp_path / "m.onnx", parity_images=np.zeros((2, 32, 32, 3), np.uint8)
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("gm_astroformer_tiny", 32), ("gm_astroformer_small", 32), ("vit_small_spt_lsa", 32)],
+)
+def test_every_architecture_reads_its_embeddings_in_its_last_layer(name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, img_size=size).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        embeddings = model.forward_pre_logits(x)
+        torch.testing.assert_close(model.classifier(embeddings), model(x))
+    assert embeddings.shape == (2, model.classifier.in_features)
+
+
+def test_a_model_over_the_single_file_limit_is_a_folder_loaded_like_a_file(
+    exported: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 2 GiB limit lowered to 1 MiB: the same weights go to external data."""
+    monkeypatch.setattr(export_module, "MAX_SINGLE_FILE_BYTES", 2**20)
+    out = tmp_path / "folder_model"
+    report = export_model(exported["run"], out, intra_op_threads=1)
+    assert sorted(p.name for p in out.iterdir()) == [GRAPH_FILE_NAME, WEIGHTS_FILE_NAME]
+    graph = out / GRAPH_FILE_NAME
+    assert graph.stat().st_size < 2**20 < (out / WEIGHTS_FILE_NAME).stat().st_size
+    assert report.size_bytes == sum(p.stat().st_size for p in out.iterdir())
+    folder, single = (
+        OnnxModel(out, intra_op_threads=1),
+        OnnxModel(exported["path"], intra_op_threads=1),
+    )
+    assert folder.sha256 == artifact_sha256(out) != single.sha256
+    assert folder.card.model_name == NAME and folder.has_embeddings
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(folder.predict(images), single.predict(images))
+    # A second export replaces the folder whole; nothing else is left beside it.
+    export_model(exported["run"], out, intra_op_threads=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder_model"]
+    # The server and the scorer take the folder wherever they take a model file.
+    from fastapi.testclient import TestClient
+    from galmorph.scoring.run import ScoreConfig, score
+    from galmorph.service.app import create_app
+    from galmorph.service.settings import Settings
+
+    settings = Settings(_env_file=None, model_path=out, providers=["CPUExecutionProvider"])  # type: ignore[call-arg]
+    with TestClient(create_app(settings)) as client:
+        for _ in range(200):
+            if client.get("/readyz").json()["ready"]:
+                break
+            time.sleep(0.05)
+        assert client.get("/model").json()["sha256"] == folder.sha256
+    cutouts = tmp_path / "cutouts"
+    cutouts.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(cutouts / f"g{i}.png")
+    summary = score(
+        ScoreConfig(catalog=str(cutouts), model=out, out_dir=tmp_path / "scores", workers=0,
+                    ort_threads=1, providers=("CPUExecutionProvider",), progress=False)
+    )  # fmt: skip
+    assert summary.rows_scored == 3 and not summary.errors
+
+
+def test_astroformer_5_weights_go_to_external_data_in_fp32_only() -> None:
+    """Checked on the meta device: the shapes alone, no memory."""
+    with torch.device("meta"):
+        model = create_model("astroformer_5", num_classes=10, img_size=256)
+    assert export_module.weight_bytes(model, "fp32") > export_module.MAX_SINGLE_FILE_BYTES
+    assert export_module.weight_bytes(model, "fp16") < export_module.MAX_SINGLE_FILE_BYTES
+    assert export_module.weight_bytes(model, "fp32") == pytest.approx(593.56e6 * 4, rel=0.01)

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,17 +38,19 @@ from galmorph.service.decoding import DecodeBusyError, MemoryBudget
 from galmorph.service.settings import Settings
 
 from galmorph.core.cutout_limits import MIB, CutoutError, CutoutErrorKind, DecodeLimits
+from tests import process_cost
 from tests.cutout_factory import bad_inputs, gzip_bomb, make_grz_fits, make_png
 from tests.hostile_inputs import (
-    _png_chunk,
     extension_flood,
     flat_gzip_cube,
     flat_jpeg,
     flat_png,
     header_card_flood,
+    png_chunk,
     scale_bomb_fits,
 )
 from tests.onnx_factory import FactoryModel, write_model
+from tests.process_cost import Cost
 from tests.server_process import RunningServer, serve
 
 BUDGET = 448 * MIB  # holds one 8192^2 RGB PNG (~265 MiB) at a time, not two
@@ -74,36 +75,10 @@ def server(model: Path) -> Iterator[RunningServer]:
         yield running
 
 
-# --- measuring the server -----------------------------------------------------------------
-
-
-@dataclass
-class Cost:
-    rss_growth_mib: float = 0.0
-    cpu_s: float = 0.0
-
-
-def _status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{key} not in /proc/{pid}/status")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 @contextmanager
 def measured(server: RunningServer) -> Iterator[Cost]:
-    pid = server.process.pid
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-    rss, cpu = _status_kib(pid, "VmRSS"), _cpu_s(pid)
-    cost = Cost()
-    yield cost
-    cost.rss_growth_mib = (_status_kib(pid, "VmHWM") - rss) / 1024
-    cost.cpu_s = _cpu_s(pid) - cpu
+    with process_cost.measured(server.process.pid) as cost:
+        yield cost
 
 
 def post(server: RunningServer, data: bytes, name: str, **params: str) -> httpx.Response:
@@ -257,7 +232,7 @@ def test_big_gzip_cube_is_read_only_where_the_model_looks(server: RunningServer)
 
 def odd_files() -> list[tuple[str, bytes, int]]:
     png = make_png()
-    text_flood = png[:33] + _png_chunk(b"zTXt", b"k\0\0" + _zeros_z(1 << 20)) * 60 + png[33:]
+    text_flood = png[:33] + png_chunk(b"zTXt", b"k\0\0" + _zeros_z(1 << 20)) * 60 + png[33:]
     one_axis = fits.PrimaryHDU(np.zeros(100, np.float32))
     buffer = io.BytesIO()
     one_axis.writeto(buffer)
@@ -308,7 +283,7 @@ def app_client(model: Path, **overrides: Any) -> Iterator[TestClient]:
         yield client
 
 
-def test_batch_is_refused_before_decoding_when_the_queue_is_full(
+def test_uploads_are_refused_before_decoding_when_the_queue_is_full(
     model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def never(*args: object, **kwargs: object) -> None:
@@ -318,9 +293,12 @@ def test_batch_is_refused_before_decoding_when_the_queue_is_full(
         monkeypatch.setattr(decoding, "decode_cutout", never)
         monkeypatch.setattr(MicroBatcher, "queue_length", property(lambda self: 3))
         files = [("files", (f"f{i}.png", make_png(seed=i))) for i in range(2)]
-        response = client.post("/classify/batch", files=files)
-    assert response.status_code == 503, response.text
-    assert "queue is full" in response.json()["detail"] and "Retry-After" in response.headers
+        batch = client.post("/classify/batch", files=files)
+        monkeypatch.setattr(MicroBatcher, "queue_length", property(lambda self: 4))
+        single = client.post("/classify", content=make_png())
+    for response in (batch, single):
+        assert response.status_code == 503, response.text
+        assert "queue is full" in response.json()["detail"] and "Retry-After" in response.headers
 
 
 def test_decode_time_counts_in_the_request_timeout(

@@ -141,8 +141,9 @@ def test_refusals_quote_what_was_sent_as_text(server: RunningServer) -> None:
         odd = "m\x11odel ü"
         missing = client.get(f"/v2/models/{quote(odd)}")
         assert missing.status_code == 404
-        # As sent, not as a Python repr ('m\x11odel ü' with a backslash escape).
-        assert missing.json()["detail"] == (
+        # As sent, not as a Python repr ('m\x11odel ü' with a backslash escape); the Open
+        # Inference Protocol's routes answer {"error": ...}.
+        assert missing.json()["error"] == (
             f"no model named '{odd}'; this server serves 'test_factory_model'"
         )
         squash = client.post("/classify?fit=squash", content=make_png())

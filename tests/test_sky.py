@@ -42,7 +42,7 @@ from tests.onnx_factory import FactoryModel, write_model
 from tests.sky_stub import SkyStub, max_starts_within, render_fits
 
 # Fast enough for tests, and small enough that the bounds show in the stub's log.
-CONCURRENCY, RATE = 3, 40.0
+CONCURRENCY, RATE = 3, 20.0
 FAST = Politeness(
     concurrency=CONCURRENCY, rate=RATE, timeout=0.5, attempts=3, backoff=0.02, max_backoff=0.05
 )
@@ -336,10 +336,13 @@ def test_faults_end_as_scores_or_error_rows_within_the_politeness_bounds(
 
     # The stub's log: bounds held, Retry-After honoured, nothing fetched twice.
     assert max(r.in_flight for r in log) <= CONCURRENCY
-    assert max_starts_within(log, 0.5) <= 0.5 * RATE + 1
+    # Starts are spaced at the client; arrival jitter can bunch at most those in flight.
+    assert max_starts_within(log, 0.5) <= 0.5 * RATE + CONCURRENCY
     for held in (r for r in log if r.status in (429, 503)):
-        early = [q for q in log if held.end + 0.05 < q.start < held.end + stub.retry_after - 0.1]
-        assert not early, f"requests within Retry-After of the {held.status} at {held.end}"
+        # Only requests already on their way when the client read the answer may arrive
+        # within Retry-After (the others in flight: at most the concurrency less one).
+        early = [q for q in log if held.end < q.start < held.end + stub.retry_after - 0.1]
+        assert len(early) < CONCURRENCY, f"requests within Retry-After of the {held.status}"
     delivered: dict[tuple[float, float] | None, int] = {}
     for r in log:
         if r.status == 200 and r.fault == "ok":

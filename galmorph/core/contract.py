@@ -168,6 +168,27 @@ class ModelOutputs:
     def __len__(self) -> int:
         return len(self.probabilities)
 
+    def scatter(self, mask: np.ndarray) -> ModelOutputs:
+        """These rows placed where mask is True in len(mask) rows; the other rows hold NaN
+        (probabilities, embeddings, score) and False (flag): images that were never run."""
+        mask = np.asarray(mask, bool)
+
+        def spread(values: np.ndarray | None, fill: float | bool) -> np.ndarray | None:
+            if values is None:
+                return None
+            full = np.full((len(mask), *values.shape[1:]), fill, values.dtype)
+            full[mask] = values
+            return full
+
+        probabilities = spread(self.probabilities, np.nan)
+        assert probabilities is not None
+        return ModelOutputs(
+            probabilities,
+            spread(self.embeddings, np.nan),
+            spread(self.ood_score, np.nan),
+            spread(self.in_distribution, False),
+        )
+
     def row(self, index: int) -> ModelOutputs:
         """The outputs of one image, each array without its batch axis."""
         return ModelOutputs(

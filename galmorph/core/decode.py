@@ -312,13 +312,14 @@ def read_cutout_file(path: Path, limits: DecodeLimits) -> bytes:
             reason = "it is a socket or a device without a driver, not a regular file"
         raise CutoutError(CutoutErrorKind.INVALID, f"cannot read {str(path)!r}: {reason}") from None
     try:
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
             raise CutoutError(
                 CutoutErrorKind.INVALID,
-                f"cannot read {str(path)!r}: it is {_file_kind(mode)}, not a regular file",
+                f"cannot read {str(path)!r}: it is {_file_kind(status.st_mode)}, "
+                "not a regular file",
             )
-        limits.check_encoded_size(os.fstat(descriptor).st_size)
+        limits.check_encoded_size(status.st_size)
         return _read_bounded(descriptor, path, limits)
     except OSError as exc:
         raise CutoutError(
@@ -498,8 +499,8 @@ def fit_picture(
             "(padding is blank-sky grey)"
         )
         rows, cols = centre_window(shape[0], target[0]), centre_window(shape[1], target[1])
-        window = picture.crop((cols.start, rows.start, cols.stop, rows.stop))
-        return crop_pad(_rgb_array(window), target, BLANK_SKY_UINT8)
+        centre = picture.crop((cols.start, rows.start, cols.stop, rows.stop))
+        return crop_pad(_rgb_array(centre), target, BLANK_SKY_UINT8)
     return _rgb_array(picture)
 
 

@@ -15,8 +15,12 @@ itself); always on a host without one. `galmorph serve` and `galmorph score` che
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
+import io
 import logging
+import multiprocessing
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -208,6 +212,25 @@ def _requested(providers: Sequence[str] | None) -> list[str]:
     return requested
 
 
+@cache
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages when that is where they are.
+
+    Without torch imported first (the server and the scorer never import it), onnxruntime does
+    not look there, and a pip-only GPU host would fall back to the CPU. Where the libraries are
+    system-wide (the CUDA base image) or absent, this changes nothing; what onnxruntime prints
+    about missing ones is dropped, since the session's own failure names them.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or not nvidia_driver_present():
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            preload()
+        except Exception as exc:  # best effort: the session start reports what is missing
+            logger.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
 def _start_session(
     source: str | bytes, options: ort.SessionOptions, providers: list[str]
 ) -> tuple[ort.InferenceSession, str | None]:
@@ -217,6 +240,8 @@ def _start_session(
     reason would only be on stdout; the retry is done here instead (enable_fallback=0) to keep
     it. A model that cannot load fails the CPU retry too, with its own error.
     """
+    if CUDA_PROVIDER in providers:
+        _preload_cuda_libraries()
     try:
         session = ort.InferenceSession(
             source, sess_options=options, providers=providers, enable_fallback=0
@@ -233,8 +258,20 @@ def _start_session(
 def probe_placement(providers: Sequence[str] | None = None) -> Placement:
     """Where a model would run with these providers (None: default_providers()), found by
     starting a session on a one-node graph: no model file needed, so a command can refuse
-    before it reads a catalog or opens a port. A misspelt provider raises ModelLoadError."""
+    before it reads a catalog or opens a port. A misspelt provider raises ModelLoadError.
+
+    A CUDA probe runs in a child process: the CUDA context it creates (hundreds of MB of GPU
+    memory) would otherwise stay with the caller, e.g. a server's parent process whose workers
+    each load the model themselves."""
     requested = _requested(providers)
+    if CUDA_PROVIDER in requested:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            return pool.submit(_probe_here, requested, bool(providers)).result()
+    return _probe_here(requested, bool(providers))
+
+
+def _probe_here(requested: list[str], chosen: bool) -> Placement:
     # onnxruntime would log its CUDA failure in several lines of its own; the reason is in
     # Placement.cpu_reason, so the caller's one-line refusal says it alone.
     ort.set_default_logger_severity(ORT_LOG_FATAL)
@@ -242,7 +279,7 @@ def probe_placement(providers: Sequence[str] | None = None) -> Placement:
         session, cuda_error = _start_session(PROBE_MODEL, ort.SessionOptions(), requested)
     finally:
         ort.set_default_logger_severity(ORT_LOG_WARNING)
-    return Placement(tuple(requested), tuple(session.get_providers()), bool(providers), cuda_error)
+    return Placement(tuple(requested), tuple(session.get_providers()), chosen, cuda_error)
 
 
 class OnnxModel:
@@ -357,6 +394,14 @@ class OnnxModel:
     @property
     def has_ood(self) -> bool:
         return OOD_SCORE_NAME in self.output_names
+
+    @property
+    def embedding_size(self) -> int | None:
+        """D of the embeddings output [N, D]; None when the file has none."""
+        for node in self.session.get_outputs():
+            if node.name == EMBEDDINGS_NAME and isinstance(node.shape[-1], int):
+                return int(node.shape[-1])
+        return None
 
     @property
     def cuda_active(self) -> bool:

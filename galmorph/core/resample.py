@@ -46,7 +46,6 @@ class ScaleResampling:
     window: tuple[slice, slice]  # source rows and columns to read: the field plus a margin
     box: Box  # the field inside the window (source pixels, fractional)
     shape: tuple[int, int]  # output (H, W): the model's input, less where the source is smaller
-    field: tuple[float, float]  # the model's field in source pixels (H, W)
 
 
 def plan_scale_resampling(
@@ -57,7 +56,7 @@ def plan_scale_resampling(
 ) -> ScaleResampling:
     """The centred window of a (H, W) source at (x, y) arcsec/px that covers `target_shape`
     pixels at `target_scale`, and the output shape; the source centre stays the centre."""
-    windows, starts, ends, sizes, fields = [], [], [], [], []
+    windows, starts, ends, sizes = [], [], [], []
     # numpy order: rows use the y scale, columns the x scale
     for size, scale, target in zip(
         source_shape, (source_scale[1], source_scale[0]), target_shape, strict=True
@@ -73,12 +72,10 @@ def plan_scale_resampling(
         starts.append(low - first)
         ends.append(high - first)
         sizes.append(out)
-        fields.append(field)
     return ScaleResampling(
         window=(windows[0], windows[1]),
         box=(starts[1], starts[0], ends[1], ends[0]),
         shape=(sizes[0], sizes[1]),
-        field=(fields[0], fields[1]),
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from galmorph.service.batching import Prediction, QueueFullError
+from galmorph.service.batching import MicroBatcher, Prediction, QueueFullError
 from galmorph.service.decoding import DecodeBusyError, Decoder, DecodeRequest, within_deadline
 from galmorph.service.dependencies import (
     MetricsDep,
@@ -166,6 +166,12 @@ def start_job(
     return Job(ready, settings, options, decoder, time.monotonic() + settings.request_timeout_s)
 
 
+def admit(batcher: MicroBatcher, images: int) -> None:
+    """Refuse (503) before decoding anything when the queue could not take `images` now."""
+    if batcher.queue_length + images > batcher.config.max_queue:
+        raise QueueFullError(batcher.retry_after_s(images))
+
+
 async def decode_upload(upload: Upload, job: Job) -> DecodedUpload:
     if not upload.data:
         raise UploadError("empty upload: send the cutout as the body or as multipart 'file'")
@@ -225,6 +231,7 @@ async def classify(
     started = time.perf_counter()
     try:
         upload = await read_single_upload(request, settings.max_body_bytes, filename)
+        admit(ready.batcher, 1)
         job = start_job(ready, settings, options, decoder)
         item = await decode_upload(upload, job)
     except CutoutError as exc:
@@ -281,17 +288,14 @@ async def classify_batch(
     )
     if not files:
         raise UploadError("multipart body has no file parts (send each cutout as 'files')")
-    batcher = ready.batcher
-    # Refused before any file is decoded when the queue could not take them all now.
-    if batcher.queue_length + len(files) > batcher.config.max_queue:
-        raise QueueFullError(batcher.retry_after_s(len(files)))
+    admit(ready.batcher, len(files))
     job = start_job(ready, settings, options, decoder)
     # One file at a time: a batch holds one decode's memory at most, not all of its files'.
     outcomes = [await _decode_item(file, job) for _, file in files]
     decoded = [outcome for outcome in outcomes if isinstance(outcome, DecodedUpload)]
     # All good images are queued together (or refused together when the queue is full).
     images = [d.cutout.image for d in decoded]
-    predictions = iter(await within_deadline(batcher.submit_many(images), job.deadline))
+    predictions = iter(await within_deadline(ready.batcher.submit_many(images), job.deadline))
     items: list[BatchItem] = []
     for (_, file), outcome in zip(files, outcomes, strict=True):
         if isinstance(outcome, BatchItemError):

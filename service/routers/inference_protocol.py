@@ -226,10 +226,11 @@ def model_version(model: OnnxModel) -> str:
 def check_model(model: OnnxModel, name: str, version: str | None) -> None:
     served = model.card.model_name
     if name != served:
-        raise ProtocolError(404, f"no model named {name!r}; this server serves {served!r}")
+        # Names as sent, not as Python reprs (which escape what a client typed).
+        raise ProtocolError(404, f"no model named '{name}'; this server serves '{served}'")
     if version is not None and version != model_version(model):
         raise ProtocolError(
-            404, f"model {name!r} has no version {version!r}; it has {model_version(model)!r}"
+            404, f"model '{name}' has no version '{version}'; it has '{model_version(model)}'"
         )
 
 
