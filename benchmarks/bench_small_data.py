@@ -182,6 +182,27 @@ def sweep(args: argparse.Namespace, sets: dict, workdir: Path) -> dict[str, Any]
     return results
 
 
+def sweep_table(results: dict[str, Any]) -> str:
+    """The docs/small_data.md table: each knob's mean +- sd and its change from the recipe."""
+    base = results["recipe"]
+    rows = [
+        "| knob (`--set`) | top-1 | top-1 TTA | macro-F1 | merger recall | Δ top-1 | Δ top-1 TTA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        cells = [
+            f"{row[key]['mean']:.3f} ± {row[key]['sd']:.3f}"
+            for key in ("top1", "top1_tta", "macro_f1", f"{RARE_CLASS}_recall")
+        ]
+        deltas = [
+            "–" if name == "recipe" else f"{row[key]['mean'] - base[key]['mean']:+.3f}"
+            for key in ("top1", "top1_tta")
+        ]
+        knob = " ".join(f"`{o}`" for o in row["overrides"]) or "configs/small_data.yaml"
+        rows.append(f"| {name}: {knob} | " + " | ".join(cells + deltas) + " |")
+    return "\n".join(rows)
+
+
 def _progress_file(args: argparse.Namespace, results: dict[str, Any]) -> None:
     if args.partial is not None:
         args.partial.write_text(json.dumps(results, indent=1) + "\n")
@@ -208,8 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         help="distillation teacher trained with the recipe ('' skips distillation)",
     )
     parser.add_argument("--speed-repeats", type=int, default=10)
+    parser.add_argument(
+        "--table", type=Path, metavar="RESULTS", help="print a sweep results file as markdown"
+    )
     parser.add_argument("--out", type=Path, help="results file")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(sweep_table(json.loads(args.table.read_text())["sweep"]))
+        return 0
 
     import torch
 

@@ -74,12 +74,15 @@ BENCHMARKS = (
     Benchmark("decode", "benchmarks.bench_decode", "imaging"),
     Benchmark("service", "benchmarks.bench_service", "service"),
     Benchmark("slow_clients", "benchmarks.bench_slow_clients", "service"),
+    Benchmark("hostile", "benchmarks.bench_hostile", "service"),
     Benchmark("score", "benchmarks.bench_score", "scoring", writes_to_out=False),
     Benchmark("sky", "benchmarks.bench_sky", "scoring"),
     Benchmark("synth", "benchmarks.bench_synth", "data", writes_to_out=False),
     Benchmark(
         "train", "benchmarks.bench_train", "training", writes_to_out=False, takes_threads=True
     ),
+    # About 40 minutes on 2 cores: three seeds of two recipes, a teacher and its students.
+    Benchmark("small_data", "benchmarks.bench_small_data", "training", takes_threads=True),
 )
 
 

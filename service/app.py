@@ -26,10 +26,12 @@ from galmorph.service.routers import (
     inference_protocol,
     metrics,
     model_info,
+    sky,
     web,
 )
 from galmorph.service.runtime import ServiceRuntime
 from galmorph.service.settings import Settings
+from galmorph.service.sky import SkyCutouts
 from galmorph.service.uploads import (
     BodyTimeoutError,
     PayloadTooLargeError,
@@ -51,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     service_metrics = ServiceMetrics()
     runtime = ServiceRuntime(settings, service_metrics)
     decoder = Decoder(settings.decode_memory_budget_bytes, settings.decode_threads)
+    sky_cutouts = SkyCutouts(settings) if settings.sky_enabled else None
     service_metrics.sample_queue = lambda: (
         runtime.batcher.queue_length if runtime.batcher is not None else 0
     )
@@ -70,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield {POLICY_STATE_KEY: policy}
         finally:
             await runtime.stop()
+            if sky_cutouts is not None:
+                await sky_cutouts.aclose()
             decoder.shutdown()
             service_metrics.close()
 
@@ -87,10 +92,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = service_metrics
     app.state.runtime = runtime
     app.state.decoder = decoder
+    app.state.sky = sky_cutouts
 
     routers = (classify, health, inference_protocol, model_info, metrics, web)
     for module in routers:
         app.include_router(module.router)
+    # Off, /classify/sky answers 404 saying how to turn it on, and is not in the schema.
+    app.include_router(sky.router, include_in_schema=settings.sky_enabled)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     if settings.cors_origins:
         app.add_middleware(

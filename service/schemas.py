@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +21,9 @@ ERROR_DESCRIPTIONS = {
     413: "body or declared image size over the limit",
     415: f"not {formats.format_labels()}",
     422: "corrupt, truncated or unusable input, or an invalid parameter",
+    502: "the cutout service answered with an error, or with a body that is not the cutout",
     503: "not ready, queue full, timed out or shutting down (see Retry-After)",
+    504: "the cutout service gave no complete answer in time",
 }
 
 
@@ -104,6 +106,29 @@ class ClassificationResult(BaseModel):
     embeddings: list[float] | None = Field(
         default=None, description="the pre-logit representation (when embeddings=true)"
     )
+
+
+class SkyCutout(BaseModel):
+    """The cutout a /classify/sky answer was made from: the request to the cutout service
+    (galmorph.core.sky.CutoutSpec) and whether it came from the server's cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="the cutout service request")
+    source: Literal["cached", "fetched"]
+    ra: float = Field(description="degrees, RA wrapped into [0, 360)")
+    dec: float = Field(description="degrees")
+    base_url: str
+    layer: str
+    bands: str
+    pixscale: float = Field(description="arcsec/pixel")
+    width: int
+    height: int
+    image_format: str
+
+
+class SkyClassificationResult(ClassificationResult):
+    cutout: SkyCutout
 
 
 class BatchItemError(BaseModel):

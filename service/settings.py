@@ -19,11 +19,16 @@ from galmorph.service.batching import BatcherConfig
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from galmorph.core.cutout_cache import DEFAULT_MAX_BYTES as CUTOUT_CACHE_BYTES
 from galmorph.core.cutout_limits import MIB, DecodeLimits
 from galmorph.core.engine import GpuPolicy
+from galmorph.core.sky import CutoutSpec
+from galmorph.core.sky_options import CutoutOptions, Politeness
 
 _LIMITS = DecodeLimits()
 _BATCHING = BatcherConfig()
+_CUTOUTS = CutoutOptions()
+_POLITE = Politeness()
 
 
 class Settings(BaseSettings):
@@ -117,6 +122,30 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Cutouts by sky position, GET /classify/sky (galmorph.core.sky; the scorer's defaults:
+    # CutoutOptions, Politeness, the cutout cache). Size, pixel scale and bands not set here
+    # come from the model card. The politeness limits hold per worker process.
+    sky_enabled: bool = Field(default=False, description="serve GET /classify/sky (off: 404)")
+    cutout_cache: Path | None = Field(
+        default=None, description="cutout cache folder; None: ~/.cache/galmorph/cutouts"
+    )
+    cutout_cache_max_bytes: int = Field(default=CUTOUT_CACHE_BYTES, ge=1)
+    cutout_url: str = Field(default=_CUTOUTS.base_url, description="cutout service base URL")
+    cutout_layer: str = Field(default=_CUTOUTS.layer, description="survey layer")
+    cutout_bands: str | None = Field(default=None, description="None: the model's bands")
+    cutout_offline: bool = Field(
+        default=False, description="the cache only: no request is made, a miss is a 503"
+    )
+    fetch_concurrency: int = Field(default=_POLITE.concurrency, ge=1)
+    fetch_rate: float = Field(default=_POLITE.rate, gt=0, description="request starts/s per host")
+    fetch_timeout_s: float = Field(default=_POLITE.timeout, gt=0, description="per attempt")
+    fetch_attempts: int = Field(default=_POLITE.attempts, ge=1, description="tries per cutout")
+    fetch_backoff_s: float = Field(default=_POLITE.backoff, ge=0)
+    fetch_max_backoff_s: float = Field(default=_POLITE.max_backoff, ge=0)
+    fetch_max_retry_after_s: float = Field(
+        default=_POLITE.max_retry_after, ge=0, description="a longer Retry-After fails the fetch"
+    )
+
     # Slow and hostile clients (uvicorn's own limits where it has them; docker/README.md)
     max_header_bytes: int = Field(
         default=16 * 1024, ge=1024, description="request line + headers; longer gets 400"
@@ -177,6 +206,33 @@ class Settings(BaseSettings):
                 f"max_queue ({self.max_queue})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _cutout_service_valid(self) -> Settings:
+        # CutoutSpec names a bad URL, layer or bands at startup, not at the first request;
+        # the model card supplies the rest (as CutoutSpec.for_card does, "" means the card's).
+        bands = self.cutout_bands or CutoutSpec.bands
+        CutoutSpec(base_url=self.cutout_url.rstrip("/"), layer=self.cutout_layer, bands=bands)
+        return self
+
+    @property
+    def cutout_options(self) -> CutoutOptions:
+        """What /classify/sky asks for; the model card fills in what is None."""
+        return CutoutOptions(
+            base_url=self.cutout_url, layer=self.cutout_layer, bands=self.cutout_bands
+        )
+
+    @property
+    def politeness(self) -> Politeness:
+        return Politeness(
+            concurrency=self.fetch_concurrency,
+            rate=self.fetch_rate,
+            timeout=self.fetch_timeout_s,
+            attempts=self.fetch_attempts,
+            backoff=self.fetch_backoff_s,
+            max_backoff=self.fetch_max_backoff_s,
+            max_retry_after=self.fetch_max_retry_after_s,
+        )
 
     @property
     def gpu_policy(self) -> GpuPolicy:

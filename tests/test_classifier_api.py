@@ -154,7 +154,9 @@ def test_uint8_arrays_equal_a_png_of_them(clf: Classifier, http: TestClient, siz
     prediction = clf.predict(image, embeddings=True)
     assert isinstance(prediction, Prediction) and prediction.source == "array"
     assert_same(prediction, classify(http, png_bytes(image), "image.png"))
-    assert (clf.prepare(image)[0] == image).all() == (size == 64)
+    # What the model saw: the image itself at the input size, else the image resized.
+    (seen,) = clf.prepare(image)
+    assert seen.shape == (64, 64, 3) and np.array_equal(seen, image) == (size == 64)
 
 
 def test_many_inputs_give_predictions_and_a_table(

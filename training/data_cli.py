@@ -121,7 +121,11 @@ def _inspect(args: argparse.Namespace) -> int:
         size_mb = args.file.stat().st_size / 1e6
         print(f"file:     {args.file} ({size_mb:.1f} MB)")
         print(f"images:   {(data.num_images, *data.image_shape)} uint8")
-        print(f"labels:   {data.num_classes} classes")
+        print(f"labels:   {data.num_classes} classes ({data.class_names_source})")
+        try:
+            data.check_class_names()
+        except Galaxy10Error as exc:
+            print(f"warning:  {exc}", file=sys.stderr)
         for name in OPTIONAL_COLUMNS:
             values = data.column(name)
             if values is None:

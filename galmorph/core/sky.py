@@ -260,7 +260,8 @@ class CutoutRequest:
 
 
 class FetchError(Exception):
-    """A cutout that could not be had; `status` is the HTTP status when there was one."""
+    """A cutout that could not be had; `status` is the HTTP status when there was one,
+    `no_answer` is true when no complete answer came (a timeout or a transport error)."""
 
     def __init__(
         self,
@@ -269,12 +270,14 @@ class FetchError(Exception):
         status: int | None = None,
         retryable: bool = False,
         retry_after: float | None = None,
+        no_answer: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
+        self.no_answer = no_answer
         self.attempts = 1
 
     def __str__(self) -> str:
@@ -508,12 +511,13 @@ class CutoutClient:
             except httpx.TransportError as exc:
                 detail = str(exc) or "no detail"
                 raise FetchError(
-                    f"{type(exc).__name__} from {host}: {detail}", retryable=True
+                    f"{type(exc).__name__} from {host}: {detail}", retryable=True, no_answer=True
                 ) from None
             except TimeoutError:
                 raise FetchError(
                     f"no complete answer from {host} within {self.politeness.timeout:g} s",
                     retryable=True,
+                    no_answer=True,
                 ) from None
         verify_cutout(data, request.spec, self.limits)
         return data

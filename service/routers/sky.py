@@ -1,0 +1,126 @@
+"""GET /classify/sky: classify the galaxy at a sky position, from the Legacy Survey cutout
+service (off unless GALMORPH_SKY_ENABLED; galmorph.service.sky has the fetcher).
+
+The cutout asked for is the model's field (its input size at its pixel scale, its bands), read
+from the server's cutout cache or fetched, checked, and cached; then it takes the same decode,
+queue and inference as an upload to /classify. The request's timeout
+(`request_timeout_s`) starts once the cutout is in hand, as it starts for an upload once the
+body has arrived; the fetch is bounded by the fetch settings (attempts x timeout, plus
+backoff).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from galmorph.service.decoding import DecodeBusyError, within_deadline
+from galmorph.service.dependencies import MetricsDep, ReadyModelDep, SettingsDep, require_api_key
+from galmorph.service.routers.classify import (
+    DecoderDep,
+    OptionsDep,
+    admit,
+    decode_upload,
+    finish,
+    start_job,
+)
+from galmorph.service.schemas import (
+    ErrorResponse,
+    SkyClassificationResult,
+    SkyCutout,
+    error_responses,
+)
+from galmorph.service.sky import SkyCutouts, fetch_refusal
+from galmorph.service.uploads import Upload
+
+from galmorph.core.cutout_limits import CutoutError
+from galmorph.core.sky import FetchError, check_position, parse_degrees
+
+router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
+
+ERRORS = {
+    **error_responses(401, 422, 502, 504),
+    503: {
+        "model": ErrorResponse,
+        "description": "not ready, queue full or timed out; the cutout service busy (with its "
+        "Retry-After when it gave one); or offline and the cutout not cached",
+    },
+}
+
+
+def get_sky(request: Request) -> SkyCutouts:
+    sky: SkyCutouts | None = request.app.state.sky
+    if sky is None:
+        raise HTTPException(
+            404, "GET /classify/sky is off on this server (GALMORPH_SKY_ENABLED=true turns it on)"
+        )
+    return sky
+
+
+def sky_position(
+    ra: Annotated[
+        str,
+        Query(description="right ascension in decimal degrees, [-180, 360]", examples=["202.4696"]),
+    ],
+    dec: Annotated[
+        str, Query(description="declination in decimal degrees, [-90, 90]", examples=["47.1952"])
+    ],
+) -> tuple[float, float]:
+    """(ra, dec) in degrees; text, so that sexagesimal gets a message saying how to convert."""
+    try:
+        return check_position(parse_degrees(ra, "ra"), parse_degrees(dec, "dec"))
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+SkyDep = Annotated[SkyCutouts, Depends(get_sky)]
+PositionDep = Annotated[tuple[float, float], Depends(sky_position)]
+
+
+@router.get(
+    "/classify/sky",
+    response_model=SkyClassificationResult,
+    responses=ERRORS,
+    summary="Classify the galaxy at a sky position (a Legacy Survey cutout, cached)",
+)
+async def classify_sky(
+    sky: SkyDep,
+    position: PositionDep,
+    ready: ReadyModelDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    options: OptionsDep,
+    decoder: DecoderDep,
+) -> SkyClassificationResult:
+    started = time.perf_counter()
+    admit(ready.batcher, 1)  # a full queue is refused before the cutout service is asked
+    fetcher = await sky.fetcher(ready.model.card)
+    ra, dec = position
+    try:
+        data, source = await fetcher.read(ra, dec)
+    except FetchError as exc:
+        raise fetch_refusal(exc, fetcher.offline) from None
+    job = start_job(ready, settings, options, decoder)
+    try:
+        item = await decode_upload(Upload(data, filename=None, content_type=None), job)
+    except CutoutError as exc:
+        # The position was fine and the body passed the fetcher's checks: the service's fault.
+        metrics.cutouts.labels("502").inc()
+        raise HTTPException(
+            502, f"the cutout service's cutout is unusable: {exc.message}"
+        ) from None
+    except DecodeBusyError:
+        metrics.cutouts.labels("503").inc()
+        raise
+    prediction = await within_deadline(ready.batcher.submit(item.cutout.image), job.deadline)
+    metrics.queue_time.observe(prediction.queue_s)
+    metrics.cutouts.labels("ok").inc()
+    result = await finish(
+        item, prediction, ready=ready, options=options, settings=settings, started=started
+    )
+    spec = fetcher.spec
+    cutout = SkyCutout(
+        url=spec.request(ra, dec).url, source=source, ra=ra, dec=dec, **spec.to_dict()
+    )
+    return SkyClassificationResult(**dict(result), cutout=cutout)

@@ -1,0 +1,71 @@
+"""The server's cutout fetcher for GET /classify/sky: one per app (per uvicorn worker).
+
+What to ask the cutout service for depends on the model card (its input size, pixel scale and
+bands), which exists only once the model has loaded; so the fetcher is made at the first sky
+request after that, and closed when the app shuts down. Each worker process has its own, and
+with it its own politeness limits (galmorph.core.sky_options.Politeness).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from fastapi import HTTPException
+from galmorph.service.settings import Settings
+
+from galmorph.core.contract import ModelCard
+from galmorph.core.cutout_cache import CutoutCache, default_cache_dir
+from galmorph.core.sky import CutoutFetcher, CutoutSpec, FetchError
+
+
+class SkyCutouts:
+    """The fetcher the settings describe, made for the loaded model's card on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = CutoutCache(
+            settings.cutout_cache or default_cache_dir(), settings.cutout_cache_max_bytes
+        )
+        self._fetcher: CutoutFetcher | None = None
+        self._lock = asyncio.Lock()
+
+    async def fetcher(self, card: ModelCard) -> CutoutFetcher:
+        async with self._lock:
+            if self._fetcher is None:
+                settings = self.settings
+                fetcher = CutoutFetcher(
+                    CutoutSpec.for_card(card, settings.cutout_options),
+                    self.cache,
+                    settings.politeness,
+                    offline=settings.cutout_offline,
+                    limits=settings.decode_limits,
+                )
+                self._fetcher = await fetcher.__aenter__()
+            return self._fetcher
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            if self._fetcher is not None:
+                await self._fetcher.aclose()
+                self._fetcher = None
+
+
+def fetch_refusal(exc: FetchError, offline: bool) -> HTTPException:
+    """The answer that tells a client why its cutout could not be had.
+
+    The service busy (429/503): 503, with its Retry-After when it gave one. Any other status,
+    or a body that is not the cutout: 502. No complete answer (a timeout, a refused or reset
+    connection): 504. Offline and not cached: 503, without Retry-After (no retry helps until
+    the cache has it).
+    """
+    if offline:
+        detail = "the cutout is not in this server's cache, and the server is offline "
+        return HTTPException(503, detail + "(GALMORPH_CUTOUT_OFFLINE): it fetches nothing")
+    detail = f"cutout service: {exc}"
+    if exc.status in (429, 503):
+        wait = exc.retry_after
+        return HTTPException(
+            503, detail, {} if wait is None else {"Retry-After": str(math.ceil(wait))}
+        )
+    return HTTPException(504 if exc.no_answer else 502, detail)
