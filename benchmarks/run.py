@@ -83,6 +83,8 @@ BENCHMARKS = (
     ),
     # About 40 minutes on 2 cores: three seeds of two recipes, a teacher and its students.
     Benchmark("small_data", "benchmarks.bench_small_data", "training", takes_threads=True),
+    # About 5 minutes: trains a small model, then scores stars, sky, artefacts and galaxies.
+    Benchmark("ood", "benchmarks.bench_ood", "model", takes_threads=True),
 )
 
 

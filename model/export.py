@@ -91,6 +91,7 @@ class ImageClassifierGraph(nn.Module):
     galmorph.core.ood.mahalanobis_score of the embeddings, for the given class statistics."""
 
     inverse_temperature: torch.Tensor
+    ood_origin: torch.Tensor
     ood_whitener: torch.Tensor
     ood_centres: torch.Tensor
     ood_centre_norms: torch.Tensor
@@ -114,8 +115,10 @@ class ImageClassifierGraph(nn.Module):
         self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature))
         self.has_ood = gaussians is not None
         if gaussians is not None:
-            # The score as matrix products: |z - m_c|^2 = |z|^2 - 2 z.m_c + |m_c|^2, z = e W.
-            whitener, centres = gaussians.mahalanobis_terms()
+            # The score as matrix products: |z - m_c|^2 = |z|^2 - 2 z.m_c + |m_c|^2,
+            # z = (e - origin) W.
+            origin, whitener, centres = gaussians.mahalanobis_terms()
+            self.register_buffer("ood_origin", torch.from_numpy(origin).float())
             self.register_buffer("ood_whitener", torch.from_numpy(whitener).float())
             self.register_buffer("ood_centres", torch.from_numpy(centres.T.copy()).float())
             self.register_buffer("ood_centre_norms", torch.from_numpy((centres**2).sum(1)).float())
@@ -129,7 +132,7 @@ class ImageClassifierGraph(nn.Module):
         probabilities = (logits * self.inverse_temperature).softmax(dim=-1)
         if not self.has_ood:
             return probabilities, logits, embeddings
-        z = embeddings @ self.ood_whitener
+        z = (embeddings - self.ood_origin) @ self.ood_whitener
         distances = (z * z).sum(1, keepdim=True) - 2 * (z @ self.ood_centres)
         distances = distances + self.ood_centre_norms
         score = distances.min(dim=1).values.clamp_min(0.0) / z.shape[1]

@@ -34,7 +34,10 @@ GALMORPH_GRACEFUL_SHUTDOWN_S (docker/README.md puts a proxy in front as well). W
 --workers, /metrics sums all of them (PROMETHEUS_MULTIPROC_DIR, made and emptied here).
 
 Endpoints: POST /classify, POST /classify/batch, GET /model, /healthz, /readyz, /metrics,
-KServe v2 /v2/health/live|ready and /v2/models/{name}; the web page is at /.
+KServe v2 /v2/health/live|ready and /v2/models/{name}; the web page is at /. GET
+/classify/sky?ra=..&dec=.. (by sky position, from the Legacy Survey cutout service) only with
+GALMORPH_SKY_ENABLED=true; its GALMORPH_CUTOUT_* and GALMORPH_FETCH_* settings are in
+docs/scoring.md.
 """
 
 # Flag name -> Settings field, for flags that override a setting when given.

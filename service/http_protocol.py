@@ -35,16 +35,12 @@ POLICY_STATE_KEY = "galmorph_connection_policy"
 PROTOCOL_PATH = f"{__name__}:GuardedH11Protocol"
 
 
-def _nothing() -> None:
-    return None
-
-
 @dataclass
 class ConnectionPolicy:
     header_timeout_s: float
     body_timeout_s: float
     shutdown_upload_grace_s: float
-    on_header_timeout: Callable[[], None] = _nothing
+    on_header_timeout: Callable[[], None]
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     # Event-loop time by which uploads must be complete once draining (never before).
     drain_deadline: float = math.inf

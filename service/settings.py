@@ -138,8 +138,11 @@ class Settings(BaseSettings):
     )
     fetch_concurrency: int = Field(default=_POLITE.concurrency, ge=1)
     fetch_rate: float = Field(default=_POLITE.rate, gt=0, description="request starts/s per host")
-    fetch_timeout_s: float = Field(default=_POLITE.timeout, gt=0, description="per attempt")
-    fetch_attempts: int = Field(default=_POLITE.attempts, ge=1, description="tries per cutout")
+    # A client waits on the request while the server fetches: fewer, shorter tries than the
+    # scorer's (Politeness), so a failing position is answered within a minute, inside the
+    # proxy's read timeout.
+    fetch_timeout_s: float = Field(default=20.0, gt=0, description="per attempt")
+    fetch_attempts: int = Field(default=3, ge=1, description="tries per cutout")
     fetch_backoff_s: float = Field(default=_POLITE.backoff, ge=0)
     fetch_max_backoff_s: float = Field(default=_POLITE.max_backoff, ge=0)
     fetch_max_retry_after_s: float = Field(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import tempfile
+from pathlib import Path
 
 from fastapi import HTTPException
 from galmorph.service.settings import Settings
@@ -27,6 +29,8 @@ class SkyCutouts:
         self.cache = CutoutCache(
             settings.cutout_cache or default_cache_dir(), settings.cutout_cache_max_bytes
         )
+        if not settings.cutout_offline:
+            _check_writable(self.cache.root)
         self._fetcher: CutoutFetcher | None = None
         self._lock = asyncio.Lock()
 
@@ -49,6 +53,21 @@ class SkyCutouts:
             if self._fetcher is not None:
                 await self._fetcher.aclose()
                 self._fetcher = None
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse to start rather than answer every sky request with a cache-write failure (the
+    serving image's file system is read-only outside its volumes)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise RuntimeError(
+            f"GET /classify/sky is on but the cutout cache {folder} is not writable "
+            f"({exc.strerror or exc}): set GALMORPH_CUTOUT_CACHE to a writable volume, or "
+            "GALMORPH_CUTOUT_OFFLINE=true to serve from a pre-filled cache"
+        ) from None
 
 
 def fetch_refusal(exc: FetchError, offline: bool) -> HTTPException:

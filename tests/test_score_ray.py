@@ -47,7 +47,8 @@ def test_ray_engine_matches_local_engine(tmp_path: Path, local_ray: None):
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_model(tmp_path / "m.onnx", FactoryModel())
+    # With an OOD score and the embeddings: every output crosses the Ray pipeline.
+    write_model(tmp_path / "m.onnx", FactoryModel(ood_threshold=0.4))
 
     def run(engine: str) -> Path:
         config = ScoreConfig(
@@ -60,6 +61,7 @@ def test_ray_engine_matches_local_engine(tmp_path: Path, local_ray: None):
             workers=1,
             engine=engine,
             progress=False,
+            embeddings=True,
         )
         summary = score(config)
         assert summary.rows_scored == NUM_ROWS
@@ -69,6 +71,7 @@ def test_ray_engine_matches_local_engine(tmp_path: Path, local_ray: None):
     local = pq.read_table(run("local"))
     on_ray = pq.read_table(run("ray"))
     assert on_ray.num_rows == NUM_ROWS
+    assert {"ood_score", "in_distribution", "embeddings"} <= set(local.column_names)
     assert on_ray.equals(local)
     # Same parts on disk, so a Ray run resumes and merges like a local one.
     assert sorted(p.name for p in (tmp_path / "ray").glob("part-*")) == [

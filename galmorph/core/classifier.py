@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 from astropy.io import fits
@@ -48,8 +48,8 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-# What one item of a predict() call may be.
-Cutout = str | os.PathLike[str] | bytes | np.ndarray | fits.HDUList | fits.ImageHDU | Any
+# What one item of a predict() call may be (astropy's HDU classes included).
+Cutout: TypeAlias = str | os.PathLike[str] | bytes | np.ndarray | fits.HDUList | fits.ImageHDU
 ARRAY_FORMAT = "array"  # PreprocessInfo.format of a uint8 image given as an array
 DEFAULT_BATCH_SIZE = 32
 
@@ -138,7 +138,7 @@ class Classifier:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = OnnxModel(model, providers=providers, intra_op_threads=threads)
+        self.model = OnnxModel(Path(model), providers=providers, intra_op_threads=threads)
         self.stretch = stretch
         self.fit = fit
         self.batch_size = min(batch_size, self.model.max_batch_size or batch_size)
@@ -276,7 +276,7 @@ class Classifier:
         }
         try:
             if isinstance(item, str | os.PathLike):
-                return decode_path(item, **options), Path(item).name
+                return decode_path(Path(item), **options), Path(item).name
             if isinstance(item, bytes):
                 return decode_cutout(item, **options), "bytes"
             if isinstance(item, fits.HDUList | fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):

@@ -40,9 +40,13 @@ class ClassGaussians:
     def dim(self) -> int:
         return int(self.whitener.shape[0])
 
-    def mahalanobis_terms(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W, whitened means M = means @ W): the graph computes min_c |e W - M_c|^2 / D."""
-        return self.whitener, self.means @ self.whitener
+    def mahalanobis_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(origin o, W, M = (means - o) @ W): the graph computes min_c |(e - o) W - M_c|^2 / D.
+
+        The origin is the mean of the class means: distances are the same from any origin,
+        but float32 sums of squares near it lose far less to cancellation."""
+        origin = self.means.mean(axis=0)
+        return origin, self.whitener, (self.means - origin) @ self.whitener
 
 
 def fit_class_gaussians(
@@ -69,8 +73,8 @@ def fit_class_gaussians(
 
 def mahalanobis_score(embeddings: np.ndarray, gaussians: ClassGaussians) -> np.ndarray:
     """min over classes of the squared Mahalanobis distance, per embedding dimension (N,)."""
-    whitener, centres = gaussians.mahalanobis_terms()
-    z = np.asarray(embeddings, np.float64) @ whitener
+    origin, whitener, centres = gaussians.mahalanobis_terms()
+    z = (np.asarray(embeddings, np.float64) - origin) @ whitener
     distances = ((z[:, None, :] - centres[None]) ** 2).sum(axis=2)
     return distances.min(axis=1) / gaussians.dim
 

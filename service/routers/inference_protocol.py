@@ -74,7 +74,11 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 FILES_INPUT = "files"
 IMAGES_INPUT = INPUT_NAME
 # numpy dtype of each protocol datatype this server reads or writes.
-DTYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4"), "BOOL": np.dtype(np.bool_)}
+DTYPES: dict[str, np.dtype[Any]] = {
+    "UINT8": np.dtype(np.uint8),
+    "FP32": np.dtype("<f4"),
+    "BOOL": np.dtype(np.bool_),
+}
 UNSUPPORTED_PARAMETERS = ("classification", "shared_memory_region")
 
 
@@ -483,9 +487,10 @@ def _flatten(data: Any) -> list[Any]:
 
 
 def _bytes_elements(tensor: RequestInput, raw: bytes | None) -> list[bytes]:
+    files: list[bytes] = []
     if raw is not None:
         # Triton's layout: each element is a 4-byte little-endian length, then the bytes.
-        files, offset = [], 0
+        offset = 0
         while offset < len(raw):
             if offset + 4 > len(raw):
                 raise ProtocolError(400, f"input {FILES_INPUT!r}: truncated element length")
@@ -496,7 +501,6 @@ def _bytes_elements(tensor: RequestInput, raw: bytes | None) -> list[bytes]:
             files.append(raw[offset : offset + length])
             offset += length
         return files
-    files = []
     for index, value in enumerate(_flatten(tensor.data)):
         if not isinstance(value, str):
             raise ProtocolError(400, f"{FILES_INPUT}[{index}]: expected a base64 string")

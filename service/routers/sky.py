@@ -100,7 +100,9 @@ async def classify_sky(
     try:
         data, source = await fetcher.read(ra, dec)
     except FetchError as exc:
-        raise fetch_refusal(exc, fetcher.offline) from None
+        refusal = fetch_refusal(exc, fetcher.offline)
+        metrics.cutouts.labels(str(refusal.status_code)).inc()
+        raise refusal from None
     job = start_job(ready, settings, options, decoder)
     try:
         item = await decode_upload(Upload(data, filename=None, content_type=None), job)
@@ -120,7 +122,7 @@ async def classify_sky(
         item, prediction, ready=ready, options=options, settings=settings, started=started
     )
     spec = fetcher.spec
-    cutout = SkyCutout(
-        url=spec.request(ra, dec).url, source=source, ra=ra, dec=dec, **spec.to_dict()
+    cutout = {"url": spec.request(ra, dec).url, "source": source, "ra": ra, "dec": dec}
+    return SkyClassificationResult(
+        **dict(result), cutout=SkyCutout.model_validate({**cutout, **spec.to_dict()})
     )
-    return SkyClassificationResult(**dict(result), cutout=cutout)
