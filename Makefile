@@ -44,10 +44,10 @@ browser:
 	  else echo "install Debian's chromium (sudo apt-get install chromium) for the browser test"; fi; }
 
 # The proxy's configuration (docker/nginx.conf) is checked by `nginx -t` (Debian package),
-# installed when absent.
+# installed when absent; RUNLEVEL=1 keeps the package from starting a server on port 80.
 nginx:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nginx >/dev/null; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && RUNLEVEL=1 apt-get install -y -qq nginx >/dev/null; \
 	  else echo "install Debian's nginx (sudo apt-get install nginx) for the proxy test"; fi; }
 
 test: install browser nginx lint typecheck
