@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "data": str(data), "out": str(work / "run"), "model": "gm_astroformer_tiny",
                 "img_size": IMG_SIZE, "batch_size": 32, "epochs": args.epochs, "lr": 2e-3,
-                "warmup_epochs": min(1.0, args.epochs / 4), "num_workers": 0, "threads": args.threads,
-                "progress": False, "seed": args.seed,
+                "warmup_epochs": min(1.0, args.epochs / 4), "num_workers": 0,
+                "threads": args.threads, "progress": False, "seed": args.seed,
             }
         )  # fmt: skip
         run = train(config)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         hst = sorted((DATA / "hst-fits").glob("*.fits.gz"))
         outside["hst_star"] = decoded([p for p in hst if "psf" in p.name], card)
-        hst_galaxies = decoded([p for p in hst if "galaxy" in p.name and "rms" not in p.name], card)
+        hst_galaxies = decoded([p for p in hst if "galax" in p.name and "rms" not in p.name], card)
 
         measured = {name: scores(model, images) for name, images in {**inside, **outside}.items()}
         measured["hst_galaxies"] = scores(model, hst_galaxies)

@@ -75,6 +75,7 @@ BENCHMARKS = (
     Benchmark("service", "benchmarks.bench_service", "service"),
     Benchmark("slow_clients", "benchmarks.bench_slow_clients", "service"),
     Benchmark("hostile", "benchmarks.bench_hostile", "service"),
+    Benchmark("a5_export", "benchmarks.bench_a5_export", "model"),
     Benchmark("score", "benchmarks.bench_score", "scoring", writes_to_out=False),
     Benchmark("sky", "benchmarks.bench_sky", "scoring"),
     Benchmark("synth", "benchmarks.bench_synth", "data", writes_to_out=False),

@@ -233,3 +233,11 @@ def test_the_scorer_writes_what_the_model_has(tmp_path: Path) -> None:
             True,
             False,
         )
+
+
+def test_a_score_without_a_threshold_is_refused(tmp_path: Path) -> None:
+    from galmorph.core.engine import ModelLoadError
+
+    spec = FactoryModel(ood_threshold=0.4, metadata_overrides={"galmorph.ood": "{}"})
+    with pytest.raises(ModelLoadError, match="'ood_score' but no threshold"):
+        OnnxModel(write_model(tmp_path / "m.onnx", spec), providers=CPU)

@@ -8,6 +8,7 @@ JSON and, by default, Triton's binary tensor data extension. A real `galmorph se
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,9 @@ def test_refusals_reach_the_client_as_protocol_errors(
     with pytest.raises(InferenceServerException, match="must be UINT8, not FP32"):
         client.infer(NAME, [wrong])
     with pytest.raises(InferenceServerException, match="unknown output 'logits'"):
-        client.infer(NAME, [files_input(cutouts[:1])], outputs=[triton.InferRequestedOutput("logits")])
+        client.infer(
+            NAME, [files_input(cutouts[:1])], outputs=[triton.InferRequestedOutput("logits")]
+        )
 
 
 def protocol_client(model: Path, **settings: Any) -> TestClient:
@@ -324,3 +327,30 @@ def test_versions_and_not_ready_follow_the_protocol(model_path: Path, tmp_path: 
         assert not_ready.headers["Retry-After"]
         probe = client.get(f"/v2/models/{NAME}/ready")
         assert probe.status_code == 503 and probe.json() == {"name": NAME, "ready": False}
+
+
+def test_large_tensors_must_travel_as_binary(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from galmorph.service.routers import inference_protocol
+
+    monkeypatch.setattr(inference_protocol, "MAX_JSON_BYTES", 300)
+    images = [[[[7, 7, 7]] * 8] * 8]
+    body = {"inputs": [{"name": "images", "shape": [1, 8, 8, 3], "datatype": "UINT8",
+                        "data": images}]}  # fmt: skip
+    with protocol_client(model_path) as client:
+        wait_ready(client)
+        refused = client.post(f"/v2/models/{NAME}/infer", json=body)
+        assert refused.status_code == 413 and "binary tensor data" in refused.json()["error"]
+        # The same tensor as binary data after a short JSON header is accepted.
+        header = json.dumps(
+            {"inputs": [{"name": "images", "shape": [1, 8, 8, 3], "datatype": "UINT8",
+                         "parameters": {"binary_data_size": 192}}]}
+        ).encode()  # fmt: skip
+        answer = client.post(
+            f"/v2/models/{NAME}/infer",
+            content=header + bytes([7]) * 192,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["shape"] == [1, 10]

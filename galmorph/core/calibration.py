@@ -82,16 +82,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         curvature = float(np.mean((p * z * z).sum(axis=1) - expected**2))
         if abs(gradient) < 1e-10 or curvature <= 1e-12:
             break
-        step = gradient / curvature
-        current = objective(beta)
-        while step != 0.0:
-            candidate = float(np.clip(beta - step, *_BETA_RANGE))
-            if objective(candidate) <= current:
-                break
+        current, step = objective(beta), gradient / curvature
+        candidate = float(np.clip(beta - step, *_BETA_RANGE))
+        while objective(candidate) > current and abs(step) > 1e-12:
             step /= 2
-            if abs(step) < 1e-12:
-                step = 0.0
-        if step == 0.0 or candidate == beta:
+            candidate = float(np.clip(beta - step, *_BETA_RANGE))
+        if candidate == beta or objective(candidate) > current:
             break
         beta = candidate
     return 1.0 / beta

@@ -23,7 +23,9 @@ Request parameters `stretch` and `fit` are `/classify`'s query options. Outputs:
 them. Triton's binary tensor data extension (`Inference-Header-Content-Length`,
 `binary_data_size`, `binary_data`/`binary_data_output`) is supported both ways, which is what
 `tritonclient` uses by default. Errors are the protocol's `{"error": "..."}` with the status
-the rest of the API gives the same refusal (400 for a malformed protocol request).
+the rest of the API gives the same refusal (400 for a malformed protocol request). The whole
+body is bounded by max_batch_body_bytes, its JSON part by MAX_JSON_BYTES, the images or files
+of one request by max_batch_files.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from galmorph.service.routers.classify import (
 from galmorph.service.schemas import ERROR_DESCRIPTIONS, KServeModelMetadata, TensorSpec
 from galmorph.service.uploads import Upload, read_raw_body
 from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from galmorph import __version__
 from galmorph.core.classifier import fit_array
@@ -80,6 +83,9 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
 }
 UNSUPPORTED_PARAMETERS = ("classification", "shared_memory_region")
+# The JSON part of a request. Tensors written out as JSON numbers cost ~40 bytes of Python
+# objects per value when parsed: larger ones go as binary tensor data, which this does not count.
+MAX_JSON_BYTES = 16 * 2**20
 
 
 class ProtocolErrorResponse(BaseModel):
@@ -349,6 +355,12 @@ async def infer(
         raise ProtocolError(415, "compressed requests are not supported: send them uncompressed")
     body = await read_raw_body(request, settings.max_batch_body_bytes, None)
     document, binary = _split_body(body.data, request.headers.get(HEADER_LENGTH))
+    if len(document) > MAX_JSON_BYTES:
+        raise ProtocolError(
+            413,
+            f"the request's JSON is {len(document)} bytes, over {MAX_JSON_BYTES}: send large "
+            "tensors as binary tensor data (tritonclient does by default)",
+        )
     try:
         inference = InferenceRequest.model_validate_json(document)
     except ValidationError as exc:
@@ -369,7 +381,10 @@ async def infer(
         if tensor.name == FILES_INPUT:
             cutouts = [await _decode_file(i, item, job) for i, item in enumerate(data)]
         else:
-            cutouts = [_fit_image(i, image, model, options.fit) for i, image in enumerate(data)]
+            cutouts = [
+                await run_in_threadpool(_fit_image, i, image, model, options.fit)
+                for i, image in enumerate(data)
+            ]
     except CutoutError as exc:
         metrics.cutouts.labels(str(cutout_status(exc))).inc()
         raise
