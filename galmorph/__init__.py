@@ -6,19 +6,15 @@ on first use, so that `import galmorph` (and `galmorph --help`) stays free of on
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
+
+from galmorph.core.version import __version__
 
 if TYPE_CHECKING:
     from galmorph.core.classifier import Classifier, Prediction, Predictions
 
 __all__ = ["Classifier", "Prediction", "Predictions", "__version__"]
 _LAZY = {"Classifier", "Prediction", "Predictions"}
-
-try:
-    __version__ = version("galmorph")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
 
 
 def __getattr__(name: str) -> Any:

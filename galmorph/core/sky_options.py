@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from galmorph import __version__
+from galmorph.core.version import __version__
 
 LEGACY_SURVEY_VIEWER = "https://www.legacysurvey.org/viewer"
 DEFAULT_LAYER = "ls-dr10"
