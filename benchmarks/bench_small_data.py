@@ -68,6 +68,7 @@ SWEEP: dict[str, tuple[str, ...]] = {
     "EMA 0.99": ("ema=true", "ema_decay=0.99"),
     "no label smoothing": ("mixup.label_smoothing=0",),
     "30 epochs": ("epochs=30",),
+    "lr 2e-3, 30 epochs": ("lr=2e-3", "epochs=30"),
     "lr 2e-3 + balanced loss": ("lr=2e-3", "loss_weighting=balanced"),
     "lr 2e-3 + balanced loss, 30 epochs": ("lr=2e-3", "loss_weighting=balanced", "epochs=30"),
 }

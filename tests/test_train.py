@@ -281,6 +281,23 @@ def test_adamw_exempts_biases_norms_and_position_tables() -> None:
         assert (id(param) in no_decay) == exempt, name
 
 
+def test_ema_decay_warms_up_so_a_short_run_forgets_its_random_start() -> None:
+    from galmorph.training.optim import ModelEma
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = ModelEma(model, decay=0.99)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=0)  # decay (1 + 0) / (10 + 0) = 0.1
+    assert ema.module.weight.item() == pytest.approx(0.9)
+    assert ema.decay_at(10_000) == 0.99
+    for step in range(1, 135):
+        ema.update(model, step)
+    assert ema.module.weight.item() > 0.999  # no trace of the initial weight is left
+
+
 def test_checkpoint_structure_round_trips_tensors_ints_and_tuples() -> None:
     state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "betas": (0.9, 0.99)}}
     tensors: dict[str, torch.Tensor] = {}

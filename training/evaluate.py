@@ -1,4 +1,9 @@
-"""Evaluate a trained model (a run folder or an exported .onnx) on a split of a Galaxy10 file.
+"""Evaluate a trained model (a run folder or an exported .onnx) on a Galaxy10-layout file.
+
+On the file the model was trained on (its card's training-data fingerprint) the rows are a
+split of the run's split.json, test by default; any other file is evaluated whole. A file
+naming no classes is read with the model's names; the same names in another order are
+mapped; other class sets are refused (EvaluationError).
 
 Both kinds of model are driven through the same `predict(uint8 NHWC) -> probabilities`
 interface: a run folder through `TorchPredictor` (also used for validation during training),

@@ -569,7 +569,7 @@ class Trainer:
         self.optim.optimizer.step()
         self.optim.optimizer.zero_grad(set_to_none=True)
         if self.net.ema is not None:
-            self.net.ema.update(self.net.model)
+            self.net.ema.update(self.net.model, self.progress.step)
         return grad_norm
 
     def _seed_micro_batch(self, micro: int) -> tuple[torch.Generator, np.random.Generator, int]:
