@@ -21,16 +21,13 @@ from galmorph.model.registry import create_model
 from galmorph.training.train import seed_everything, train
 from safetensors.torch import load_file
 
-from tests.server_process import free_port
-from tests.training_helpers import child_env, config_flags, make_synthetic, tiny_config
+from tests.training_helpers import make_synthetic, tiny_config, torchrun_train
 
 torch.set_num_threads(1)
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    import subprocess
-    import sys
 
     data = make_synthetic(tmp_path / "synth.h5", n=200)
     settings = {
@@ -45,28 +42,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path: P
     single = train(tiny_config(data, tmp_path / "single", grad_accum_steps=2, **settings))
 
     ddp_config = tiny_config(data, tmp_path / "ddp", **settings)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "galmorph",
-        "train",
-        "--data",
-        str(data),
-        "--model",
-        ddp_config.model,
-        "--out",
-        str(tmp_path / "ddp"),
-        *config_flags(ddp_config),
-    ]
-    result = subprocess.run(
-        command, env=child_env(), capture_output=True, text=True, timeout=300, check=False
-    )
+    result = torchrun_train(data, tmp_path / "ddp", ddp_config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 process(es): global batch 16" in result.stderr
 

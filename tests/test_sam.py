@@ -4,8 +4,6 @@ gradient accumulation and DDP (the perturbation comes from the global batch's gr
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,7 @@ from galmorph.training.train import train
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.server_process import free_port
-from tests.training_helpers import child_env, config_flags, make_synthetic, tiny_config
+from tests.training_helpers import make_synthetic, tiny_config, torchrun_train
 
 torch.set_num_threads(1)
 
@@ -115,28 +112,7 @@ def test_sam_with_two_gloo_ranks_matches_one_process_accumulating(tmp_path: Path
     }
     single = train(tiny_config(data, tmp_path / "single", grad_accum_steps=2, **settings))
     ddp_config = tiny_config(data, tmp_path / "ddp", **settings)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "galmorph",
-        "train",
-        "--data",
-        str(data),
-        "--model",
-        ddp_config.model,
-        "--out",
-        str(tmp_path / "ddp"),
-        *config_flags(ddp_config),
-    ]
-    result = subprocess.run(
-        command, env=child_env(), capture_output=True, text=True, timeout=300, check=False
-    )
+    result = torchrun_train(data, tmp_path / "ddp", ddp_config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SAM with rho 0.5" in result.stderr
     single_params = load_file(str(single / "model.safetensors"))

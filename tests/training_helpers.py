@@ -77,3 +77,31 @@ def config_flags(config: TrainConfig, *skip: str) -> list[str]:
             continue
         flags += ["--set", f"{key}={json.dumps(value)}"]
     return flags
+
+
+def torchrun_train(data: Path, out: Path, config: TrainConfig) -> subprocess.CompletedProcess[str]:
+    """`galmorph train` as two gloo ranks on loopback (torchrun), with `config` as --set flags."""
+    from tests.server_process import free_port
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "galmorph",
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        config.model,
+        "--out",
+        str(out),
+        *config_flags(config),
+    ]
+    return subprocess.run(
+        command, env=child_env(), capture_output=True, text=True, timeout=300, check=False
+    )
