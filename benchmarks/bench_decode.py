@@ -21,9 +21,9 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO_ROOT / "tests" / "data"
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "decode.json"
+from benchmarks.common import REAL_DATA, RESULTS_DIR
+
+RESULTS = RESULTS_DIR / "decode.json"
 
 
 def time_calls(call: Callable[[], object], repeats: int) -> dict[str, float]:

@@ -36,12 +36,11 @@ import httpx
 import numpy as np
 
 from benchmarks.bench_score import export_tiny_model
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
+from benchmarks.common import REAL_DATA, RESULTS_DIR, write_results
 from galmorph.core.engine import OnnxModel
 from tests.onnx_factory import FactoryModel, write_model
 from tests.server_process import free_port
 
-SHARED_IMAGES = REPO_ROOT.parent / "shared" / "data" / "galaxy10-real"
 BATCHING = {"batching": ("32", "2"), "no_batching": ("1", "0")}  # max batch size, delay ms
 
 
@@ -188,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "service.json")
     args = parser.parse_args(argv)
 
-    uploads = [path.read_bytes() for path in sorted(SHARED_IMAGES.glob("*.jpg"))]
+    uploads = [path.read_bytes() for path in sorted(REAL_DATA / "galaxy10-real".glob("*.jpg"))]
     if not uploads:
-        raise SystemExit(f"no Galaxy10 JPEGs in {SHARED_IMAGES}")
+        raise SystemExit(f"no Galaxy10 JPEGs in {REAL_DATA / 'galaxy10-real'}")
     spec = FactoryModel(input_size=256, channels=16, extra_convs=6, model_name="bench")
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,6 +25,8 @@ from galmorph.core.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+# Real images carried in the repository (tests/data/README.md has their provenance).
+REAL_DATA = REPO_ROOT / "tests" / "data"
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 VERSIONED_PACKAGES = ("numpy", "torch", "onnxruntime-gpu", "onnx", "fastapi", "uvicorn")
 
