@@ -142,8 +142,11 @@ def test_concurrent_requests_share_batches(server: RunningServer) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
+    # About 0.3 s per image on one thread, so that twelve requests sent at once (clients made
+    # beforehand) find the two-image queue full; a machine fast enough to drain it between
+    # arrivals gets more rounds rather than a failed test.
     slow = write_model(
-        tmp_path / "slow.onnx", FactoryModel(input_size=128, channels=16, extra_convs=12)
+        tmp_path / "slow.onnx", FactoryModel(input_size=256, channels=64, extra_convs=64)
     )
     with serve(
         slow,
@@ -151,18 +154,30 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
         *("--max-batch-size", "1", "--max-delay-ms", "0", "--max-queue", "2"),
         env={"GALMORPH_MAX_BATCH_FILES": "2"},
     ) as slow_server:
-        barrier = threading.Barrier(12)
+        uploads = [make_png(seed=seed) for seed in range(12)]
 
-        def classify(seed: int) -> httpx.Response:
-            data = make_png(seed=seed)
-            barrier.wait()
-            return httpx.post(f"{slow_server.url}/classify", content=data, timeout=60)
+        def burst() -> list[httpx.Response]:
+            clients = [httpx.Client(base_url=slow_server.url, timeout=120) for _ in uploads]
+            barrier = threading.Barrier(len(uploads))
 
-        with ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(classify, range(12)))
-        statuses = sorted(response.status_code for response in responses)
+            def classify(index: int) -> httpx.Response:
+                barrier.wait()
+                return clients[index].post("/classify", content=uploads[index])
+
+            try:
+                with ThreadPoolExecutor(len(uploads)) as pool:
+                    return list(pool.map(classify, range(len(uploads))))
+            finally:
+                for client in clients:
+                    client.close()
+
+        for _ in range(4):
+            responses = burst()
+            statuses = sorted(response.status_code for response in responses)
+            assert set(statuses) <= {200, 503}, statuses
+            if 503 in statuses:
+                break
         assert 503 in statuses and 200 in statuses, statuses
-        assert set(statuses) == {200, 503}
         for response in responses:
             if response.status_code == 503:
                 assert int(response.headers["Retry-After"]) >= 1
