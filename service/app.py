@@ -36,6 +36,7 @@ from galmorph.service.uploads import (
     BodyTimeoutError,
     PayloadTooLargeError,
     ServerDrainingError,
+    SpoolSpaceError,
     UploadError,
 )
 from starlette.formparsers import MultiPartException
@@ -154,6 +155,10 @@ def add_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServerDrainingError)
     async def draining(_: Request, exc: ServerDrainingError) -> JSONResponse:
+        return _error(503, str(exc), {"Connection": "close", "Retry-After": "5"})
+
+    @app.exception_handler(SpoolSpaceError)
+    async def no_spool_space(_: Request, exc: SpoolSpaceError) -> JSONResponse:
         return _error(503, str(exc), {"Connection": "close", "Retry-After": "5"})
 
     @app.exception_handler(UploadError)

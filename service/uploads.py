@@ -3,7 +3,8 @@
 A declared Content-Length over the limit is refused before anything is read; otherwise bytes are
 counted as they arrive and reading stops at the limit, so an oversized (or chunked, undeclared)
 body is never buffered whole. Multipart bodies go through Starlette's parser fed by the same
-counting stream (its own `max_part_size` covers only non-file fields).
+counting stream (its own `max_part_size` covers only non-file fields); files over 1 MiB spool
+to the temporary directory, and a full one is a 503, not a 500.
 
 Each piece of the body must arrive within the policy's `body_timeout_s` (408 otherwise), and
 when the server starts shutting down an upload still arriving is answered 503 at once instead
@@ -14,6 +15,9 @@ behind the proxy of docker/ slow bodies never reach it.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import tempfile
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +27,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
+
+logger = logging.getLogger(__name__)
 
 # Boundaries and part headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -56,6 +62,16 @@ class ServerDrainingError(Exception):
 
     def __init__(self) -> None:
         super().__init__("server is shutting down; send the upload again")
+
+
+class SpoolSpaceError(Exception):
+    """The disk that multipart files spool to (beyond 1 MiB each) is full (503)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the server has no room to hold the upload right now: try again shortly, "
+            "or send one cutout as the raw request body"
+        )
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,13 @@ async def read_multipart_files(
         if exc.message.startswith("Too many files"):
             raise TooManyFilesError(max_files) from None
         raise
+    except OSError as exc:
+        # The deploy bounds its temporary space (docker/: a tmpfs), so concurrent large
+        # uploads can fill it: that is the server's momentary capacity, not the client's error.
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        logger.warning("multipart upload refused: %s is full (%s)", tempfile.gettempdir(), exc)
+        raise SpoolSpaceError() from None
     for name, value in form.multi_items():
         if name != field or not isinstance(value, UploadFile):
             await form.close()

@@ -85,6 +85,32 @@ def flat_jpeg(side: int = 8192, progressive: bool = False) -> bytes:
     return buffer.getvalue()
 
 
+@lru_cache(maxsize=1)
+def scan_bomb_jpeg(side: int = 8192, repeats: int = 2000) -> bytes:
+    """A progressive JPEG whose last scan (about 100 bytes) is repeated `repeats` times:
+    libjpeg warns and goes on, paying a pass over every coefficient per copy (~1 min at
+    8192^2 and 2000 copies)."""
+    data = flat_jpeg(side, progressive=True)
+    start, end = _jpeg_scans(data)[-1]
+    return data[:end] + data[start:end] * repeats + data[end:]
+
+
+def _jpeg_scans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each SOS segment with its entropy-coded data."""
+    scans = []
+    position = 2  # after SOI
+    while data[position + 1] != 0xD9:  # EOI
+        marker = data[position + 1]
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            # Entropy data runs to the next marker that is neither a stuffed 0xFF00 nor RSTn.
+            while data[end] != 0xFF or data[end + 1] == 0x00 or 0xD0 <= data[end + 1] <= 0xD7:
+                end += 1
+            scans.append((position, end))
+        position = end
+    return scans
+
+
 def scale_bomb_fits(pixel_scale: float, size: int = 64) -> bytes:
     """A small grz cube whose WCS claims `pixel_scale` arcsec per pixel."""
     planes = galaxy_planes(size, seed=1)

@@ -24,7 +24,7 @@ from tests.cutout_factory import (
     make_jpeg,
     make_png,
 )
-from tests.hostile_inputs import extension_flood
+from tests.hostile_inputs import extension_flood, flat_jpeg, scan_bomb_jpeg
 
 CARD = ModelCard(
     model_name="test",
@@ -229,6 +229,16 @@ def test_fits_structure_walked_before_the_image_is_capped() -> None:
     few = DecodeLimits(max_fits_hdus=6)
     status, message = status_of(buffer.getvalue(), "x.fits", limits=few)
     assert status == 413 and "first 6 HDUs" in message, message
+
+
+def test_jpeg_scans_are_counted_before_decoding() -> None:
+    progressive = flat_jpeg(256, progressive=True)  # libjpeg's own script: 10 scans
+    assert status_of(progressive, "x.jpg")[0] == 200
+    assert status_of(flat_jpeg(256), "x.jpg", limits=DecodeLimits(max_jpeg_scans=1))[0] == 200
+    status, message = status_of(progressive, "x.jpg", limits=DecodeLimits(max_jpeg_scans=9))
+    assert status == 413 and "JPEG has 10 scans, over the limit of 9" in message, message
+    status, message = status_of(scan_bomb_jpeg(256, repeats=40), "x.jpg")
+    assert status == 413 and "50 scans" in message, message
 
 
 def test_fits_header_cards_are_capped_across_hdus() -> None:

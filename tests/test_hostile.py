@@ -17,13 +17,14 @@ from __future__ import annotations
 import io
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 import numpy as np
@@ -48,6 +49,7 @@ from tests.hostile_inputs import (
     header_card_flood,
     png_chunk,
     scale_bomb_fits,
+    scan_bomb_jpeg,
 )
 from tests.onnx_factory import FactoryModel, write_model
 from tests.process_cost import Cost
@@ -167,6 +169,18 @@ def test_huge_jpeg_is_decoded_at_reduced_scale(server: RunningServer) -> None:
     assert response.status_code == 200, response.text
     assert any("1/8 scale" in w for w in response.json()["preprocessing"]["warnings"])
     assert cost.rss_growth_mib < 24 and cost.cpu_s < 0.5, cost  # a full decode: 64 MiB
+
+
+def test_jpeg_scan_bomb_is_refused_unread(server: RunningServer) -> None:
+    bomb = scan_bomb_jpeg()  # 8192^2, 2010 scans: over a minute of CPU to decode
+    assert len(bomb) < 1024 * 1024
+    with measured(server) as cost:
+        response = post(server, bomb, "scans.jpg")
+    assert response.status_code == 413, response.text
+    assert "JPEG has 2010 scans, over the limit of 32" in response.json()["detail"]
+    assert cost.rss_growth_mib < 24 and cost.cpu_s < 0.5, cost
+    normal = post(server, flat_jpeg(4096, progressive=True), "progressive.jpg")
+    assert normal.status_code == 200, normal.text
 
 
 def test_batch_decodes_one_file_at_a_time(server: RunningServer) -> None:
@@ -299,6 +313,28 @@ def test_uploads_are_refused_before_decoding_when_the_queue_is_full(
     for response in (batch, single):
         assert response.status_code == 503, response.text
         assert "queue is full" in response.json()["detail"] and "Retry-After" in response.headers
+
+
+def test_a_full_spool_disk_is_503_and_small_uploads_still_pass(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Multipart files over 1 MiB roll over to a temporary file; /dev/full gives the kernel's
+    # own ENOSPC on the first write, as a full tmpfs does.
+    assert Path("/dev/full").exists(), "this test needs Linux's /dev/full"
+
+    def full_disk_file(*args: object, **kwargs: object) -> BinaryIO:
+        return open("/dev/full", "w+b", buffering=0)  # the spool closes it
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full_disk_file)
+    large = make_png(size=(1024, 1024), seed=3)  # random RGB: about 3 MiB
+    assert len(large) > 1024 * 1024
+    with app_client(model) as client:
+        refused = client.post("/classify", files={"file": ("big.png", large)})
+        served = client.post("/classify", files={"file": ("small.png", make_png())})
+    assert refused.status_code == 503, refused.text
+    assert "no room to hold the upload" in refused.json()["detail"]
+    assert refused.headers["Retry-After"] == "5"
+    assert served.status_code == 200, served.text
 
 
 def test_decode_time_counts_in_the_request_timeout(

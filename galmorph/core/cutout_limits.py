@@ -56,6 +56,10 @@ class DecodeLimits:
     # would otherwise cost seconds of header parsing for a few hundred KB of gzip.
     max_fits_hdus: int = 64
     max_fits_header_cards: int = 36_000  # all headers walked together (each one: 7200)
+    # Scans of one JPEG: libjpeg writes 10 for a progressive colour image (6 grey) and each
+    # scan costs a pass over the whole image's coefficients whatever scale is decoded, so a
+    # few hundred KB repeating a tiny scan cost over a minute of CPU at 8192^2.
+    max_jpeg_scans: int = 32
     # Reading a cutout file from disk (the scorer): longer is an error row, not a stalled run.
     read_timeout_s: float = 60.0
 

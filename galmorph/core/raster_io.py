@@ -9,6 +9,8 @@ the declared size and pixel mode: Pillow holds RGB at 4 bytes a pixel, grey at 1
 at 2; a progressive JPEG also buffers 2 bytes per colour sample at full size. A JPEG much
 larger than the caller needs (`least_size`) is decoded by libjpeg at 1/2, 1/4 or 1/8 scale
 (Pillow's `draft`), so an 8192 px photo of a galaxy costs 1/64 of the memory and time.
+A JPEG with more scans than `max_jpeg_scans` is refused unread: each progressive scan is a
+pass over the full-size coefficients, so scan count, not file size, sets the CPU cost.
 The image stays a Pillow image, so cropping and resizing never make numpy copies of a large
 picture; `RasterImage.image` gives the uint8 (H, W, 3) array.
 
@@ -99,6 +101,8 @@ def read_raster(
             CutoutErrorKind.TOO_LARGE,
             f"{name} image of {width}x{height} exceeds Pillow's bomb limit",
         )
+    if image.format == "JPEG":
+        _check_scan_count(data, limits)
     notes: list[str] = []
     if least_size is not None and image.format == "JPEG":
         _reduce_jpeg(image, least_size((height, width)), notes)
@@ -119,6 +123,18 @@ def read_raster(
     ):
         notes.append("16-bit PNG reduced to 8 bit per channel")
     return RasterImage(_to_rgb_or_grey(image, name, notes), image.mode, (height, width, 3), notes)
+
+
+def _check_scan_count(data: bytes, limits: DecodeLimits) -> None:
+    # Entropy-coded data stuffs every 0xFF with 0x00, so each SOS marker found is a real
+    # scan (or one of an embedded thumbnail's): an upper bound, read without decoding.
+    scans = data.count(b"\xff\xda")
+    if scans > limits.max_jpeg_scans:
+        raise CutoutError(
+            CutoutErrorKind.TOO_LARGE,
+            f"JPEG has {scans} scans, over the limit of {limits.max_jpeg_scans} "
+            "(a progressive JPEG has about 10): save it again as a baseline JPEG or a PNG",
+        )
 
 
 def _reduce_jpeg(image: Image.Image, least: tuple[int, int], notes: list[str]) -> None:
