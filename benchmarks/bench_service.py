@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "service.json")
     args = parser.parse_args(argv)
 
-    uploads = [path.read_bytes() for path in sorted(REAL_DATA / "galaxy10-real".glob("*.jpg"))]
+    uploads = [path.read_bytes() for path in sorted((REAL_DATA / "galaxy10-real").glob("*.jpg"))]
     if not uploads:
         raise SystemExit(f"no Galaxy10 JPEGs in {REAL_DATA / 'galaxy10-real'}")
     spec = FactoryModel(input_size=256, channels=16, extra_convs=6, model_name="bench")
