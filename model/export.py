@@ -30,6 +30,7 @@ max |Δp| <= 1e-4 with identical argmax, or the export fails and leaves no file 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -287,7 +288,10 @@ def export_model(
         raise ExportError("int8 export of a model over 2 GiB is not supported; use fp16")
     seconds: dict[str, float] = {}
     tick = time.perf_counter()
-    temperature, gaussians, card = _fit(model, spec, fit_images, calibrate, ood_fpr, precision)
+    off_reason = None if calibrate else NO_CALIBRATE_REASON
+    if calibrate and _run_targets(Path(run_dir)) == "votes":
+        off_reason = VOTES_REASON
+    temperature, gaussians, card = _fit(model, spec, fit_images, off_reason, ood_fpr, precision)
     card = replace(card, metrics={**card.metrics, **(metrics or {})})
     seconds["fit"] = time.perf_counter() - tick
     reference = ImageClassifierGraph(
@@ -379,20 +383,34 @@ def export_model(
     return report
 
 
+NO_CALIBRATE_REASON = "calibration was switched off (--no-calibrate)"
+VOTES_REASON = (
+    "the run was trained on vote counts (targets=votes): its probabilities are the expected "
+    "vote fractions, which a temperature fitted to the labels would change"
+)
+
+
+def _run_targets(run_dir: Path) -> str:
+    """What the run was trained on ("labels" or "votes"), from its config.json."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        return "labels"
+    return str(json.loads(config.read_text()).get("targets", "labels"))
+
+
 def _fit(
     model: nn.Module,
     spec: ModelSpec,
     fit_images: FitImages | None,
-    calibrate: bool,
+    off_reason: str | None,
     ood_fpr: float | None,
     precision: str,
 ) -> tuple[float, ood.ClassGaussians | None, ModelCard]:
-    """(temperature, OOD class statistics or None, the card recording both)."""
+    """(temperature, OOD class statistics or None, the card recording both); `off_reason`:
+    why no temperature is fitted, or None to fit one."""
     card = build_card(spec, precision=precision)
     if fit_images is None:
-        reason = "no labelled images were given to the export (galmorph export --data)"
-        if not calibrate:
-            reason = "calibration was switched off (--no-calibrate)"
+        reason = off_reason or "no labelled images were given to the export (--data)"
         return (
             1.0,
             None,
@@ -409,7 +427,7 @@ def _fit(
             _, train_embeddings = graph_outputs(plain, fit_images.train_images)
     finally:
         plain.to("cpu")
-    calibration = fit_calibration(val_logits, fit_images.val_labels, calibrate=calibrate)
+    calibration = fit_calibration(val_logits, fit_images.val_labels, off_reason=off_reason)
     gaussians = None
     ood_record: dict[str, Any] = {}
     if ood_fpr is not None and train_embeddings is not None:
@@ -432,8 +450,11 @@ def graph_outputs(graph: ImageClassifierGraph, images: np.ndarray) -> tuple[np.n
     return np.concatenate(logits), np.concatenate(embeddings)
 
 
-def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, calibrate: bool) -> dict[str, Any]:
-    """Temperature scaling on held-out images, as the card's `calibration` record.
+def fit_calibration(
+    logits: np.ndarray, labels: np.ndarray, *, off_reason: str | None = None
+) -> dict[str, Any]:
+    """Temperature scaling on held-out images, as the card's `calibration` record (with
+    `off_reason`, the ECE and NLL are recorded and the temperature stays 1).
 
     The temperature minimises the NLL; it is applied only when it does not raise the ECE on the
     same images (with few images the two can disagree), so a calibrated file is never worse
@@ -447,13 +468,12 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, calibrate: bool) 
         "ece_before": before["ece"],
         "nll_before": before["nll"],
     }
-    if not calibrate:
-        reason = "calibration was switched off (--no-calibrate)"
+    if off_reason is not None:
         return {
             **record,
             "applied": False,
             "temperature": 1.0,
-            "reason": reason,
+            "reason": off_reason,
             "ece_after": before["ece"],
             "nll_after": before["nll"],
         }

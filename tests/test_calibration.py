@@ -40,7 +40,7 @@ def test_fit_recovers_the_temperature_the_labels_were_drawn_with(true_temperatur
 
 def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model() -> None:
     logits, labels = overconfident(5_000, 2.5)
-    record = fit_calibration(logits, labels, calibrate=True)
+    record = fit_calibration(logits, labels)
     assert record["applied"] is True and record["temperature"] == pytest.approx(2.5, rel=0.1)
     assert record["ece_before"] > 0.1 and record["ece_after"] < record["ece_before"] / 3
     assert record["nll_after"] < record["nll_before"]
@@ -51,7 +51,7 @@ def test_a_temperature_that_would_raise_the_ece_is_not_applied() -> None:
     # probabilities and the binned ECE rises from 0.41 to 0.58.
     logits = np.array([[2.2, -2.9, -0.6], [-0.9, 7.1, -2.8], [4.1, 0.4, 3.1]])
     labels = np.zeros(3, np.int64)
-    record = fit_calibration(logits, labels, calibrate=True)
+    record = fit_calibration(logits, labels)
     assert record["applied"] is False and record["temperature"] == 1.0
     assert record["fitted_temperature"] == pytest.approx(12.17, rel=0.01)
     assert "would raise the ECE from 0.4063 to 0.5753" in record["reason"]
@@ -60,7 +60,7 @@ def test_a_temperature_that_would_raise_the_ece_is_not_applied() -> None:
 
 def test_no_calibrate_measures_but_keeps_temperature_one() -> None:
     logits, labels = overconfident(500, 2.0)
-    record = fit_calibration(logits, labels, calibrate=False)
+    record = fit_calibration(logits, labels, off_reason="switched off")
     assert record["applied"] is False and record["temperature"] == 1.0
     assert record["ece_before"] == record["ece_after"] == ece(softmax(logits), labels)
 

@@ -34,6 +34,7 @@ LR_SCALINGS = ("sqrt", "linear", "none")
 DEVICES = ("auto", "cpu", "cuda")
 LOSS_WEIGHTINGS = ("none", "balanced")
 SAMPLINGS = ("uniform", "balanced")
+TARGETS = ("labels", "votes")
 
 # Flat keys of the config before it had sections whose name in the section differs; every
 # other section field kept its name (`hflip` became `augment.hflip`).
@@ -61,6 +62,10 @@ class TrainConfig:
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test; val may be 0
     split_file: str | None = None  # an existing split.json to reuse (must match the data)
+    # What the loss fits: labels (cross-entropy on `ans`) or votes (the Dirichlet-multinomial
+    # likelihood of the file's `votes` counts, training/votes.py; probabilities become the
+    # expected vote fractions). Accuracy and the other metrics stay against the labels.
+    targets: str = "labels"
 
     # Schedule. lr is derived from lr_base as timm does unless given explicitly.
     epochs: int = 300
@@ -145,6 +150,13 @@ class TrainConfig:
         _check(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
         _check(self.sampling in SAMPLINGS, "sampling", f"must be one of {SAMPLINGS}")
         _check(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", "balanced or none")
+        _check(self.targets in TARGETS, "targets", f"must be one of {TARGETS}")
+        _check(
+            self.targets == "labels" or not self.distill.enabled,
+            "targets",
+            "votes cannot be combined with distillation (distill.teacher): the teacher's "
+            "term is a cross-entropy on labels, not a likelihood of vote counts",
+        )
         _check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         _check(len(self.split_fractions) == 3, "split_fractions", "needs train, val, test")
         _check(math.isclose(sum(self.split_fractions), 1.0), "split_fractions", "must sum to 1")

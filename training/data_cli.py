@@ -44,6 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="balanced",
         help="equal class counts, or Galaxy10 DECaLS frequencies (default balanced)",
     )
+    synth.add_argument(
+        "--votes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write a 'votes' dataset: N volunteers' votes per galaxy, drawn around its "
+        "class (Galaxy Zoo-style vote counts for `galmorph train --set targets=votes`; "
+        "default 0: none)",
+    )
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_synth)
 
@@ -94,6 +103,7 @@ def _synth(args: argparse.Namespace) -> int:
             fits_dir=args.fits_dir,
             num_workers=args.workers,
             class_balance=args.class_balance,
+            votes=args.votes,
             progress=not args.quiet,
         )
     except ValueError as exc:
@@ -135,6 +145,15 @@ def _inspect(args: argparse.Namespace) -> int:
                     f"{name + ':':<10}min {np.nanmin(values):.4g}  median "
                     f"{np.nanmedian(values):.4g}  max {np.nanmax(values):.4g}"
                 )
+        if data.votes is None:
+            print(f"{'votes:':<10}absent")
+        else:
+            agree = float((data.votes.argmax(axis=1) == data.labels).mean())
+            print(
+                f"{'votes:':<10}{data.votes.shape} counts, median "
+                f"{np.median(data.votes.sum(axis=1)):.4g} per image; the most-voted class "
+                f"is the label for {100 * agree:.1f}%"
+            )
         counts = data.class_counts()
         width = max(len(name) for name in data.class_names)
         print(f"\n{'id':>3}  {'class':<{width}}  {'count':>7}  {'share':>6}")

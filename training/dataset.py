@@ -21,16 +21,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from galmorph.core.galaxy10 import Galaxy10File
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images [N, H, W, 3], int64 labels [N]
+# uint8 images [N, H, W, 3], int64 labels [N], and float32 vote counts [N, K] when asked for.
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 class Galaxy10Dataset(Dataset[tuple[torch.Tensor, int]]):
-    """The images of `file` at `indices` (positions 0..len-1 map to file rows `indices`)."""
+    """The images of `file` at `indices` (positions 0..len-1 map to file rows `indices`).
 
-    def __init__(self, file: Galaxy10File, indices: np.ndarray) -> None:
+    With `votes`, batches also carry the rows' vote counts (the file must have them).
+    """
+
+    def __init__(self, file: Galaxy10File, indices: np.ndarray, *, votes: bool = False) -> None:
         self.file = file
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = file.labels[self.indices]
+        if votes and file.votes is None:
+            raise ValueError(f"{file.path} has no 'votes' dataset")
+        self.votes = (
+            file.votes[self.indices].astype(np.float32)
+            if votes and file.votes is not None
+            else None
+        )
 
     def __len__(self) -> int:
         return int(self.indices.size)
@@ -41,9 +52,10 @@ class Galaxy10Dataset(Dataset[tuple[torch.Tensor, int]]):
         return torch.from_numpy(self.file.image(row)), int(self.labels[position])
 
     def __getitems__(self, positions: Sequence[int]) -> Batch:
-        rows = self.indices[np.asarray(positions, dtype=np.int64)]
-        images = torch.from_numpy(self.file.images(rows))
-        return images, torch.from_numpy(self.labels[np.asarray(positions, dtype=np.int64)])
+        chosen = np.asarray(positions, dtype=np.int64)
+        images = torch.from_numpy(self.file.images(self.indices[chosen]))
+        votes = None if self.votes is None else torch.from_numpy(self.votes[chosen])
+        return images, torch.from_numpy(self.labels[chosen]), votes
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.file.num_classes)
@@ -51,8 +63,8 @@ class Galaxy10Dataset(Dataset[tuple[torch.Tensor, int]]):
 
 def keep_batch(batch: Any) -> Batch:
     """The dataset's __getitems__ already returns a collated batch."""
-    images, labels = batch
-    return images, labels
+    images, labels, votes = batch
+    return images, labels, votes
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -166,7 +178,7 @@ def make_loader(
     seed: int,
     pin_memory: bool = False,
 ) -> DataLoader[Any]:
-    """Batches of (uint8 images, labels); batches are built by the dataset, not collated."""
+    """Batches of (uint8 images, labels, votes or None), built by the dataset, not collated."""
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

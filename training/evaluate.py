@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from galmorph.model.preprocess import ImagePreprocess
 from galmorph.training.augment import dihedral_views
-from galmorph.training.metrics import classification_report
+from galmorph.training.metrics import classification_report, vote_fraction_error
 from galmorph.training.plots import confusion_matrix_figure, reliability_diagram
 from torch import nn
 from tqdm import tqdm
@@ -174,6 +174,13 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
         progress=request.progress,
     )
     report = classification_report(probabilities, labels[indices], predictor.class_names)
+    if data.votes is not None:
+        votes = _votes_in_model_order(data.votes, data.class_names, predictor.class_names)
+        report["vote_fraction_error"] = vote_fraction_error(probabilities, votes[indices])
+        logger.info(
+            "mean absolute error of the predicted vote fractions: %.4f",
+            report["vote_fraction_error"],
+        )
     report.update(
         {
             "split": split,
@@ -228,6 +235,13 @@ def _labels_in_model_order(data: Galaxy10File, model_names: tuple[str, ...]) -> 
     logger.info("%s lists the model's classes in another order: labels mapped", data.path)
     mapping = np.asarray([model_names.index(name) for name in names], dtype=np.int64)
     return mapping[data.labels]
+
+
+def _votes_in_model_order(
+    votes: np.ndarray, names: tuple[str, ...], model_names: tuple[str, ...]
+) -> np.ndarray:
+    """Vote columns reordered to the model's classes (the same set: checked with the labels)."""
+    return votes[:, [names.index(name) for name in model_names]]
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:

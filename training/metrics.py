@@ -69,3 +69,14 @@ def classification_report(
         "calibration": {key: value.tolist() for key, value in bins.items()},
         "class_names": list(class_names),
     }
+
+
+def vote_fraction_error(probabilities: np.ndarray, votes: np.ndarray) -> float:
+    """Mean absolute difference, over galaxies and classes, of predicted and voted fractions.
+
+    `votes`: counts (N, K) in the probabilities' class order, every row with some votes.
+    """
+    if probabilities.shape != votes.shape:
+        raise ValueError(f"probabilities {probabilities.shape} do not match votes {votes.shape}")
+    fractions = votes / votes.sum(axis=1, keepdims=True)
+    return float(np.abs(probabilities - fractions).mean())

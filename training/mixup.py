@@ -55,9 +55,17 @@ class Mixup:
         labels: torch.Tensor,
         rng: np.random.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """As __call__, and `companion` (the same images, e.g. at a teacher's size) mixed alike."""
+        """As __call__, and `companion` (the same images, e.g. at a teacher's size) mixed alike.
+
+        `labels`: class ids (N,), made label-smoothed one-hot targets; or float targets (N, C),
+        mixed as they are (vote counts beside the one-hot labels, any C).
+        """
         s = self.settings
-        targets = smooth_one_hot(labels, self.num_classes, s.label_smoothing)
+        targets = (
+            labels.float()
+            if labels.ndim == 2
+            else smooth_one_hot(labels, self.num_classes, s.label_smoothing)
+        )
         if not s.enabled or rng.random() >= s.prob:
             return x, companion, targets
         use_cutmix = s.cutmix_alpha > 0 and (s.mixup_alpha == 0 or rng.random() < s.switch_prob)

@@ -14,6 +14,12 @@ under the stretch at any scale; the `pxscale` column and the FITS WCS give the r
 
 Every image draws from its own random generator seeded by (seed, index): the output is
 identical whatever the number of workers.
+
+With `votes`, the file also gets Galaxy Zoo-style vote counts (`votes`, (N, 10)): each galaxy's
+vote fractions are drawn from a Dirichlet around its class (VOTE_AGREEMENT of the volunteers
+choose it on average, VOTE_CONCENTRATION sets how much that varies between galaxies) and
+that many volunteers vote by those fractions, so a few galaxies' most-voted class is not their
+label, as in real Galaxy Zoo data.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ PSF_BAND_FACTOR = np.array([1.08, 1.0, 0.93])  # seeing is worse in g, better in
 MOFFAT_BETA = 3.5
 NOISE_CORRELATION_PX = 0.9  # native-pixel correlation of coadd noise (resampling)
 CHUNK = 32  # images per worker task
+VOTE_AGREEMENT = 0.7  # mean share of volunteers who choose the galaxy's class
+VOTE_CONCENTRATION = 10.0  # Dirichlet concentration of each galaxy's vote fractions
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class SynthOptions:
     size: int = 256
     seed: int = 0
     class_balance: str = "balanced"  # "balanced" or "galaxy10" frequencies
+    votes: int = 0  # volunteers per galaxy in a `votes` dataset; 0 writes none
     fits_dir: Path | None = None
     num_workers: int = 1
     progress: bool = True
@@ -70,6 +79,8 @@ class SynthOptions:
             raise ValueError(f"class_balance must be one of {CLASS_BALANCES}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+        if self.votes < 0:
+            raise ValueError(f"votes (volunteers per galaxy) must be >= 0, got {self.votes}")
 
 
 @dataclass(frozen=True)
@@ -95,14 +106,19 @@ def synthesize(
     fits_dir: Path | None = None,
     num_workers: int = 1,
     class_balance: str = "balanced",
+    votes: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Write a Galaxy10-layout HDF5 file of `n` synthetic galaxies (and optional FITS cutouts)."""
+    """Write a Galaxy10-layout HDF5 file of `n` synthetic galaxies (and optional FITS cutouts).
+
+    `votes`: also write a `votes` dataset of that many volunteers' votes per galaxy.
+    """
     options = SynthOptions(
         n=n,
         size=size,
         seed=seed,
         class_balance=class_balance,
+        votes=votes,
         fits_dir=None if fits_dir is None else Path(fits_dir),
         num_workers=num_workers,
         progress=progress,
@@ -119,6 +135,18 @@ def class_labels(n: int, seed: int, class_balance: str = "balanced") -> np.ndarr
     counts[np.argsort(-(ideal - counts), kind="stable")[: n - counts.sum()]] += 1
     labels = np.repeat(np.arange(k, dtype=np.int64), counts)
     return np.random.default_rng([seed, 0x6A1]).permutation(labels)
+
+
+def vote_counts(labels: np.ndarray, volunteers: int, seed: int) -> np.ndarray:
+    """Integer votes (N, 10) of `volunteers` per galaxy, drawn around each galaxy's class."""
+    k = len(GALAXY10_CLASS_NAMES)
+    rng = np.random.default_rng([seed, 0x707E])
+    mean = np.full((labels.size, k), (1 - VOTE_AGREEMENT) / (k - 1))
+    mean[np.arange(labels.size), labels] = VOTE_AGREEMENT
+    # A Dirichlet draw per row, from gammas (numpy's dirichlet takes one alpha for all rows).
+    shares = rng.gamma(VOTE_CONCENTRATION * mean)
+    fractions = shares / shares.sum(axis=1, keepdims=True)
+    return rng.multinomial(volunteers, fractions).astype(np.int32)
 
 
 def sky_positions(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -820,6 +848,10 @@ def _write(out: Path, options: SynthOptions) -> Path:
                 redshift[start : start + len(chunk)] = chunk_z
                 bar.update(len(chunk))
             handle.create_dataset("ans", data=labels.astype(np.uint8))
+            if options.votes:
+                votes = vote_counts(labels, options.votes, options.seed)
+                handle.create_dataset("votes", data=votes)
+                handle.attrs["volunteers"] = options.votes
             handle.create_dataset("ra", data=ra)
             handle.create_dataset("dec", data=dec)
             handle.create_dataset("pxscale", data=np.full(options.n, pixel_scale(size), np.float32))

@@ -40,6 +40,7 @@ from galmorph.training.augment import (
 )
 from galmorph.training.config import ConfigError, TrainConfig, dump_config, flatten_keys
 from galmorph.training.dataset import (
+    Batch,
     Galaxy10Dataset,
     ShardedBatchSampler,
     balanced_class_weights,
@@ -49,12 +50,13 @@ from galmorph.training.dataset import (
 from galmorph.training.distill import DistillSettings, Teacher, distillation_loss
 from galmorph.training.evaluate import SPLIT_FILE_NAME, TorchPredictor, predict_split
 from galmorph.training.finetune import InitError, freeze_stages, initialise_from
-from galmorph.training.metrics import classification_report
+from galmorph.training.metrics import classification_report, vote_fraction_error
 from galmorph.training.mixup import Mixup, soft_target_cross_entropy
 from galmorph.training.optim import CosineSchedule, ModelEma, adamw
 from galmorph.training.plots import training_curves
 from galmorph.training.sam import SharpnessAware, frozen_batchnorm_statistics
 from galmorph.training.state import has_checkpoint, load_checkpoint, save_checkpoint
+from galmorph.training.votes import dirichlet_multinomial_nll
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -62,7 +64,7 @@ from tqdm import tqdm
 
 from galmorph.core.duplicates import duplicate_groups
 from galmorph.core.files import atomic_write_text
-from galmorph.core.galaxy10 import Galaxy10Error, Galaxy10File
+from galmorph.core.galaxy10 import VOTES_KEY, Galaxy10Error, Galaxy10File
 from galmorph.core.splits import Split, SplitError, make_split
 
 logger = logging.getLogger(__name__)
@@ -213,7 +215,16 @@ class Optimisation:
         logits: torch.Tensor,
         targets: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
+        votes: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The label loss, or with `votes` (targets=votes) their Dirichlet-multinomial NLL.
+
+        Class weights weight a galaxy's vote term by its (mixed) label's weight, as they
+        weight its cross-entropy. Distillation is refused with votes (TrainConfig.validate).
+        """
+        if votes is not None:
+            weights = None if self.class_weights is None else targets @ self.class_weights
+            return dirichlet_multinomial_nll(logits, votes, weights)
         label_loss = soft_target_cross_entropy(logits, targets, self.class_weights)
         if teacher_logits is None:
             return label_loss
@@ -222,12 +233,13 @@ class Optimisation:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch ready for the model: inputs, targets, the teacher's logits."""
+    """One micro-batch ready for the model: inputs, targets, the teacher's logits, votes."""
 
     x: torch.Tensor
-    targets: torch.Tensor
+    targets: torch.Tensor  # soft label targets (N, K): the label loss and training accuracy
     teacher_logits: torch.Tensor | None
     dropout_seed: int
+    votes: torch.Tensor | None = None  # vote counts (N, K), mixed as the targets: targets=votes
 
 
 def build_data(
@@ -255,9 +267,15 @@ def build_data(
             f"config key 'num_classes' is {config.num_classes} but {config.data} has "
             f"{file.num_classes} classes"
         )
+    votes = config.targets == "votes"
+    if votes and file.votes is None:
+        raise ConfigError(
+            f"config key 'targets' is 'votes' but {config.data} has no '{VOTES_KEY}' dataset "
+            f"(vote counts, shape (N, {file.num_classes}): one column per class)"
+        )
     fingerprint = file.fingerprint()
     split = _load_or_make_split(config, file, fingerprint, run_dir, progress=ctx.is_main)
-    train_set = Galaxy10Dataset(file, split.train)
+    train_set = Galaxy10Dataset(file, split.train, votes=votes)
     sampler = ShardedBatchSampler(
         len(train_set),
         config.batch_size,
@@ -468,9 +486,9 @@ class Trainer:
         )
         started = time.perf_counter()
         steps_done = 0
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for images, labels in self.data.loader:
-            pending.append((images, labels))
+        pending: list[Batch] = []
+        for batch in self.data.loader:
+            pending.append(batch)
             if len(pending) < config.grad_accum_steps:
                 continue
             step_loss, step_correct = self._gradients(pending)
@@ -501,16 +519,14 @@ class Trainer:
         self._epoch_seconds = time.perf_counter() - started
         self._epoch_rate = steps_done * global_batch / max(self._epoch_seconds, 1e-9)
 
-    def _gradients(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    def _gradients(self, batches: list[Batch]) -> tuple[float, float]:
         """Accumulate one optimizer step's gradients; returns its summed loss and correct count.
 
         With SAM, the first pass's gradient (of the whole global batch: every micro-batch,
         averaged over ranks by DDP) sets the perturbation, and a second pass over the same
         micro-batches at the perturbed weights gives the gradient the optimizer uses.
         """
-        prepared = (
-            self._prepare(images, labels, micro) for micro, (images, labels) in enumerate(batches)
-        )
+        prepared = (self._prepare(batch, micro) for micro, batch in enumerate(batches))
         sam = self.optim.sam
         if sam is None:
             return self._accumulate(prepared)
@@ -523,13 +539,21 @@ class Trainer:
         sam.restore()
         return loss, correct
 
-    def _prepare(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> MicroBatch:
+    def _prepare(self, batch: Batch, micro: int) -> MicroBatch:
         """Augment, mix and (when distilling) ask the teacher, seeded by (seed, step, shard)."""
+        images, labels, votes = batch
         augment_gen, mixup_rng, dropout_seed = self._seed_micro_batch(micro)
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         augmented = self.data.augmenter(images, augment_gen)
         x = self.net.inputs(resize_batch(augmented, self.img_size))
+        if votes is not None:
+            # One-hot labels and counts side by side, so mixup blends both by one lambda.
+            k = self.data.num_classes
+            one_hot = nn.functional.one_hot(labels, k).float()
+            both = torch.cat([one_hot, votes.to(self.device, non_blocking=True)], dim=1)
+            x, mixed = self.optim.mixup(x, both, mixup_rng)
+            return MicroBatch(x, mixed[:, :k], None, dropout_seed, votes=mixed[:, k:])
         if self.teacher is None:
             x, targets = self.optim.mixup(x, labels, mixup_rng)
             return MicroBatch(x, targets, None, dropout_seed)
@@ -555,7 +579,7 @@ class Trainer:
             with sync:
                 with self.optim.autocast():
                     logits = self.net.train_model(batch.x)
-                loss = self.optim.loss(logits, batch.targets, batch.teacher_logits)
+                loss = self.optim.loss(logits, batch.targets, batch.teacher_logits, batch.votes)
                 (loss / config.grad_accum_steps).backward()
             total_loss += float(loss.detach())
             total_correct += float((logits.argmax(1) == batch.targets.argmax(1)).sum())
@@ -646,11 +670,14 @@ class Trainer:
             self.progress.history.append(record)
             self._append_metrics(record)
             logger.info(
-                "epoch %d/%d: train loss %.4f, val top-1 %s, %.0f img/s",
+                "epoch %d/%d: train loss %.4f, val top-1 %s%s, %.0f img/s",
                 epoch,
                 self.config.epochs,
                 record["train_loss"],
                 f"{record['val_top1']:.4f}" if "val_top1" in record else "n/a",
+                f", val vote-fraction error {record['val_vote_fraction_error']:.4f}"
+                if "val_vote_fraction_error" in record
+                else "",
                 record["images_per_s"],
             )
             if self.tensorboard is not None:
@@ -682,12 +709,14 @@ class Trainer:
             batch_size=self.config.eval_batch_size or self.config.batch_size,
             progress=False,
         )
-        report = classification_report(
-            probabilities, self.data.file.labels[self.data.split.val], self.data.file.class_names
-        )
-        return {f"val_{key}": report[key] for key in ("top1", "macro_f1", "nll", "ece")} | {
-            "val_loss": report["nll"]
-        }
+        file, rows = self.data.file, self.data.split.val
+        report = classification_report(probabilities, file.labels[rows], file.class_names)
+        if file.votes is not None:
+            report["vote_fraction_error"] = vote_fraction_error(probabilities, file.votes[rows])
+        keys = ("top1", "macro_f1", "nll", "ece", "vote_fraction_error")
+        record = {f"val_{key}": report[key] for key in keys if key in report}
+        # With vote targets the label NLL is not the training loss: not plotted beside it.
+        return record | ({"val_loss": report["nll"]} if self.config.targets == "labels" else {})
 
     # ------------------------------------------------------------------- checkpointing
     def _save_checkpoint(self) -> None:
@@ -825,6 +854,18 @@ class Trainer:
         empty = [name for k, name in enumerate(self.data.file.class_names) if counts[k] == 0]
         if empty:
             logger.warning("no training images of class(es) %s", ", ".join(empty))
+        votes = self.data.file.votes
+        if config.targets == "votes" and votes is not None:  # build_data checked it is there
+            logger.info(
+                "targets=votes: Dirichlet-multinomial loss on the '%s' counts (median %g votes "
+                "per galaxy); probabilities are expected vote fractions%s",
+                VOTES_KEY,
+                float(np.median(votes.sum(axis=1))),
+                f"; mixup.label_smoothing {config.mixup.label_smoothing:g} does not apply to "
+                "vote counts and is ignored"
+                if config.mixup.label_smoothing > 0
+                else "",
+            )
         if config.sam != "none":
             logger.info(
                 "%s with rho %g: two forward/backward passes per step",

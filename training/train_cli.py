@@ -37,6 +37,8 @@ examples:
       --init-from runs/pretrained --set layer_decay=0.75
   galmorph train --data mine.h5 --out runs/student --config configs/small_data.yaml \\
       --model gm_astroformer_tiny --teacher runs/mine
+  galmorph train --data zoo.h5 --out runs/zoo --config configs/small_data.yaml \\
+      --set targets=votes      # fit the file's Galaxy Zoo vote counts, not its labels
   galmorph train --data synth.h5 --model gm_astroformer_tiny --out runs/demo \\
       --config configs/cpu_demo.yaml --set epochs=5 --set augment.policy=paper
   torchrun --nproc_per_node=8 -m galmorph train --data Galaxy10_DECals.h5 \\

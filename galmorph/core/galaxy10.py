@@ -1,12 +1,16 @@
 """Lazy, validated access to HDF5 files in the Galaxy10 layout.
 
 Layout: `images` uint8 (N, H, W, 3), `ans` integer labels (N,), optional 1-D columns `ra`, `dec`,
-`redshift`, `pxscale`. Class names (label k is the k-th name) come from the caller
-(`--class-names`), a root `class_names` attribute or a sidecar text file beside the data
-(`my_galaxies.classes.txt` for `my_galaxies.h5`, one name per line); named sources that
-disagree are an error. A file naming no classes is read as Galaxy10's ten classes, and
-`class_names_named` says so: training refuses that unless the labels are Galaxy10's
-(`check_class_names`), so a 4-class file is never silently taken for Galaxy10.
+`redshift`, `pxscale`, and optional `votes` (N, K): non-negative vote counts per class, in
+class order (Galaxy Zoo vote fractions are votes / row total). A file with `votes` and no
+`ans` is labelled by each row's most-voted class (the first on a tie).
+
+Class names (label k is the k-th name) come from the caller (`--class-names`), a root
+`class_names` attribute or a sidecar text file beside the data (`my_galaxies.classes.txt` for
+`my_galaxies.h5`, one name per line); named sources that disagree are an error. A file naming no
+classes is read as Galaxy10's ten classes, and `class_names_named` says so: training refuses
+that unless the labels are Galaxy10's (`check_class_names`), so a 4-class file is never silently
+taken for Galaxy10.
 
 How the images were made (`Galaxy10File.imaging`) comes from root attributes `pixel_scale` (or
 `pxscale`, arcsec/pixel), `stretch` and `bands` (the survey bands shown as R, G, B, e.g. "zrg");
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +42,11 @@ from galmorph.core.resample import rescale_rgb
 if TYPE_CHECKING:
     import h5py
 
+logger = logging.getLogger(__name__)
+
 IMAGES_KEY = "images"
 LABELS_KEY = "ans"
+VOTES_KEY = "votes"
 CLASS_NAMES_ATTR = "class_names"
 CLASS_NAMES_SIDECAR_SUFFIX = ".classes.txt"
 MAX_SIDECAR_BYTES = 1 << 20
@@ -67,9 +76,15 @@ class Galaxy10File:
         self.path = Path(path)
         self._handle: h5py.File | None = None
         self._handle_pid: int | None = None
-        self.labels, self.class_names, self.image_shape, self._columns, self.class_names_source = (
-            _validate(self.path, None if class_names is None else tuple(class_names))
-        )
+        layout = _validate(self.path, None if class_names is None else tuple(class_names))
+        self.labels = layout.labels
+        # float64 (N, K) vote counts, or None when the file has no `votes`. K is num_classes,
+        # or up to 10 when Galaxy10's names were assumed (check_class_names refuses K != 10).
+        self.votes = layout.votes
+        self.class_names = layout.class_names
+        self.image_shape = layout.image_shape
+        self._columns = layout.columns
+        self.class_names_source = layout.class_names_source
         self.imaging, self.imaging_source, self._row_zoom = _imaging(
             self.path, self._columns, self.num_images
         )
@@ -91,14 +106,20 @@ class Galaxy10File:
     def check_class_names(self) -> None:
         """Raise Galaxy10Error if Galaxy10's names were assumed for labels that are not its ten.
 
-        A file naming no classes whose labels stop short of Galaxy10's last class is almost
-        surely a file of its own classes: reading it as Galaxy10 would mislabel every class.
+        A file naming no classes whose labels stop short of Galaxy10's last class (or whose
+        votes have fewer columns) is almost surely a file of its own classes: reading it as
+        Galaxy10 would mislabel every class.
         """
-        if self.class_names_named or int(self.labels.max()) == len(GALAXY10_CLASS_NAMES) - 1:
+        if self.votes is not None:
+            used = int(self.votes.shape[1])
+            evidence = f"{used} vote columns"
+        else:
+            used = int(self.labels.max()) + 1
+            evidence = f"labels 0..{used - 1}"
+        if self.class_names_named or used == len(GALAXY10_CLASS_NAMES):
             return
-        used = int(self.labels.max()) + 1
         raise Galaxy10Error(
-            f"{self.path}: no class names (labels 0..{used - 1}, so {used} classes, not "
+            f"{self.path}: no class names ({evidence}, so {used} classes, not "
             f"Galaxy10's {len(GALAXY10_CLASS_NAMES)}): name them with --class-names "
             f"a,b,c, a '{CLASS_NAMES_ATTR}' attribute, or a sidecar file "
             f"{class_names_sidecar(self.path).name} with one name per line"
@@ -180,6 +201,10 @@ class Galaxy10File:
             "sample_sha256": sample_hash.hexdigest(),
             "file_size": self.path.stat().st_size,
         }
+        # Only when present, so the digests of files without votes stay what they were.
+        if self.votes is not None:
+            votes_bytes = self.votes.astype("<f8").tobytes()
+            content["votes_sha256"] = hashlib.sha256(votes_bytes).hexdigest()
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return {"file_name": self.path.name, **content, "digest": digest}
 
@@ -230,10 +255,20 @@ def class_names_sidecar(path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.stem + CLASS_NAMES_SIDECAR_SUFFIX)
 
 
-def _validate(
-    path: Path, given_names: tuple[str, ...] | None
-) -> tuple[np.ndarray, tuple[str, ...], tuple[int, int, int], tuple[str, ...], str]:
-    """Check the layout (shapes and dtypes first, then labels) and return what it describes."""
+@dataclass(frozen=True)
+class _Layout:
+    """What a validated file holds (everything but the images)."""
+
+    labels: np.ndarray
+    votes: np.ndarray | None
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    columns: tuple[str, ...]
+    class_names_source: str
+
+
+def _validate(path: Path, given_names: tuple[str, ...] | None) -> _Layout:
+    """Check the layout (shapes and dtypes first, then labels and votes); say what it holds."""
     import h5py
 
     if not path.is_file():
@@ -248,7 +283,13 @@ def _validate(
         raise Galaxy10Error(f"{path}: cannot be opened as HDF5: {exc}") from exc
     with handle:
         images = _dataset(handle, path, IMAGES_KEY)
-        labels_ds = _dataset(handle, path, LABELS_KEY)
+        if LABELS_KEY not in handle and VOTES_KEY not in handle:
+            present = ", ".join(sorted(handle.keys())) or "nothing"
+            raise Galaxy10Error(
+                f"{path}: missing dataset '{LABELS_KEY}' (labels), and no '{VOTES_KEY}' (vote "
+                f"counts) to label the rows by (file has: {present})"
+            )
+        labels_ds = _dataset(handle, path, LABELS_KEY) if LABELS_KEY in handle else None
         if images.ndim != 4 or images.shape[3] != 3:
             raise Galaxy10Error(
                 f"{path}: '{IMAGES_KEY}' must have shape (N, H, W, 3), got {images.shape}"
@@ -260,16 +301,8 @@ def _validate(
             raise Galaxy10Error(f"{path}: '{IMAGES_KEY}' is empty (shape {images.shape})")
         if num_images > MAX_IMAGES:
             raise Galaxy10Error(f"{path}: {num_images} images exceeds the limit of {MAX_IMAGES}")
-        if labels_ds.ndim != 1:
-            raise Galaxy10Error(f"{path}: '{LABELS_KEY}' must be 1-D, got shape {labels_ds.shape}")
-        if labels_ds.dtype.kind not in "iu":
-            raise Galaxy10Error(
-                f"{path}: '{LABELS_KEY}' must hold integer class ids, got {labels_ds.dtype}"
-            )
-        if labels_ds.shape[0] != num_images:
-            raise Galaxy10Error(
-                f"{path}: {num_images} images but {labels_ds.shape[0]} labels in '{LABELS_KEY}'"
-            )
+        if labels_ds is not None:
+            _check_labels_dataset(labels_ds, path, num_images)
         columns = []
         for name in OPTIONAL_COLUMNS:
             if name not in handle:
@@ -282,13 +315,28 @@ def _validate(
                 )
             columns.append(name)
         class_names, names_source = _resolve_class_names(path, handle, given_names)
-        labels = np.asarray(labels_ds[()], dtype=np.int64)
+        votes = (
+            _read_votes(handle, path, num_images, class_names, names_source)
+            if VOTES_KEY in handle
+            else None
+        )
+        stored = None if labels_ds is None else np.asarray(labels_ds[()], dtype=np.int64)
+    if stored is not None:
+        labels = stored
+    else:
+        assert votes is not None
+        labels = np.argmax(votes, axis=1).astype(np.int64)
+        logger.info(
+            "%s has no '%s': each row's label is its most-voted class in '%s' (the first on a tie)",
+            path,
+            LABELS_KEY,
+            VOTES_KEY,
+        )
     bad = (labels < 0) | (labels >= len(class_names))
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         hint = (
-            f"; a file whose classes are not Galaxy10's must name them (--class-names, a "
-            f"'{CLASS_NAMES_ATTR}' attribute or {class_names_sidecar(path).name})"
+            _name_classes_hint(path)
             if names_source == GALAXY10_ASSUMED
             else f" for the {len(class_names)} class names ({names_source})"
         )
@@ -296,7 +344,79 @@ def _validate(
             f"{path}: {int(bad.sum())} label(s) outside 0..{len(class_names) - 1} "
             f"(first at row {first}: {int(labels[first])}){hint}"
         )
-    return labels, class_names, (int(height), int(width), 3), tuple(columns), names_source
+    return _Layout(
+        labels=labels,
+        votes=votes,
+        class_names=class_names,
+        image_shape=(int(height), int(width), 3),
+        columns=tuple(columns),
+        class_names_source=names_source,
+    )
+
+
+def _name_classes_hint(path: Path) -> str:
+    return (
+        f"; a file whose classes are not Galaxy10's must name them (--class-names, a "
+        f"'{CLASS_NAMES_ATTR}' attribute or {class_names_sidecar(path).name})"
+    )
+
+
+def _check_labels_dataset(labels: h5py.Dataset, path: Path, num_images: int) -> None:
+    if labels.ndim != 1:
+        raise Galaxy10Error(f"{path}: '{LABELS_KEY}' must be 1-D, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise Galaxy10Error(
+            f"{path}: '{LABELS_KEY}' must hold integer class ids, got {labels.dtype}"
+        )
+    if labels.shape[0] != num_images:
+        raise Galaxy10Error(
+            f"{path}: {num_images} images but {labels.shape[0]} labels in '{LABELS_KEY}'"
+        )
+
+
+def _read_votes(
+    handle: h5py.File,
+    path: Path,
+    num_images: int,
+    class_names: tuple[str, ...],
+    names_source: str,
+) -> np.ndarray:
+    """The `votes` counts as float64 (N, K), refused unless every row is a usable count."""
+    dataset = _dataset(handle, path, VOTES_KEY)
+    num_classes = len(class_names)
+    if dataset.ndim != 2 or dataset.shape[0] != num_images:
+        raise Galaxy10Error(
+            f"{path}: '{VOTES_KEY}' must have shape (N, K) = ({num_images}, {num_classes}), "
+            f"one row per image and one column per class, got {dataset.shape}"
+        )
+    assumed = names_source == GALAXY10_ASSUMED
+    # As with labels, fewer columns than Galaxy10's pass when no names were given, so a file
+    # opened without them (scoring, export fits) still reads; training refuses it.
+    if dataset.shape[1] > num_classes or (dataset.shape[1] < num_classes and not assumed):
+        hint = _name_classes_hint(path) if assumed else ""
+        raise Galaxy10Error(
+            f"{path}: '{VOTES_KEY}' has {dataset.shape[1]} columns but there are "
+            f"{num_classes} classes ({names_source}): one column per class, in class "
+            f"order{hint}"
+        )
+    if dataset.dtype.kind not in "iuf":
+        raise Galaxy10Error(
+            f"{path}: '{VOTES_KEY}' must hold numeric vote counts, got {dataset.dtype}"
+        )
+    votes = np.asarray(dataset[()], dtype=np.float64)
+    totals = votes.sum(axis=1)
+    for bad, what in (
+        (~np.isfinite(votes).all(axis=1), "NaN or infinite counts"),
+        ((votes < 0).any(axis=1), "negative counts"),
+        (totals <= 0, "no votes (each row needs at least one)"),
+    ):
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise Galaxy10Error(
+                f"{path}: '{VOTES_KEY}' has {int(bad.sum())} row(s) with {what} (first at "
+                f"row {first}: {votes[first].tolist()})"
+            )
+    return votes
 
 
 def _dataset(handle: h5py.File, path: Path, key: str) -> h5py.Dataset:
