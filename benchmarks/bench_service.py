@@ -12,7 +12,9 @@ Run from the repository root: `python -m benchmarks.bench_service [--model model
 3. ratios: service req/s at concurrency c over raw images/s at batch size c (target: >= 0.85
    at c = 8), and service p50 minus raw batch-1 median at c = 1 (target: <= 15 ms).
 
-The client shares the machine with the server (2 cores here), so the ratios include its cost.
+The client shares the machine with the server (2 cores here), so the ratios include its cost:
+each level records the client's and the server's CPU per request (`client_cpu_ms_per_request`,
+`server_cpu_ms_per_request`), and the raw timings record their own (`cpu_ms_per_image`).
 Model: --model PATH, or --astroformer-tiny (gm_astroformer_tiny exported by model/export.py
 with seeded weights, as in bench_score), else the tests' onnx_factory model at 256 px (cheap:
 ~10 ms/image, so it shows the per-request overhead at its most visible).
@@ -55,13 +57,16 @@ def time_raw(model: OnnxModel, batch: int, images_total: int) -> dict[str, Any]:
     for _ in range(2):
         model.predict(images)
     times = []
+    cpu = time.process_time()
     for _ in range(max(5, images_total // batch)):
         start = time.perf_counter()
         model.predict(images)
         times.append(time.perf_counter() - start)
+    cpu = time.process_time() - cpu
     median = statistics.median(times)
     return {
         "median_ms": round(median * 1e3, 3),
+        "cpu_ms_per_image": round(cpu / (len(times) * batch) * 1e3, 3),
         "p99_ms": round(percentile(times, 99) * 1e3, 3),
         "images_per_s": round(batch / median, 2),
         "repeats": len(times),
@@ -126,7 +131,19 @@ class KeepAliveClient:
         await self.writer.wait_closed()
 
 
-async def load(port: int, uploads: list[bytes], concurrency: int, requests: int) -> dict[str, Any]:
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of another process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the command name: state is field 3 of stat(5); utime and stime are 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(
+    port: int, uploads: list[bytes], concurrency: int, requests: int, server_pid: int
+) -> dict[str, Any]:
     """`concurrency` connections posting back to back; timing starts once all have warmed up."""
     warmup = 3
     per_worker = max(1, requests // concurrency)
@@ -160,15 +177,23 @@ async def load(port: int, uploads: list[bytes], concurrency: int, requests: int)
         await warm.wait()
     except asyncio.BrokenBarrierError:
         await asyncio.gather(*tasks)  # raises the worker's own error
-    begin = time.perf_counter()
+    begin, client_cpu, server_cpu = time.perf_counter(), time.process_time(), None
+    server_cpu_before = process_cpu_s(server_pid)
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - begin
+    client_cpu = time.process_time() - client_cpu
+    server_cpu_after = process_cpu_s(server_pid)
+    if server_cpu_before is not None and server_cpu_after is not None:
+        server_cpu = round((server_cpu_after - server_cpu_before) / len(latencies) * 1e3, 3)
     return {
         "requests": len(latencies),
         "requests_per_s": round(len(latencies) / wall, 2),
         "p50_ms": round(percentile(latencies, 50) * 1e3, 2),
         "p99_ms": round(percentile(latencies, 99) * 1e3, 2),
         "mean_batch_size": round(float(np.mean(batch_sizes)), 2),
+        # The load generator's own CPU: on a small machine it takes cores the server lacks.
+        "client_cpu_ms_per_request": round(client_cpu / len(latencies) * 1e3, 3),
+        "server_cpu_ms_per_request": server_cpu,  # inference, decoding and HTTP together
     }
 
 
@@ -212,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                     # Raw timings right before and after each service run: the machine is
                     # shared, and the ratio must compare like with like.
                     before = time_raw(raw_model, concurrency, args.requests)
-                    figures = asyncio.run(load(port, uploads, concurrency, args.requests))
+                    figures = asyncio.run(
+                        load(port, uploads, concurrency, args.requests, process.pid)
+                    )
                     after = time_raw(raw_model, concurrency, args.requests)
                     raw_rate = (before["images_per_s"] + after["images_per_s"]) / 2
                     raw_ms = (before["median_ms"] + after["median_ms"]) / 2
