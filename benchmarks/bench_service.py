@@ -142,7 +142,11 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 async def load(
-    port: int, uploads: list[bytes], concurrency: int, requests: int, server_pid: int
+    port: int,
+    uploads: list[bytes],
+    concurrency: int,
+    requests: int,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """`concurrency` connections posting back to back; timing starts once all have warmed up."""
     warmup = 3
@@ -178,11 +182,11 @@ async def load(
     except asyncio.BrokenBarrierError:
         await asyncio.gather(*tasks)  # raises the worker's own error
     begin, client_cpu, server_cpu = time.perf_counter(), time.process_time(), None
-    server_cpu_before = process_cpu_s(server_pid)
+    server_cpu_before = None if server_pid is None else process_cpu_s(server_pid)
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - begin
     client_cpu = time.process_time() - client_cpu
-    server_cpu_after = process_cpu_s(server_pid)
+    server_cpu_after = None if server_pid is None else process_cpu_s(server_pid)
     if server_cpu_before is not None and server_cpu_after is not None:
         server_cpu = round((server_cpu_after - server_cpu_before) / len(latencies) * 1e3, 3)
     return {

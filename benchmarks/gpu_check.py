@@ -894,7 +894,7 @@ def part_service(check: Check) -> dict[str, Any]:
     with serve(path, check.work, *flags) as server:
         try:
             before = time_raw(raw_model, batch, requests)
-            figures = asyncio.run(load(server.port, uploads, batch, requests))
+            figures = asyncio.run(load(server.port, uploads, batch, requests, server.process.pid))
             after = time_raw(raw_model, batch, requests)
         except Exception as exc:  # the server's own log says what went wrong on its side
             message = f"{type(exc).__name__}: {exc}"
