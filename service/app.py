@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         policy = ConnectionPolicy(
             header_timeout_s=settings.header_timeout_s,
             body_timeout_s=settings.body_timeout_s,
+            upload_timeout_s=settings.upload_timeout_s,
             # Half the graceful-shutdown time: the answers still have to be sent after it.
             shutdown_upload_grace_s=settings.graceful_shutdown_s / 2,
             on_header_timeout=service_metrics.header_timeouts.inc,

@@ -38,7 +38,8 @@ PROTOCOL_PATH = f"{__name__}:GuardedH11Protocol"
 @dataclass
 class ConnectionPolicy:
     header_timeout_s: float
-    body_timeout_s: float
+    body_timeout_s: float  # the longest pause within an upload
+    upload_timeout_s: float  # the whole upload, however steadily it trickles in
     shutdown_upload_grace_s: float
     on_header_timeout: Callable[[], None]
     draining: asyncio.Event = field(default_factory=asyncio.Event)

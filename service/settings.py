@@ -159,6 +159,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="longest wait for the next piece of an upload (408)"
     )
+    upload_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a whole upload must arrive within this (408): a byte every few seconds "
+        "would otherwise hold a connection for ever",
+    )
     keep_alive_timeout_s: int = Field(
         default=5, ge=1, description="idle keep-alive connections are closed after"
     )

@@ -6,7 +6,9 @@ body is never buffered whole. Multipart bodies go through Starlette's parser fed
 counting stream (its own `max_part_size` covers only non-file fields); files over 1 MiB spool
 to the temporary directory, and a full one is a 503, not a 500.
 
-Each piece of the body must arrive within the policy's `body_timeout_s` (408 otherwise), and
+Each piece of the body must arrive within the policy's `body_timeout_s`, and the whole body
+within its `upload_timeout_s` (408 otherwise: a body trickling in a byte at a time holds a
+connection no longer than that), and
 when the server starts shutting down an upload still arriving is answered 503 at once instead
 of holding the shutdown (galmorph.service.http_protocol). uvicorn has no such timeout itself;
 behind the proxy of docker/ slow bodies never reach it.
@@ -54,6 +56,16 @@ class BodyTimeoutError(Exception):
     def __init__(self, timeout_s: float) -> None:
         super().__init__(
             f"no part of the request body arrived for {timeout_s:g} s; the upload was abandoned"
+        )
+
+
+class UploadTimeoutError(BodyTimeoutError):
+    """The body kept arriving, too slowly to be complete within the upload timeout (408)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        Exception.__init__(
+            self,
+            f"the request body was not complete within {timeout_s:g} s; the upload was abandoned",
         )
 
 
@@ -106,9 +118,10 @@ async def body_chunks(
             yield chunk
         return
     draining = asyncio.ensure_future(policy.draining.wait())
+    deadline = asyncio.get_running_loop().time() + policy.upload_timeout_s
     try:
         while True:
-            message = await _next_message(request, policy, draining)
+            message = await _next_message(request, policy, draining, deadline)
             if message["type"] == "http.disconnect":
                 raise ClientDisconnect()
             if chunk := message.get("body", b""):
@@ -120,19 +133,23 @@ async def body_chunks(
 
 
 async def _next_message(
-    request: Request, policy: ConnectionPolicy, draining: asyncio.Future[Any]
+    request: Request, policy: ConnectionPolicy, draining: asyncio.Future[Any], deadline: float
 ) -> Message:
+    """The next ASGI message of the body; `deadline` (event-loop time) ends the whole upload."""
     receive = asyncio.ensure_future(request.receive())
     try:
         if not draining.done():
+            left = deadline - asyncio.get_running_loop().time()
             done, _ = await asyncio.wait(
                 (receive, draining),
-                timeout=policy.body_timeout_s,
+                timeout=max(0.0, min(policy.body_timeout_s, left)),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if receive in done:
                 return receive.result()
             if draining not in done:
+                if left <= policy.body_timeout_s:
+                    raise UploadTimeoutError(policy.upload_timeout_s)
                 raise BodyTimeoutError(policy.body_timeout_s)
         # Shutting down: the upload may go on until the drain deadline, then it is refused.
         left = policy.drain_deadline - asyncio.get_running_loop().time()

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
+UPLOAD_TIMEOUT_S = 3.0
 KEEP_ALIVE_S = 1
 MAX_HEADER_BYTES = 8192
 MAX_CONNECTIONS = 16
@@ -33,6 +34,7 @@ SLACK_S = 1.5
 LIMITS = {
     "GALMORPH_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
     "GALMORPH_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+    "GALMORPH_UPLOAD_TIMEOUT_S": str(UPLOAD_TIMEOUT_S),
     "GALMORPH_KEEP_ALIVE_TIMEOUT_S": str(KEEP_ALIVE_S),
     "GALMORPH_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
     "GALMORPH_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
@@ -188,6 +190,27 @@ def test_a_stalled_upload_gets_408_and_is_closed(server: RunningServer, upload: 
     assert_responsive(server)
 
 
+def test_an_upload_trickling_in_is_cut_off_at_the_upload_timeout(server: RunningServer) -> None:
+    head, body = stalled_raw_upload()
+    with connect(server) as trickle:
+        trickle.sendall(head)
+        started = time.monotonic()
+        try:
+            for byte in body:  # a byte every 0.3 s: never a pause of the body timeout (1 s)
+                trickle.sendall(bytes([byte]))
+                time.sleep(0.3)
+                if time.monotonic() - started > UPLOAD_TIMEOUT_S + SLACK_S + 2:
+                    break
+        except OSError:  # the server answered and closed
+            pass
+        answer, _ = read_until_closed(trickle)
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"was not complete within 3 s" in answer
+    assert UPLOAD_TIMEOUT_S - 0.2 <= waited <= UPLOAD_TIMEOUT_S + SLACK_S
+    assert_responsive(server)
+
+
 def test_an_oversized_header_line_is_refused_after_the_limit(server: RunningServer) -> None:
     chunk = b"a" * 65536
     with connect(server) as huge:
@@ -251,7 +274,12 @@ def test_header_timeouts_are_counted(server: RunningServer) -> None:
 def test_sigterm_answers_a_stalled_upload_503_without_a_traceback(
     model: Path, tmp_path: Path
 ) -> None:
-    env = {**LIMITS, "GALMORPH_BODY_TIMEOUT_S": "60", "GALMORPH_GRACEFUL_SHUTDOWN_S": "4"}
+    env = {
+        **LIMITS,
+        "GALMORPH_BODY_TIMEOUT_S": "60",
+        "GALMORPH_UPLOAD_TIMEOUT_S": "60",
+        "GALMORPH_GRACEFUL_SHUTDOWN_S": "4",
+    }
     with serve(model, tmp_path, env=env) as server, ExitStack() as stack:
         stalled = stack.enter_context(connect(server))
         head, partial = stalled_raw_upload()
