@@ -165,6 +165,7 @@ def _list_models(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from galmorph.core.contract import TARGET_MEANINGS
     from galmorph.core.engine import CPU_PROVIDER, ModelLoadError, OnnxModel
 
     try:
@@ -190,6 +191,8 @@ def _inspect(args: argparse.Namespace) -> int:
         ("imaging", f"stretch {card.stretch}, bands R,G,B = {_bands(card.bands)}"),
         ("pixel scale", f'{card.pixel_scale:.4g}"/px, field of view {fov_h:.1f}" x {fov_w:.1f}"'),
     ]
+    meaning = TARGET_MEANINGS[card.targets]
+    rows.append(("probabilities", f"{meaning} (trained on {card.targets})"))
     data = card.training_data.get("fingerprint", {})
     if data:
         rows.append(("trained on", f"{data.get('file_name')} ({data.get('num_images')} images)"))

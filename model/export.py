@@ -288,11 +288,12 @@ def export_model(
         raise ExportError("int8 export of a model over 2 GiB is not supported; use fp16")
     seconds: dict[str, float] = {}
     tick = time.perf_counter()
+    targets = _run_targets(Path(run_dir))
     off_reason = None if calibrate else NO_CALIBRATE_REASON
-    if calibrate and _run_targets(Path(run_dir)) == "votes":
+    if calibrate and targets == "votes":
         off_reason = VOTES_REASON
     temperature, gaussians, card = _fit(model, spec, fit_images, off_reason, ood_fpr, precision)
-    card = replace(card, metrics={**card.metrics, **(metrics or {})})
+    card = replace(card, targets=targets, metrics={**card.metrics, **(metrics or {})})
     seconds["fit"] = time.perf_counter() - tick
     reference = ImageClassifierGraph(
         model, spec.mean, spec.std, temperature=temperature, gaussians=gaussians

@@ -118,4 +118,5 @@ def test_export_cli_reads_the_runs_data_and_can_skip_calibration(
     np.testing.assert_allclose(probabilities, softmax(logits), atol=1e-6)
     inspect = run_galmorph("model", "inspect", out)
     assert re.search(r"calibration +none: calibration was switched off", inspect.stdout)
+    assert re.search(r"probabilities +class probabilities \(trained on labels\)", inspect.stdout)
     assert json.loads(run_galmorph("model", "inspect", out, "--json").stdout)["ood"]

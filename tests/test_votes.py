@@ -252,7 +252,9 @@ def test_synth_writes_votes_only_when_asked(
 
 
 # ------------------------------------------------------------------------------ a tiny run
-def test_a_tiny_votes_run_trains_exports_and_predicts_vote_fractions(tmp_path: Path) -> None:
+def test_a_tiny_votes_run_trains_exports_and_predicts_vote_fractions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = synthesize(tmp_path / "zoo.h5", n=40, size=64, seed=1, votes=30, progress=False)
     config = tiny_config(
         data,
@@ -297,3 +299,12 @@ def test_a_tiny_votes_run_trains_exports_and_predicts_vote_fractions(tmp_path: P
     assert card.calibration["applied"] is False and card.calibration["temperature"] == 1.0
     assert "trained on vote counts (targets=votes)" in card.calibration["reason"]
     assert card.calibration["num_images"] > 0  # measured, not fitted
+    assert card.targets == "votes"
+    capsys.readouterr()
+    assert main(["model", "inspect", str(calibrated_path)]) == 0
+    assert "expected Galaxy Zoo vote fractions (trained on votes)" in capsys.readouterr().out
+
+
+def test_a_card_refuses_unknown_targets() -> None:
+    with pytest.raises(ValueError, match="targets 'fractions' is not one of labels, votes"):
+        ModelCard("m", ("a", "b"), (8, 8), (0.5,) * 3, (0.5,) * 3, targets="fractions")

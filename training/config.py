@@ -27,6 +27,7 @@ from galmorph.training.distill import DISTILL_KINDS, DistillSettings
 from galmorph.training.mixup import MixupSettings
 from galmorph.training.sam import SAM_KINDS
 
+from galmorph.core.contract import TARGETS
 from galmorph.core.files import atomic_write_text
 
 AUGMENT_POLICIES = ("paper", "galaxy", "none")
@@ -34,7 +35,6 @@ LR_SCALINGS = ("sqrt", "linear", "none")
 DEVICES = ("auto", "cpu", "cuda")
 LOSS_WEIGHTINGS = ("none", "balanced")
 SAMPLINGS = ("uniform", "balanced")
-TARGETS = ("labels", "votes")
 
 # Flat keys of the config before it had sections whose name in the section differs; every
 # other section field kept its name (`hflip` became `augment.hflip`).

@@ -73,6 +73,15 @@ class Imaging:
 GALAXY10_DECALS = Imaging()
 
 
+# What a model was trained on, and so what its `probabilities` are: one class per galaxy, or
+# Galaxy Zoo vote counts (the expected fraction of volunteers choosing each class).
+TARGET_MEANINGS = {
+    "labels": "class probabilities",
+    "votes": "expected Galaxy Zoo vote fractions",
+}
+TARGETS = tuple(TARGET_MEANINGS)
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """Everything a consumer needs to feed the model and read its answer."""
@@ -87,6 +96,7 @@ class ModelCard:
     pixel_scale: float = GALAXY10_DECALS.pixel_scale  # arcsec/pixel of the model's input
     interpolation: str = DEFAULT_INTERPOLATION  # how rendered images are resized to input_size
     precision: str = "fp32"  # fp32 | fp16 | int8
+    targets: str = "labels"  # one of TARGETS: what the probabilities mean
     model_config: dict[str, Any] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)  # fingerprint of the data
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluation results when known
@@ -122,6 +132,8 @@ class ModelCard:
             raise ValueError(
                 f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
             )
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets {self.targets!r} is not one of {', '.join(TARGETS)}")
         if not self.pixel_scale > 0:
             raise ValueError(f"pixel_scale must be positive, got {self.pixel_scale!r}")
 
