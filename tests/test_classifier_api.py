@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,12 @@ import pyarrow as pa
 import pytest
 from astropy.io import fits
 from fastapi.testclient import TestClient
-from galmorph.service.app import create_app
-from galmorph.service.settings import Settings
 from PIL import Image
 
 from galmorph import Classifier, Prediction, Predictions
 from galmorph.core.classifier import MissingOutputError
 from galmorph.core.decode import CutoutError
+from tests.app_client import running, settings_for
 from tests.cutout_factory import galaxy_planes, make_grz_fits, tan_wcs_header
 from tests.onnx_factory import FactoryModel, write_model
 from tests.training_helpers import REPO_ROOT
@@ -43,15 +41,7 @@ def clf(model_path: Path) -> Classifier:
 
 @pytest.fixture(scope="module")
 def http(model_path: Path) -> Iterator[TestClient]:
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, model_path=model_path, providers=["CPUExecutionProvider"],
-        intra_op_threads=1,
-    )  # fmt: skip
-    with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 20
-        while not client.get("/readyz").json()["ready"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with running(settings_for(model_path)) as client:
         yield client
 
 

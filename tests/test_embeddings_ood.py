@@ -3,7 +3,6 @@ and the same numbers from the server, the scorer and the Python API."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +15,13 @@ from fastapi.testclient import TestClient
 from galmorph.model.export import ImageClassifierGraph
 from galmorph.model.registry import create_model
 from galmorph.scoring.run import ScoreConfig, score
-from galmorph.service.app import create_app
-from galmorph.service.settings import Settings
 
 from galmorph import Classifier
 from galmorph.core import ood
 from galmorph.core.contract import EMBEDDINGS_NAME, INPUT_NAME, OOD_SCORE_NAME
 from galmorph.core.decode import decode_path
 from galmorph.core.engine import OnnxModel
+from tests.app_client import running, settings_for
 from tests.cutout_factory import make_grz_fits
 from tests.onnx_factory import FactoryModel, write_model
 from tests.trained_model import TrainedExport
@@ -151,12 +149,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def http(model_path: Path) -> Iterator[TestClient]:
-    settings = Settings(_env_file=None, model_path=model_path, providers=CPU, intra_op_threads=1)  # type: ignore[call-arg]
-    with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 20
-        while not client.get("/readyz").json()["ready"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with running(settings_for(model_path)) as client:
         yield client
 
 

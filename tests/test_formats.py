@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import io
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from fastapi.testclient import TestClient
 from galmorph.scoring.catalog import CatalogError, CatalogOptions, FileListCatalog
 from galmorph.service import cli as service_cli
 from galmorph.service.app import create_app
-from galmorph.service.settings import Settings
 from PIL import Image
 
 from galmorph.core import formats
@@ -23,6 +21,7 @@ from galmorph.core.contract import GALAXY10_CLASS_NAMES, ModelCard
 from galmorph.core.cutout_limits import CutoutErrorKind
 from galmorph.core.decode import CutoutError, decode_cutout, sniff_format
 from galmorph.core.formats import CutoutFormat, Reader
+from tests.app_client import settings_for, wait_for
 from tests.cutout_factory import make_grz_fits, make_jpeg, make_png
 from tests.onnx_factory import write_model
 
@@ -57,17 +56,6 @@ def tiff_bytes() -> bytes:
 def with_tiff(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(formats, "FORMATS", (*formats.FORMATS, TIFF))
     yield
-
-
-def settings(**values: object) -> Settings:
-    return Settings(_env_file=None, providers=["CPUExecutionProvider"], **values)
-
-
-def wait_until_ready(client: TestClient, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not client.get("/readyz").json()["ready"]:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.05)
 
 
 def page_accept(client: TestClient) -> tuple[str, str]:
@@ -153,7 +141,7 @@ def test_accept_list_offers_only_last_extensions() -> None:
 
 
 def test_defaults_on_every_surface() -> None:
-    with TestClient(create_app(settings())) as client:
+    with TestClient(create_app(settings_for(None))) as client:
         assert page_accept(client) == (formats.accept_list(), "FITS, PNG or JPEG")
         assert client.get("/static/index.html").status_code == 404  # only ever served filled in
         assert client.get("/static/app.js").status_code == 200
@@ -176,11 +164,11 @@ def test_a_new_registry_entry_is_read_by_the_decoder(with_tiff: None) -> None:
 
 def test_a_new_registry_entry_reaches_the_page_and_the_415(with_tiff: None, tmp_path: Path) -> None:
     model = write_model(tmp_path / "model.onnx")
-    with TestClient(create_app(settings(model_path=model, intra_op_threads=1))) as client:
+    with TestClient(create_app(settings_for(model))) as client:
         accept, drop = page_accept(client)
         assert accept == ".fits,.fit,.fts,.fz,.gz,.png,.jpg,.jpeg,.tif,.tiff"
         assert drop == "FITS, PNG, JPEG or TIFF"
-        wait_until_ready(client)
+        wait_for(client)
         refused = client.post("/classify", files={"file": ("c.bin", b"\x00\x01binary")})
         accepted = client.post("/classify", files={"file": ("c.tif", tiff_bytes())})
     assert refused.status_code == 415

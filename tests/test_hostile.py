@@ -30,16 +30,14 @@ import httpx
 import numpy as np
 import pytest
 from astropy.io import fits
-from fastapi.testclient import TestClient
 from galmorph.scoring.decode_worker import DecodeSettings, decode_sources
 from galmorph.service import decoding
-from galmorph.service.app import create_app
 from galmorph.service.batching import MicroBatcher
 from galmorph.service.decoding import DecodeBusyError, MemoryBudget
-from galmorph.service.settings import Settings
 
 from galmorph.core.cutout_limits import MIB, CutoutError, CutoutErrorKind, DecodeLimits
 from tests import process_cost
+from tests.app_client import running, settings_for
 from tests.cutout_factory import bad_inputs, gzip_bomb, make_grz_fits, make_png
 from tests.hostile_inputs import (
     extension_flood,
@@ -280,30 +278,13 @@ def test_truncated_and_odd_files_get_their_status_cheaply(server: RunningServer)
 # --- admission and time, in process ------------------------------------------------------
 
 
-@contextmanager
-def app_client(model: Path, **overrides: Any) -> Iterator[TestClient]:
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        model_path=model,
-        providers=["CPUExecutionProvider"],
-        intra_op_threads=1,
-        **overrides,
-    )
-    with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 20
-        while not client.get("/readyz").json()["ready"]:
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.05)
-        yield client
-
-
 def test_uploads_are_refused_before_decoding_when_the_queue_is_full(
     model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoded although the queue was full")
 
-    with app_client(model, max_queue=4, max_batch_files=4) as client:
+    with running(settings_for(model, max_queue=4, max_batch_files=4)) as client:
         monkeypatch.setattr(decoding, "decode_cutout", never)
         monkeypatch.setattr(MicroBatcher, "queue_length", property(lambda self: 3))
         files = [("files", (f"f{i}.png", make_png(seed=i))) for i in range(2)]
@@ -328,7 +309,7 @@ def test_a_full_spool_disk_is_503_and_small_uploads_still_pass(
     monkeypatch.setattr(tempfile, "TemporaryFile", full_disk_file)
     large = make_png(size=(1024, 1024), seed=3)  # random RGB: about 3 MiB
     assert len(large) > 1024 * 1024
-    with app_client(model) as client:
+    with running(settings_for(model)) as client:
         refused = client.post("/classify", files={"file": ("big.png", large)})
         served = client.post("/classify", files={"file": ("small.png", make_png())})
     assert refused.status_code == 503, refused.text
@@ -346,7 +327,7 @@ def test_decode_time_counts_in_the_request_timeout(
         time.sleep(1.6)
         return real(*args, **kwargs)
 
-    with app_client(model, request_timeout_s=1.0, decode_threads=2) as client:
+    with running(settings_for(model, request_timeout_s=1.0, decode_threads=2)) as client:
         monkeypatch.setattr(decoding, "decode_cutout", slow)
         started = time.monotonic()
         response = client.post("/classify", content=make_png())

@@ -19,10 +19,10 @@ import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
 from galmorph.service.app import create_app
-from galmorph.service.settings import Settings
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from tests.app_client import running, settings_for
 from tests.cutout_factory import make_grz_fits, make_png
 from tests.onnx_factory import FactoryModel, write_model
 from tests.server_process import RunningServer, serve
@@ -206,24 +206,9 @@ def test_refusals_reach_the_client_as_protocol_errors(
         )
 
 
-def protocol_client(model: Path, **settings: Any) -> TestClient:
-    values = {"model_path": model, "providers": ["CPUExecutionProvider"], "intra_op_threads": 1}
-    return TestClient(create_app(Settings(_env_file=None, **{**values, **settings})))  # type: ignore[call-arg]
-
-
-def wait_ready(client: TestClient) -> None:
-    import time
-
-    deadline = time.monotonic() + 20
-    while not client.get("/readyz").json()["ready"]:
-        assert time.monotonic() < deadline, "server never became ready"
-        time.sleep(0.05)
-
-
 def test_a_model_from_before_embeddings_answers_what_it_has(tmp_path: Path) -> None:
     old = write_model(tmp_path / "old.onnx", FactoryModel(embeddings=False))
-    with protocol_client(old) as client:
-        wait_ready(client)
+    with running(settings_for(old)) as client:
         meta = client.get(f"/v2/models/{NAME}").json()
         assert [o["name"] for o in meta["outputs"]] == ["probabilities"]
         png = base64.b64encode(make_png()).decode()
@@ -307,21 +292,21 @@ def test_a_model_from_before_embeddings_answers_what_it_has(tmp_path: Path) -> N
 def test_malformed_requests_are_named(
     model_path: Path, request_body: dict[str, Any], status: int, message: str
 ) -> None:
-    with protocol_client(model_path) as client:
-        wait_ready(client)
+    with running(settings_for(model_path)) as client:
         answer = client.post(f"/v2/models/{NAME}/infer", json=request_body)
     assert answer.status_code == status
     assert message in answer.json()["error"]
 
 
 def test_versions_and_not_ready_follow_the_protocol(model_path: Path, tmp_path: Path) -> None:
-    with protocol_client(model_path) as client:
-        wait_ready(client)
+    with running(settings_for(model_path)) as client:
         version = client.get(f"/v2/models/{NAME}").json()["versions"][0]
         assert client.get(f"/v2/models/{NAME}/versions/{version}").status_code == 200
         other = client.get(f"/v2/models/{NAME}/versions/000000000000")
         assert other.status_code == 404 and "has no version" in other.json()["error"]
-    with protocol_client(tmp_path / "missing.onnx", wait_for_model=False) as client:
+    with TestClient(
+        create_app(settings_for(tmp_path / "missing.onnx", wait_for_model=False))
+    ) as client:
         not_ready = client.get(f"/v2/models/{NAME}")
         assert not_ready.status_code == 503 and "not ready" in not_ready.json()["error"]
         assert not_ready.headers["Retry-After"]
@@ -338,8 +323,7 @@ def test_large_tensors_must_travel_as_binary(
     images = [[[[7, 7, 7]] * 8] * 8]
     body = {"inputs": [{"name": "images", "shape": [1, 8, 8, 3], "datatype": "UINT8",
                         "data": images}]}  # fmt: skip
-    with protocol_client(model_path) as client:
-        wait_ready(client)
+    with running(settings_for(model_path)) as client:
         refused = client.post(f"/v2/models/{NAME}/infer", json=body)
         assert refused.status_code == 413 and "binary tensor data" in refused.json()["error"]
         # The same tensor as binary data after a short JSON header is accepted.

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import numpy as np
 import onnx
 import pytest
 from fastapi.testclient import TestClient
-from galmorph.service.app import create_app
 from galmorph.service.batching import (
     BatcherConfig,
     InferenceTimeoutError,
@@ -35,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from galmorph.core.contract import GALAXY10_CLASS_NAMES, ModelOutputs
 from galmorph.core.decode import DecodeLimits, decode_cutout
 from galmorph.core.engine import CPU_PROVIDER, CUDA_PROVIDER, ModelLoadError, OnnxModel
+from tests.app_client import running, settings_for, settings_without_dotenv, wait_for
 from tests.cutout_factory import bad_inputs, gzip_bomb, make_grz_fits, make_png
 from tests.onnx_factory import FactoryModel, build_model, write_model
 
@@ -44,39 +43,6 @@ CPU = [CPU_PROVIDER]
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model(tmp_path_factory.mktemp("model") / "model.onnx")
-
-
-def settings_without_dotenv(**values: Any) -> Settings:
-    """Settings from these values and the environment only (a developer's .env stays out)."""
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
-def settings_for(model_path: Path | None, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "model_path": model_path,
-        "providers": CPU,
-        "intra_op_threads": 1,
-        **overrides,
-    }
-    return settings_without_dotenv(**values)
-
-
-def wait_for(client: TestClient, ready: bool = True, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        response = client.get("/readyz")
-        body: dict[str, Any] = response.json()
-        if body["ready"] is ready and (ready or body["reason"] != "starting"):
-            return body
-        assert time.monotonic() < deadline, f"readiness never became {ready}: {body}"
-        time.sleep(0.05)
-
-
-@contextmanager
-def running(settings: Settings, *, ready: bool = True) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
-        wait_for(client, ready)
-        yield client
 
 
 @pytest.fixture(scope="module")

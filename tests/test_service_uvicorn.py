@@ -142,9 +142,9 @@ def test_concurrent_requests_share_batches(server: RunningServer) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
-    # About 0.3 s per image on one thread, so that twelve requests sent at once (clients made
-    # beforehand) find the two-image queue full; a machine fast enough to drain it between
-    # arrivals gets more rounds rather than a failed test.
+    # About 0.4 s per image on one thread (0.39 s measured here), so that twelve requests sent
+    # at once (clients made beforehand) find the two-image queue full; a machine fast enough to
+    # drain it between arrivals gets more rounds rather than a failed test.
     slow = write_model(
         tmp_path / "slow.onnx", FactoryModel(input_size=256, channels=64, extra_convs=64)
     )

@@ -17,6 +17,7 @@ from galmorph.service.dependencies import (
     require_api_key,
 )
 from galmorph.service.errors import cutout_status
+from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.results import build_result, png_base64
 from galmorph.service.schemas import (
     BatchItem,
@@ -212,6 +213,19 @@ async def finish(
     )
 
 
+async def classify_decoded(
+    item: DecodedUpload, job: Job, metrics: ServiceMetrics, started: float
+) -> ClassificationResult:
+    """Queue one decoded cutout, wait for its prediction within the job's deadline, answer."""
+    prediction = await within_deadline(job.ready.batcher.submit(item.cutout.image), job.deadline)
+    metrics.queue_time.observe(prediction.queue_s)
+    metrics.cutouts.labels("ok").inc()
+    return await finish(
+        item, prediction, ready=job.ready, options=job.options, settings=job.settings,
+        started=started,
+    )  # fmt: skip
+
+
 @router.post(
     "/classify",
     response_model=ClassificationResult,
@@ -240,12 +254,7 @@ async def classify(
     except DecodeBusyError:
         metrics.cutouts.labels("503").inc()
         raise
-    prediction = await within_deadline(ready.batcher.submit(item.cutout.image), job.deadline)
-    metrics.queue_time.observe(prediction.queue_s)
-    metrics.cutouts.labels("ok").inc()
-    return await finish(
-        item, prediction, ready=ready, options=options, settings=settings, started=started
-    )
+    return await classify_decoded(item, job, metrics, started)
 
 
 async def _decode_item(file: UploadFile, job: Job) -> DecodedUpload | BatchItemError:

@@ -15,14 +15,14 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from galmorph.service.decoding import DecodeBusyError, within_deadline
+from galmorph.service.decoding import DecodeBusyError
 from galmorph.service.dependencies import MetricsDep, ReadyModelDep, SettingsDep, require_api_key
 from galmorph.service.routers.classify import (
     DecoderDep,
     OptionsDep,
     admit,
+    classify_decoded,
     decode_upload,
-    finish,
     start_job,
 )
 from galmorph.service.schemas import (
@@ -115,12 +115,7 @@ async def classify_sky(
     except DecodeBusyError:
         metrics.cutouts.labels("503").inc()
         raise
-    prediction = await within_deadline(ready.batcher.submit(item.cutout.image), job.deadline)
-    metrics.queue_time.observe(prediction.queue_s)
-    metrics.cutouts.labels("ok").inc()
-    result = await finish(
-        item, prediction, ready=ready, options=options, settings=settings, started=started
-    )
+    result = await classify_decoded(item, job, metrics, started)
     spec = fetcher.spec
     cutout = {"url": spec.request(ra, dec).url, "source": source, "ra": ra, "dec": dec}
     return SkyClassificationResult(
