@@ -4,7 +4,10 @@ A run folder holds `model.safetensors` (the state dict) and `model.json` (the Mo
 which registered model to build, with what input size, classes and normalisation, plus the
 SHA-256 of the weights file so a mismatched or damaged pair is caught at load time). Both
 files are written with galmorph.core.files.atomic_write, so a crash never leaves a half-written
-checkpoint under the final name.
+checkpoint under the final name; and since the two are replaced one after the other, a spec
+rewritten over the same model first names both the weights file there and the one about to
+replace it (`previous_weights_sha256`), so a kill between the two renames leaves a pair that
+loads (the old weights or the new), never a hash mismatch.
 """
 
 from __future__ import annotations
@@ -121,15 +124,29 @@ def save_model(
     weights_path, spec_path = checkpoint_paths(run_dir, filename)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    document: dict[str, Any] = {**spec.to_dict(), "format_version": FORMAT_VERSION}
+    previous = _weights_hash_of_same_model(spec_path, document)
     with atomic_write(weights_path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    document = {
-        **spec.to_dict(),
-        "format_version": FORMAT_VERSION,
-        "weights_sha256": sha256_file(weights_path),
-    }
+        document["weights_sha256"] = sha256_file(tmp)
+        if previous is not None and previous != document["weights_sha256"]:
+            transition = {**document, "previous_weights_sha256": previous}
+            atomic_write_text(spec_path, json.dumps(transition, indent=2))
     atomic_write_text(spec_path, json.dumps(document, indent=2))
     return weights_path
+
+
+def _weights_hash_of_same_model(spec_path: Path, document: dict[str, Any]) -> str | None:
+    """The weights hash the spec at `spec_path` holds, if it describes the same model as
+    `document` (another model's weights must never pass for this one's)."""
+    try:
+        current = _read_spec_document(spec_path)
+    except CheckpointError:
+        return None
+    described = {k: v for k, v in current.items() if not k.endswith("weights_sha256")}
+    weights = current.get("weights_sha256")
+    same = described == json.loads(json.dumps(document))  # as JSON: tuples read back as lists
+    return weights if same and isinstance(weights, str) else None
 
 
 def load_spec(run_dir: str | os.PathLike[str], filename: str = "model") -> ModelSpec:
@@ -169,7 +186,8 @@ def load_model(
         raise CheckpointError(f"{spec_path}: {exc}") from exc
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights_path}")
-    if sha256_file(weights_path) != document.get("weights_sha256"):
+    accepted = {document.get("weights_sha256"), document.get("previous_weights_sha256")}
+    if sha256_file(weights_path) not in accepted - {None}:
         raise CheckpointError(
             f"{weights_path} does not match {spec_path.name} (SHA-256 differs): "
             "the weights file is damaged or from another run"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,15 +13,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from galmorph.model import checkpoint as checkpoint_module
 from galmorph.model import cli as model_cli
 from galmorph.model import export as export_module
-from galmorph.model.checkpoint import CheckpointError, ModelSpec, save_model
+from galmorph.model.checkpoint import CheckpointError, ModelSpec, load_model, save_model
 from galmorph.model.export import ExportError, ImageClassifierGraph, export_model
 from galmorph.model.registry import create_model
 from galmorph.model.sample_images import load_images
 from PIL import Image
 from torch import nn
 
+from galmorph.core import files
 from galmorph.core.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME, artifact_sha256
 from galmorph.core.contract import (
     EMBEDDINGS_NAME,
@@ -266,6 +267,36 @@ def test_truncated_weights_with_matching_hash_are_refused(tmp_path: Path) -> Non
         export_model(tmp_path, tmp_path / "model.onnx")
 
 
+@pytest.mark.parametrize("crash_at", ["weights_rename", "final_spec"])
+def test_a_save_killed_between_its_two_files_leaves_a_loadable_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    old_model, spec = _make_run(tmp_path, seed=0)
+    torch.manual_seed(1)
+    new_model = create_model(NAME, num_classes=10, img_size=SIZE).eval()
+    real_replace, real_write_text = files.durable_replace, checkpoint_module.atomic_write_text
+
+    def replace(source: Path, target: Path) -> None:
+        if crash_at == "weights_rename" and Path(target).suffix == ".safetensors":
+            raise KeyboardInterrupt  # killed after the transition spec, before the weights
+        real_replace(source, target)
+
+    def write_text(path: Path, text: str) -> Path:
+        if crash_at == "final_spec" and "previous_weights_sha256" not in text:
+            raise KeyboardInterrupt  # killed after the weights, before the spec naming them
+        return real_write_text(path, text)
+
+    monkeypatch.setattr(files, "durable_replace", replace)
+    monkeypatch.setattr(checkpoint_module, "atomic_write_text", write_text)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tmp_path, new_model, spec)
+    monkeypatch.undo()
+    loaded, _ = load_model(tmp_path)
+    expected = old_model if crash_at == "weights_rename" else new_model
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+
+
 def test_bad_parity_images_are_refused(exported: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"uint8 \(N, 64, 64, 3\)"):
         export_model(
@@ -310,17 +341,11 @@ def test_a_model_over_the_single_file_limit_is_a_folder_loaded_like_a_file(
     export_model(exported["run"], out, intra_op_threads=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder_model"]
     # The server and the scorer take the folder wherever they take a model file.
-    from fastapi.testclient import TestClient
     from galmorph.scoring.run import ScoreConfig, score
-    from galmorph.service.app import create_app
-    from galmorph.service.settings import Settings
 
-    settings = Settings(_env_file=None, model_path=out, providers=["CPUExecutionProvider"])  # type: ignore[call-arg]
-    with TestClient(create_app(settings)) as client:
-        for _ in range(200):
-            if client.get("/readyz").json()["ready"]:
-                break
-            time.sleep(0.05)
+    from tests.app_client import running, settings_for
+
+    with running(settings_for(out)) as client:
         assert client.get("/model").json()["sha256"] == artifact_sha256(out)
     cutouts = tmp_path / "cutouts"
     cutouts.mkdir()
