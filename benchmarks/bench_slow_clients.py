@@ -9,14 +9,15 @@ uvicorn and galmorph's own defences. Three conditions:
    back, the tests' cheap 64 px model, so per-request overhead is at its most visible);
 2. hostile: the same clients while slow-loris clients send a request head a header line at a
    time and stalled uploads send a head and 1 KiB of a 1 MiB body, then nothing; each
-   reconnects at once when the server closes it. The normal clients run from 7 to 13 s into
-   the attack, so the window includes the head deadline closing every slow-loris connection
-   and their reconnecting. Quiet and hostile alternate in rounds so load from a neighbour on
-   this shared machine falls on both;
-3. flood: more hostile connections than the server's connection cap. uvicorn then refuses
-   every request with 503 until the head deadline closes the slow connections, and the
-   attackers reconnect: the proxy's per-address cap (docker/nginx.conf) is what keeps one
-   client from getting there.
+   reconnects at once when the server closes it. Each hostile connection comes from an
+   address of its own (127.0.1.x: all of 127/8 is loopback), as many slow clients would. The
+   normal clients run from 7 to 13 s into the attack, so the window includes the head
+   deadline closing every slow-loris connection and their reconnecting. Quiet and hostile
+   alternate in rounds so load from a neighbour on this shared machine falls on both;
+3. flood: one client (127.0.0.2) opens more slow-loris connections than the server's whole
+   connection cap and reopens each one refused at once. The server keeps its
+   `max_connections_per_client` and refuses the rest with 503 and Retry-After (after a 1 s
+   pause, which slows the reopening), so the normal clients (127.0.0.1) are still served.
 
 Target: p99 latency under hostile load at most twice the quiet p99.
 """
@@ -48,18 +49,21 @@ TARGET_P99_RATIO = 2.0
 class Hostiles:
     """Slow-loris and stalled-upload clients that reconnect whenever the server hangs up."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, addresses: Callable[[int], str]) -> None:
         self.port = port
+        self.address = addresses  # the client address of hostile connection i
         self.stop = asyncio.Event()
         self.connected = 0
         self.closed_by_server: Counter[str] = Counter()
         self.answers: Counter[str] = Counter()
 
-    async def _hold(self, kind: str, first: bytes, then: bytes | None) -> None:
+    async def _hold(self, index: int, kind: str, first: bytes, then: bytes | None) -> None:
         """One connection at a time: send `first`, then `then` every DRIP_S (or nothing)."""
         while not self.stop.is_set():
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", self.port, local_addr=(self.address(index), 0)
+                )
             except OSError:
                 await asyncio.sleep(0.1)
                 continue
@@ -92,7 +96,7 @@ class Hostiles:
         loop = asyncio.get_running_loop()
         holds = [("slow_loris", head, b"X-Slow: 1\r\n")] * loris
         holds += [("stalled_upload", upload, None)] * stalled
-        return [loop.create_task(self._hold(*hold)) for hold in holds]
+        return [loop.create_task(self._hold(i, *hold)) for i, hold in enumerate(holds)]
 
     async def wait_connected(self, count: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -167,7 +171,7 @@ async def measure(port: int, uploads: list[bytes], args: argparse.Namespace) -> 
         pooled["quiet"][1].update(statuses)
 
     async def hostile() -> None:
-        attackers = Hostiles(port)
+        attackers = Hostiles(port, lambda i: f"127.0.{1 + i // 250}.{1 + i % 250}")
         tasks = attackers.start(args.loris, args.stalled)
         await attackers.wait_connected(args.loris + args.stalled)
         # Measure across the moment the head deadline cuts the slow-loris clients and they
@@ -186,17 +190,17 @@ async def measure(port: int, uploads: list[bytes], args: argparse.Namespace) -> 
     results = {name: summary(*values) for name, values in pooled.items()}
     results["hostile"]["hostile_connections_closed_by_server"] = dict(hostile_events)
 
-    flood = Hostiles(port)
+    flood = Hostiles(port, lambda _: "127.0.0.2")
     flood_size = Settings(_env_file=None).max_connections + 44  # type: ignore[call-arg]
     tasks = flood.start(flood_size, 0)
-    await flood.wait_connected(flood_size // 2)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(2.0)
     flood_latencies, flood_statuses = await normal_clients(
         port, uploads, args.clients, args.phase_s
     )
     await flood.finish(tasks)
     results["flood"] = {
         "hostile_connections": flood_size,
+        "hostile_connections_refused": dict(flood.answers),
         **summary(flood_latencies, flood_statuses),
     }
     return results
@@ -249,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 "keep_alive_timeout_s",
                 "max_header_bytes",
                 "max_connections",
+                "max_connections_per_client",
             )
         },
         **results,

@@ -1,7 +1,7 @@
 """`make gpu-check`: is this host ready to run galmorph on its GPU? Measured, never assumed.
 
 Ten parts run in order, each in its own try/except with a time budget printed before it starts
-(seconds on one H100-class GPU with 16 CPU cores; without DDP they add up to 8 minutes there):
+(seconds on one H100-class GPU with 16 CPU cores; without DDP they add up to 9 minutes there):
 
   export                 astroformer_0 fp32 + fp16 and astroformer_4 fp16 at 256 px, seeded
                          random weights (no trained weights are needed for any figure here),
@@ -25,8 +25,9 @@ Ten parts run in order, each in its own try/except with a time budget printed be
                          keep-alive HTTP load of real JPEGs, as a fraction of raw predict()
   scorer                 `galmorph score` of a FITS catalog at the best batch size, as a fraction
                          of raw predict()
-  training               50 steps of `galmorph train` on CUDA with its AMP (bf16 autocast),
-                         images/s and peak GPU memory
+  training               50 steps of `galmorph train` on CUDA at precision=fp32, then at bf16
+                         (the default there: bf16 autocast + channels_last), images/s of
+                         each and the speed-up, peak GPU memory
   ddp                    `torchrun` over every visible GPU with NCCL (2+ GPUs only)
 
 Each part ends ok, skipped (with the reason: no NVIDIA driver, no CUDA provider in this
@@ -67,6 +68,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if not __package__:
+    # Run as a file (`python benchmarks/gpu_check.py`), Python puts benchmarks/ on the path, not
+    # the checkout that holds the `benchmarks` package; `python -m benchmarks.gpu_check` has it.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
 from galmorph.core.engine import CPU_PROVIDER, CUDA_PROVIDER
@@ -500,7 +506,10 @@ def torch_reference(run_dir: Path, images: np.ndarray, device: str) -> np.ndarra
 
 
 def run_training(
-    check: Check, out: Path, launcher: Sequence[str] = (sys.executable,)
+    check: Check,
+    out: Path,
+    launcher: Sequence[str] = (sys.executable,),
+    precision: str = "bf16",
 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     """`galmorph train` on the synthetic file for two epochs; the process and its metrics."""
     args = check.args
@@ -510,7 +519,7 @@ def run_training(
         "epochs": 2,
         "warmup_epochs": 0.5,
         "device": "cuda" if check.gpu else "cpu",
-        "amp": True,
+        "precision": precision,
         "num_workers": min(4, os.cpu_count() or 1),
         "progress": False,
         "log_every_steps": 1,
@@ -891,7 +900,9 @@ def part_service(check: Check) -> dict[str, Any]:
     flags += ["--max-queue", str(max(1024, 4 * batch)), "--log-level", "warning"]
     if check.gpu:
         flags.append("--require-gpu")
-    with serve(path, check.work, *flags) as server:
+    # The load is one client address with `batch` connections: allow it as many.
+    env = {"GALMORPH_MAX_CONNECTIONS_PER_CLIENT": str(max(batch, 32))}
+    with serve(path, check.work, *flags, env=env) as server:
         try:
             before = time_raw(raw_model, batch, requests)
             figures = asyncio.run(load(server.port, uploads, batch, requests, server.process.pid))
@@ -959,45 +970,67 @@ def part_scorer(check: Check) -> dict[str, Any]:
     }
 
 
+# What the trainer's log says it computed in, for each `precision` this part runs.
+TRAINING_PRECISION_LOG = {"fp32": "precision: fp32", "bf16": "precision: bf16 autocast"}
+
+
 def part_training(check: Check) -> dict[str, Any]:
+    """fp32, then bf16 (the default on a GPU with bf16): the same steps, one after the other
+    on an otherwise idle GPU. The top-level figures are bf16's (the DDP part compares them)."""
     args = check.args
-    out = check.work / "train_run"
     check.training_data()  # made before the memory baseline is taken
+    runs = {precision: one_training(check, precision) for precision in TRAINING_PRECISION_LOG}
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    speedup = (
+        bf16["images_per_s_by_epoch"][-1] / fp32["images_per_s_by_epoch"][-1]
+        if fp32["images_per_s_by_epoch"] and bf16["images_per_s_by_epoch"]
+        else None
+    )
+    peak = bf16["peak_gpu_memory_mib"]
+    return {
+        "summary": f"{bf16['steps']} steps, bf16 loss {bf16['first_loss']:.3f} -> "
+        f"{bf16['last_loss']:.3f}; last epoch {fp32['images_per_s_by_epoch'][-1]:.0f} images/s "
+        f"fp32, {bf16['images_per_s_by_epoch'][-1]:.0f} bf16"
+        + (f" ({speedup:.2f}x)" if speedup else "")
+        + (f", peak GPU memory {peak} MiB" if peak is not None else ""),
+        "model": args.serve_model,
+        "img_size": args.img_size,
+        "batch_size": args.train_batch_size,
+        "bf16_speedup": round(speedup, 2) if speedup else None,
+        "numerics": "bf16 autocast, loss in fp32, no GradScaler (bf16 keeps fp32's exponent "
+        "range), fp32 weights and checkpoints",
+        **bf16,
+        "by_precision": runs,
+    }
+
+
+def one_training(check: Check, precision: str) -> dict[str, Any]:
+    """Two epochs at `precision`: its steps, losses, images/s per epoch and memory."""
+    args = check.args
     with MemoryPeak() as memory:
-        done, records = run_training(check, out)
+        done, records = run_training(check, check.work / f"train_{precision}", precision=precision)
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     losses = [float(r["loss"]) for r in steps]
     device = "cuda" if check.gpu else "cpu"
     result = {
-        "model": args.serve_model,
-        "img_size": args.img_size,
-        "batch_size": args.train_batch_size,
         "steps": len(steps),
-        "amp": "bf16 autocast (the trainer's own; no GradScaler: bf16 keeps fp32's exponent range)"
-        if check.gpu
-        else "off on the CPU (the trainer autocasts on CUDA only)",
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "images_per_s_by_epoch": [round(float(e["images_per_s"]), 1) for e in epochs],
         "peak_gpu_memory_mib": memory.above_baseline_mib(),
     }
     if len(steps) < args.train_steps:
-        raise CheckFailed(f"{len(steps)} steps ran, not {args.train_steps}", result)
+        raise CheckFailed(f"{precision}: {len(steps)} steps ran, not {args.train_steps}", result)
     if not all(math.isfinite(loss) for loss in losses):
-        raise CheckFailed("a training loss is not finite", result)
-    if f" on {device}" not in done.stderr:
-        raise CheckFailed(
-            f"the trainer's log does not say it ran on {device}", {"stderr": tail(done.stderr)}
-        )
-    steady = result["images_per_s_by_epoch"][-1] if epochs else 0.0
-    peak = result["peak_gpu_memory_mib"]
-    return {
-        "summary": f"{len(steps)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-        f"{steady:.0f} images/s in the last epoch"
-        + (f", peak GPU memory {peak} MiB" if peak is not None else ""),
-        **result,
-    }
+        raise CheckFailed(f"{precision}: a training loss is not finite", result)
+    for expected in (f" on {device}", TRAINING_PRECISION_LOG[precision]):
+        if expected not in done.stderr:
+            raise CheckFailed(
+                f"the trainer's log does not say {expected.strip()!r}",
+                {"stderr": tail(done.stderr)},
+            )
+    return result
 
 
 def part_ddp(check: Check) -> dict[str, Any]:
@@ -1082,8 +1115,8 @@ PARTS = (
     ),
     Part(
         "training",
-        70,
-        "AMP training steps of `galmorph train` on the GPU",
+        130,
+        "training steps of `galmorph train` on the GPU, fp32 then bf16",
         part_training,
         ("torch_cuda",),
     ),

@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from galmorph import __version__
 
@@ -26,8 +27,17 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations: `fetch --cache DIR` must be refused, not read as
+    `--cache-size DIR`. Subparsers are made of the parent's class, so every subcommand of the
+    tree, nested ones included, is a Parser too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="galmorph",
         description="Galaxy morphology classification: data, training, export, serving, scoring.",
     )

@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from galmorph.model.checkpoint import ModelSpec
     from galmorph.model.export import FitImages
+
+    from galmorph.core.splits import Split
 
 # galmorph.core.ood.DEFAULT_FPR, repeated here so that `--help` imports no numpy.
 DEFAULT_OOD_FPR = 0.05
@@ -53,9 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "'images' in, float32 'probabilities', 'logits', 'embeddings' (the pre-logit "
         "representation) and 'ood_score' out, preprocessing inside the graph, class "
         "names/normalisation/stretch/provenance in the metadata. With the run's training file "
-        "(--data, default: the one in RUN_DIR/config.json) the probabilities are "
-        "temperature-scaled on the validation split and the out-of-distribution score is fitted "
-        "on the training split, its threshold on the validation split. The export checks "
+        "(default: the one in RUN_DIR/config.json) the probabilities are temperature-scaled on "
+        "the validation split and the out-of-distribution score is fitted on the training "
+        "split, its threshold on the validation split. A run trained on every row (no "
+        "validation split) needs --data FILE, a labelled file of the same classes it never "
+        "saw: all its rows then set the temperature and the threshold. The export checks "
         "onnxruntime against PyTorch (max |dp| <= 1e-4, same argmax in fp32) and writes nothing "
         "if they disagree. Models over 2 GiB are written as a folder (model.onnx + "
         "model.onnx.data) that serve, score and Classifier load like a file.",
@@ -103,14 +107,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--data",
         type=Path,
-        help="the run's Galaxy10-layout .h5, for temperature scaling and the OOD score "
-        "(default: the training file named in RUN_DIR/config.json, when it exists)",
+        help="labelled Galaxy10-layout .h5 for temperature scaling and the OOD threshold: the "
+        "run's training file (its validation split is used) or a file of the same classes the "
+        "model never saw (all its rows are used; the OOD class statistics still come from the "
+        "run's training rows). Default: the training file named in RUN_DIR/config.json",
     )
     export.add_argument(
         "--fit-count",
         type=int,
         default=2000,
-        help="at most this many training and validation images each for the temperature and "
+        help="at most this many training and held-out images each for the temperature and "
         "the OOD statistics (default 2000)",
     )
     export.add_argument(
@@ -123,7 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ood-fpr",
         type=float,
         default=DEFAULT_OOD_FPR,
-        help="fraction of in-distribution validation images the OOD threshold flags "
+        help="fraction of in-distribution held-out images the OOD threshold flags "
         f"(default {DEFAULT_OOD_FPR})",
     )
     export.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
@@ -203,7 +209,7 @@ def _inspect(args: argparse.Namespace) -> int:
                 "calibration",
                 f"temperature {calibration['temperature']:.4g}, ECE "
                 f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} "
-                f"({calibration['num_images']} {calibration['split']} images)",
+                f"({calibration['num_images']} {held_out_words(calibration)})",
             )
         )
     elif calibration:
@@ -215,7 +221,8 @@ def _inspect(args: argparse.Namespace) -> int:
             (
                 "OOD score",
                 f"{card.ood['method']}, in distribution up to {card.ood['threshold']:.4g} "
-                f"({card.ood['in_distribution_fpr']:.0%} of validation images above)",
+                f"({card.ood['in_distribution_fpr']:.0%} of "
+                f"{held_out_words(card.ood.get('threshold_fit', {}))} above)",
             )
         )
     if "top1" in metrics:
@@ -226,6 +233,13 @@ def _inspect(args: argparse.Namespace) -> int:
     for name, value in rows:
         print(f"{name:<{width_col}}  {value}")
     return 0
+
+
+def held_out_words(record: dict[str, Any]) -> str:
+    """What a card's `calibration` or OOD `threshold_fit` record was fitted on, in words:
+    "validation images", or "images of FILE" for every row of a separate file."""
+    data = record.get("data")
+    return f"images of {data}" if data else "validation images"
 
 
 def _bands(bands: dict[str, str]) -> str:
@@ -284,6 +298,7 @@ def _export(args: argparse.Namespace) -> int:
             count=args.eval_count,
             seed=1,
             indices=test_rows,
+            class_names=spec.class_names,
         )
         if eval_labels is None:
             raise SystemExit("--eval-data must be a labelled Galaxy10-layout .h5 file")
@@ -315,14 +330,16 @@ def _export(args: argparse.Namespace) -> int:
     if calibration.get("applied"):
         print(
             f"temperature {calibration['temperature']:.4g}: ECE {calibration['ece_before']:.4f} "
-            f"-> {calibration['ece_after']:.4f} on {calibration['num_images']} validation images"
+            f"-> {calibration['ece_after']:.4f} on {calibration['num_images']} "
+            f"{held_out_words(calibration)}"
         )
     else:
         print(f"not calibrated: {calibration.get('reason')}")
     if ood:
+        fit = ood["threshold_fit"]
         print(
             f"OOD score threshold {ood['threshold']:.4g} (flags {ood['in_distribution_fpr']:.0%} "
-            f"of {ood['threshold_fit']['num_images']} validation images)"
+            f"of {fit['num_images']} {held_out_words(fit)})"
         )
     if "int8_eval" in report.card.metrics:
         print("int8 accuracy change:", json.dumps(report.card.metrics["int8_eval"]))
@@ -331,47 +348,121 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _fit_images(args: argparse.Namespace, spec: ModelSpec) -> FitImages | None:
-    """The run's own training and validation images for calibration and the OOD score."""
+    """Labelled images for the temperature and the OOD score: the run's training and
+    validation rows of its training file, or, for --data naming another file, every row of
+    that file as the held-out rows (the OOD class statistics still come from the run's
+    training rows)."""
     if args.no_calibrate and args.no_ood:
         return None
-    data = args.data or _training_file(args.run_dir)
+    recorded = _recorded_training_file(args.run_dir)
+    training = recorded if recorded is not None and recorded.is_file() else None
+    data = args.data or training
     if data is None:
+        where = "recorded in the run" if recorded is None else f"at {recorded}"
         print(
-            "galmorph export: no --data and no training file recorded in the run: exporting "
-            "without temperature scaling and without the OOD score",
+            f"galmorph export: no --data and no training file {where}: exporting without "
+            "temperature scaling and without the OOD score",
             file=sys.stderr,
         )
         return None
-    from galmorph.model.export import load_fit_images
+    from galmorph.model.export import load_fit_images, load_held_out_fit_images
+    from galmorph.model.sample_images import open_in_classes
 
-    from galmorph.core.galaxy10 import Galaxy10File
     from galmorph.core.splits import Split, SplitError
 
     split_path = args.split or args.run_dir / "split.json"
-    if not split_path.is_file():
-        raise SystemExit(
-            f"galmorph export: --data needs the run's split ({split_path} not found): "
-            "the temperature must be fitted on images the model was not trained on"
-        )
-    split = Split.load(split_path)
+    fit_options = {
+        "size": spec.img_size,
+        "interpolation": spec.interpolation,
+        "count": args.fit_count,
+        "class_names": spec.class_names,
+    }
     try:
-        with Galaxy10File(data) as file:
-            split.check_data(file.num_images, file.fingerprint())
-        return load_fit_images(
-            data,
-            split,
-            size=spec.img_size,
-            interpolation=spec.interpolation,
-            count=args.fit_count,
+        split = Split.load(split_path) if split_path.is_file() else None
+        # A file naming no classes is read with the run's names, as training read it (the
+        # data fingerprint covers the names).
+        file, _ = open_in_classes(data, spec.class_names)
+        with file:
+            num_images, fingerprint = file.num_images, file.fingerprint()
+        if _is_training_file(Path(data), training, fingerprint, split, spec):
+            if split is None:
+                raise SystemExit(
+                    f"galmorph export: --data needs the run's split ({split_path} not found): "
+                    "the temperature must be fitted on images the model was not trained on"
+                )
+            split.check_data(num_images, fingerprint)
+            if split.val.size == 0:
+                raise SystemExit(
+                    f"galmorph export: {args.run_dir} was trained on every row of {data} (no "
+                    "validation rows) and the temperature and OOD threshold need held-out "
+                    "ones: pass --data FILE, a labelled file of the same classes the model "
+                    "never saw (e.g. your test file), or --no-calibrate --no-ood"
+                )
+            return load_fit_images(data, split, **fit_options)
+        if not args.no_ood:
+            _check_training_rows(recorded, training, split, split_path, spec)
+        return load_held_out_fit_images(
+            data, train_data=None if args.no_ood else training, split=split, **fit_options
         )
-    except (SplitError, ValueError) as exc:
+    except (SplitError, ValueError) as exc:  # Galaxy10Error is a ValueError
         raise SystemExit(f"galmorph export: {data}: {exc}") from None
 
 
-def _training_file(run_dir: Path) -> Path | None:
-    """The training file named in RUN_DIR/config.json, when it is still there."""
+def _is_training_file(
+    data: Path,
+    training: Path | None,
+    fingerprint: dict[str, Any],
+    split: Split | None,
+    spec: ModelSpec,
+) -> bool:
+    """Whether --data is the run's training file: its recorded path, or the same contents
+    (the digest ignores the file name, so a renamed or moved copy is recognised)."""
+    if training is not None and data.resolve() == training.resolve():
+        return True
+    recorded = (split.fingerprint if split is not None else None) or spec.training_data.get(
+        "fingerprint"
+    )
+    digest = (recorded or {}).get("digest")
+    return digest is not None and digest == fingerprint.get("digest")
+
+
+def _check_training_rows(
+    recorded: Path | None,
+    training: Path | None,
+    split: Split | None,
+    split_path: Path,
+    spec: ModelSpec,
+) -> None:
+    """Refuse in one line when the run's training rows, which the OOD class statistics are
+    fitted on, cannot be read."""
+    from galmorph.model.sample_images import open_in_classes
+
+    way_out = "(or pass --no-ood to export without the OOD score)"
+    if training is None:
+        where = f"is not at {recorded}" if recorded is not None else "is not recorded in the run"
+        raise SystemExit(
+            f"galmorph export: the OOD score's class statistics are fitted on the run's "
+            f"training rows, and its training file {where}: put it back {way_out}"
+        )
+    if split is None:
+        raise SystemExit(
+            f"galmorph export: the OOD score's class statistics are fitted on the run's "
+            f"training rows, and its split ({split_path}) is missing {way_out}"
+        )
+    from galmorph.core.splits import SplitError
+
+    try:
+        file, _ = open_in_classes(training, spec.class_names)
+        with file:
+            split.check_data(file.num_images, file.fingerprint())
+    except (SplitError, ValueError) as exc:
+        raise SystemExit(f"galmorph export: the run's training file {training}: {exc}") from None
+
+
+def _recorded_training_file(run_dir: Path) -> Path | None:
+    """The training file named in RUN_DIR/config.json (whether or not it is still there)."""
     config = run_dir / "config.json"
     if not config.is_file():
         return None
     data = json.loads(config.read_text()).get("data")
-    return Path(data) if data and Path(data).is_file() else None
+    return Path(data) if data else None

@@ -7,11 +7,13 @@ the calibrated temperature), `logits`, `embeddings` [N, D] (the input of the las
 and, when the export had labelled training images, `ood_score` [N]. N is dynamic, H and W are
 fixed (the relative position tables are sized for them).
 
-With labelled images from the run's own split (`FitImages`), the export fits what needs data
-before it traces the graph: the temperature on the validation rows (galmorph.core.calibration;
-kept at 1 when it would raise the ECE there), and the out-of-distribution score's class
-statistics on the training rows with its threshold on the validation rows (galmorph.core.ood).
-Both go into the graph and the card (`calibration`, `ood`).
+With labelled images (`FitImages`), the export fits what needs data before it traces the
+graph: the temperature on held-out rows (galmorph.core.calibration; kept at 1 when it would
+raise the ECE there), and the out-of-distribution score's class statistics on the run's training
+rows with its threshold on the held-out rows (galmorph.core.ood). The held-out rows are the
+run's validation split or, for a run trained on every row, every row of a separate labelled file
+of the same classes (`load_held_out_fit_images`). Both go into the graph and the card
+(`calibration`, `ood`).
 
 Models whose weights exceed protobuf's 2 GiB limit are written as a folder (model.onnx + the
 weights as ONNX external data, galmorph.core.artifact) that every consumer loads like a file.
@@ -142,14 +144,17 @@ class ImageClassifierGraph(nn.Module):
 
 @dataclass(frozen=True)
 class FitImages:
-    """Labelled images of the run's own split for what the export fits: the validation rows
-    (never trained on) set the temperature and the OOD threshold, the training rows the OOD
-    score's class statistics."""
+    """Labelled images for what the export fits, labels as indices of the model's classes: the
+    held-out rows (`val_*`, never trained on) set the temperature and the OOD threshold, the
+    training rows the OOD score's class statistics (None: no OOD score can be fitted)."""
 
-    train_images: np.ndarray
-    train_labels: np.ndarray
+    train_images: np.ndarray | None
+    train_labels: np.ndarray | None
     val_images: np.ndarray
     val_labels: np.ndarray
+    # None: the held-out rows are the run's validation split; else the name of the separate
+    # file whose every row they are.
+    held_out_file: str | None = None
 
 
 def load_fit_images(
@@ -159,20 +164,51 @@ def load_fit_images(
     size: int,
     interpolation: str,
     count: int,
+    class_names: Sequence[str] | None = None,
 ) -> FitImages:
     """At most `count` training and `count` validation images of a run's split (seeded),
-    resized as evaluation and serving resize them."""
+    resized as evaluation and serving resize them; `class_names`: the model's (a file naming
+    none is read with them, as training read it)."""
+    options = {"size": size, "interpolation": interpolation, "count": count}
+    val_images, val_labels = _labelled(
+        data, seed=1, indices=split.val, class_names=class_names, **options
+    )
+    train_images, train_labels = _labelled(
+        data, indices=split.train, class_names=class_names, **options
+    )
+    return FitImages(train_images, train_labels, val_images, val_labels)
+
+
+def load_held_out_fit_images(
+    held_out: str | os.PathLike[str],
+    *,
+    train_data: str | os.PathLike[str] | None,
+    split: Split | None,
+    size: int,
+    interpolation: str,
+    count: int,
+    class_names: Sequence[str],
+) -> FitImages:
+    """At most `count` rows of a labelled file the run never trained on, as the held-out rows,
+    and at most `count` of the run's training rows (`split.train` of `train_data`; none when
+    either is None: then no OOD score can be fitted)."""
+    options = {"size": size, "interpolation": interpolation, "count": count}
+    val_images, val_labels = _labelled(held_out, seed=1, class_names=class_names, **options)
+    train_images = train_labels = None
+    if train_data is not None and split is not None:
+        train_images, train_labels = _labelled(
+            train_data, indices=split.train, class_names=class_names, **options
+        )
+    return FitImages(train_images, train_labels, val_images, val_labels, Path(held_out).name)
+
+
+def _labelled(data: str | os.PathLike[str], **options: Any) -> tuple[np.ndarray, np.ndarray]:
     from galmorph.model.sample_images import load_images
 
-    train_images, train_labels = load_images(
-        data, size=size, interpolation=interpolation, count=count, indices=split.train
-    )
-    val_images, val_labels = load_images(
-        data, size=size, interpolation=interpolation, count=count, seed=1, indices=split.val
-    )
-    if train_labels is None or val_labels is None:
+    images, labels = load_images(data, **options)
+    if labels is None:
         raise ValueError(f"{data} has no labels: temperature and OOD fits need labelled images")
-    return FitImages(train_images, train_labels, val_images, val_labels)
+    return images, labels
 
 
 @dataclass(frozen=True)
@@ -281,6 +317,8 @@ def export_model(
         _check_images(eval_images, size, "evaluation")
     if fit_images is not None:
         _check_fit_images(fit_images, size, spec.num_classes)
+        if ood_fpr is not None and fit_images.train_images is None:
+            raise ValueError("the OOD score needs the run's training images (or ood_fpr=None)")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     external = _needs_external_data(model, precision)
@@ -424,16 +462,24 @@ def _fit(
     try:
         val_logits, val_embeddings = graph_outputs(plain, fit_images.val_images)
         train_embeddings = None
-        if ood_fpr is not None:
+        if ood_fpr is not None and fit_images.train_images is not None:
             _, train_embeddings = graph_outputs(plain, fit_images.train_images)
     finally:
         plain.to("cpu")
-    calibration = fit_calibration(val_logits, fit_images.val_labels, off_reason=off_reason)
+    held_out = fit_images.held_out_file
+    calibration = fit_calibration(
+        val_logits, fit_images.val_labels, off_reason=off_reason, held_out_file=held_out
+    )
     gaussians = None
     ood_record: dict[str, Any] = {}
     if ood_fpr is not None and train_embeddings is not None:
+        assert fit_images.train_labels is not None
         gaussians, ood_record = fit_ood(
-            train_embeddings, fit_images.train_labels, val_embeddings, ood_fpr
+            train_embeddings,
+            fit_images.train_labels,
+            val_embeddings,
+            ood_fpr,
+            held_out_file=held_out,
         )
     card = replace(card, calibration=calibration, ood=ood_record)
     return float(calibration["temperature"]), gaussians, card
@@ -452,10 +498,15 @@ def graph_outputs(graph: ImageClassifierGraph, images: np.ndarray) -> tuple[np.n
 
 
 def fit_calibration(
-    logits: np.ndarray, labels: np.ndarray, *, off_reason: str | None = None
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    off_reason: str | None = None,
+    held_out_file: str | None = None,
 ) -> dict[str, Any]:
     """Temperature scaling on held-out images, as the card's `calibration` record (with
-    `off_reason`, the ECE and NLL are recorded and the temperature stays 1).
+    `off_reason`, the ECE and NLL are recorded and the temperature stays 1). The images are
+    the run's validation split, or every row of `held_out_file`.
 
     The temperature minimises the NLL; it is applied only when it does not raise the ECE on the
     same images (with few images the two can disagree), so a calibrated file is never worse
@@ -464,7 +515,7 @@ def fit_calibration(
     before = {"ece": ece(softmax(logits), labels), "nll": nll(logits, labels)}
     record: dict[str, Any] = {
         "method": "temperature scaling",
-        "split": "val",
+        **_held_out_record(held_out_file),
         "num_images": len(labels),
         "ece_before": before["ece"],
         "nll_before": before["nll"],
@@ -499,13 +550,14 @@ def fit_calibration(
             "nll_after": before["nll"],
         }
     log.info(
-        "temperature %.4g: ECE %.4f -> %.4f, NLL %.4f -> %.4f on %d validation images",
+        "temperature %.4g: ECE %.4f -> %.4f, NLL %.4f -> %.4f on %d held-out images (%s)",
         temperature,
         before["ece"],
         after["ece"],
         before["nll"],
         after["nll"],
         len(labels),
+        held_out_file or "validation split",
     )
     return {
         **record,
@@ -521,8 +573,11 @@ def fit_ood(
     train_labels: np.ndarray,
     val_embeddings: np.ndarray,
     fpr: float,
+    *,
+    held_out_file: str | None = None,
 ) -> tuple[ood.ClassGaussians, dict[str, Any]]:
-    """The OOD score's class statistics and the card's `ood` record with its threshold."""
+    """The OOD score's class statistics (training rows) and the card's `ood` record with its
+    threshold (held-out rows: the validation split, or every row of `held_out_file`)."""
     gaussians = ood.fit_class_gaussians(train_embeddings, train_labels)
     val_scores = ood.mahalanobis_score(val_embeddings, gaussians)
     threshold = ood.threshold_at_fpr(val_scores, fpr)
@@ -535,18 +590,23 @@ def fit_ood(
         "shrinkage": ood.SHRINKAGE,
         "fit": {"split": "train", "num_images": len(train_labels), "classes": len(gaussians.means)},
         "threshold_fit": {
-            "split": "val",
+            **_held_out_record(held_out_file),
             "num_images": len(val_scores),
             "score_median": float(np.median(val_scores)),
         },
     }
     log.info(
-        "OOD threshold %.4g (%.0f%% of %d validation images above)",
+        "OOD threshold %.4g (%.0f%% of %d held-out images above, %s)",
         threshold,
         100 * fpr,
         len(val_scores),
+        held_out_file or "validation split",
     )
     return gaussians, record
+
+
+def _held_out_record(held_out_file: str | None) -> dict[str, Any]:
+    return {"split": "val"} if held_out_file is None else {"split": "all", "data": held_out_file}
 
 
 def _check_images(images: np.ndarray, size: int, what: str) -> None:
@@ -564,6 +624,10 @@ def _check_fit_images(fit: FitImages, size: int, num_classes: int) -> None:
         ("training", fit.train_images, fit.train_labels),
         ("validation", fit.val_images, fit.val_labels),
     ):
+        if images is None or labels is None:
+            if images is not labels:
+                raise ValueError(f"{what} images and labels must be given together")
+            continue
         _check_images(images, size, what)
         labels = np.asarray(labels)
         if labels.shape != (len(images),):

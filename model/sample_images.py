@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from galmorph.core.formats import raster_suffixes
 from galmorph.core.resample import DEFAULT_INTERPOLATION, resize_images
+
+if TYPE_CHECKING:
+    from galmorph.core.galaxy10 import Galaxy10File
 
 MAX_IMAGE_FILE_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -26,16 +30,25 @@ def load_images(
     seed: int = 0,
     indices: np.ndarray | None = None,
     interpolation: str = DEFAULT_INTERPOLATION,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(uint8 (N, size, size, 3), labels or None). At most `count` images, chosen at random
     (seeded) from `indices` (e.g. a split's test rows) or from the whole source, resized with
-    the model card's `interpolation`."""
+    the model card's `interpolation`. With a model's `class_names`, the labels of a
+    Galaxy10-layout file are indices of those classes (`open_in_classes`)."""
     source = Path(path)
     resize = functools.partial(_resize, size=size, interpolation=interpolation)
     if source.is_dir():
         return _from_folder(source, resize=resize, count=count, seed=seed), None
     if source.suffix.lower() in (".h5", ".hdf5"):
-        return _from_galaxy10(source, resize=resize, count=count, seed=seed, indices=indices)
+        return _from_galaxy10(
+            source,
+            resize=resize,
+            count=count,
+            seed=seed,
+            indices=indices,
+            class_names=class_names,
+        )
     raise ValueError(f"{source}: expected a Galaxy10-layout .h5 file or a folder of PNG/JPEG")
 
 
@@ -56,17 +69,65 @@ def _from_galaxy10(
     count: int,
     seed: int,
     indices: np.ndarray | None,
+    class_names: Sequence[str] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     from galmorph.core.galaxy10 import Galaxy10File
 
-    with Galaxy10File(path) as data:
+    if class_names is None:
+        data = Galaxy10File(path)
+        all_labels = data.labels
+    else:
+        data, all_labels = open_in_classes(path, class_names)
+    with data:
         candidates = np.arange(data.num_images) if indices is None else np.asarray(indices)
         if len(candidates) and (candidates.min() < 0 or candidates.max() >= data.num_images):
             raise ValueError(f"{path}: split indices out of range for {data.num_images} images")
         chosen = _pick(candidates, count, seed)
         images = data.images(chosen)
-        labels = data.labels[chosen]
+        labels = all_labels[chosen]
     return resize(images), labels
+
+
+def open_in_classes(
+    path: str | os.PathLike[str], class_names: Sequence[str]
+) -> tuple[Galaxy10File, np.ndarray]:
+    """A Galaxy10-layout file and its labels as indices of `class_names` (a model's classes).
+
+    A file naming no classes is read with these names (so its fingerprint is the one training
+    recorded for names given with --class-names); the same names in another order are mapped;
+    other class sets raise ValueError.
+    """
+    from galmorph.core.galaxy10 import Galaxy10Error, Galaxy10File
+
+    names = tuple(class_names)
+    try:
+        data = Galaxy10File(path, class_names=names)
+    except Galaxy10Error:
+        # Names of its own that differ from these, perhaps only in order (anything else wrong
+        # with the file is raised here again); a file naming none does not fit these names.
+        data = Galaxy10File(path)
+        if not data.class_names_named:
+            data.close()
+            raise
+    try:
+        return data, labels_in_classes(data, names)
+    except ValueError:
+        data.close()
+        raise
+
+
+def labels_in_classes(data: Galaxy10File, class_names: Sequence[str]) -> np.ndarray:
+    """The file's labels as indices of `class_names`; ValueError for another class set."""
+    names, wanted = tuple(data.class_names), tuple(class_names)
+    if names == wanted:
+        return data.labels
+    if sorted(names) != sorted(wanted):
+        raise ValueError(
+            f"the model's classes {list(wanted)} differ from those of {data.path} "
+            f"{list(names)}: use data with the classes the model was trained on"
+        )
+    mapping = np.asarray([wanted.index(name) for name in names], dtype=np.int64)
+    return mapping[data.labels]
 
 
 def _from_folder(

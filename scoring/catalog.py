@@ -2,11 +2,13 @@
 
 A block is a `pyarrow.Table` with `row_index` (int64, position in the catalog), `id_str`
 (string), `source` (an absolute cutout path, a Galaxy10 row number, or for a sky catalog a
-struct<ra, dec> in degrees whose cutouts galmorph.scoring.sky_fetch fetches) and the
-passthrough columns. Blocks are produced only for the requested row ranges, in catalog order.
+struct<ra, dec, error>: degrees, and why a cell is not one; galmorph.scoring.sky_fetch fetches
+the cutouts) and the passthrough columns. Blocks are produced only for the requested row
+ranges, in catalog order.
 
 A table catalog locates cutouts by its path column (`file_loc`) when it has one, else by its
-ra/dec columns (decimal degrees; sexagesimal text is refused when the catalog is opened). A
+ra/dec columns (decimal degrees; a column whose first value is sexagesimal is refused when the
+catalog is opened, and any other cell that is not a number is that row's `invalid` error). A
 path column named on purpose (--path-col) must exist.
 
 Memory: CSV and Parquet are streamed (pyarrow's incremental CSV reader, Parquet row groups),
@@ -48,6 +50,41 @@ class CatalogError(ValueError):
 
 
 @dataclass(frozen=True)
+class DuplicateIds:
+    """Ids that more than one row of a catalog carries: how many, over how many rows, and the
+    first few (id, rows) for a message."""
+
+    ids: int = 0
+    rows: int = 0
+    examples: tuple[tuple[str, int], ...] = ()
+
+    def message(self, where: str) -> str:
+        shown = ", ".join(f"{name!r} ({count} rows)" for name, count in self.examples)
+        more = ", ..." if self.ids > len(self.examples) else ""
+        return (
+            f"{where}: {self.ids} ids are shared by {self.rows} rows, e.g. {shown}{more}; every "
+            "row is scored and kept (tell them apart by row_index)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ids": self.ids, "rows": self.rows, "examples": dict(self.examples)}
+
+
+def _duplicates(ids: pa.Array | pa.ChunkedArray, shown: int = 5) -> DuplicateIds:
+    counts = pc.value_counts(pc.drop_null(ids))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated):
+        return DuplicateIds()
+    names = repeated.field("values").to_pylist()
+    numbers = repeated.field("counts").to_pylist()
+    return DuplicateIds(
+        ids=len(repeated),
+        rows=sum(numbers),
+        examples=tuple((str(n), c) for n, c in zip(names[:shown], numbers[:shown], strict=True)),
+    )
+
+
+@dataclass(frozen=True)
 class CatalogOptions:
     id_col: str = "id_str"
     path_col: str = DEFAULT_PATH_COL
@@ -61,7 +98,7 @@ class Catalog:
 
     kind: str = ""
     # "path": `source` is a cutout file path; "galaxy10": `source` is an HDF5 row number;
-    # "sky": `source` is struct<ra, dec>, to be fetched (galmorph.scoring.sky_fetch).
+    # "sky": `source` is struct<ra, dec, error>, to be fetched (galmorph.scoring.sky_fetch).
     source_kind: str = "path"
 
     def __init__(self, path: Path, num_rows: int, passthrough: tuple[str, ...]) -> None:
@@ -72,6 +109,11 @@ class Catalog:
     def fingerprint(self) -> dict[str, Any]:
         """Identity of the catalog content, recorded in the scoring manifest."""
         return {"kind": self.kind, "name": self.path.name, "sha256": sha256_file(self.path)}
+
+    def duplicate_ids(self) -> DuplicateIds:
+        """Ids carried by more than one row (one pass over the id column). Row numbers and
+        paths, the ids of Galaxy10 files and folders, are unique."""
+        return DuplicateIds()
 
     def iter_blocks(
         self, ranges: Sequence[range], block_rows: int = BLOCK_ROWS
@@ -150,20 +192,68 @@ def _source_columns(kind: str, options: CatalogOptions) -> tuple[str, ...]:
     return (options.ra_col, options.dec_col) if kind == "sky" else (options.path_col,)
 
 
+def _is_text(dtype: pa.DataType) -> bool:
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
+def _first_text(values: Any) -> str | None:
+    """The first non-blank cell of a column sample, as text (None: no such cell)."""
+    for value in values:
+        text = value.as_py() if isinstance(value, pa.Scalar) else value
+        if text is not None and str(text).strip():
+            return str(text)
+    return None
+
+
 def _check_degrees(name: str, dtype: pa.DataType, sample: Any, unit: Any, where: str) -> None:
-    """Refuse a position column that is not decimal degrees, naming what it holds instead."""
-    from galmorph.core.sky import parse_degrees
+    """Refuse a position column that is not decimal degrees, naming what it holds instead.
+
+    A text column is read cell by cell (a stray 'n/a' is that row's error, not the catalog's),
+    unless its first cell is sexagesimal: then the whole column is, and the message says how
+    to convert it.
+    """
+    from galmorph.core.sky import looks_sexagesimal, parse_degrees
 
     if unit is not None and str(unit) not in ("deg", "degree", "degrees"):
         raise CatalogError(f"{where}: column {name!r} is in {unit}; galmorph takes degrees")
     if pa.types.is_floating(dtype) or pa.types.is_integer(dtype) or pa.types.is_null(dtype):
         return
-    if sample is not None:
+    if not _is_text(dtype):
+        raise CatalogError(f"{where}: column {name!r} holds {dtype}, not decimal degrees")
+    if sample is not None and looks_sexagesimal(sample):
         try:
             parse_degrees(sample, f"{where}: column {name!r} holds")
         except ValueError as exc:
             raise CatalogError(str(exc)) from None
-    raise CatalogError(f"{where}: column {name!r} holds {dtype}, not decimal degrees")
+
+
+def _degrees(values: pa.Array | pa.ChunkedArray, name: str) -> tuple[pa.Array, list[str | None]]:
+    """A position column as float64 degrees, and per cell why it is not one (None: it is).
+
+    Blank cells are null with no reason (a `missing` row); text that is not a number is null
+    with the reason (an `invalid` row).
+    """
+    from galmorph.core.sky import parse_degrees
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    reasons: list[str | None] = [None] * len(values)
+    try:
+        return pc.cast(values, pa.float64()), reasons  # numbers, or text that all reads as them
+    except pa.ArrowInvalid:
+        if not _is_text(values.type):
+            raise
+    numbers: list[float | None] = []
+    for i, cell in enumerate(values.to_pylist()):
+        if cell is None or not cell.strip():
+            numbers.append(None)
+            continue
+        try:
+            numbers.append(parse_degrees(cell, name))
+        except ValueError as exc:
+            numbers.append(None)
+            reasons[i] = str(exc)
+    return pa.array(numbers, pa.float64()), reasons
 
 
 def _choose_columns(
@@ -205,12 +295,36 @@ def _source_array(
     options: CatalogOptions,
     base: Path,
 ) -> pa.Array:
-    """The `source` column: absolute cutout paths, or for sky catalogs struct<ra, dec>."""
+    """The `source` column: absolute cutout paths, or for sky catalogs struct<ra, dec, error>
+    (error: why a cell is not degrees, for that row's error)."""
     if kind != "sky":
         return _resolve_paths(column(options.path_col), base)
-    ra, dec = (pc.cast(column(c), pa.float64()) for c in (options.ra_col, options.dec_col))
-    whole = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in (ra, dec)]
-    return pa.StructArray.from_arrays(whole, names=["ra", "dec"])
+    ra, ra_reasons = _degrees(column(options.ra_col), options.ra_col)
+    dec, dec_reasons = _degrees(column(options.dec_col), options.dec_col)
+    errors = [
+        "; ".join(r for r in pair if r) or None
+        for pair in zip(ra_reasons, dec_reasons, strict=True)
+    ]
+    return pa.StructArray.from_arrays(
+        [ra, dec, pa.array(errors, pa.string())], names=["ra", "dec", "error"]
+    )
+
+
+def _passthrough(
+    kind: str,
+    names: Sequence[str],
+    column: Callable[[str], pa.Array | pa.ChunkedArray],
+    sources: pa.Array,
+    options: CatalogOptions,
+) -> dict[str, pa.Array | pa.ChunkedArray]:
+    """The passthrough columns; a sky catalog's text ra/dec pass through as the degrees read
+    from them (float64 in every block, null where a cell is not a number)."""
+    out = {c: column(c) for c in names}
+    if kind == "sky":
+        for name, field in ((options.ra_col, "ra"), (options.dec_col, "dec")):
+            if name in out and _is_text(out[name].type):
+                out[name] = sources.field(field)
+    return out
 
 
 def _read_columns(options: CatalogOptions, kind: str, passthrough: Sequence[str]) -> list[str]:
@@ -241,11 +355,12 @@ class ArrowCatalog(Catalog):
 
     def _to_block(self, start: int, table: pa.Table) -> pa.Table:
         opts = self._options
+        sources = _source_array(self.source_kind, table.column, opts, self.path.resolve().parent)
         return _block(
             start,
             table.column(opts.id_col),
-            _source_array(self.source_kind, table.column, opts, self.path.resolve().parent),
-            {c: table.column(c) for c in self.passthrough},
+            sources,
+            _passthrough(self.source_kind, self.passthrough, table.column, sources, opts),
         )
 
 
@@ -267,9 +382,11 @@ class CsvCatalog(ArrowCatalog):
         if self.source_kind == "sky":
             first = next(iter(pacsv.open_csv(path, parse_options=self._parse)), None)
             for name in (options.ra_col, options.dec_col):
-                values = [] if first is None else first.column(name)
-                sample = values[0].as_py() if len(values) else None
+                sample = None if first is None else _first_text(first.column(name))
                 _check_degrees(name, schema.field(name).type, sample, None, path.name)
+                # Read as text and parsed per block: a stray word further down is that row's
+                # error, where a typed column would stop the reader mid-file.
+                text[name] = pa.string()
         else:
             text[options.path_col] = pa.string()
         self._convert = pacsv.ConvertOptions(
@@ -295,6 +412,9 @@ class CsvCatalog(ArrowCatalog):
             convert_options=convert,
         )
 
+    def duplicate_ids(self) -> DuplicateIds:
+        return _duplicates(pa.chunked_array([b.column(0) for b in self._reader(id_only=True)]))
+
     def _blocks(self, ranges: list[range], block_rows: int) -> Iterator[pa.Table]:
         # One pass over the file for all ranges: a CSV cannot be entered in the middle.
         yield from _slice_stream(self._reader(), ranges, block_rows, self._to_block)
@@ -315,10 +435,14 @@ class ParquetCatalog(ArrowCatalog):
         self.source_kind = _source_kind(schema.names, options, path.name)
         if self.source_kind == "sky":
             for name in (options.ra_col, options.dec_col):
-                first = next(self._file.iter_batches(batch_size=1, columns=[name]), None)
-                sample = first.column(0)[0].as_py() if first is not None and len(first) else None
+                first = next(self._file.iter_batches(batch_size=64, columns=[name]), None)
+                sample = None if first is None else _first_text(first.column(0))
                 _check_degrees(name, schema.field(name).type, sample, None, path.name)
         super().__init__(path, self._file.metadata.num_rows, passthrough)
+
+    def duplicate_ids(self) -> DuplicateIds:
+        ids = self._file.read(columns=[self._options.id_col]).column(0)
+        return _duplicates(pc.cast(ids, pa.string()))
 
     def _blocks(self, ranges: list[range], block_rows: int) -> Iterator[pa.Table]:
         meta = self._file.metadata
@@ -352,10 +476,15 @@ class AstropyCatalog(Catalog):
         self.source_kind = _source_kind(self._table.colnames, options, path.name)
         if self.source_kind == "sky":
             for name in (options.ra_col, options.dec_col):
-                head = self._column(name, 0, 1)
-                sample = head[0].as_py() if len(head) else None
+                head = self._column(name, 0, 64)
+                sample = _first_text(head)
                 _check_degrees(name, head.type, sample, self._table[name].unit, path.name)
         super().__init__(path, len(self._table), passthrough)
+
+    def duplicate_ids(self) -> DuplicateIds:
+        return _duplicates(
+            pc.cast(self._column(self._options.id_col, 0, len(self._table)), pa.string())
+        )
 
     def _column(self, name: str, start: int, stop: int) -> pa.Array:
         column = self._table[name][start:stop]
@@ -371,16 +500,16 @@ class AstropyCatalog(Catalog):
 
     def _rows(self, start: int, stop: int) -> pa.Table:
         opts = self._options
+
+        def column(name: str) -> pa.Array:
+            return self._column(name, start, stop)
+
+        sources = _source_array(self.source_kind, column, opts, self.path.resolve().parent)
         return _block(
             start,
-            self._column(opts.id_col, start, stop),
-            _source_array(
-                self.source_kind,
-                lambda name: self._column(name, start, stop),
-                opts,
-                self.path.resolve().parent,
-            ),
-            {c: self._column(c, start, stop) for c in self.passthrough},
+            column(opts.id_col),
+            sources,
+            _passthrough(self.source_kind, self.passthrough, column, sources, opts),
         )
 
 

@@ -29,7 +29,8 @@ model's input size and pixel scale; a cutout that cannot be had becomes an error
 
 Output: OUT_DIR/part-NNNNN.parquet per shard (written atomically), manifest.json, and when
 the whole catalog is done, OUT_DIR/scores.<format>. A rerun skips finished shards; a rerun
-with another model or catalog is refused. Bad or missing cutouts become rows with `error`.
+with another model or catalog is refused. Bad or missing cutouts, and ra/dec cells that are
+not degrees, become rows with `error`; rows sharing an id are all kept, with a warning.
 
 Slurm job array: --shard-index $SLURM_ARRAY_TASK_ID --num-shards $SLURM_ARRAY_TASK_COUNT,
 then `galmorph merge OUT_DIR` once all tasks finished (scripts/slurm/score_array.sbatch).

@@ -23,11 +23,10 @@ from galmorph.scoring.decode_worker import (
     decode_sources,
     init_worker,
 )
-from galmorph.scoring.rows import ResultBuilder
-
-from galmorph.core.contract import ModelOutputs
+from galmorph.scoring.rows import ResultBuilder, unrun_outputs
 
 if TYPE_CHECKING:
+    from galmorph.core.contract import ModelOutputs
     from galmorph.core.engine import OnnxModel
 
 
@@ -114,4 +113,4 @@ class LocalEngine:
             return self.model.run(images)
         if good.any():
             return self.model.run(images[good]).scatter(good)
-        return ModelOutputs(np.full((len(images), self.model.card.num_classes), np.nan, np.float32))
+        return unrun_outputs(self.model, len(images))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from galmorph.scoring.decode_worker import DecodeSettings, decode_sources
-from galmorph.scoring.rows import ResultBuilder
+from galmorph.scoring.rows import ResultBuilder, unrun_outputs
 
 from galmorph.core.contract import ModelOutputs
 
@@ -80,8 +80,7 @@ class OnnxPredictor:
         if ok.any():
             outputs = self.model.run(images[ok]).scatter(ok)
         else:
-            k = self.model.card.num_classes
-            outputs = ModelOutputs(np.full((len(batch), k), np.nan, np.float32))
+            outputs = unrun_outputs(self.model, len(batch))
         batch = batch.drop_columns([IMAGE_COLUMN])
         batch = batch.append_column(PROBS_COLUMN, _rows(outputs.probabilities))
         if outputs.embeddings is not None:

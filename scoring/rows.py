@@ -8,7 +8,7 @@ the model's SHA-256 and `error`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +23,24 @@ from galmorph.core.tables import (
     embeddings_array,
 )
 
+if TYPE_CHECKING:
+    from galmorph.core.engine import OnnxModel
+
 # The column names of a result row besides passthrough and per-class probabilities.
 FIXED_COLUMNS = (ROW_INDEX, "id_str", "pred_label", "pred_index", "pred_prob")
+
+
+def unrun_outputs(model: OnnxModel, n: int) -> ModelOutputs:
+    """The outputs of n rows none of which reached the model: every output the model has, NaN
+    (the flag False), so a batch with no decodable cutout becomes error rows like any other
+    instead of a batch that lacks the OOD or embeddings columns."""
+    width = model.embedding_size if model.has_embeddings else None
+    return ModelOutputs(
+        np.full((n, model.card.num_classes), np.nan, np.float32),
+        None if width is None else np.full((n, width), np.nan, np.float32),
+        np.full(n, np.nan, np.float32) if model.has_ood else None,
+        np.zeros(n, bool) if model.has_ood else None,
+    )
 
 
 class ResultBuilder:
@@ -84,10 +100,9 @@ class ResultBuilder:
             columns[OOD_SCORE_NAME] = pa.array(outputs.ood_score, pa.float32(), mask=mask)
             columns[IN_DISTRIBUTION_NAME] = pa.array(outputs.in_distribution, mask=mask)
         if self.embedding_size is not None:
-            embeddings = outputs.embeddings
-            if embeddings is None:  # no row of this block reached the model
-                embeddings = np.zeros((n, self.embedding_size), np.float32)
-            columns[EMBEDDINGS_NAME] = embeddings_array(embeddings, mask=mask)
+            if outputs.embeddings is None:
+                raise ValueError("the model's embeddings are missing from its outputs")
+            columns[EMBEDDINGS_NAME] = embeddings_array(outputs.embeddings, mask=mask)
         columns[MODEL_SHA_COLUMN] = pa.array([self.model_sha256] * n, pa.string())
         columns["error"] = pa.array(errors, pa.string())
         return pa.table(columns)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from galmorph.scoring.assembly import ShardAssembler, build_manifest
-from galmorph.scoring.catalog import CatalogOptions, open_catalog
+from galmorph.scoring.catalog import CatalogOptions, DuplicateIds, open_catalog
 from galmorph.scoring.decode_worker import DecodeSettings
 from galmorph.scoring.local_engine import LocalEngine, default_decode_workers, default_ort_threads
 from galmorph.scoring.ray_engine import RayEngine
@@ -88,6 +88,7 @@ class ScoreSummary:
     startup_seconds: float = 0.0  # opening the model and warming it up, before `seconds`
     merged: MergeSummary | None = None
     cutouts: dict[str, Any] | None = None  # sky catalogs: rows cached / fetched / failed
+    duplicate_ids: DuplicateIds = field(default_factory=DuplicateIds)  # in the whole catalog
 
     @property
     def images_per_second(self) -> float:
@@ -104,6 +105,8 @@ class ScoreSummary:
             "images_per_second": round(self.images_per_second, 2),
             "startup_seconds": round(self.startup_seconds, 3),
         }
+        if self.duplicate_ids.ids:
+            out["duplicate_ids"] = self.duplicate_ids.to_dict()
         if self.cutouts is not None:
             out["cutouts"] = self.cutouts
         if self.merged is not None:
@@ -131,6 +134,11 @@ def score(config: ScoreConfig) -> ScoreSummary:
         except CutoutError as exc:
             raise ValueError(exc.message) from None
     catalog = open_catalog(config.catalog, config.catalog_options)
+    # Kept, not refused: rows sharing an id may be different positions or files (a catalog
+    # joined from two surveys); row_index tells them apart. But never without a word.
+    duplicates = catalog.duplicate_ids()
+    if duplicates.ids:
+        logger.warning("%s", duplicates.message(Path(config.catalog).name))
     ort_threads = config.ort_threads or default_ort_threads(config.workers)
     loading = time.perf_counter()
     # With Ray the actors run inference; the driver only reads the card and hash.
@@ -225,6 +233,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
         startup_seconds=startup_seconds,
         merged=merged,
         cutouts=None if stage is None else stage.counts.to_dict(),
+        duplicate_ids=duplicates,
     )
 
 

@@ -1,11 +1,12 @@
 """The fetch stage of sky catalogs: positions in, cache files (or error texts) out.
 
-Blocks of a sky catalog carry `source` = struct<ra, dec> (galmorph.scoring.catalog). `SkyStage`
-makes each position's cutout present in the disk cache (galmorph.core.sky.CutoutFetcher: the
-cache first, the service for what is missing) and hands the rows on, in order, with `source` =
-struct<path, error>: the cache file, or the row's error text ("fetch: HTTP 500 from ... (after
-5 attempts)", "invalid: dec 95.0 is outside [-90, 90] degrees"). Decode workers then only read
-files: no network I/O happens in them.
+Blocks of a sky catalog carry `source` = struct<ra, dec, error> (galmorph.scoring.catalog).
+`SkyStage` makes each position's cutout present in the disk cache
+(galmorph.core.sky.CutoutFetcher: the cache first, the service for what is missing) and hands
+the rows on, in order, with `source` = struct<path, error>: the cache file, or the row's error
+text ("fetch: HTTP 500 from ... (after 5 attempts)", "invalid: dec 95.0 is outside [-90, 90]
+degrees", "invalid: ra 'n/a' is not a number of degrees"). Decode workers then only read files:
+no network I/O happens in them.
 
 The fetching runs on one asyncio event loop in a helper thread with one HTTP client for the
 whole run, `LOOKAHEAD` chunks of rows ahead of the rows being decoded, so downloads overlap
@@ -160,10 +161,14 @@ class SkyStage:
         positions = piece.column("source").combine_chunks()
         ras = positions.field("ra").to_pylist()
         decs = positions.field("dec").to_pylist()
+        unreadable = positions.field("error").to_pylist()  # cells that are not degrees
         paths: list[str | None] = [None] * len(piece)
         errors: list[str | None] = [None] * len(piece)
         wanted: list[int] = []
         for i, (ra, dec) in enumerate(zip(ras, decs, strict=True)):
+            if unreadable[i] is not None:
+                errors[i] = f"invalid: {unreadable[i]}"
+                continue
             if ra is None or dec is None:
                 errors[i] = "missing: no ra/dec in the catalog row"
                 continue

@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from galmorph.service.batching import BatcherStoppedError, InferenceTimeoutError, QueueFullError
-from galmorph.service.decoding import DecodeBusyError, Decoder
+from galmorph.service.decoding import BodyBusyError, DecodeBusyError, Decoder
 from galmorph.service.errors import cutout_status
 from galmorph.service.headers import SecurityHeadersMiddleware
 from galmorph.service.http_protocol import POLICY_STATE_KEY, ConnectionPolicy
@@ -29,11 +29,12 @@ from galmorph.service.routers import (
     sky,
     web,
 )
-from galmorph.service.runtime import ServiceRuntime
+from galmorph.service.runtime import MemoryTrimmer, ServiceRuntime
 from galmorph.service.settings import Settings
 from galmorph.service.sky import SkyCutouts
 from galmorph.service.uploads import (
     BodyTimeoutError,
+    HeaderValueError,
     PayloadTooLargeError,
     ServerDrainingError,
     SpoolSpaceError,
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime = ServiceRuntime(settings, service_metrics)
     decoder = Decoder(settings.decode_memory_budget_bytes, settings.decode_threads)
     sky_cutouts = SkyCutouts(settings) if settings.sky_enabled else None
+    trimmer = MemoryTrimmer(idle=lambda: decoder.budget.used == 0)
     service_metrics.sample_queue = lambda: (
         runtime.batcher.queue_length if runtime.batcher is not None else 0
     )
@@ -69,11 +71,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Half the graceful-shutdown time: the answers still have to be sent after it.
             shutdown_upload_grace_s=settings.graceful_shutdown_s / 2,
             on_header_timeout=service_metrics.header_timeouts.inc,
+            max_connections_per_client=settings.max_connections_per_client,
         )
         runtime.start()
+        trimmer.start()
         try:
             yield {POLICY_STATE_KEY: policy}
         finally:
+            await trimmer.stop()
             await runtime.stop()
             if sky_cutouts is not None:
                 await sky_cutouts.aclose()
@@ -181,6 +186,16 @@ def add_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(DecodeBusyError)
     async def decode_busy(_: Request, exc: DecodeBusyError) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(BodyBusyError)
+    async def body_busy(_: Request, exc: BodyBusyError) -> JSONResponse:
+        # Refused before the body was read: closing the connection is the only safe end.
+        headers = {"Retry-After": str(exc.retry_after_s), "Connection": "close"}
+        return _error(503, str(exc), headers)
+
+    @app.exception_handler(HeaderValueError)
+    async def bad_header(_: Request, exc: HeaderValueError) -> JSONResponse:
+        return _error(400, str(exc), {"Connection": "close"})
 
     @app.exception_handler(InferenceTimeoutError)
     async def timed_out(request: Request, exc: InferenceTimeoutError) -> JSONResponse:

@@ -23,15 +23,20 @@ GALMORPH_MODEL_PATH, GALMORPH_MAX_BATCH_SIZE, GALMORPH_API_KEY, GALMORPH_CORS_OR
 GALMORPH_REQUIRE_GPU=true) or a .env file; flags win over both. The API key is read only
 from the environment or .env, never from the command line.
 
+A model file that cannot be loaded (missing, corrupt, not a galmorph model) or, with the sky
+route on, a cutout cache that cannot be written stops serve before the port opens: exit 2 and
+one line naming the file and the cause. --wait-for-model waits for a good model file instead.
+
 GPU: where an NVIDIA driver is present and CUDA fails to start, serve refuses to start (exit
 2, naming the reason) instead of running on the CPU; --allow-cpu-fallback runs it on the CPU
 anyway, --providers CPUExecutionProvider chooses the CPU outright. --require-gpu refuses the
 CPU on any host.
 
 Slow and hostile clients: GALMORPH_MAX_HEADER_BYTES, GALMORPH_HEADER_TIMEOUT_S,
-GALMORPH_BODY_TIMEOUT_S, GALMORPH_KEEP_ALIVE_TIMEOUT_S, GALMORPH_MAX_CONNECTIONS and
-GALMORPH_GRACEFUL_SHUTDOWN_S (docker/README.md puts a proxy in front as well). With several
---workers, /metrics sums all of them (PROMETHEUS_MULTIPROC_DIR, made and emptied here).
+GALMORPH_BODY_TIMEOUT_S, GALMORPH_KEEP_ALIVE_TIMEOUT_S, GALMORPH_MAX_CONNECTIONS,
+GALMORPH_MAX_CONNECTIONS_PER_CLIENT and GALMORPH_GRACEFUL_SHUTDOWN_S (docker/README.md puts a
+proxy in front as well). With several --workers, /metrics sums all of them
+(PROMETHEUS_MULTIPROC_DIR, made and emptied here).
 
 Endpoints: POST /classify, POST /classify/batch, GET /model, /healthz, /readyz, /metrics,
 KServe v2 /v2/health/live|ready and /v2/models/{name}; the web page is at /. GET
@@ -147,13 +152,27 @@ def serve_command(args: argparse.Namespace) -> int:
     if settings.model_path is None:
         print("galmorph serve: no model: pass --model or set GALMORPH_MODEL_PATH", file=sys.stderr)
         return 2
-    if not settings.model_path.is_file() and not settings.wait_for_model:
-        print(
-            f"galmorph serve: model file not found: {settings.model_path} "
-            "(--wait-for-model waits for it to appear)",
-            file=sys.stderr,
-        )
-        return 2
+    if not settings.wait_for_model:
+        # A server that cannot load its model would stay up and never be ready: refuse now,
+        # in one line (the workers load it again; --wait-for-model waits for a good file).
+        if not settings.model_path.exists():
+            print(
+                f"galmorph serve: model file not found: {settings.model_path} "
+                "(--wait-for-model waits for it to appear)",
+                file=sys.stderr,
+            )
+            return 2
+        if problem := model_problem(settings.model_path):
+            print(f"galmorph serve: {problem}", file=sys.stderr)
+            return 2
+    if settings.sky_enabled:
+        from galmorph.service.sky import SkyCutouts
+
+        try:
+            SkyCutouts(settings)  # refuses an unwritable cutout cache
+        except RuntimeError as exc:
+            print(f"galmorph serve: {exc}", file=sys.stderr)
+            return 2
     log_config = logging_config(settings.log_format, settings.log_level)
     logging.config.dictConfig(log_config)
     # Before the port opens and whether or not the model is there yet: a GPU host whose CUDA
@@ -197,6 +216,28 @@ def serve_command(args: argparse.Namespace) -> int:
     finally:
         remove_multiprocess_dir(metrics_dir)
     return 0
+
+
+def model_problem(path: Path) -> str | None:
+    """Why the model at `path` cannot be served (one line), or None: it is opened once on the
+    CPU, which reads and checks what every worker will (the graph, its input and outputs, the
+    model card), without touching a GPU."""
+    import logging
+
+    from galmorph.core.engine import CPU_PROVIDER, ModelLoadError, OnnxModel
+
+    # The engine logs each load with its providers: the load the server runs on is the
+    # workers', not this CPU check's.
+    engine_log = logging.getLogger(OnnxModel.__module__)
+    level = engine_log.level
+    engine_log.setLevel(logging.WARNING)
+    try:
+        OnnxModel(path, providers=[CPU_PROVIDER], intra_op_threads=1, inter_op_threads=1)
+    except ModelLoadError as exc:
+        return " ".join(str(exc).split())
+    finally:
+        engine_log.setLevel(level)
+    return None
 
 
 def _post_file(path: Path, args: argparse.Namespace) -> dict[str, Any]:

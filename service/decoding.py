@@ -1,11 +1,13 @@
 """Decoding uploads within bounds the server sets: memory, threads and the request's time.
 
-- Memory: a budget of bytes (`decode_memory_budget_bytes`) shared by every decode in the
-  process. The decoder reserves what it will need from the file's headers, before it reads
-  or decompresses a pixel (`galmorph.core.cutout_limits.Reserve`); when the budget cannot
-  hold it the upload is refused at once with 503 and Retry-After (`DecodeBusyError`), and
-  one that alone needs more than the whole budget gets 413. The reservation is returned
-  when the decode ends, however it ends.
+- Memory: a budget of bytes (`decode_memory_budget_bytes`) shared by every request body and
+  every decode in the process. A body reserves its declared length (or each piece as it
+  arrives, when chunked) before it is read (`MemoryBudget.claim_body`, held until the
+  request is answered); the decoder reserves what it will need from the file's headers,
+  before it reads or decompresses a pixel (`galmorph.core.cutout_limits.Reserve`). When the
+  budget cannot hold a reservation the request is refused at once with 503 and Retry-After
+  (`DecodeBusyError`), and one that alone needs more than the whole budget gets 413. A
+  reservation is returned when its body or decode is done with, however that ends.
 - Threads: decodes run on their own pool of `decode_threads` threads, not on Starlette's
   shared pool (40 threads, also used to read uploads), so the CPU they take is bounded and
   a flood of heavy decodes cannot stall everything else the server does.
@@ -27,15 +29,15 @@ import asyncio
 import ctypes
 import threading
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from functools import cache
-from typing import TypeVar
+from functools import cache, partial
+from typing import TypeVar, cast
 
 from galmorph.service.batching import InferenceTimeoutError
-from galmorph.service.uploads import Upload
+from galmorph.service.uploads import PayloadTooLargeError, Upload
 
 from galmorph.core.contract import ModelCard
 from galmorph.core.cutout_limits import MIB, CutoutError, CutoutErrorKind, DecodeLimits, Reserve
@@ -69,8 +71,34 @@ class DecodeBusyError(Exception):
         self.retry_after_s = BUSY_RETRY_AFTER_S
 
 
+class BodyBusyError(DecodeBusyError):
+    """The budget cannot hold this request body now: refused before it is read (503; the
+    connection is closed, the unread body would otherwise have to be read and thrown away)."""
+
+    def __init__(self, needed: int, available: int, capacity: int) -> None:
+        Exception.__init__(
+            self,
+            f"server busy with other uploads: this request body needs {needed} bytes, "
+            f"{available} of the {capacity}-byte decode budget (bodies and decodes) are free; "
+            f"retry after {BUSY_RETRY_AFTER_S} s",
+        )
+        self.retry_after_s = BUSY_RETRY_AFTER_S
+
+
+def _decode_too_large(needed: int, what: str, capacity: int) -> Exception:
+    return CutoutError(
+        CutoutErrorKind.TOO_LARGE,
+        f"{what} needs about {needed} bytes to decode, more than the "
+        f"server's decode memory budget of {capacity} bytes",
+    )
+
+
+def _body_too_large(needed: int, what: str, capacity: int) -> Exception:
+    return PayloadTooLargeError(capacity, f"{what} of {needed} bytes (the memory budget)")
+
+
 class MemoryBudget:
-    """Bytes that decodes running at once may reserve, together (thread-safe)."""
+    """Bytes that request bodies and decodes in flight may reserve, together (thread-safe)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -81,22 +109,31 @@ class MemoryBudget:
     def used(self) -> int:
         return self._used
 
+    def claim(self) -> AbstractContextManager[Reserve]:
+        """A `Reserve` for one decode; everything it reserved is returned on exit. Over the
+        whole budget: CutoutError (413); over what is free now: DecodeBusyError (503)."""
+        return self._claim(_decode_too_large, DecodeBusyError)
+
+    def claim_body(self) -> AbstractContextManager[Reserve]:
+        """A `Reserve` for one request's body bytes: PayloadTooLargeError (413) over the
+        whole budget, BodyBusyError (503) over what is free now."""
+        return self._claim(_body_too_large, BodyBusyError)
+
     @contextmanager
-    def claim(self) -> Iterator[Reserve]:
-        """A `Reserve` for one decode; everything it reserved is returned on exit."""
+    def _claim(
+        self,
+        too_large: Callable[[int, str, int], Exception],
+        busy: Callable[[int, int, int], DecodeBusyError],
+    ) -> Iterator[Reserve]:
         held = 0
 
         def reserve(nbytes: int, what: str) -> None:
             nonlocal held
             with self._lock:
                 if held + nbytes > self.capacity:
-                    raise CutoutError(
-                        CutoutErrorKind.TOO_LARGE,
-                        f"{what} needs about {held + nbytes} bytes to decode, more than the "
-                        f"server's decode memory budget of {self.capacity} bytes",
-                    )
+                    raise too_large(held + nbytes, what, self.capacity)
                 if self._used + nbytes > self.capacity:
-                    raise DecodeBusyError(nbytes, self.capacity - self._used, self.capacity)
+                    raise busy(nbytes, self.capacity - self._used, self.capacity)
                 self._used += nbytes
                 held += nbytes
 
@@ -128,9 +165,15 @@ class Decoder:
     async def decode(self, request: DecodeRequest, deadline: float) -> DecodedCutout:
         """Decode on the pool by `deadline` (time.monotonic()); raises CutoutError,
         DecodeBusyError or InferenceTimeoutError."""
+        return await self.run(partial(_decode, request), deadline)
+
+    async def run(self, work: Callable[[Reserve], T], deadline: float) -> T:
+        """`work(reserve)` on the pool by `deadline`, paying for its memory from the budget
+        through `reserve`; raises what `work` raises, DecodeBusyError or
+        InferenceTimeoutError."""
         if self._pool is None:  # first decode of this app's life (only the loop thread gets here)
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="galmorph-decode")
-        job = self._pool.submit(self._run, request, deadline)
+        job = self._pool.submit(self._run, work, deadline)
         try:
             return await asyncio.wait_for(
                 asyncio.wrap_future(job), timeout=max(0.0, deadline - time.monotonic())
@@ -139,27 +182,37 @@ class Decoder:
             job.cancel()  # a decode still queued never starts
             raise _deadline_error("decoding") from None
 
-    def _run(self, request: DecodeRequest, deadline: float) -> DecodedCutout:
+    def _run(self, work: Callable[[Reserve], T], deadline: float) -> T:
         if time.monotonic() >= deadline:  # waited for a thread past the deadline
             raise _deadline_error("decoding")
-        upload = request.upload
         with self.budget.claim() as reserve:
-            return decode_cutout(
-                upload.data,
-                card=request.card,
-                filename=upload.filename,
-                content_type=upload.content_type,
-                stretch=request.stretch,
-                fit=request.fit,
-                limits=request.limits,
-                reserve=reserve,
-            )
+            return work(reserve)
 
     def shutdown(self) -> None:
         """Drop queued decodes and let running ones finish; a later decode starts a new pool."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _decode(request: DecodeRequest, reserve: Reserve) -> DecodedCutout:
+    data = request.upload.data
+    if isinstance(data, memoryview):  # a file inside a larger body: the decoders read bytes
+        reserve(data.nbytes, "a copy of the file")
+        data = data.tobytes()
+    upload = request.upload
+    return decode_cutout(
+        # A bytearray (a raw body, read into one buffer) has every bytes method the decoders
+        # use; converting it would copy the whole upload.
+        cast(bytes, data),
+        card=request.card,
+        filename=upload.filename,
+        content_type=upload.content_type,
+        stretch=request.stretch,
+        fit=request.fit,
+        limits=request.limits,
+        reserve=reserve,
+    )
 
 
 def _deadline_error(stage: str) -> InferenceTimeoutError:

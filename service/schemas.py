@@ -35,6 +35,29 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+def inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with every `$ref` to its own `$defs` replaced by the definition.
+
+    For a schema placed in the OpenAPI document by hand (`openapi_extra`): the document has no
+    `$defs` of its own, so those references would point at nothing. The models given are not
+    recursive.
+    """
+    definitions = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items() if key != "$defs"}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
 class ClassProbability(BaseModel):
     name: str
     probability: float

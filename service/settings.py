@@ -94,8 +94,8 @@ class Settings(BaseSettings):
     decode_memory_budget_bytes: int = Field(
         default=1024 * MIB,
         ge=64 * MIB,
-        description="memory all decodes running at once may reserve; beyond: 503, and 413 "
-        "for an upload that alone needs more (the largest allowed need ~600 MiB)",
+        description="memory all request bodies and decodes in flight may reserve; beyond: "
+        "503, and 413 for a request that alone needs more (the largest decode ~600 MiB)",
     )
     decode_threads: int = Field(
         default_factory=lambda: min(32, (os.cpu_count() or 1) + 4),
@@ -139,8 +139,14 @@ class Settings(BaseSettings):
     fetch_concurrency: int = Field(default=_POLITE.concurrency, ge=1)
     fetch_rate: float = Field(default=_POLITE.rate, gt=0, description="request starts/s per host")
     # A client waits on the request while the server fetches: fewer, shorter tries than the
-    # scorer's (Politeness), so a failing position is answered within a minute, inside the
-    # proxy's read timeout.
+    # scorer's (Politeness), all within sky_deadline_s.
+    sky_deadline_s: float = Field(
+        default=45.0,
+        gt=0,
+        description="a GET /classify/sky request is answered within this, fetch, decode and "
+        "inference together (504, or 503 with the service's Retry-After, when the cutout "
+        "cannot be had in time); keep it under the proxy's 120 s read timeout",
+    )
     fetch_timeout_s: float = Field(default=20.0, gt=0, description="per attempt")
     fetch_attempts: int = Field(default=3, ge=1, description="tries per cutout")
     fetch_backoff_s: float = Field(default=_POLITE.backoff, ge=0)
@@ -170,6 +176,13 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(
         default=256, ge=1, description="open connections (and requests) beyond this get 503"
+    )
+    max_connections_per_client: int = Field(
+        default=32,
+        ge=1,
+        description="open connections from one client address beyond this get 503 (with "
+        "Retry-After, after a 1 s pause), so that one client cannot take every connection; "
+        "behind a proxy every connection has its address (docker-compose.yml sets 256)",
     )
     graceful_shutdown_s: int = Field(
         default=10, ge=1, description="on SIGTERM, requests in progress get this long"

@@ -73,17 +73,17 @@ def _check_writable(folder: Path) -> None:
 def fetch_refusal(exc: FetchError, offline: bool) -> HTTPException:
     """The answer that tells a client why its cutout could not be had.
 
-    The service busy (429/503): 503, with its Retry-After when it gave one. Any other status,
-    or a body that is not the cutout: 502. No complete answer (a timeout, a refused or reset
-    connection): 504. Offline and not cached: 503, without Retry-After (no retry helps until
-    the cache has it).
+    The service busy (429/503), or holding requests back past the deadline: 503, with the
+    wait as Retry-After when there is one. Any other status, or a body that is not the cutout:
+    502. No complete answer (a timeout, a refused or reset connection): 504. Offline and not
+    cached: 503, without Retry-After (no retry helps until the cache has it).
     """
     if offline:
         detail = "the cutout is not in this server's cache, and the server is offline "
         return HTTPException(503, detail + "(GALMORPH_CUTOUT_OFFLINE): it fetches nothing")
     detail = f"cutout service: {exc}"
-    if exc.status in (429, 503):
-        wait = exc.retry_after
+    wait = exc.retry_after
+    if exc.status in (429, 503) or wait is not None:
         return HTTPException(
             503, detail, {} if wait is None else {"Retry-After": str(math.ceil(wait))}
         )

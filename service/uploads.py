@@ -2,9 +2,15 @@
 
 A declared Content-Length over the limit is refused before anything is read; otherwise bytes are
 counted as they arrive and reading stops at the limit, so an oversized (or chunked, undeclared)
-body is never buffered whole. Multipart bodies go through Starlette's parser fed by the same
-counting stream (its own `max_part_size` covers only non-file fields); files over 1 MiB spool
-to the temporary directory, and a full one is a 503, not a 500.
+body is never buffered whole. Every body is paid for from the server's memory budget
+(galmorph.service.decoding.MemoryBudget) through the `Reserve` its reader is given: the declared
+length before the first byte is read, or each piece of a chunked body as it arrives; a raw
+body is read into one buffer of that length (no list of pieces joined into a second copy).
+Multipart bodies go through Starlette's parser fed by the same counting stream (its own
+`max_part_size` covers only non-file fields); files over 1 MiB spool to the temporary directory
+(a tmpfs in the containers, so the spool is memory too: it counts as part of the body), a
+full one is a 503, not a 500, and reading a spooled file into memory reserves its size again
+until the spool is closed.
 
 Each piece of the body must arrive within the policy's `body_timeout_s`, and the whole body
 within its `upload_timeout_s` (408 otherwise: a body trickling in a byte at a time holds a
@@ -20,7 +26,8 @@ import asyncio
 import errno
 import logging
 import tempfile
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +37,21 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
+from galmorph.core.cutout_limits import Reserve
+
 logger = logging.getLogger(__name__)
 
 # Boundaries and part headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
+
+
+# The most digits a length header may have: 10**18 bytes is far past any limit, and int()
+# of a longer string of digits costs time quadratic in its length.
+MAX_LENGTH_DIGITS = 18
+
+
+class HeaderValueError(Exception):
+    """A request header this server reads holds something other than what it must (400)."""
 
 
 class PayloadTooLargeError(Exception):
@@ -88,7 +106,9 @@ class SpoolSpaceError(Exception):
 
 @dataclass(frozen=True)
 class Upload:
-    data: bytes
+    # A slice of a larger body stays a memoryview until its decode copies it
+    # (galmorph.service.decoding); a raw body is the bytearray it was read into.
+    data: bytes | bytearray | memoryview
     filename: str | None
     content_type: str | None
 
@@ -97,15 +117,55 @@ def is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").startswith("multipart/form-data")
 
 
-async def limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+def parse_length(value: str, header: str) -> int:
+    """A byte count sent in a header: ASCII digits only, at most MAX_LENGTH_DIGITS of them
+    (str.isdigit() also accepts '²' and other digits int() refuses)."""
+    if not (value.isascii() and value.isdigit() and len(value) <= MAX_LENGTH_DIGITS):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise HeaderValueError(
+            f"{header} {shown!r} is not a byte count (1 to {MAX_LENGTH_DIGITS} ASCII digits)"
+        )
+    return int(value)
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's Content-Length, None when it is not declared (chunked)."""
+    value = request.headers.get("content-length")
+    return None if value is None else parse_length(value, "Content-Length")
+
+
+def admit_body(request: Request, limit: int, reserve: Reserve) -> int | None:
+    """The declared length, once checked against `limit` and reserved (None: chunked)."""
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
         raise PayloadTooLargeError(limit)
+    if declared:
+        reserve(declared, "request body")
+    return declared
+
+
+async def limited_stream(
+    request: Request, limit: int, reserve: Reserve
+) -> AsyncGenerator[bytes, None]:
+    """The body's pieces, at most `limit` bytes in all, each paid for from `reserve` before
+    it is read: the declared length at once, or each piece of a chunked body on arrival."""
+    declared = admit_body(request, limit, reserve)
+    async for chunk in _metered(request, limit, reserve, declared or 0):
+        yield chunk
+
+
+async def _metered(
+    request: Request, limit: int, reserve: Reserve, reserved: int
+) -> AsyncGenerator[bytes, None]:
+    """The body's pieces, at most `limit` bytes; those beyond `reserved` reserved on arrival."""
     received = 0
     async for chunk in body_chunks(request, connection_policy(request.scope.get("state", {}))):
         received += len(chunk)
         if received > limit:
             raise PayloadTooLargeError(limit)
+        if received > reserved:  # chunked (the server holds a declared body to its length)
+            reserve(received - reserved, "request body")
+            reserved = received
         yield chunk
 
 
@@ -161,13 +221,80 @@ async def _next_message(
         receive.cancel()
 
 
-async def read_raw_body(request: Request, limit: int, filename: str | None) -> Upload:
-    chunks = [chunk async for chunk in limited_stream(request, limit)]
-    return Upload(b"".join(chunks), filename, request.headers.get("content-type"))
+class BodyReader:
+    """A body read in consecutive parts, each paid for from `reserve` before it is read (so a
+    request can be refused on what its first part says before the rest arrives)."""
+
+    def __init__(self, request: Request, limit: int, reserve: Reserve) -> None:
+        self._pieces = body_chunks(request, connection_policy(request.scope.get("state", {})))
+        self._limit = limit
+        self._reserve = reserve
+        self._left_over = b""  # what the last piece held beyond the part read
+        self.received = 0
+
+    async def read(self, size: int, what: str) -> bytearray:
+        """The next `size` bytes in one buffer (fewer when the body ends first)."""
+        self._reserve(size, what)
+        buffer = bytearray(size)
+        filled = 0
+        with memoryview(buffer) as view:
+            while filled < size:
+                piece = self._left_over or await self._next_piece()
+                if not piece:
+                    break
+                taken = min(size - filled, len(piece))
+                view[filled : filled + taken] = piece[:taken]
+                self._left_over = piece[taken:]
+                filled += taken
+        if filled < size:
+            del buffer[filled:]
+        return buffer
+
+    async def at_end(self) -> bool:
+        """True when nothing follows what was read."""
+        if not self._left_over:
+            self._left_over = await self._next_piece()
+        return not self._left_over
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
+
+    async def _next_piece(self) -> bytes:
+        piece = await anext(self._pieces, b"")
+        self.received += len(piece)
+        if self.received > self._limit:
+            raise PayloadTooLargeError(self._limit)
+        return piece
+
+
+async def read_raw_body(
+    request: Request, limit: int, filename: str | None, reserve: Reserve
+) -> Upload:
+    return Upload(
+        await read_body(request, limit, reserve), filename, request.headers.get("content-type")
+    )
+
+
+async def read_body(request: Request, limit: int, reserve: Reserve) -> bytearray:
+    """The whole body in one buffer: made at the declared length (once that is reserved) and
+    filled in place, or grown piece by piece when chunked."""
+    declared = declared_length(request)
+    if declared is None:
+        grown = bytearray()
+        async for chunk in _metered(request, limit, reserve, 0):
+            grown += chunk
+        return grown
+    if declared > limit:
+        raise PayloadTooLargeError(limit)
+    reader = BodyReader(request, declared, reserve)
+    try:
+        return await reader.read(declared, "request body")
+    finally:
+        await reader.aclose()
 
 
 async def read_multipart_files(
-    request: Request, *, field: str, total_limit: int, max_files: int
+    request: Request, *, field: str, total_limit: int, max_files: int, reserve: Reserve
 ) -> list[tuple[str, UploadFile]]:
     """(field name, file) for every file part, in order; more than `max_files` is a 413.
 
@@ -176,7 +303,7 @@ async def read_multipart_files(
     """
     parser = MultiPartParser(
         request.headers,
-        limited_stream(request, total_limit),
+        limited_stream(request, total_limit, reserve),
         max_files=max_files,
         max_fields=max_files,
     )
@@ -205,21 +332,33 @@ async def read_multipart_files(
     return [(name, value) for name, value in form.multi_items() if isinstance(value, UploadFile)]
 
 
-async def to_upload(file: UploadFile, limit: int) -> Upload:
+ClaimBody = Callable[[], AbstractContextManager[Reserve]]
+"""A fresh reservation of body memory, returned on exit (MemoryBudget.claim_body)."""
+
+
+async def to_upload(file: UploadFile, limit: int, claim: ClaimBody) -> Upload:
+    """The file's bytes; while they are read the spooled copy still exists, so they are
+    reserved again until it is closed (the body's own reservation covers them after)."""
     if file.size is not None and file.size > limit:
         raise PayloadTooLargeError(limit, f"file {file.filename!r}")
-    data = await file.read()
-    await file.close()
+    with claim() as reserve:
+        reserve(file.size or 0, f"file {file.filename!r}")
+        data = await file.read()
+        await file.close()
     return Upload(data, file.filename, file.content_type)
 
 
-async def read_single_upload(request: Request, limit: int, filename: str | None) -> Upload:
-    """The cutout from a raw body (named `filename`), or from the multipart field `file`."""
+async def read_single_upload(
+    request: Request, limit: int, filename: str | None, claim: ClaimBody, reserve: Reserve
+) -> Upload:
+    """The cutout from a raw body (named `filename`), or from the multipart field `file`;
+    the body is paid for from `reserve`."""
     if not is_multipart(request):
-        return await read_raw_body(request, limit, filename)
+        return await read_raw_body(request, limit, filename, reserve)
     files = await read_multipart_files(
-        request, field="file", total_limit=limit + MULTIPART_OVERHEAD, max_files=1
-    )
+        request, field="file", total_limit=limit + MULTIPART_OVERHEAD, max_files=1,
+        reserve=reserve,
+    )  # fmt: skip
     if not files:
         raise UploadError("multipart body has no file part named 'file'")
-    return await to_upload(files[0][1], limit)
+    return await to_upload(files[0][1], limit, claim)

@@ -7,6 +7,7 @@ onnxruntime sessions in tests set intra_op_num_threads explicitly.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,3 +40,10 @@ def trained_export(tmp_path_factory: pytest.TempPathFactory) -> TrainedExport:
 
     torch.set_num_threads(1)
     return train_and_export(tmp_path_factory.mktemp("trained_export"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many docs blocks ran and how many are marked not runnable here (tests/test_docs.py)."""
+    docs = sys.modules.get("tests.docs_support.blocks")
+    if docs is not None and (docs.TALLY.run or docs.TALLY.not_run):
+        terminalreporter.write_line(docs.TALLY.summary())

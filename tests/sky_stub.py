@@ -14,11 +14,12 @@
 Faults are planned per position, one per attempt: `stub.plan[(ra, dec)] = ["429", "500"]`
 answers the first request for that position with a 429, the second with a 500, and later ones
 normally (`stub.default`, "ok"). Kinds (FAULTS): ok, 429 and 503 (Retry-After:
-`retry_after`), 500 (an HTML error page), html and text (200 with an error page or "no such
-layer"), slow (waits `slow_seconds` first), truncate (Content-Length of the whole, half the
-body, then the connection closes), short (half a FITS with a matching Content-Length), reset
-(connection reset, no answer), wrong_bands (a whole FITS of other bands). `latency` delays
-every answer.
+`retry_after`, any text: a number, an HTTP date or garbage), 500 (an HTML error page), html
+and text (200 with an error page or "no such layer"), slow (waits `slow_seconds` first),
+trickle (the whole cutout, a byte every `trickle_interval` seconds, for at most `slow_seconds`),
+truncate (Content-Length of the whole, half the body, then the connection closes), short (half
+a FITS with a matching Content-Length), reset (connection reset, no answer), wrong_bands (a
+whole FITS of other bands). `latency` delays every answer.
 
 `stub.log` records every request: path, parameters, headers, status, fault, start and end
 (time.monotonic) and how many requests were in flight when it started.
@@ -46,7 +47,8 @@ from galmorph.core.imaging import dr2_rgb, flip_north_up, to_uint8
 from tests.cutout_factory import galaxy_planes, tan_wcs_header
 
 FAULTS = (
-    "ok", "429", "503", "500", "html", "text", "slow", "truncate", "short", "reset", "wrong_bands",
+    "ok", "429", "503", "500", "html", "text", "slow", "trickle", "truncate", "short", "reset",
+    "wrong_bands",
 )  # fmt: skip
 LAYERS = {"ls-dr10": "griz", "ls-dr9": "grz"}
 MAX_SIZE = 3000
@@ -111,8 +113,9 @@ class SkyStub:
 
     plan: dict[tuple[float, float], list[str]] = field(default_factory=dict)
     default: str = "ok"
-    retry_after: int = 1
+    retry_after: int | str = 1
     slow_seconds: float = 2.0
+    trickle_interval: float = 0.2
     latency: float = 0.0
     log: list[LoggedRequest] = field(default_factory=list)
 
@@ -240,6 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
             if fault == "wrong_bands":
                 bands = "gri"
         body = render_fits(ra, dec, bands, pixscale, width, height)
+        if fault == "trickle":
+            return self._trickle(body)
         if fault == "truncate":
             self.send_response(200)
             self.send_header("Content-Type", "image/fits")
@@ -265,6 +270,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
         self.wfile.flush()
         return status
+
+    def _trickle(self, body: bytes) -> int:
+        """A whole answer announced, sent so slowly that no single read ever times out."""
+        stub = self.owner
+        self.send_response(200)
+        self.send_header("Content-Type", "image/fits")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        stop = time.monotonic() + stub.slow_seconds
+        for offset in range(len(body)):
+            if time.monotonic() > stop:
+                break
+            self.wfile.write(body[offset : offset + 1])
+            self.wfile.flush()
+            time.sleep(stub.trickle_interval)
+        self.close_connection = True
+        return 200
 
     def _reset(self) -> None:
         """Close with a TCP reset (SO_LINGER 0), as a crashed proxy does."""

@@ -87,8 +87,10 @@ def test_onnx_evaluation_matches_pytorch(trained_run: tuple[Path, Path], tmp_pat
 
     run_dir, data = trained_run
     onnx_path = export_onnx(run_dir, tmp_path / "model.onnx", intra_op_threads=1)
-    torch_report = evaluate(
-        EvaluationRequest(model=run_dir, data=data, split="val", out_dir=tmp_path / "pt")
+    torch_report = evaluate(  # in fp32, as the .onnx computes
+        EvaluationRequest(
+            model=run_dir, data=data, split="val", out_dir=tmp_path / "pt", precision="fp32"
+        )
     )
     # The .onnx has no split.json beside it: point at the run's.
     onnx_report = evaluate(

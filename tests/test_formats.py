@@ -61,7 +61,7 @@ def with_tiff(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def page_accept(client: TestClient) -> tuple[str, str]:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    accept = re.search(r'<input id="file-input" type="file" accept="([^"]*)">', page.text)
+    accept = re.search(r'<input id="file-input" type="file" multiple accept="([^"]*)">', page.text)
     drop = re.search(r"<span>Drop an? (.*) cutout here", page.text)
     assert accept and drop, page.text
     return accept.group(1), drop.group(1)

@@ -86,6 +86,26 @@ def test_plan_prints_the_budgets_and_runs_nothing(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize("form", ["file", "module"])
+def test_runs_as_a_file_and_as_a_module_from_anywhere(form: str, tmp_path: Path) -> None:
+    # Neither form may lean on the caller's PYTHONPATH or working folder; the module form
+    # needs the checkout on the path, which is what `-m` from the checkout gives.
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = REPO_ROOT / "benchmarks" / "gpu_check.py"
+    command = [str(script)] if form == "file" else ["-m", "benchmarks.gpu_check"]
+    done = subprocess.run(
+        [sys.executable, *command, "--plan", "--out", str(tmp_path / "gpu.json")],
+        cwd=tmp_path if form == "file" else REPO_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "budget of the parts that can run here" in done.stdout
+
+
 def test_a_failing_part_is_recorded_its_dependents_skipped_and_the_exit_status_is_1(
     tmp_path: Path,
 ) -> None:

@@ -500,7 +500,7 @@ def test_catalog_columns_and_units_are_checked(tmp_path: Path, model: Path):
     catalog = open_catalog(renamed, CatalogOptions(ra_col="RA_DEG", dec_col="DEC_DEG"))
     assert catalog.source_kind == "sky"
     block = next(catalog.iter_blocks([range(1)]))
-    assert block.column("source").to_pylist() == [{"ra": 150.1, "dec": 2.2}]
+    assert block.column("source").to_pylist() == [{"ra": 150.1, "dec": 2.2, "error": None}]
     from astropy.table import Table
 
     hours = Table({"id_str": ["g0"], "ra": [10.0], "dec": [2.0]})

@@ -238,3 +238,22 @@ def test_freeze_and_layer_decay_groups() -> None:
     frozen = freeze_stages(model, 1)
     assert len(frozen) == 2 and not any(p.requires_grad for p in model.stages[0].parameters())
     assert all(p.requires_grad for p in model.stages[1].parameters())
+
+
+def test_a_file_of_another_size_stating_no_pixel_scale_is_warned_about(
+    files: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """64 px images with no pixel_scale attribute are taken at Galaxy10's 0.262"/px: say so."""
+    from galmorph.training.train import _warn_of_assumed_pixel_scale
+
+    bare = tmp_path / "bare.h5"
+    with h5py.File(files["train"], "r") as src, h5py.File(bare, "w") as out:
+        out.create_dataset("images", data=src["images"][()])
+        out.create_dataset("ans", data=src["ans"][()])
+        out.attrs["class_names"] = list(FOUR)
+    with caplog.at_level("WARNING"):
+        _warn_of_assumed_pixel_scale(Galaxy10File(bare))
+        _warn_of_assumed_pixel_scale(Galaxy10File(files["train"]))  # has a pxscale column
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "states no pixel scale" in warnings[0], warnings
+    assert 'Galaxy10 DECaLS\'s 0.262"/px' in warnings[0] and "pixel_scale" in warnings[0]

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 import math
 import types
 import typing
@@ -25,10 +26,13 @@ from galmorph.model.registry import model_entry
 from galmorph.training.augment import AugmentSettings
 from galmorph.training.distill import DISTILL_KINDS, DistillSettings
 from galmorph.training.mixup import MixupSettings
+from galmorph.training.precision import PRECISIONS
 from galmorph.training.sam import SAM_KINDS
 
 from galmorph.core.contract import TARGETS
 from galmorph.core.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 AUGMENT_POLICIES = ("paper", "galaxy", "none")
 LR_SCALINGS = ("sqrt", "linear", "none")
@@ -42,6 +46,15 @@ RENAMED_FLAT_KEYS = {
     "augment": "augment.policy",
     "mixup_prob": "mixup.prob",
     "mixup_switch_prob": "mixup.switch_prob",
+}
+
+
+# Keys of the config before `precision`, still read (with a warning) so that older config
+# files and run folders (config.json, checkpoints) load and resume.
+LEGACY_KEYS = {
+    "amp": "replaced by 'precision' (amp: true -> precision: auto, amp: false -> precision: fp32)",
+    "channels_last": "no longer read: the memory format follows 'precision' (channels_last on "
+    "CUDA, and with bf16 on a CPU)",
 }
 
 
@@ -113,8 +126,10 @@ class TrainConfig:
     # Engineering.
     seed: int = 42
     device: str = "auto"
-    amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
+    # auto: bf16 autocast where the device computes bf16 natively (CUDA, or a CPU with
+    # avx512_bf16 / amx_bf16), else fp32; or bf16 / fp32 (training/precision.py). A run
+    # records what it resolved to. Replaces `amp` and `channels_last` (LEGACY_KEYS).
+    precision: str = "auto"
     compile: bool = False
     sync_batchnorm: bool = False  # CUDA DDP only: torch's SyncBatchNorm has no CPU kernel
     num_workers: int = 4
@@ -158,6 +173,7 @@ class TrainConfig:
             "term is a cross-entropy on labels, not a likelihood of vote counts",
         )
         _check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         _check(len(self.split_fractions) == 3, "split_fractions", "needs train, val, test")
         _check(math.isclose(sum(self.split_fractions), 1.0), "split_fractions", "must sum to 1")
         _check(min(self.split_fractions) >= 0, "split_fractions", "must not be negative")
@@ -219,7 +235,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build from nested section mappings, dotted keys or both; values are type-checked."""
-        flat = flatten_keys(values)
+        flat = migrate_legacy_keys(flatten_keys(values))
         _check_keys(flat)
         key_types = _key_types()
         top: dict[str, Any] = {}
@@ -247,15 +263,35 @@ def load_config(
     """
     values: dict[str, Any] = {}
     if path is not None:
-        from_file = flatten_keys(_read_file(Path(path)))
         try:
+            from_file = migrate_legacy_keys(flatten_keys(_read_file(Path(path))))
             _check_keys(from_file)
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
         values.update(from_file)
     values.update(flatten_keys({k: v for k, v in explicit.items() if v is not None}))
-    values.update(flatten_keys(parse_overrides(overrides)))
+    values.update(migrate_legacy_keys(flatten_keys(parse_overrides(overrides))))
     return TrainConfig.from_dict(values)
+
+
+def migrate_legacy_keys(flat: Mapping[str, Any], *, warn: bool = True) -> dict[str, Any]:
+    """`amp` -> `precision`, `channels_last` dropped (LEGACY_KEYS); one source at a time, so
+    a later source's `precision` overrides an earlier one's `amp`."""
+    migrated = dict(flat)
+    for key, what in LEGACY_KEYS.items():
+        if key not in migrated:
+            continue
+        value = migrated.pop(key)
+        if warn:
+            logger.warning("config key %r is %s", key, what)
+        if key != "amp":
+            continue
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key 'amp' must be true or false, got {value!r}")
+        if "precision" in migrated:
+            raise ConfigError("config keys 'amp' and 'precision' are both given: keep 'precision'")
+        migrated["precision"] = "auto" if value else "fp32"
+    return migrated
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,9 +22,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from galmorph.model.preprocess import ImagePreprocess
+from galmorph.model.sample_images import labels_in_classes
 from galmorph.training.augment import dihedral_views
 from galmorph.training.metrics import classification_report, vote_fraction_error
 from galmorph.training.plots import confusion_matrix_figure, reliability_diagram
+from galmorph.training.precision import Precision, resolve_precision
 from torch import nn
 from tqdm import tqdm
 
@@ -68,26 +69,25 @@ class TorchPredictor:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         device: torch.device,
-        amp: bool = True,
+        precision: Precision,
     ) -> None:
         self.model = model
         self.class_names = class_names
         self.input_size = input_size
         self.interpolation = interpolation
         self.device = device
+        self.precision = precision
         self.preprocess = ImagePreprocess(mean, std).to(device)
-        self.use_amp = amp and device.type == "cuda"
 
     @torch.no_grad()
     def predict(self, images: np.ndarray) -> np.ndarray:
         was_training = self.model.training
         self.model.eval()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
         try:
-            x = self.preprocess(torch.from_numpy(images).to(self.device))
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
+            x = self.precision.to_memory_format(
+                self.preprocess(torch.from_numpy(images).to(self.device))
+            )
+            with self.precision.autocast():
                 logits = self.model(x)
             return torch.softmax(logits.float(), dim=-1).cpu().numpy()
         finally:
@@ -151,6 +151,7 @@ class EvaluationRequest:
     batch_size: int = 64
     out_dir: Path | None = None  # default: the run folder, or the .onnx file's folder
     device: str = "auto"
+    precision: str = "auto"  # of a run folder's PyTorch model (training/precision.py)
     threads: int | None = None
     progress: bool = True
 
@@ -186,6 +187,9 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
             "split": split,
             "tta": request.tta,
             "backend": backend,
+            "precision": (
+                predictor.precision.describe() if isinstance(predictor, TorchPredictor) else None
+            ),
             "model": str(request.model),
             "input_size": predictor.input_size,
             "data": {"path": str(request.data), "fingerprint": data.fingerprint()},
@@ -224,17 +228,13 @@ def _open_data(request: EvaluationRequest, model_names: tuple[str, ...]) -> Gala
 
 def _labels_in_model_order(data: Galaxy10File, model_names: tuple[str, ...]) -> np.ndarray:
     """The data's labels as indices of the model's classes; refuse other class sets."""
-    names = tuple(data.class_names)
-    if names == tuple(model_names):
-        return data.labels
-    if sorted(names) != sorted(model_names):
-        raise EvaluationError(
-            f"the model's classes {list(model_names)} differ from those of {data.path} "
-            f"{list(names)}: evaluate on data with the classes the model was trained on"
-        )
-    logger.info("%s lists the model's classes in another order: labels mapped", data.path)
-    mapping = np.asarray([model_names.index(name) for name in names], dtype=np.int64)
-    return mapping[data.labels]
+    try:
+        labels = labels_in_classes(data, model_names)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
+    if tuple(data.class_names) != tuple(model_names):
+        logger.info("%s lists the model's classes in another order: labels mapped", data.path)
+    return labels
 
 
 def _votes_in_model_order(
@@ -277,7 +277,10 @@ def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path, str |
         if request.threads:
             torch.set_num_threads(request.threads)
         device = resolve_device(request.device)
+        precision = resolve_precision(request.precision, device)
+        logger.info("precision: %s", precision.describe())
         model, spec = load_model(path)
+        precision.prepare(model, training=False)
         predictor = TorchPredictor(
             model.to(device),
             class_names=tuple(spec.class_names),
@@ -286,6 +289,7 @@ def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path, str |
             mean=spec.mean,
             std=spec.std,
             device=device,
+            precision=precision,
         )
         return predictor, "pytorch", path, _digest(spec.training_data)
     raise EvaluationError(

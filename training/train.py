@@ -38,7 +38,13 @@ from galmorph.training.augment import (
     to_float_nchw,
     to_uint8_nhwc,
 )
-from galmorph.training.config import ConfigError, TrainConfig, dump_config, flatten_keys
+from galmorph.training.config import (
+    ConfigError,
+    TrainConfig,
+    dump_config,
+    flatten_keys,
+    migrate_legacy_keys,
+)
 from galmorph.training.dataset import (
     Batch,
     Galaxy10Dataset,
@@ -54,6 +60,7 @@ from galmorph.training.metrics import classification_report, vote_fraction_error
 from galmorph.training.mixup import Mixup, soft_target_cross_entropy
 from galmorph.training.optim import CosineSchedule, ModelEma, adamw
 from galmorph.training.plots import training_curves
+from galmorph.training.precision import Precision, resolve_precision
 from galmorph.training.sam import SharpnessAware, frozen_batchnorm_statistics
 from galmorph.training.state import has_checkpoint, load_checkpoint, save_checkpoint
 from galmorph.training.votes import dirichlet_multinomial_nll
@@ -62,6 +69,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from galmorph.core.contract import GALAXY10_IMAGE_SIZE
 from galmorph.core.duplicates import duplicate_groups
 from galmorph.core.files import atomic_write_text
 from galmorph.core.galaxy10 import VOTES_KEY, Galaxy10Error, Galaxy10File
@@ -175,7 +183,7 @@ class TrainModel:
     train_model: nn.Module  # what a training step calls: the model, DDP-wrapped and/or compiled
     ema: ModelEma | None
     preprocess: ImagePreprocess
-    channels_last: bool
+    precision: Precision  # the input batch goes into the weights' memory format
     frozen: list[nn.Module] = field(default_factory=list)  # freeze_stages: kept in eval mode
 
     def train_mode(self) -> None:
@@ -186,8 +194,7 @@ class TrainModel:
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC (augmented) -> the normalised float batch the model takes."""
-        x = self.preprocess(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return self.precision.to_memory_format(self.preprocess(images))
 
     def deployable(self) -> nn.Module:
         """The weights a run publishes: the EMA when enabled."""
@@ -196,19 +203,19 @@ class TrainModel:
 
 @dataclass
 class Optimisation:
-    """Optimizer, lr schedule, mixed precision and the loss (with its mixup targets)."""
+    """Optimizer, lr schedule, precision and the loss (with its mixup targets)."""
 
     peak_lr: float
     optimizer: torch.optim.Optimizer
     schedule: CosineSchedule
     mixup: Mixup
     class_weights: torch.Tensor | None
-    amp: bool  # bf16 autocast, CUDA only; bf16 needs no gradient scaler
+    precision: Precision  # bf16 autocast of the forward needs no gradient scaler
     sam: SharpnessAware | None
     distill: DistillSettings
 
     def autocast(self) -> AbstractContextManager[Any]:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        return self.precision.autocast()
 
     def loss(
         self,
@@ -221,7 +228,9 @@ class Optimisation:
 
         Class weights weight a galaxy's vote term by its (mixed) label's weight, as they
         weight its cross-entropy. Distillation is refused with votes (TrainConfig.validate).
+        The loss is computed in fp32 from fp32 logits, whatever precision the forward ran in.
         """
+        logits = logits.float()
         if votes is not None:
             weights = None if self.class_weights is None else targets @ self.class_weights
             return dirichlet_multinomial_nll(logits, votes, weights)
@@ -240,6 +249,23 @@ class MicroBatch:
     teacher_logits: torch.Tensor | None
     dropout_seed: int
     votes: torch.Tensor | None = None  # vote counts (N, K), mixed as the targets: targets=votes
+
+
+def _warn_of_assumed_pixel_scale(file: Galaxy10File) -> None:
+    """A file that states no imaging facts is taken as Galaxy10 DECaLS's 0.262"/px: right for
+    Galaxy10's 256 px images, a 4x error for a user's 64 px cutouts of the same field, which the
+    card then carries into every FITS rendering and sky request."""
+    side = file.image_shape[0]
+    if file.imaging_source.startswith("Galaxy10 DECaLS defaults") and side != GALAXY10_IMAGE_SIZE:
+        logger.warning(
+            "%s states no pixel scale: its %d px images are taken to be at Galaxy10 DECaLS's "
+            '%.3g"/px (a %.0f" field); if they are not, set the HDF5 attribute pixel_scale '
+            "(arcsec/pixel), or FITS cutouts and sky requests will be rendered at this scale",
+            file.path,
+            side,
+            file.imaging.pixel_scale,
+            side * file.imaging.pixel_scale,
+        )
 
 
 def build_data(
@@ -262,6 +288,7 @@ def build_data(
         raise ConfigError(str(exc)) from exc
     if ctx.is_main:
         logger.info("classes (%s): %s", file.class_names_source, ", ".join(file.class_names))
+        _warn_of_assumed_pixel_scale(file)
     if config.num_classes is not None and config.num_classes != file.num_classes:
         raise ConfigError(
             f"config key 'num_classes' is {config.num_classes} but {config.data} has "
@@ -308,7 +335,9 @@ def build_data(
     )
 
 
-def build_model(config: TrainConfig, ctx: distributed.DistContext, spec: ModelSpec) -> TrainModel:
+def build_model(
+    config: TrainConfig, ctx: distributed.DistContext, spec: ModelSpec, precision: Precision
+) -> TrainModel:
     """The model as `spec` describes it, on the device, with EMA and DDP/compile wrappers."""
     cuda = ctx.device.type == "cuda"
     seed_everything(config.seed)  # identical initial weights on every rank
@@ -327,9 +356,7 @@ def build_model(config: TrainConfig, ctx: distributed.DistContext, spec: ModelSp
             raise ConfigError("config key 'sync_batchnorm' needs CUDA (no CPU kernel)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
-    channels_last = cuda and config.channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    precision.prepare(model, training=True)
     # The EMA copies the model before any wrapper, so it holds plain weights.
     ema = ModelEma(model, config.ema_decay) if config.ema else None
     train_model: nn.Module = model
@@ -342,15 +369,19 @@ def build_model(config: TrainConfig, ctx: distributed.DistContext, spec: ModelSp
         train_model=train_model,
         ema=ema,
         preprocess=ImagePreprocess(spec.mean, spec.std).to(ctx.device),
-        channels_last=channels_last,
+        precision=precision,
         frozen=frozen,
     )
 
 
 def build_optimisation(
-    config: TrainConfig, ctx: distributed.DistContext, model: nn.Module, data: TrainData
+    config: TrainConfig,
+    ctx: distributed.DistContext,
+    model: nn.Module,
+    data: TrainData,
+    precision: Precision,
 ) -> Optimisation:
-    """AdamW at timm's scaled lr (SAM/ASAM around it), the cosine schedule, AMP, the loss."""
+    """AdamW at timm's scaled lr (SAM/ASAM around it), the cosine schedule, precision, loss."""
     peak_lr = config.learning_rate(ctx.world_size)
     class_weights = None
     if config.loss_weighting == "balanced":
@@ -371,7 +402,7 @@ def build_optimisation(
         ),
         mixup=Mixup(config.mixup, data.num_classes),
         class_weights=class_weights,
-        amp=ctx.device.type == "cuda" and config.amp,
+        precision=precision,
         sam=(
             SharpnessAware(
                 model.named_parameters(),
@@ -423,8 +454,10 @@ def _load_or_make_split(
 class Trainer:
     def __init__(self, config: TrainConfig, ctx: distributed.DistContext) -> None:
         self.img_size = config.model_img_size()
-        # The run records the size it used, so a resume does not depend on the registry.
-        self.config = replace(config, img_size=self.img_size)
+        self.precision = resolve_precision(config.precision, ctx.device)
+        # The run records the size and precision it used, so a resume does not depend on the
+        # registry or on the machine it resumes on.
+        self.config = replace(config, img_size=self.img_size, precision=self.precision.name)
         self.ctx = ctx
         self.progress = Progress()
         self.totals = EpochTotals()
@@ -446,8 +479,8 @@ class Trainer:
                 f"teacher {self.teacher.source} predicts {list(self.teacher.class_names)}, "
                 f"the data has {list(self.data.file.class_names)}"
             )
-        self.net = build_model(self.config, ctx, self._spec())
-        self.optim = build_optimisation(self.config, ctx, self.net.model, self.data)
+        self.net = build_model(self.config, ctx, self._spec(), self.precision)
+        self.optim = build_optimisation(self.config, ctx, self.net.model, self.data, self.precision)
         self.tensorboard = self._tensorboard() if ctx.is_main and config.tensorboard else None
 
     # ----------------------------------------------------------------------------- run
@@ -633,7 +666,10 @@ class Trainer:
             return None
         try:
             teacher = Teacher(
-                settings.teacher, self.device, amp=self.config.amp, threads=self.config.threads
+                settings.teacher,
+                self.device,
+                amp=self.precision.bf16,
+                threads=self.config.threads,
             )
         except (ValueError, OSError) as exc:  # CheckpointError and engine errors included
             raise ConfigError(f"config key 'distill.teacher': {exc}") from exc
@@ -700,7 +736,7 @@ class Trainer:
             mean=spec.mean,
             std=spec.std,
             device=self.device,
-            amp=self.config.amp,
+            precision=self.precision,
         )
         probabilities = predict_split(
             predictor,
@@ -755,7 +791,7 @@ class Trainer:
                 f"run has {global_batch}: resume with the same batch_size x accumulation x "
                 "processes (the process count may change)"
             )
-        saved = flatten_keys(state["config"])
+        saved = migrate_legacy_keys(flatten_keys(state["config"]), warn=False)
         current = _jsonable(self.config.to_flat_dict())
         changed = sorted(
             key
@@ -810,6 +846,7 @@ class Trainer:
                 "epochs_completed": self.progress.epoch,
                 "steps_completed": self.progress.step,
                 "weights": "ema" if config.ema else "final",
+                "precision": self.precision.describe(),
                 "recipe": {k: v for k, v in config.to_dict().items() if k not in ("data", "out")},
             },
         )
@@ -866,6 +903,7 @@ class Trainer:
                 if config.mixup.label_smoothing > 0
                 else "",
             )
+        logger.info("precision: %s", self.precision.describe())
         if config.sam != "none":
             logger.info(
                 "%s with rho %g: two forward/backward passes per step",

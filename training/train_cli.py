@@ -24,6 +24,9 @@ mixup 0.8, label smoothing 0.1, dropout 0.1) at the model's registered input siz
 for the paper's variants; `galmorph model list`). Precedence: defaults < --config < flags
 < --set. Augmentation and mixup keys live in sections: nested mappings in a config file
 (`augment: {policy: galaxy}`), dotted keys with --set (augment.hflip, mixup.mixup_alpha).
+precision=auto (the default) trains in bf16 autocast where the device computes bf16
+natively (CUDA; CPUs with avx512_bf16 or amx_bf16), else fp32; `--set precision=fp32` or
+`bf16` forces one. The log and RUN/config.json say what ran.
 
 Your own few hundred to few thousand labelled galaxies: configs/small_data.yaml (the README
 section "Train on your own labelled galaxies"; its evidence is in docs/small_data.md).
@@ -148,6 +151,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--out", type=Path, help="output folder (default: the model's folder)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="a run folder's PyTorch model: bf16 autocast where the device computes bf16 "
+        "natively (auto), or as given (an .onnx runs as exported)",
+    )
     evaluate.add_argument("--threads", type=int, help="CPU threads for inference")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=run_evaluate)
@@ -180,6 +190,8 @@ def run_train(args: argparse.Namespace) -> int:
             distill={"teacher": args.teacher} if args.teacher else None,
         )
         config = _with_split_flags(config, args.val_fraction, args.test_fraction)
+        if args.resume and config.class_names is None:
+            config = replace(config, class_names=_saved_class_names(saved))
         config.validate()
         run_dir = train(config, resume=args.resume)
     except ConfigError as exc:  # also what a resume or the data file finds wrong
@@ -190,6 +202,15 @@ def run_train(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     logger.info("run finished: %s", run_dir)
     return 0
+
+
+def _saved_class_names(saved: Path) -> tuple[str, ...] | None:
+    """The class names a run started with (config.json): a resume that does not repeat
+    --class-names reads its file as the run did."""
+    if not saved.is_file():
+        return None
+    names = json.loads(saved.read_text()).get("class_names")
+    return tuple(names) if names else None
 
 
 def _with_split_flags(config: TrainConfig, val: float | None, test: float | None) -> TrainConfig:
@@ -232,6 +253,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 out_dir=args.out,
                 device=args.device,
+                precision=args.precision,
                 threads=args.threads,
                 progress=not args.no_progress,
             )

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from galmorph.core.resample import DEFAULT_INTERPOLATION, INTERPOLATIONS
+from galmorph.core.sky_options import canonical_scale
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -136,6 +137,9 @@ class ModelCard:
             raise ValueError(f"targets {self.targets!r} is not one of {', '.join(TARGETS)}")
         if not self.pixel_scale > 0:
             raise ValueError(f"pixel_scale must be positive, got {self.pixel_scale!r}")
+        # A float32 training-file scale (1.0479999780654907) must not leak into cutout URLs,
+        # cache keys, the manifest or messages: the card holds the scale its file meant.
+        object.__setattr__(self, "pixel_scale", canonical_scale(self.pixel_scale))
 
     def to_metadata(self) -> dict[str, str]:
         """Flatten to ONNX metadata_props: one key per field, JSON-encoded values, plus the

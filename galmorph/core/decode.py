@@ -7,8 +7,9 @@ are read (`DecodeLimits`); refusals are `CutoutError` with a kind, which the ser
 as 413 too large, 415 unsupported format or 422 corrupt/unusable.
 
 Memory: the work is sized by the model's input, not by the file, wherever the format allows:
-a FITS image is read only over the field the model sees, a JPEG much larger than the input
-is decoded at a reduced scale, and rendered images are resized without numpy copies. Before
+a FITS image is read only over the field the model sees, and rendered images are resized
+without numpy copies. JPEGs are decoded in full, so a JPEG and its decoded pixels get the same
+answer (a reduced-scale decode moved it by 0.002-0.20, see raster_io). Before
 any pixel is read, the decoders call `reserve` with the most memory the decode will take
 (see `galmorph.core.cutout_limits.Reserve`); the server refuses decodes beyond its budget.
 
@@ -65,7 +66,7 @@ from galmorph.core.cutout_limits import (
 from galmorph.core.fits_io import read_fits
 from galmorph.core.formats import CutoutFormat, Reader
 from galmorph.core.imaging import STRETCHES, Stretch, flip_north_up, normalise_single_band, to_uint8
-from galmorph.core.raster_io import SINGLE_BAND_WARNING, least_size_for_resize, read_raster
+from galmorph.core.raster_io import SINGLE_BAND_WARNING, read_raster
 from galmorph.core.resample import (
     BLANK_SKY_UINT8,
     ScaleResampling,
@@ -439,8 +440,7 @@ def _decode_raster(
 ) -> DecodedCutout:
     target = card.input_size
     reserve(_RASTER_FIT_BYTES_PER_PIXEL * target[0] * target[1], f"{fmt.label} fit")
-    least = least_size_for_resize(target) if fit == "resize" else None
-    raster = read_raster(data, fmt, limits, least_size=least, reserve=reserve)
+    raster = read_raster(data, fmt, limits, reserve=reserve)
     grey = SINGLE_BAND_WARNING in raster.warnings
     info = PreprocessInfo(
         format=fmt.name,

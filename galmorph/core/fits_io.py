@@ -3,9 +3,9 @@
 The file is walked HDU by HDU: each header is parsed alone (astropy `Header.fromstring`), the
 declared shape is checked against `DecodeLimits` (413) and only then are the data bytes
 read or decompressed. At most `max_fits_hdus` HDUs and `max_fits_header_cards` header cards
-are walked before the image (413 beyond), so a flood of empty extensions costs little. gzip
-is decompressed incrementally, never past what the headers declare or
-`max_decompressed_bytes`, so a gzip bomb costs at most the cap.
+(`MAX_HEADER_CARDS` in one header) are walked before the image (413 beyond), so a flood of
+empty extensions costs little. gzip is decompressed incrementally, never past what the
+headers declare or `max_decompressed_bytes`, so a gzip bomb costs at most the cap.
 
 Before any pixel is read, the bands are picked by name from the header, the caller chooses
 the window of the image it needs (`window`, e.g. the model's field of view) and is told the
@@ -38,6 +38,7 @@ from functools import cache, lru_cache
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 
 from galmorph.core.cutout_limits import (
     CutoutError,
@@ -50,7 +51,8 @@ from galmorph.core.formats import FITS_MAGIC, GZIP_MAGIC
 
 BLOCK = 2880
 CARD = 80
-MAX_HEADER_BLOCKS = 200  # 7200 cards; HST drizzled headers have ~1600
+MAX_HEADER_BLOCKS = 200  # one header's cap; HST drizzled headers have ~1600 cards
+MAX_HEADER_CARDS = MAX_HEADER_BLOCKS * BLOCK // CARD  # 7200
 VALID_BITPIX = {8, 16, 32, 64, -32, -64}
 _PLAIN_FLOAT_DTYPES = {-32: ">f4", -64: ">f8"}
 COLOUR_BANDS = ("g", "r", "z")
@@ -216,6 +218,16 @@ def read_fits(
     `window` picks the part of each plane to read (default: all of it); `reserve` is told
     the most memory the pixel read will take before it starts (see `Reserve`).
     """
+    try:
+        return _read_fits(data, limits, window, reserve)
+    except VerifyError as exc:  # astropy parses a card's value only when it is read
+        reason = re.sub(r",? fix it first with .*", "", str(exc)).rstrip(".")
+        raise CutoutError(CutoutErrorKind.INVALID, f"corrupt FITS header: {reason}") from None
+
+
+def _read_fits(
+    data: bytes, limits: DecodeLimits, window: Window | None, reserve: Reserve
+) -> FitsImage:
     gzipped = data[:2] == GZIP_MAGIC
     source: _Source = (
         _GzipSource(data, limits.max_decompressed_bytes) if gzipped else _PlainSource(data)
@@ -304,7 +316,11 @@ def _read_header(source: _Source, index: int, cards_left: int, card_limit: int) 
         if any(block[i : i + 8] == b"END     " for i in range(0, BLOCK, CARD)):
             break
     else:
-        raise CutoutError(CutoutErrorKind.INVALID, f"FITS header of HDU {index} has no END card")
+        raise CutoutError(
+            CutoutErrorKind.TOO_LARGE,
+            f"FITS header of HDU {index} holds more than {MAX_HEADER_CARDS} cards, the limit "
+            f"for one header (and {card_limit} for all headers before the image)",
+        )
     try:
         text = b"".join(blocks).decode("ascii")
     except UnicodeDecodeError as exc:

@@ -6,9 +6,8 @@ Truncated files stay errors (ImageFile.LOAD_TRUNCATED_IMAGES is left False).
 
 Memory: before `load()` the caller is told the most the decode will take (`reserve`), from
 the declared size and pixel mode: Pillow holds RGB at 4 bytes a pixel, grey at 1, 16-bit grey
-at 2; a progressive JPEG also buffers 2 bytes per colour sample at full size. A JPEG much
-larger than the caller needs (`least_size`) is decoded by libjpeg at 1/2, 1/4 or 1/8 scale
-(Pillow's `draft`), so an 8192 px photo of a galaxy costs 1/64 of the memory and time.
+at 2; a progressive JPEG also buffers 2 bytes per colour sample at full size. JPEGs are decoded
+in full, never at libjpeg's reduced scales (Pillow's `draft`; why: the comment below).
 A JPEG with more scans than `max_jpeg_scans` is refused unread: each progressive scan is a
 pass over the full-size coefficients, so scan count, not file size, sets the CPU cost.
 The image stays a Pillow image, so cropping and resizing never make numpy copies of a large
@@ -25,7 +24,6 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,19 +44,23 @@ _WITHOUT_ALPHA = {"RGBA": "RGB", "LA": "L", "PA": "RGB"}
 # Bytes per pixel of a Pillow image in each mode (every multi-band mode uses 4).
 _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
 _ROWS_PER_BLOCK = 64  # 16-bit to 8-bit conversion works in blocks of rows
+# Why no JPEG is decoded at a reduced scale: libjpeg's scaled IDCT rounds to 8 bits at the
+# reduced size, so it is not the full decode. On trained 32, 64 and 128 px models and the real
+# Galaxy10 images at 256-4096 px a reduced decode moved the worst image's probabilities by up to
+# 0.20 when it kept 1x the input's side, 0.04 at 2x, 0.015 at 4x and still 0.0025-0.009 at
+# 8-64x: never within the 1e-3 a served answer may differ from the answer to the same pixels
+# (benchmarks/bench_jpeg_draft.py, results/jpeg_draft.json). What it would save is bounded
+# anyway: an 8192x8192 JPEG decodes in 0.35 s (0.73 s progressive) against 0.12 s reduced, and
+# its 256 MiB (+384 MiB of progressive coefficients) come from the decode memory budget.
 # Decoder state, Python objects and the conversions' row blocks, beyond the pictures.
 _DECODE_OVERHEAD_BYTES = 8 * 2**20
-
-LeastSize = Callable[[tuple[int, int]], tuple[int, int]]
-"""`least_size((height, width))`: the smallest (H, W) the caller can use from an image of
-that declared size; a JPEG at least twice as large is decoded at a reduced scale."""
 
 
 @dataclass
 class RasterImage:
     picture: Image.Image  # loaded, mode "RGB", or "L" for one band
     mode: str  # Pillow mode of the file
-    original_shape: tuple[int, int, int]  # (H, W, 3) as declared, before any reduced decode
+    original_shape: tuple[int, int, int]  # (H, W, 3) as declared
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -73,7 +75,6 @@ def read_raster(
     fmt: CutoutFormat,
     limits: DecodeLimits,
     *,
-    least_size: LeastSize | None = None,
     reserve: Reserve = reserve_nothing,
 ) -> RasterImage:
     """Decode a Pillow-read format (PNG, JPEG); raises CutoutError (413 too large, 415 mode,
@@ -92,7 +93,12 @@ def read_raster(
         raise CutoutError(
             CutoutErrorKind.TOO_LARGE, f"{name} image refused as a decompression bomb: {exc}"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        # Pillow's own message names the BytesIO it was given ("<_io.BytesIO object at 0x..>").
+        raise CutoutError(
+            CutoutErrorKind.INVALID, f"corrupt {name} file: Pillow cannot read it as {name}"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise CutoutError(CutoutErrorKind.INVALID, f"corrupt {name} file: {exc}") from None
     width, height = image.size
     limits.check_declared_shape((height, width), f"{name} image")
@@ -104,8 +110,6 @@ def read_raster(
     if image.format == "JPEG":
         _check_scan_count(data, limits)
     notes: list[str] = []
-    if least_size is not None and image.format == "JPEG":
-        _reduce_jpeg(image, least_size((height, width)), notes)
     reserve(_decode_bytes(image, (height, width)), f"{name} image")
     try:
         image.load()
@@ -134,20 +138,6 @@ def _check_scan_count(data: bytes, limits: DecodeLimits) -> None:
             CutoutErrorKind.TOO_LARGE,
             f"JPEG has {scans} scans, over the limit of {limits.max_jpeg_scans} "
             "(a progressive JPEG has about 10): save it again as a baseline JPEG or a PNG",
-        )
-
-
-def _reduce_jpeg(image: Image.Image, least: tuple[int, int], notes: list[str]) -> None:
-    """Let libjpeg decode at the largest 1/2^k scale that keeps twice `least` pixels."""
-    width, height = image.size
-    wanted = (2 * least[1], 2 * least[0])
-    if width < 2 * wanted[0] or height < 2 * wanted[1]:
-        return
-    image.draft(image.mode, wanted)
-    if image.size != (width, height):
-        notes.append(
-            f"JPEG decoded at 1/{round(width / image.size[0])} scale ({height}x{width} -> "
-            f"{image.size[1]}x{image.size[0]}): far larger than the model's input"
         )
 
 
@@ -212,15 +202,3 @@ def _sixteen_to_eight_bit(wide: np.ndarray) -> np.ndarray:
         block = np.clip(wide[start : start + _ROWS_PER_BLOCK].astype(np.int32), 0, 65535)
         grey[start : start + _ROWS_PER_BLOCK] = (block * 510 + 65535) // 131070
     return grey
-
-
-def least_size_for_resize(target: tuple[int, int]) -> LeastSize:
-    """`least_size` for an image that will be centre-cropped to the aspect of `target` and
-    resized to it: the crop must keep at least the target's pixels."""
-
-    def least(size: tuple[int, int]) -> tuple[int, int]:
-        height, width = size
-        keep = min(height / target[0], width / target[1])  # crop side / target side
-        return (math.ceil(height / keep), math.ceil(width / keep))
-
-    return least

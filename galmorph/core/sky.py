@@ -29,6 +29,8 @@ Retries (tenacity): connection errors, timeouts, 408, 429, 5xx and FITS bodies c
 to `attempts` tries, waiting with exponential backoff plus jitter; a Retry-After (429/503) is
 honoured and holds back every request to that host, up to `max_retry_after` (a longer demand
 fails the fetch rather than come back early). Other 4xx statuses and text bodies fail at once.
+A server passes each request's deadline: no wait or attempt outlasts it, and a Retry-After
+longer than the time left fails the fetch at once without holding the host back.
 
 `CutoutFetcher` puts the disk cache (galmorph.core.cutout_cache) in front of the client: the
 cache first, the service for what is missing (never twice for one cutout at a time), nothing
@@ -56,6 +58,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 from astropy.io import fits
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.stop import stop_base
 from tenacity.wait import wait_exponential, wait_random
 
 from galmorph.core import formats
@@ -71,6 +74,8 @@ from galmorph.core.sky_options import (
     MAX_SIDE,
     CutoutOptions,
     Politeness,
+    canonical_scale,
+    decimal_text,
 )
 
 # Positions are sent rounded to 1e-7 degree (0.36 mas, a thousandth of a pixel), so float noise
@@ -79,6 +84,8 @@ COORDINATE_DECIMALS = 7
 BAND_ORDER = "ugrizY"  # wavelength order, the order the viewer's `bands` lists them in
 _SNIPPET_CHARS = 160
 _SEXAGESIMAL = re.compile(r"\d\s*[:hdms°'\"]\s*\d|\d\s+\d")
+RETRY_AFTER_DIGITS = 9  # delay-seconds up to 31 years
+_DELAY_SECONDS = re.compile(rf"[0-9]{{1,{RETRY_AFTER_DIGITS}}}")
 
 
 # ---------------------------------------------------------------- positions
@@ -87,16 +94,21 @@ _SEXAGESIMAL = re.compile(r"\d\s*[:hdms°'\"]\s*\d|\d\s+\d")
 def check_position(ra: float, dec: float) -> tuple[float, float]:
     """(ra, dec) in degrees with RA wrapped into [0, 360); ValueError naming a bad value.
 
-    RA in [-180, 0) is accepted (catalogs centred on RA 0 use it) and wrapped.
+    RA in [-180, 0) is accepted (catalogs centred on RA 0 use it) and wrapped. Rounded before
+    wrapping, so 359.99999999 is 0.0, never 360.0 (which the service refuses).
     """
     ra, dec = float(ra), float(dec)
     if not (math.isfinite(ra) and math.isfinite(dec)):
-        raise ValueError(f"ra, dec must be finite degrees, got {ra}, {dec}")
+        raise ValueError(
+            f"ra, dec must be finite degrees, got {decimal_text(ra)}, {decimal_text(dec)}"
+        )
     if not -90.0 <= dec <= 90.0:
-        raise ValueError(f"dec {dec} is outside [-90, 90] degrees")
+        raise ValueError(f"dec {decimal_text(dec)} is outside [-90, 90] degrees")
     if not -180.0 <= ra <= 360.0:
-        raise ValueError(f"ra {ra} is outside [0, 360] degrees")
-    return round(ra % 360.0, COORDINATE_DECIMALS), round(dec, COORDINATE_DECIMALS)
+        raise ValueError(f"ra {decimal_text(ra)} is outside [0, 360] degrees")
+    # + 0.0: -0.0 (a tiny negative rounded) is the same position and request as 0.0
+    ra = round(round(ra, COORDINATE_DECIMALS) % 360.0, COORDINATE_DECIMALS) + 0.0
+    return ra, round(dec, COORDINATE_DECIMALS) + 0.0
 
 
 def looks_sexagesimal(text: str) -> bool:
@@ -121,11 +133,6 @@ def parse_degrees(value: str | float, what: str) -> float:
 
 
 # ---------------------------------------------------------------- what to ask for
-
-
-def _number(value: float) -> str:
-    """Shortest text that reads back as the same float ('190.1086', '0.262')."""
-    return repr(float(value))
 
 
 def card_bands(card: ModelCard) -> str:
@@ -158,6 +165,8 @@ class CutoutSpec:
             )
         if not (math.isfinite(self.pixscale) and self.pixscale > 0):
             raise ValueError(f"pixscale must be a positive number of arcsec, got {self.pixscale}")
+        # frozen: the one place a scale from a card or --pixscale becomes the canonical one
+        object.__setattr__(self, "pixscale", canonical_scale(self.pixscale))
         for name, side in (("width", self.width), ("height", self.height)):
             if not 1 <= side <= MAX_SIDE:
                 raise ValueError(
@@ -230,10 +239,10 @@ class CutoutRequest:
         """Query parameters in the order the service's documentation writes them."""
         spec = self.spec
         params = {
-            "ra": _number(self.ra),
-            "dec": _number(self.dec),
+            "ra": decimal_text(self.ra),
+            "dec": decimal_text(self.dec),
             "layer": spec.layer,
-            "pixscale": _number(spec.pixscale),
+            "pixscale": decimal_text(spec.pixscale),
         }
         if spec.width == spec.height:
             params["size"] = str(spec.width)
@@ -359,15 +368,19 @@ def _fits_cut_short(data: bytes) -> bool:
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds from a Retry-After header: delay-seconds or an HTTP date; None if absent/bad."""
+    """Seconds from a Retry-After header: delay-seconds or an HTTP date; None if absent/bad.
+
+    ASCII digits only (str.isdigit also takes '²', which float() refuses), at most
+    RETRY_AFTER_DIGITS of them: a longer number is garbage, not a real demand.
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELAY_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -385,10 +398,18 @@ class HostRateLimiter:
         self._next: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
 
-    async def wait(self, host: str) -> None:
+    async def wait(self, host: str, deadline: float = math.inf) -> None:
+        """Until this caller may start a request; a FetchError carrying the wait as its
+        retry_after when that would be past `deadline` (time.monotonic())."""
         while True:
             now = time.monotonic()
             slot = max(now, self._next.get(host, now), self._paused_until.get(host, now))
+            if slot > deadline:
+                raise FetchError(
+                    f"requests to {host} are held back {slot - now:.1f} s more (its "
+                    "Retry-After, the rate limit), past this request's deadline",
+                    retry_after=slot - now,
+                )
             self._next[host] = slot + self._interval
             if slot > now:
                 await asyncio.sleep(slot - now)
@@ -403,6 +424,20 @@ class HostRateLimiter:
 
 def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, FetchError) and exc.retryable
+
+
+def _time_left(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
+class _SleepPastDeadline(stop_base):
+    """tenacity stop: the next wait would end after the deadline (no try could follow)."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+
+    def __call__(self, state: RetryCallState) -> bool:
+        return state.upcoming_sleep >= _time_left(self._deadline)
 
 
 class _Backoff:
@@ -473,11 +508,16 @@ class CutoutClient:
             await self._http.aclose()
             self._http = None
 
-    async def fetch(self, request: CutoutRequest) -> bytes:
-        """The verified cutout; FetchError (with .status, .attempts) when it cannot be had."""
+    async def fetch(self, request: CutoutRequest, deadline: float = math.inf) -> bytes:
+        """The verified cutout; FetchError (with .status, .attempts) when it cannot be had.
+
+        With a `deadline` (time.monotonic(); a server answering a client) every wait and
+        attempt ends by it: no retry that could not finish in time, and a Retry-After longer
+        than the time left fails at once, without holding the host back for later requests.
+        """
         p = self.politeness
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(p.attempts),
+            stop=stop_after_attempt(p.attempts) | _SleepPastDeadline(deadline),
             wait=_Backoff(p),
             retry=retry_if_exception(_retryable),
             reraise=True,
@@ -486,27 +526,37 @@ class CutoutClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    data = await self._attempt(request)
+                    data = await self._attempt(request, deadline)
         except FetchError as exc:
             exc.attempts = int(retrying.statistics.get("attempt_number", 1))
             raise
         return data
 
-    async def _attempt(self, request: CutoutRequest) -> bytes:
+    async def _attempt(self, request: CutoutRequest, deadline: float) -> bytes:
         if self._http is None:
             raise RuntimeError("CutoutClient used outside `async with`")
         host = request.host
-        async with self._slots:
-            await self._rate.wait(host)
+        try:
+            async with asyncio.timeout(None if deadline == math.inf else _time_left(deadline)):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise FetchError(
+                f"all {self.politeness.concurrency} connections to {host} stayed busy until "
+                "this request's deadline",
+                no_answer=True,
+            ) from None
+        try:
+            await self._rate.wait(host, deadline)
             self.requests_sent += 1
+            limit = min(self.politeness.timeout, _time_left(deadline))
             try:
                 async with (
-                    asyncio.timeout(self.politeness.timeout),
+                    asyncio.timeout(limit),
                     self._http.stream("GET", request.url) as response,
                 ):
                     if response.status_code != 200:
                         head = await _read_capped(response, 4096, truncate=True)
-                        raise self._status_error(response, head, host)
+                        raise self._status_error(response, head, host, deadline)
                     data = await _read_capped(response, self.limits.max_bytes)
             except httpx.TransportError as exc:
                 detail = str(exc) or "no detail"
@@ -515,14 +565,18 @@ class CutoutClient:
                 ) from None
             except TimeoutError:
                 raise FetchError(
-                    f"no complete answer from {host} within {self.politeness.timeout:g} s",
+                    f"no complete answer from {host} within {max(limit, 0.0):.3g} s",
                     retryable=True,
                     no_answer=True,
                 ) from None
+        finally:
+            self._slots.release()
         verify_cutout(data, request.spec, self.limits)
         return data
 
-    def _status_error(self, response: httpx.Response, head: bytes, host: str) -> FetchError:
+    def _status_error(
+        self, response: httpx.Response, head: bytes, host: str, deadline: float
+    ) -> FetchError:
         status = response.status_code
         message = f"HTTP {status} from {host}: {_snippet(head)}"
         retryable = status in (408, 429) or status >= 500
@@ -530,11 +584,17 @@ class CutoutClient:
         if status in (429, 503):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
         if retry_after is not None:
-            if retry_after > self.politeness.max_retry_after:
+            most, left = self.politeness.max_retry_after, _time_left(deadline)
+            if retry_after > min(most, left):
+                reason = (
+                    f"over the {most:g} s limit"
+                    if retry_after > most
+                    else f"more than the {left:.1f} s this request has left"
+                )
                 return FetchError(
-                    f"{message}; it asks to wait {retry_after:g} s, over the "
-                    f"{self.politeness.max_retry_after:g} s limit",
+                    f"{message}; it asks to wait {retry_after:g} s, {reason}",
                     status=status,
+                    retry_after=retry_after,
                 )
             self._rate.pause(host, retry_after)
         return FetchError(message, status=status, retryable=retryable, retry_after=retry_after)
@@ -603,14 +663,15 @@ class CutoutFetcher:
     def requests_sent(self) -> int:
         return 0 if self.client is None else self.client.requests_sent
 
-    async def read(self, ra: float, dec: float) -> tuple[bytes, str]:
+    async def read(self, ra: float, dec: float, deadline: float = math.inf) -> tuple[bytes, str]:
         """Verified cutout bytes and "cached" or "fetched"; FetchError, or ValueError for a
-        position that is not degrees."""
+        position that is not degrees. A download is over by `deadline` (CutoutClient.fetch);
+        one already under way for this cutout is joined, on the deadline it started with."""
         request = self.spec.request(ra, dec)
         data = await asyncio.to_thread(self.cache.read, request.key, self.spec.suffix, self._verify)
         if data is not None:
             return data, "cached"
-        _, data = await self._download_once(request)
+        _, data = await self._download_once(request, deadline)
         return data, "fetched"
 
     async def ensure(self, ra: float, dec: float, *, verify: bool = False) -> FetchOutcome:
@@ -652,20 +713,22 @@ class CutoutFetcher:
 
         return list(await asyncio.gather(*(one(ra, dec) for ra, dec in positions)))
 
-    async def _download_once(self, request: CutoutRequest) -> tuple[Path, bytes]:
+    async def _download_once(
+        self, request: CutoutRequest, deadline: float = math.inf
+    ) -> tuple[Path, bytes]:
         if self.client is None:
             raise FetchError(f"offline, and not in the cache {self.cache.root}: {request.url}")
         key = request.key
         future = self._inflight.get(key)
         if future is None:
-            future = asyncio.ensure_future(self._download(request))
+            future = asyncio.ensure_future(self._download(request, deadline))
             self._inflight[key] = future
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
         # shield: one waiter cancelled (a client gone away) must not cancel the shared download
         return await asyncio.shield(future)
 
-    async def _download(self, request: CutoutRequest) -> tuple[Path, bytes]:
+    async def _download(self, request: CutoutRequest, deadline: float) -> tuple[Path, bytes]:
         assert self.client is not None
-        data = await self.client.fetch(request)
+        data = await self.client.fetch(request, deadline)
         path = await asyncio.to_thread(self.cache.put, request.key, self.spec.suffix, data)
         return path, data

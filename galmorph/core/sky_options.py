@@ -7,6 +7,7 @@ these defaults, and `galmorph --help` must stay instant. The client is galmorph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 from galmorph.core.version import __version__
 
@@ -16,6 +17,29 @@ MAX_SIDE = 3000  # the viewer's `maxsize`: larger sizes are cut to it without a 
 # image format -> (endpoint under the base URL, cache file suffix)
 IMAGE_FORMATS = {"fits": ("cutout.fits", ".fits"), "jpeg": ("cutout.jpg", ".jpg")}
 USER_AGENT = f"galmorph/{__version__} (galaxy morphology classifier; batch cutout client)"
+# A float32's precision: a scale read from a float32 HDF5 attribute (0.262 stored as
+# 0.2619999945...) is the scale its file meant, so a card, `--pixscale 1.048` and a cache key
+# name the same number.
+SCALE_DIGITS = 7
+
+
+def canonical_scale(arcsec_per_pixel: float) -> float:
+    """A pixel scale rounded to SCALE_DIGITS significant digits (1.0479999780654907 -> 1.048)."""
+    return float(f"{float(arcsec_per_pixel):.{SCALE_DIGITS}g}")
+
+
+def decimal_text(value: float) -> str:
+    """The one text form of a coordinate or pixel scale in URLs, cache keys and messages.
+
+    The shortest digits that read back as the same float, as repr gives them (so keys made by
+    earlier versions for ordinary values stay the same), but never an exponent, which the
+    cutout service does not parse ('1e-07' -> '0.0000001'), and never '-0.0'.
+    """
+    text = repr(float(value) + 0.0)  # + 0.0 turns -0.0 into 0.0
+    if "e" not in text:
+        return text
+    text = format(Decimal(text), "f")
+    return text if "." in text else f"{text}.0"
 
 
 @dataclass(frozen=True)

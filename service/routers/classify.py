@@ -40,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from galmorph.core import formats
+from galmorph.core.cutout_limits import Reserve
 from galmorph.core.decode import FIT_MODES, CutoutError, DecodedCutout
 from galmorph.core.imaging import STRETCHES
 
@@ -243,23 +244,28 @@ async def classify(
     filename: Annotated[str | None, Query(description="file name hint for a raw body")] = None,
 ) -> ClassificationResult:
     started = time.perf_counter()
-    try:
-        upload = await read_single_upload(request, settings.max_body_bytes, filename)
-        admit(ready.batcher, 1)
-        job = start_job(ready, settings, options, decoder)
-        item = await decode_upload(upload, job)
-    except CutoutError as exc:
-        metrics.cutouts.labels(str(cutout_status(exc))).inc()
-        raise
-    except DecodeBusyError:
-        metrics.cutouts.labels("503").inc()
-        raise
-    return await classify_decoded(item, job, metrics, started)
+    # The body's memory is reserved until the answer is made (the upload is held till then).
+    with decoder.budget.claim_body() as body_reserve:
+        try:
+            upload = await read_single_upload(
+                request, settings.max_body_bytes, filename, decoder.budget.claim_body,
+                body_reserve,
+            )  # fmt: skip
+            admit(ready.batcher, 1)
+            job = start_job(ready, settings, options, decoder)
+            item = await decode_upload(upload, job)
+        except CutoutError as exc:
+            metrics.cutouts.labels(str(cutout_status(exc))).inc()
+            raise
+        except DecodeBusyError:
+            metrics.cutouts.labels("503").inc()
+            raise
+        return await classify_decoded(item, job, metrics, started)
 
 
 async def _decode_item(file: UploadFile, job: Job) -> DecodedUpload | BatchItemError:
     try:
-        upload = await to_upload(file, job.settings.max_body_bytes)
+        upload = await to_upload(file, job.settings.max_body_bytes, job.decoder.budget.claim_body)
         return await decode_upload(upload, job)
     except CutoutError as exc:
         return BatchItemError(status=cutout_status(exc), detail=exc.message)
@@ -289,11 +295,29 @@ async def classify_batch(
     started = time.perf_counter()
     if not is_multipart(request):
         raise HTTPException(415, "send the cutouts as multipart/form-data file parts ('files')")
+    # The body's memory (its spooled files, then their bytes) is reserved until the answer.
+    with decoder.budget.claim_body() as body_reserve:
+        return await _classify_files(
+            request, ready, settings, metrics, options, decoder, body_reserve, started
+        )
+
+
+async def _classify_files(
+    request: Request,
+    ready: ReadyModel,
+    settings: Settings,
+    metrics: ServiceMetrics,
+    options: ClassifyOptions,
+    decoder: Decoder,
+    body_reserve: Reserve,
+    started: float,
+) -> BatchResponse:
     files = await read_multipart_files(
         request,
         field="files",
         total_limit=settings.max_batch_body_bytes,
         max_files=settings.max_batch_files,
+        reserve=body_reserve,
     )
     if not files:
         raise UploadError("multipart body has no file parts (send each cutout as 'files')")

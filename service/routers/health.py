@@ -3,6 +3,8 @@ the protocol's `ready`). Always open (no API key)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 from galmorph.service.dependencies import RuntimeDep
 from galmorph.service.schemas import Liveness, Readiness
@@ -16,13 +18,23 @@ async def live() -> Liveness:
     return Liveness()
 
 
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": Readiness, "description": "not ready; `reason` says why"}
+}
+
+
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "not ready; `reason` says why"}},
+    responses=NOT_READY,
     summary="Readiness: model loaded, warmed up, execution provider verified",
 )
-@router.get("/v2/health/ready", response_model=Readiness, include_in_schema=False)
+@router.get(
+    "/v2/health/ready",
+    response_model=Readiness,
+    responses=NOT_READY,
+    summary="Open Inference Protocol: server readiness (the answer of /readyz)",
+)
 async def ready(runtime: RuntimeDep, response: Response) -> Readiness:
     if not runtime.ready:
         response.status_code = 503

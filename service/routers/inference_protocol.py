@@ -23,9 +23,18 @@ Request parameters `stretch` and `fit` are `/classify`'s query options. Outputs:
 them. Triton's binary tensor data extension (`Inference-Header-Content-Length`,
 `binary_data_size`, `binary_data`/`binary_data_output`) is supported both ways, which is what
 `tritonclient` uses by default. Errors are the protocol's `{"error": "..."}` with the status
-the rest of the API gives the same refusal (400 for a malformed protocol request). The whole
-body is bounded by max_batch_body_bytes, its JSON part by MAX_JSON_BYTES, the images or files
-of one request by max_batch_files.
+the rest of the API gives the same refusal (400 for a malformed protocol request).
+
+Bounds, as /classify's: the JSON (at most MAX_JSON_BYTES) is read and checked first, and the
+tensor's shape against max_batch_files, max_side and max_pixels (H, W >= 1), its datatype and
+binary_data_size against its shape, and the body's Content-Length against what the JSON and
+the tensor need, all before the binary part is read (a longer body is 413, unread). The body
+is paid for from the server's memory budget before each part is read, the JSON's parse as
+well (JSON_BYTES_PER_VALUE for each value, counted in the raw text), and UINT8 images are
+fitted on the decode threads within the same budget. Files are memoryviews of the body until
+their decode. The headers read (Content-Length, Inference-Header-Content-Length) must be
+ASCII digits (400 otherwise). No body can be longer than `body_limit`: the JSON and
+max_batch_files images or files of the largest size the limits allow.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import binascii
 import json
 import math
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -42,15 +52,17 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from galmorph.service.batching import Prediction
-from galmorph.service.decoding import within_deadline
+from galmorph.service.decoding import Decoder, within_deadline
 from galmorph.service.dependencies import (
     MetricsDep,
+    ReadyModel,
     ReadyModelDep,
     RuntimeDep,
     SettingsDep,
     require_api_key,
 )
 from galmorph.service.errors import cutout_status
+from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.routers.classify import (
     ClassifyOptions,
     DecoderDep,
@@ -58,14 +70,27 @@ from galmorph.service.routers.classify import (
     decode_upload,
     start_job,
 )
-from galmorph.service.schemas import ERROR_DESCRIPTIONS, KServeModelMetadata, TensorSpec
-from galmorph.service.uploads import Upload, read_raw_body
+from galmorph.service.schemas import (
+    ERROR_DESCRIPTIONS,
+    KServeModelMetadata,
+    TensorSpec,
+    inline_definitions,
+)
+from galmorph.service.settings import Settings
+from galmorph.service.uploads import (
+    MAX_LENGTH_DIGITS,
+    BodyReader,
+    PayloadTooLargeError,
+    Upload,
+    declared_length,
+    parse_length,
+)
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from galmorph import __version__
 from galmorph.core.classifier import fit_array
 from galmorph.core.contract import EMBEDDINGS_NAME, INPUT_NAME, OOD_SCORE_NAME, OUTPUT_NAME
+from galmorph.core.cutout_limits import Reserve
 from galmorph.core.decode import CutoutError, DecodedCutout
 from galmorph.core.engine import OnnxModel
 from galmorph.core.tables import IN_DISTRIBUTION_NAME
@@ -74,6 +99,7 @@ SERVER_NAME = "galmorph"
 PLATFORM = "onnx_onnxv1"  # the protocol's platform name for an ONNX model run by onnxruntime
 BINARY_EXTENSION = "binary_tensor_data"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+BODY_READ = "inference_body_read"  # request.state: False while the body is being read
 FILES_INPUT = "files"
 IMAGES_INPUT = INPUT_NAME
 # numpy dtype of each protocol datatype this server reads or writes.
@@ -83,9 +109,17 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
 }
 UNSUPPORTED_PARAMETERS = ("classification", "shared_memory_region")
-# The JSON part of a request. Tensors written out as JSON numbers cost ~40 bytes of Python
+# The JSON part of a request. Tensors written out as JSON numbers cost tens of bytes of Python
 # objects per value when parsed: larger ones go as binary tensor data, which this does not count.
 MAX_JSON_BYTES = 16 * 2**20
+# The most a parsed JSON value costs (pydantic, measured on 2M-value documents: 32 B for a
+# small int, 64 for a float, 48 for an empty list, 128 for a list holding one int).
+JSON_BYTES_PER_VALUE = 128
+IMAGE_CHANNELS = 3
+BYTES_LENGTH_PREFIX = 4  # each BYTES element in binary: its length, 4 bytes little-endian
+# fit_array's peak over the image: Pillow holds RGB as 4 bytes a pixel (measured 4.01-4.14 at
+# 8192^2 with crop_pad and resize), plus the model-sized result.
+ARRAY_FIT_BYTES_PER_PIXEL = 5
 
 
 class ProtocolErrorResponse(BaseModel):
@@ -109,12 +143,18 @@ class ProtocolRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def answer(request: Request) -> Response:
+            response: Response
             try:
                 return await handler(request)
             except ProtocolError as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
+                response = JSONResponse({"error": exc.message}, status_code=exc.status)
             except Exception as exc:
-                return await _as_protocol_error(request, exc)
+                response = await _as_protocol_error(request, exc)
+            if not getattr(request.state, BODY_READ, True):
+                # Refused before the whole body was read: the rest would otherwise have to be
+                # read and thrown away for the connection to serve another request.
+                response.headers["Connection"] = "close"
+            return response
 
         return answer
 
@@ -208,8 +248,28 @@ INFER_BODY = {
         "required": True,
         "description": "an inference request; with the binary tensor data extension the JSON "
         f"is followed by the tensors' bytes and `{HEADER_LENGTH}` gives the JSON's length",
-        "content": {"application/json": {"schema": InferenceRequest.model_json_schema()}},
-    }
+        "content": {
+            "application/json": {"schema": inline_definitions(InferenceRequest.model_json_schema())}
+        },
+    },
+    "parameters": [
+        {
+            "name": HEADER_LENGTH,
+            "in": "header",
+            "required": False,
+            "description": "binary tensor data extension: the length of the JSON at the start "
+            "of the body, in bytes",
+            "schema": {"type": "string", "pattern": f"^[0-9]{{1,{MAX_LENGTH_DIGITS}}}$"},
+        }
+    ],
+    # With binary_data_output the outputs' bytes follow the JSON (its length in the header).
+    "responses": {
+        "200": {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            }
+        }
+    },
 }
 
 
@@ -332,6 +392,19 @@ INFER_ERRORS = protocol_errors(400, 401, 404, 408, 413, 415, 422, 503)
     dependencies=keyed,
     summary="Open Inference Protocol: classify images or files",
 )
+async def infer(
+    request: Request,
+    name: str,
+    ready: ReadyModelDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    decoder: DecoderDep,
+) -> Response:
+    return await _infer(request, name, None, ready, settings, metrics, decoder)
+
+
+# A route of its own: one function for both would give the unversioned route a `version`
+# query parameter the protocol does not have.
 @router.post(
     "/v2/models/{name}/versions/{version}/infer",
     response_model=InferenceResponse,
@@ -340,56 +413,63 @@ INFER_ERRORS = protocol_errors(400, 401, 404, 408, 413, 415, 422, 503)
     dependencies=keyed,
     summary="Open Inference Protocol: classify with a model version",
 )
-async def infer(
+async def infer_version(
     request: Request,
     name: str,
+    version: str,
     ready: ReadyModelDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     decoder: DecoderDep,
-    version: str | None = None,
+) -> Response:
+    return await _infer(request, name, version, ready, settings, metrics, decoder)
+
+
+async def _infer(
+    request: Request,
+    name: str,
+    version: str | None,
+    ready: ReadyModel,
+    settings: Settings,
+    metrics: ServiceMetrics,
+    decoder: Decoder,
 ) -> Response:
     model = ready.model
     check_model(model, name, version)
     if request.headers.get("content-encoding", "identity") != "identity":
         raise ProtocolError(415, "compressed requests are not supported: send them uncompressed")
-    body = await read_raw_body(request, settings.max_batch_body_bytes, None)
-    document, binary = _split_body(body.data, request.headers.get(HEADER_LENGTH))
-    if len(document) > MAX_JSON_BYTES:
-        raise ProtocolError(
-            413,
-            f"the request's JSON is {len(document)} bytes, over {MAX_JSON_BYTES}: send large "
-            "tensors as binary tensor data (tritonclient does by default)",
+    # The body's memory (and its JSON's parse) is reserved until the answer is made.
+    with decoder.budget.claim_body() as reserve:
+        body = BodyReader(request, body_limit(settings), reserve)
+        setattr(request.state, BODY_READ, False)
+        try:
+            inference, tensor, data = await _read_request(request, body, reserve, settings)
+        finally:
+            await body.aclose()
+        setattr(request.state, BODY_READ, True)
+        wanted = _requested_outputs(inference, model)
+        options = ClassifyOptions(
+            stretch=_string_parameter(inference, "stretch"),
+            fit=_string_parameter(inference, "fit"),
+            top_k=None,
+            return_image=False,
         )
-    try:
-        inference = InferenceRequest.model_validate_json(document)
-    except ValidationError as exc:
-        raise ProtocolError(400, f"not an inference request: {_first_problem(exc)}") from None
-    for key in UNSUPPORTED_PARAMETERS:
-        if key in inference.parameters:
-            raise ProtocolError(400, f"parameter {key!r} is not supported by this server")
-    wanted = _requested_outputs(inference, model)
-    tensor, data = _single_input(inference, binary, settings.max_batch_files)
-    options = ClassifyOptions(
-        stretch=_string_parameter(inference, "stretch"),
-        fit=_string_parameter(inference, "fit"),
-        top_k=None,
-        return_image=False,
-    )
-    job = start_job(ready, settings, options, decoder)
-    try:
-        if tensor.name == FILES_INPUT:
-            cutouts = [await _decode_file(i, item, job) for i, item in enumerate(data)]
-        else:
-            cutouts = [
-                await run_in_threadpool(_fit_image, i, image, model, options.fit)
-                for i, image in enumerate(data)
-            ]
-    except CutoutError as exc:
-        metrics.cutouts.labels(str(cutout_status(exc))).inc()
-        raise
-    images = [cutout.image for cutout in cutouts]
-    predictions = await within_deadline(ready.batcher.submit_many(images), job.deadline)
+        job = start_job(ready, settings, options, decoder)
+        try:
+            if tensor.name == FILES_INPUT:
+                cutouts = [await _decode_file(i, item, job) for i, item in enumerate(data)]
+            else:
+                # On the decode threads, paid for from the memory budget, as a PNG would be.
+                fits = [
+                    partial(_fit_image, i, image, model, options.fit)
+                    for i, image in enumerate(data)
+                ]
+                cutouts = [await decoder.run(fit, job.deadline) for fit in fits]
+        except CutoutError as exc:
+            metrics.cutouts.labels(str(cutout_status(exc))).inc()
+            raise
+        images = [cutout.image for cutout in cutouts]
+        predictions = await within_deadline(ready.batcher.submit_many(images), job.deadline)
     for prediction in predictions:
         metrics.queue_time.observe(prediction.queue_s)
         metrics.cutouts.labels("ok").inc()
@@ -397,17 +477,95 @@ async def infer(
     return _respond(inference, model, predictions, wanted, default_binary)
 
 
-def _split_body(data: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    """(JSON document, binary tensor data after it)."""
-    if header_length is None:
-        return data, b""
-    if not header_length.isdigit() or int(header_length) > len(data):
+def body_limit(settings: Settings) -> int:
+    """The largest body a legal request can have: the JSON, then max_batch_files images at
+    max_side / max_pixels or files at max_body_bytes (each with its 4-byte length). The memory
+    budget refuses (413) a body it could never hold, whatever this allows."""
+    sides = min(settings.max_pixels, settings.max_side**2)
+    per_item = max(IMAGE_CHANNELS * sides, settings.max_body_bytes + BYTES_LENGTH_PREFIX)
+    return MAX_JSON_BYTES + settings.max_batch_files * per_item
+
+
+async def _read_request(
+    request: Request, body: BodyReader, reserve: Reserve, settings: Settings
+) -> tuple[InferenceRequest, RequestInput, list[Any]]:
+    """The inference request and its one input as N images or N files. The JSON is read and
+    checked first: the tensor's shape, datatype and byte size against the limits, and the
+    body's length against what they need, before its binary data is reserved and read."""
+    declared = declared_length(request)
+    header = request.headers.get(HEADER_LENGTH)
+    json_length = None if header is None else parse_length(header, HEADER_LENGTH)
+    if json_length is None:
+        # The whole body is the JSON (a chunked one is read up to the JSON limit).
+        json_length = declared if declared is not None else MAX_JSON_BYTES
+        binary_follows = False
+    else:
+        if declared is not None and json_length > declared:
+            raise ProtocolError(
+                400, f"{HEADER_LENGTH} {json_length} is longer than the {declared}-byte body"
+            )
+        binary_follows = True
+    if json_length > MAX_JSON_BYTES:
+        raise _json_too_large(json_length)
+    document = await body.read(json_length, "the request's JSON")
+    if not binary_follows and declared is None and not await body.at_end():
+        raise _json_too_large(MAX_JSON_BYTES + 1)
+    if len(document) < json_length and binary_follows:
+        raise ProtocolError(400, f"the body ended within the {json_length}-byte JSON")
+    inference = _parse(document, reserve)
+    tensor = _single_input(inference, settings)
+    size = _binary_size(tensor, settings)
+    if size is not None and not binary_follows:
         raise ProtocolError(
-            400,
-            f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(data)}-byte body",
+            400, f"input {tensor.name!r} has binary_data_size but no {HEADER_LENGTH} header"
         )
-    length = int(header_length)
-    return data[:length], data[length:]
+    binary = None
+    if binary_follows:
+        expected = size or 0
+        rest = None if declared is None else declared - json_length
+        if rest is not None and rest > expected:  # refused unread
+            raise PayloadTooLargeError(
+                expected,
+                f"input {tensor.name!r}: binary_data_size {expected} but {rest} bytes follow "
+                "the JSON, which",
+            )
+        if rest is not None and rest < expected:
+            raise ProtocolError(
+                400,
+                f"input {tensor.name!r}: binary_data_size {expected} but {rest} bytes follow "
+                "the JSON",
+            )
+        read = await body.read(expected, f"input {tensor.name!r}'s binary data")
+        if len(read) < expected or not await body.at_end():
+            raise ProtocolError(
+                400, f"input {tensor.name!r}: binary_data_size {expected} disagrees with the body"
+            )
+        binary = None if size is None else read
+    return inference, tensor, _tensor_items(tensor, binary)
+
+
+def _json_too_large(size: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        MAX_JSON_BYTES,
+        f"the request's JSON ({size} bytes; send large tensors as binary tensor data, as "
+        "tritonclient does by default)",
+    )
+
+
+def _parse(document: bytearray, reserve: Reserve) -> InferenceRequest:
+    """The request's JSON, parsed once its Python objects are paid for: every value costs up
+    to JSON_BYTES_PER_VALUE (each comma, '[' and '{' counted as one, in C, before any object
+    is built) and strings their length."""
+    values = document.count(b",") + document.count(b"[") + document.count(b"{") + 1
+    reserve(JSON_BYTES_PER_VALUE * values + 2 * len(document), "the request's JSON, parsed")
+    try:
+        inference = InferenceRequest.model_validate_json(document)
+    except ValidationError as exc:
+        raise ProtocolError(400, f"not an inference request: {_first_problem(exc)}") from None
+    for key in UNSUPPORTED_PARAMETERS:
+        if key in inference.parameters:
+            raise ProtocolError(400, f"parameter {key!r} is not supported by this server")
+    return inference
 
 
 def _first_problem(exc: ValidationError) -> str:
@@ -444,10 +602,9 @@ def _requested_outputs(inference: InferenceRequest, model: OnnxModel) -> list[Re
     return inference.outputs
 
 
-def _single_input(
-    inference: InferenceRequest, binary: bytes, max_items: int
-) -> tuple[RequestInput, list[Any]]:
-    """The one input tensor, as a list of N images (UINT8) or N files (bytes)."""
+def _single_input(inference: InferenceRequest, settings: Settings) -> RequestInput:
+    """The one input tensor, its name, datatype and shape checked: N within max_batch_files,
+    images [N, H, W, 3] with H, W >= 1 inside max_side and max_pixels."""
     names = [tensor.name for tensor in inference.inputs]
     if len(inference.inputs) != 1 or names[0] not in (IMAGES_INPUT, FILES_INPUT):
         raise ProtocolError(
@@ -466,33 +623,71 @@ def _single_input(
             400, f"input {tensor.name!r} must have shape {shape}, got {tensor.shape}"
         )
     count = tensor.shape[0]
-    if not 1 <= count <= max_items:
+    if not 1 <= count <= settings.max_batch_files:
         raise ProtocolError(
             400 if count < 1 else 413,
-            f"input {tensor.name!r} holds {count} items; send 1 to {max_items} per request",
+            f"input {tensor.name!r} holds {count} items; send 1 to {settings.max_batch_files} "
+            "per request",
         )
-    raw = _binary_part(tensor, binary)
-    if tensor.name == FILES_INPUT:
-        files = _bytes_elements(tensor, raw)
-        if len(files) != count:
-            raise ProtocolError(400, f"shape {tensor.shape} but {len(files)} files were sent")
-        return tensor, files
-    if tensor.shape[3] != 3:
-        raise ProtocolError(400, f"input {IMAGES_INPUT!r} must be RGB [N, H, W, 3]")
-    return tensor, list(_uint8_images(tensor, raw))
+    if tensor.name == IMAGES_INPUT:
+        _, height, width, channels = tensor.shape
+        if channels != IMAGE_CHANNELS or height < 1 or width < 1:
+            raise ProtocolError(
+                400,
+                f"input {IMAGES_INPUT!r} must be RGB [N, H, W, 3] with H and W at least 1, "
+                f"got {tensor.shape}",
+            )
+        settings.decode_limits.check_declared_shape((height, width), f"input {IMAGES_INPUT!r}")
+    return tensor
 
 
-def _binary_part(tensor: RequestInput, binary: bytes) -> bytes | None:
+def _binary_size(tensor: RequestInput, settings: Settings) -> int | None:
+    """The tensor's binary_data_size (None when its data is in the JSON), checked against
+    what its shape needs: N*H*W*3 bytes of images, at most N files of max_body_bytes each.
+    Images that, with the largest one's fit, could never fit the memory budget are a 413."""
     size = tensor.parameters.get("binary_data_size")
     if size is None:
         if tensor.data is None:
             raise ProtocolError(400, f"input {tensor.name!r} has neither data nor binary data")
         return None
-    if not isinstance(size, int) or size < 0 or size != len(binary):
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ProtocolError(
-            400, f"input {tensor.name!r}: binary_data_size {size} but {len(binary)} bytes follow"
+            400, f"input {tensor.name!r}: binary_data_size {json.dumps(size)} is not a byte count"
         )
-    return binary
+    count = tensor.shape[0]
+    if tensor.name == FILES_INPUT:
+        most = count * (settings.max_body_bytes + BYTES_LENGTH_PREFIX)
+        if size > most:
+            raise PayloadTooLargeError(
+                most, f"input {FILES_INPUT!r}: {count} files of {size} bytes in all"
+            )
+        return size
+    needed = math.prod(tensor.shape)
+    if size != needed:
+        raise ProtocolError(
+            400, f"input {IMAGES_INPUT!r}: shape {tensor.shape} needs {needed} bytes, "
+            f"binary_data_size is {size}",
+        )  # fmt: skip
+    fit = ARRAY_FIT_BYTES_PER_PIXEL * tensor.shape[1] * tensor.shape[2]
+    budget = settings.decode_memory_budget_bytes
+    if size + fit > budget:
+        raise PayloadTooLargeError(
+            budget,
+            f"input {IMAGES_INPUT!r} of {size} bytes, with {fit} more to fit one image, "
+            "(the memory budget)",
+        )
+    return size
+
+
+def _tensor_items(tensor: RequestInput, binary: bytearray | None) -> list[Any]:
+    """The input as N images (uint8 arrays) or N files (memoryviews of the body's bytes)."""
+    count = tensor.shape[0]
+    if tensor.name == FILES_INPUT:
+        files = _bytes_elements(tensor, binary)
+        if len(files) != count:
+            raise ProtocolError(400, f"shape {tensor.shape} but {len(files)} files were sent")
+        return files
+    return list(_uint8_images(tensor, binary))
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -501,19 +696,20 @@ def _flatten(data: Any) -> list[Any]:
     return [value for item in data for value in _flatten(item)]
 
 
-def _bytes_elements(tensor: RequestInput, raw: bytes | None) -> list[bytes]:
-    files: list[bytes] = []
+def _bytes_elements(tensor: RequestInput, raw: bytearray | None) -> list[memoryview | bytes]:
+    files: list[memoryview | bytes] = []
     if raw is not None:
         # Triton's layout: each element is a 4-byte little-endian length, then the bytes.
+        view = memoryview(raw)
         offset = 0
         while offset < len(raw):
-            if offset + 4 > len(raw):
+            if offset + BYTES_LENGTH_PREFIX > len(raw):
                 raise ProtocolError(400, f"input {FILES_INPUT!r}: truncated element length")
-            length = int.from_bytes(raw[offset : offset + 4], "little")
-            offset += 4
+            length = int.from_bytes(view[offset : offset + BYTES_LENGTH_PREFIX], "little")
+            offset += BYTES_LENGTH_PREFIX
             if offset + length > len(raw):
                 raise ProtocolError(400, f"input {FILES_INPUT!r}: element {len(files)} truncated")
-            files.append(raw[offset : offset + length])
+            files.append(view[offset : offset + length])
             offset += length
         return files
     for index, value in enumerate(_flatten(tensor.data)):
@@ -528,11 +724,10 @@ def _bytes_elements(tensor: RequestInput, raw: bytes | None) -> list[bytes]:
     return files
 
 
-def _uint8_images(tensor: RequestInput, raw: bytes | None) -> np.ndarray:
+def _uint8_images(tensor: RequestInput, raw: bytearray | None) -> np.ndarray:
+    """[N, H, W, 3] over the body's bytes (no copy) or from the JSON's values."""
     count = math.prod(tensor.shape)
     if raw is not None:
-        if len(raw) != count:
-            raise ProtocolError(400, f"shape {tensor.shape} needs {count} bytes, got {len(raw)}")
         return np.frombuffer(raw, np.uint8).reshape(tensor.shape)
     values = _flatten(tensor.data)
     if len(values) != count:
@@ -542,8 +737,8 @@ def _uint8_images(tensor: RequestInput, raw: bytes | None) -> np.ndarray:
     return np.asarray(values, np.uint8).reshape(tensor.shape)
 
 
-async def _decode_file(index: int, data: bytes, job: Job) -> DecodedCutout:
-    if not data:
+async def _decode_file(index: int, data: memoryview | bytes, job: Job) -> DecodedCutout:
+    if not len(data):
         raise ProtocolError(400, f"{FILES_INPUT}[{index}] is empty")
     try:
         decoded = await decode_upload(Upload(data, None, None), job)
@@ -552,7 +747,11 @@ async def _decode_file(index: int, data: bytes, job: Job) -> DecodedCutout:
     return decoded.cutout
 
 
-def _fit_image(index: int, image: np.ndarray, model: OnnxModel, fit: str | None) -> DecodedCutout:
+def _fit_image(
+    index: int, image: np.ndarray, model: OnnxModel, fit: str | None, reserve: Reserve
+) -> DecodedCutout:
+    height, width = image.shape[:2]
+    reserve(ARRAY_FIT_BYTES_PER_PIXEL * height * width, f"{IMAGES_INPUT}[{index}]")
     try:
         return fit_array(image, model.card, fit)
     except CutoutError as exc:

@@ -3,14 +3,15 @@ service (off unless GALMORPH_SKY_ENABLED; galmorph.service.sky has the fetcher).
 
 The cutout asked for is the model's field (its input size at its pixel scale, its bands), read
 from the server's cutout cache or fetched, checked, and cached; then it takes the same decode,
-queue and inference as an upload to /classify. The request's timeout
-(`request_timeout_s`) starts once the cutout is in hand, as it starts for an upload once the
-body has arrived; the fetch is bounded by the fetch settings (attempts x timeout, plus
-backoff).
+queue and inference as an upload to /classify. The whole request is answered within
+`sky_deadline_s`: the fetch ends by it (galmorph.core.sky.CutoutClient.fetch), and decode,
+queue and inference get what is left of it (at most `request_timeout_s`, as an upload).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from typing import Annotated
 
@@ -38,13 +39,15 @@ from galmorph.core.cutout_limits import CutoutError
 from galmorph.core.sky import FetchError, check_position, parse_degrees
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
+DEADLINE_GRACE_S = 0.5
 
 ERRORS = {
     **error_responses(401, 422, 502, 504),
     503: {
         "model": ErrorResponse,
-        "description": "not ready, queue full or timed out; the cutout service busy (with its "
-        "Retry-After when it gave one); or offline and the cutout not cached",
+        "description": "not ready, queue full or timed out; the cutout service busy, or asking "
+        "to wait past this request's deadline (GALMORPH_SKY_DEADLINE_S; with its Retry-After "
+        "when it gave one); or offline and the cutout not cached",
     },
 }
 
@@ -94,16 +97,26 @@ async def classify_sky(
     decoder: DecoderDep,
 ) -> SkyClassificationResult:
     started = time.perf_counter()
+    deadline = time.monotonic() + settings.sky_deadline_s
     admit(ready.batcher, 1)  # a full queue is refused before the cutout service is asked
     fetcher = await sky.fetcher(ready.model.card)
     ra, dec = position
     try:
-        data, source = await fetcher.read(ra, dec)
+        # The fetcher stops its own waits and tries at the deadline, with the reason; this
+        # bounds the rest (the cache read) with a moment's grace for that answer.
+        async with asyncio.timeout(deadline + DEADLINE_GRACE_S - time.monotonic()):
+            data, source = await fetcher.read(ra, dec, deadline)
     except FetchError as exc:
         refusal = fetch_refusal(exc, fetcher.offline)
         metrics.cutouts.labels(str(refusal.status_code)).inc()
         raise refusal from None
+    except TimeoutError:
+        metrics.cutouts.labels("504").inc()
+        raise HTTPException(
+            504, f"no cutout within this request's {settings.sky_deadline_s:g} s deadline"
+        ) from None
     job = start_job(ready, settings, options, decoder)
+    job = dataclasses.replace(job, deadline=min(job.deadline, deadline))
     try:
         item = await decode_upload(Upload(data, filename=None, content_type=None), job)
     except CutoutError as exc:

@@ -1,9 +1,12 @@
-"""GET /: the drop-a-cutout page (static HTML/JS/CSS, no build step, no CDN).
+"""GET /: the page (static HTML/JS/CSS, no build step, no CDN): many cutouts through
+/classify/batch into a results table, sky positions through /classify/sky, one galaxy's
+details and the model card.
 
 templates/index.html is a `string.Template`: the formats it names and its file-input `accept`
-list come from the format registry (galmorph.core.formats) when the page is served, and while
-the server is not ready the page says why (for a missing model: the commands that make one),
-with or without JavaScript; app.js then follows /readyz until the model is there.
+list come from the format registry (galmorph.core.formats) when the page is served, and so do
+the settings the page must obey (files and bytes per batch request, whether the sky route is
+on); while the server is not ready the page says why (for a missing model: the commands that
+make one), with or without JavaScript; app.js then follows /readyz until the model is there.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from string import Template
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
-from galmorph.service.dependencies import RuntimeDep
+from galmorph.service.dependencies import RuntimeDep, SettingsDep
+from galmorph.service.settings import Settings
 
 from galmorph.core import formats
 
@@ -25,17 +29,21 @@ INDEX_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "index.h
 router = APIRouter(tags=["web"])
 
 
-def render_index(not_ready_reason: str | None) -> str:
+def render_index(not_ready_reason: str | None, settings: Settings) -> str:
     """The page; `not_ready_reason` is shown in its not-ready panel (None: ready, hidden)."""
     page = Template(INDEX_TEMPLATE.read_text(encoding="utf-8"))
     return page.substitute(
         formats=html.escape(formats.format_labels()),
         accept=html.escape(formats.accept_list()),
+        max_batch_files=settings.max_batch_files,
+        max_batch_bytes=settings.max_batch_body_bytes,
+        sky_enabled="true" if settings.sky_enabled else "false",
         not_ready_hidden="" if not_ready_reason is not None else "hidden",
         not_ready_reason=html.escape(not_ready_reason or ""),
     )
 
 
 @router.get("/", include_in_schema=False)
-async def index(runtime: RuntimeDep) -> HTMLResponse:
-    return HTMLResponse(render_index(None if runtime.ready else runtime.reason or "not ready"))
+async def index(runtime: RuntimeDep, settings: SettingsDep) -> HTMLResponse:
+    reason = None if runtime.ready else runtime.reason or "not ready"
+    return HTMLResponse(render_index(reason, settings))

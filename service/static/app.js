@@ -1,9 +1,25 @@
-// The galmorph page: send a cutout to POST /classify and show what came back.
+// The galmorph page: cutouts through POST /classify/batch (in chunks the server accepts) and
+// sky positions through GET /classify/sky into one results table; one galaxy's details; the
+// model card from GET /model. No library, no request beyond this server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 // How often the page asks /readyz while the server has no model (the server checks every 5 s).
 const READINESS_POLL_MS = 3000;
+// A refused batch request (503: queue full, budget spent) is tried again after the server's
+// Retry-After, at most this many times and never waiting longer than RETRY_CAP_S.
+const RETRIES = 3;
+const RETRY_CAP_S = 30;
+// Bytes a multipart part adds to its file (boundary and headers), for chunking by size.
+const PART_OVERHEAD_BYTES = 1024;
+const OOD_SENTENCE = "unlike the training data: the class is unreliable";
+const SCALE_BAR_ARCSEC = [1, 2, 5, 10, 20, 30, 60, 120, 300, 600];
+
+let model = null; // GET /model
+const rows = []; // {id, label, file, sky, status: pending|ok|error, result, error}
+let nextRowId = 1;
+let sort = { key: null, direction: 1 };
+let selectedId = null;
 
 function headers() {
   const key = $("api-key").value.trim();
@@ -19,23 +35,130 @@ async function errorText(response) {
   }
 }
 
+// Numbers for people: 4 significant digits (a float32 pixel scale 1.0479999780654907 is 1.048);
+// counts in full.
+function number(value, digits = 4) {
+  if (value === null || value === undefined || !Number.isFinite(value)) return "—";
+  if (Number.isInteger(value)) return String(value);
+  return String(Number(value.toPrecision(digits)));
+}
+
+function percent(p) {
+  return `${(100 * p).toFixed(1)}%`;
+}
+
+function element(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+function oodThreshold() {
+  const threshold = model && model.card.ood ? model.card.ood.threshold : undefined;
+  return threshold === undefined ? null : threshold;
+}
+
+// The flag shown wherever a class is: null when the image is like the training data or the
+// model has no OOD score.
+function oodFlag(result, short) {
+  if (result.in_distribution !== false) return null;
+  return element("span", {
+    className: "ood-flag",
+    textContent: short ? "unlike the training data" : OOD_SENTENCE,
+    title: `${OOD_SENTENCE} (OOD score ${number(result.ood_score)} > threshold ` +
+      `${number(oodThreshold())})`,
+  });
+}
+
+// ---- the model ----------------------------------------------------------------------------
+
 async function loadModelInfo() {
   const response = await fetch("/model", { headers: headers() });
   if (!response.ok) {
     $("model-line").textContent = `model: ${response.status} ${await errorText(response)}`;
     return;
   }
-  const info = await response.json();
+  model = await response.json();
   $("model-line").textContent =
-    `${info.name} · version ${info.version} · ${info.providers.join(", ")} · ` +
-    `${info.input.shape.slice(1, 3).join("×")} px input`;
+    `${model.name} · version ${model.version} · ${model.providers.join(", ")} · ` +
+    `${model.input.shape.slice(1, 3).join("×")} px input · ` +
+    `${number(model.card.pixel_scale)}″/px`;
   const select = $("stretch");
   select.replaceChildren(select.options[0]);
-  for (const name of info.preprocessing.stretches || []) {
-    const option = document.createElement("option");
-    option.value = name;
-    option.textContent = name === info.preprocessing.stretch ? `${name} (model default)` : name;
+  for (const name of model.preprocessing.stretches || []) {
+    const option = element("option", { value: name });
+    option.textContent = name === model.preprocessing.stretch ? `${name} (model default)` : name;
     select.appendChild(option);
+  }
+  const classes = $("filter-class");
+  classes.replaceChildren(classes.options[0]);
+  for (const name of model.class_names) {
+    classes.appendChild(element("option", { value: name, textContent: name }));
+  }
+  renderModelCard();
+}
+
+function scalars(record) {
+  return Object.entries(record || {})
+    .filter(([, value]) => ["number", "string", "boolean"].includes(typeof value))
+    .map(([key, value]) => `${key} ${typeof value === "number" ? number(value) : value}`)
+    .join(" · ");
+}
+
+function calibrationText(calibration) {
+  if (!calibration || !Object.keys(calibration).length) return "none recorded in the model file";
+  const parts = [`temperature ${number(calibration.temperature)}`];
+  if (calibration.applied === false) parts[0] += ` (not applied: ${calibration.reason})`;
+  if (calibration.ece_before !== undefined) {
+    parts.push(`ECE ${number(calibration.ece_before, 3)} → ${number(calibration.ece_after, 3)}`);
+  }
+  if (calibration.num_images !== undefined) {
+    parts.push(`on ${calibration.num_images} held-out images`);
+  }
+  return parts.join(" · ");
+}
+
+// Each field names where its value is in GET /model's answer (data-source) and carries that
+// value as JSON (data-value), so what the panel shows can be checked against the API.
+function modelCardFields() {
+  const card = model.card;
+  const fov = model.preprocessing.field_of_view_arcsec;
+  const targets = card.targets === "votes"
+    ? "votes: the probabilities are expected vote fractions"
+    : "labels: the probabilities are class probabilities";
+  return [
+    ["name", "name", model.name],
+    ["version", "version", model.version],
+    ["SHA-256", "sha256", model.sha256],
+    ["classes", "class_names", model.class_names.join(", ")],
+    ["targets", "card.targets", targets],
+    ["input", "preprocessing.input_size", `${model.preprocessing.input_size.join("×")} px`],
+    ["pixel scale", "card.pixel_scale", `${number(card.pixel_scale)}″/px`],
+    ["field of view", "preprocessing.field_of_view_arcsec",
+      `${fov.map((v) => number(v)).join("″ × ")}″`],
+    ["stretch", "card.stretch", card.stretch],
+    ["bands", "card.bands", Object.entries(card.bands).map(([c, b]) => `${c}←${b}`).join(", ")],
+    ["calibration", "card.calibration", calibrationText(card.calibration)],
+    ["OOD score", "card.ood", scalars(card.ood) || "none in the model file"],
+    ["test metrics", "card.metrics", scalars(card.metrics) || "none recorded"],
+    ["training data", "card.training_data", scalars(card.training_data) || "none recorded"],
+    ["precision", "card.precision", card.precision],
+    ["created", "card.created", card.created || "—"],
+  ];
+}
+
+function lookup(path) {
+  return path.split(".").reduce((value, key) => value[key], model);
+}
+
+function renderModelCard() {
+  const list = $("model-card-fields");
+  list.replaceChildren();
+  for (const [term, source, text] of modelCardFields()) {
+    const dd = element("dd", { textContent: text });
+    dd.dataset.source = source;
+    dd.dataset.value = JSON.stringify(lookup(source));
+    list.append(element("dt", { textContent: term }), dd);
   }
 }
 
@@ -58,108 +181,556 @@ async function watchReadiness() {
   setTimeout(watchReadiness, READINESS_POLL_MS);
 }
 
-function percent(p) {
-  return `${(100 * p).toFixed(1)}%`;
+// ---- sending ------------------------------------------------------------------------------
+
+function classifyParams() {
+  const params = new URLSearchParams({ return_image: "true" });
+  if ($("stretch").value) params.set("stretch", $("stretch").value);
+  return params;
 }
+
+// fetch, again after Retry-After while the server answers 503 (queue full, budget spent).
+async function fetchPolitely(url, options) {
+  for (let attempt = 0; ; attempt++) {
+    const response = await fetch(url, options);
+    // Seconds only: an absent header or an HTTP date is not waited for.
+    const wait = Number(response.headers.get("Retry-After") ?? NaN);
+    if (response.status !== 503 || attempt >= RETRIES || !(wait >= 0)) return response;
+    $("status").textContent = `the server is busy: trying again in ${wait} s`;
+    await new Promise((resolve) => setTimeout(resolve, 1000 * Math.min(wait, RETRY_CAP_S)));
+  }
+}
+
+// Consecutive rows in requests of at most the server's max batch files and body bytes (a file
+// larger than the body limit alone goes alone, and gets the server's 413).
+function chunks(batch) {
+  const maxFiles = Number(document.body.dataset.maxBatchFiles);
+  const maxBytes = Number(document.body.dataset.maxBatchBytes);
+  const out = [];
+  let current = [];
+  let bytes = 0;
+  for (const row of batch) {
+    const size = row.file.size + PART_OVERHEAD_BYTES;
+    if (current.length && (current.length >= maxFiles || bytes + size > maxBytes)) {
+      out.push(current);
+      current = [];
+      bytes = 0;
+    }
+    current.push(row);
+    bytes += size;
+  }
+  if (current.length) out.push(current);
+  return out;
+}
+
+async function sendChunk(chunk) {
+  const form = new FormData();
+  for (const row of chunk) form.append("files", row.file, row.file.name);
+  let response;
+  try {
+    response = await fetchPolitely(`/classify/batch?${classifyParams()}`, {
+      method: "POST", body: form, headers: headers(),
+    });
+  } catch (err) {
+    for (const row of chunk) fail(row, 0, `request failed: ${err}`);
+    return;
+  }
+  if (!response.ok) {
+    const detail = await errorText(response);
+    for (const row of chunk) fail(row, response.status, detail);
+    return;
+  }
+  const body = await response.json();
+  body.items.forEach((item, i) => {
+    if (item.result) succeed(chunk[i], item.result);
+    else fail(chunk[i], item.error.status, item.error.detail);
+  });
+}
+
+async function classifySky(row) {
+  const params = classifyParams();
+  params.set("ra", row.sky.ra);
+  params.set("dec", row.sky.dec);
+  try {
+    const response = await fetchPolitely(`/classify/sky?${params}`, { headers: headers() });
+    if (response.ok) succeed(row, await response.json());
+    else fail(row, response.status, await errorText(response));
+  } catch (err) {
+    fail(row, 0, `request failed: ${err}`);
+  }
+}
+
+function succeed(row, result) {
+  row.status = "ok";
+  row.result = result;
+}
+
+function fail(row, status, detail) {
+  row.status = "error";
+  row.error = { status, detail };
+}
+
+function errorLine(row) {
+  return row.error.status ? `${row.error.status}: ${row.error.detail}` : row.error.detail;
+}
+
+// One run: its rows (already in the table, pending) sent a request at a time with the progress
+// shown, then the first row's details (its result or its error, never the previous run's).
+async function run(batch, send) {
+  if (!batch.length) return;
+  delete document.body.dataset.state;
+  $("error").hidden = true;
+  const started = performance.now();
+  const progress = $("progress");
+  progress.max = batch.length;
+  progress.value = 0;
+  $("progress-line").hidden = false;
+  renderTable();
+  for (const part of send) {
+    $("status").textContent = `classifying ${progress.value + 1}–` +
+      `${progress.value + part.rows.length} of ${batch.length}…`;
+    await part.go();
+    progress.value += part.rows.length;
+    renderTable();
+  }
+  const failed = batch.filter((row) => row.status === "error");
+  const unlike = batch.filter((row) => row.status === "ok" && row.result.in_distribution === false);
+  $("status").textContent =
+    `${batch.length} sent in ${((performance.now() - started) / 1000).toFixed(1)} s: ` +
+    `${batch.length - failed.length} classified, ${failed.length} refused, ` +
+    `${unlike.length} unlike the training data`;
+  if (failed.length === batch.length) {
+    $("error").textContent = batch.length === 1
+      ? errorLine(batch[0])
+      : `none of the ${batch.length} could be classified: the table says why`;
+    $("error").hidden = false;
+  }
+  showDetails(batch[0]);
+  document.body.dataset.state = failed.length === batch.length ? "error" : "done";
+}
+
+// Runs one after another: a drop while files are being sent waits for them.
+let runs = Promise.resolve();
+
+function enqueue(batch, send) {
+  rows.push(...batch);
+  renderTable();
+  runs = runs.then(() => run(batch, send)).catch((err) => {
+    $("error").textContent = `the page failed: ${err}`;
+    $("error").hidden = false;
+    document.body.dataset.state = "error";
+  });
+}
+
+function classifyFiles(files) {
+  const batch = files.map((file) => ({
+    id: nextRowId++, label: file.webkitRelativePath || file.name, file, status: "pending",
+  }));
+  enqueue(batch, chunks(batch).map((part) => ({ rows: part, go: () => sendChunk(part) })));
+}
+
+// Sexagesimal to decimal degrees, the server's unit: RA in hours ("12h30m49.4s",
+// "12:30:49.4", "12 30 49.4"), Dec in degrees ("+12d23m28s", "+12°23′28″", "+12:23:28").
+// Anything else goes as typed, and the server says what is wrong with it.
+const SEXAGESIMAL =
+  /^([+-]?)(\d+(?:\.\d+)?)[hd°:\s]\s*(\d+(?:\.\d+)?)[m′':\s]\s*(\d+(?:\.\d+)?)?[s″"]?$/i;
+
+function degrees(text, hours) {
+  const match = SEXAGESIMAL.exec(text.trim());
+  if (!match) return text.trim();
+  const [, sign, whole, minutes, seconds] = match;
+  const sexagesimal = Number(whole) + Number(minutes) / 60 + Number(seconds || 0) / 3600;
+  const value = hours ? 15 * sexagesimal : sexagesimal;
+  return String(sign === "-" ? -value : value);
+}
+
+// "ra dec" pairs as typed: the two fields, then one pair a line (a space or a comma between;
+// six words are "h m s d m s").
+function positions() {
+  const pairs = [];
+  if ($("sky-ra").value.trim() || $("sky-dec").value.trim()) {
+    pairs.push([$("sky-ra").value.trim(), $("sky-dec").value.trim()]);
+  }
+  for (const line of $("sky-list").value.split("\n")) {
+    const words = line.trim().split(/[\s,]+/).filter(Boolean);
+    if (words.length === 6) pairs.push([words.slice(0, 3).join(" "), words.slice(3).join(" ")]);
+    else if (words.length) pairs.push([words[0], words.slice(1).join(" ")]);
+  }
+  return pairs;
+}
+
+function classifyPositions() {
+  const batch = positions().map(([ra, dec]) => ({
+    id: nextRowId++,
+    label: `ra ${ra}, dec ${dec}`,
+    sky: { ra: degrees(ra, true), dec: degrees(dec, false) },
+    status: "pending",
+  }));
+  enqueue(batch, batch.map((row) => ({ rows: [row], go: () => classifySky(row) })));
+}
+
+// A folder holds other files too: only the cutout formats' extensions are sent.
+function cutoutsOnly(files) {
+  const suffixes = $("file-input").accept.split(",").filter((s) => s.startsWith("."));
+  const kept = files.filter((f) => suffixes.some((s) => f.name.toLowerCase().endsWith(s)));
+  if (kept.length < files.length) {
+    $("status").textContent = `${files.length - kept.length} files that are not cutouts left out`;
+  }
+  return kept;
+}
+
+// ---- the table ----------------------------------------------------------------------------
+
+const SORT_VALUES = {
+  file: (row) => row.label.toLowerCase(),
+  class: (row) => (row.status === "ok" ? row.result.top_class : null),
+  probability: (row) => (row.status === "ok" ? row.result.top_probability : null),
+  flag: (row) => (row.status === "ok" ? row.result.in_distribution : null),
+  ood: (row) => (row.status === "ok" ? row.result.ood_score : null),
+};
+
+function shownRows() {
+  const wantedClass = $("filter-class").value;
+  const wantedFlag = $("filter-flag").value;
+  const shown = rows.filter((row) => {
+    if (wantedFlag === "error") return row.status === "error";
+    if (row.status !== "ok") return !wantedClass && !wantedFlag;
+    if (wantedClass && row.result.top_class !== wantedClass) return false;
+    if (wantedFlag === "ood") return row.result.in_distribution === false;
+    if (wantedFlag === "in") return row.result.in_distribution !== false;
+    return true;
+  });
+  if (!sort.key) return shown;
+  const value = SORT_VALUES[sort.key];
+  // Rows without the value (errors, pending, no OOD score) stay last either way.
+  return shown.sort((a, b) => {
+    const [x, y] = [value(a), value(b)];
+    if (x === null || x === undefined) return y === null || y === undefined ? 0 : 1;
+    if (y === null || y === undefined) return -1;
+    return sort.direction * (x < y ? -1 : x > y ? 1 : 0);
+  });
+}
+
+function fileCell(row) {
+  const button = element("button", { type: "button", className: "link", textContent: row.label });
+  button.addEventListener("click", () => {
+    showDetails(row);
+    $("details-panel").scrollIntoView({ block: "start" });
+  });
+  button.disabled = row.status === "pending";
+  const cell = element("td", {}, button);
+  if (row.status === "ok" && row.result.cutout) {
+    cell.append(element("small", {
+      className: "cutout-url", textContent: `${row.result.cutout.source}: ${row.result.cutout.url}`,
+    }));
+  }
+  return cell;
+}
+
+function tableRow(row) {
+  const tr = element("tr", { className: row.id === selectedId ? "selected" : "" });
+  tr.dataset.testid = "result-row";
+  tr.dataset.status = row.status;
+  tr.dataset.file = row.label;
+  const thumb = element("td", { className: "thumb" });
+  if (row.status === "ok") {
+    thumb.append(element("img", {
+      src: `data:image/png;base64,${row.result.image_png_base64}`, width: 48, height: 48,
+      alt: `${row.label} as the model saw it`,
+    }));
+  }
+  tr.append(thumb, fileCell(row));
+  if (row.status !== "ok") {
+    const text = row.status === "pending" ? "waiting…" : errorLine(row);
+    tr.append(element("td", { colSpan: 4, className: `row-${row.status}`, textContent: text }));
+    return tr;
+  }
+  const result = row.result;
+  tr.dataset.probability = String(result.top_probability);
+  const classCell = element("td", { textContent: result.top_class });
+  const flag = oodFlag(result, true);
+  if (flag) {
+    flag.dataset.testid = "ood-flag";
+    classCell.append(" ", flag);
+  }
+  const inDistribution = { true: "yes", false: "no" }[result.in_distribution] || "—";
+  tr.append(
+    classCell,
+    element("td", { className: "number", textContent: percent(result.top_probability) }),
+    element("td", { textContent: inDistribution }),
+    element("td", { className: "number", textContent: number(result.ood_score) }),
+  );
+  return tr;
+}
+
+// A row's <tr> is made again only when its status or selection changed (a run re-renders the
+// table after every request: thousands of thumbnails are not decoded again each time).
+function rowElement(row) {
+  const key = `${row.status} ${row.id === selectedId}`;
+  if (row.element === undefined || row.elementKey !== key) {
+    row.element = tableRow(row);
+    row.elementKey = key;
+  }
+  return row.element;
+}
+
+function renderTable() {
+  const shown = shownRows();
+  $("results-body").replaceChildren(...shown.map(rowElement));
+  $("results-table").hidden = rows.length === 0;
+  $("table-empty").hidden = rows.length > 0;
+  $("table-empty").textContent = "No results yet.";
+  if (rows.length && !shown.length) {
+    $("table-empty").hidden = false;
+    $("table-empty").textContent = "No row matches the filters.";
+  }
+  for (const id of ["download-csv", "download-json"]) $(id).disabled = shown.length === 0;
+  $("clear").disabled = rows.length === 0;
+  for (const th of document.querySelectorAll("#results-table th[aria-sort]")) {
+    const key = th.querySelector("button").dataset.sort;
+    const direction = sort.direction > 0 ? "ascending" : "descending";
+    th.setAttribute("aria-sort", key === sort.key ? direction : "none");
+  }
+}
+
+function sortBy(key) {
+  // A first click sorts numbers from the largest down, names from A.
+  const firstDirection = key === "file" || key === "class" ? 1 : -1;
+  sort = { key, direction: sort.key === key ? -sort.direction : firstDirection };
+  renderTable();
+}
+
+// ---- downloads ----------------------------------------------------------------------------
+
+// The scorer's column names (galmorph.core.tables.class_columns).
+function classColumn(name) {
+  const ident = name.toLowerCase().replace(/[^0-9a-z]+/g, "_").replace(/^_+|_+$/g, "");
+  return `p_${ident || "class"}`;
+}
+
+function csvField(value) {
+  if (value === null || value === undefined) return "";
+  const text = String(value);
+  return /[",\n\r]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+}
+
+// The scorer's columns (docs/scoring.md), with the file (or position and cutout request) first.
+function tableCsv(shown) {
+  const answered = rows.find((row) => row.status === "ok");
+  const classes = model
+    ? model.class_names
+    : Object.keys(answered ? answered.result.probabilities : {});
+  const columns = ["file", "ra", "dec", "pred_label", "pred_index", "pred_prob",
+    ...classes.map(classColumn), "ood_score", "in_distribution", "model_sha256", "cutout_url",
+    "error"];
+  const lines = [columns.join(",")];
+  for (const row of shown) {
+    const r = row.status === "ok" ? row.result : null;
+    const values = [
+      row.file ? row.label : "", row.sky ? row.sky.ra : "", row.sky ? row.sky.dec : "",
+      r && r.top_class, r && classes.indexOf(r.top_class), r && r.top_probability,
+      ...classes.map((name) => r && r.probabilities[name]),
+      r && r.ood_score, r && r.in_distribution, r && r.model.sha256,
+      r && r.cutout ? r.cutout.url : "", row.status === "error" ? errorLine(row) : "",
+    ];
+    lines.push(values.map(csvField).join(","));
+  }
+  return `${lines.join("\r\n")}\r\n`;
+}
+
+function tableJson(shown) {
+  const answers = shown.map((row) => {
+    const result = row.result ? { ...row.result, image_png_base64: undefined } : null;
+    const file = row.file ? row.label : null;
+    return { file, sky: row.sky || null, result, error: row.error || null };
+  });
+  return JSON.stringify(answers, null, 1);
+}
+
+function download(name, type, text) {
+  const link = element("a", { download: name });
+  link.href = URL.createObjectURL(new Blob([text], { type }));
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+}
+
+// ---- one galaxy's details -----------------------------------------------------------------
 
 function renderChart(result) {
   const chart = $("chart");
   chart.replaceChildren();
   for (const [name, probability] of Object.entries(result.probabilities)) {
-    const row = document.createElement("div");
-    row.className = name === result.top_class ? "bar top" : "bar";
+    const row = element("div", {
+      className: name === result.top_class ? "bar top" : "bar",
+    });
+    row.setAttribute("role", "listitem");
     row.dataset.className = name;
     row.dataset.probability = String(probability);
-    const label = document.createElement("span");
-    label.className = "bar-label";
-    label.textContent = name;
-    const track = document.createElement("span");
-    track.className = "bar-track";
-    const fill = document.createElement("span");
-    fill.className = "bar-fill";
+    const fill = element("span", { className: "bar-fill" });
     fill.style.display = "block";
     fill.style.width = `${(100 * probability).toFixed(2)}%`;
-    track.appendChild(fill);
-    const value = document.createElement("span");
-    value.className = "bar-value";
-    value.textContent = percent(probability);
-    row.append(label, track, value);
+    row.append(
+      element("span", { className: "bar-label", textContent: name }),
+      element("span", { className: "bar-track" }, fill),
+      element("span", { className: "bar-value", textContent: percent(probability) }),
+    );
     chart.appendChild(row);
   }
 }
 
-function renderDetails(result) {
+function bandsText(bands) {
+  if (bands.length > 1) return bands.join(", ");
+  if (bands[0] === "L") return "grey (one channel)";
+  return bands[0] === "band" ? "one band, unnamed (grey)" : `${bands[0]} (one band, grey)`;
+}
+
+function oodText(result) {
+  if (result.ood_score === null || result.ood_score === undefined) {
+    return "no OOD score in this model file";
+  }
+  const verdict = result.in_distribution ? "like the training data" : OOD_SENTENCE;
+  return `${number(result.ood_score)} (threshold ${number(oodThreshold())}): ${verdict}`;
+}
+
+function renderDetails(row) {
+  const result = row.result;
   const pre = result.preprocessing;
-  const rows = [
-    ["file", result.filename || "—"],
+  const details = [
+    ["file", row.file ? row.label : "—"],
     ["format", pre.format + (pre.compression ? ` (${pre.compression})` : "")],
-    ["bands", pre.bands_used.join(", ")],
+    ["bands", bandsText(pre.bands_used)],
     ["original shape", pre.original_shape.join("×")],
-    ["pixel scale", pre.pixel_scale ? `${pre.pixel_scale.toFixed(3)}″/px` : "unknown"],
+    ["pixel scale", pre.pixel_scale ? `${number(pre.pixel_scale)}″/px` : "unknown"],
+    ["fit", pre.fit],
     ["stretch", pre.stretch || "none (already rendered)"],
+    ["OOD score", oodText(result)],
     ["model", `${result.model.name} ${result.model.version}`],
     ["timings", `decode ${result.timings.decode_ms.toFixed(1)} ms · queue ` +
       `${result.timings.queue_ms.toFixed(1)} ms · inference ` +
       `${result.timings.inference_ms.toFixed(1)} ms (batch ${result.timings.batch_size})`],
   ];
+  if (result.cutout) {
+    details.splice(1, 0,
+      ["position", `ra ${number(result.cutout.ra, 9)}°, dec ${number(result.cutout.dec, 9)}°`],
+      ["cutout request", `${result.cutout.url} (${result.cutout.source})`]);
+  }
   const dl = $("details");
   dl.replaceChildren();
-  for (const [term, value] of rows) {
-    const dt = document.createElement("dt");
-    dt.textContent = term;
-    const dd = document.createElement("dd");
-    dd.textContent = value;
-    dl.append(dt, dd);
+  for (const [term, value] of details) {
+    dl.append(element("dt", { textContent: term }), element("dd", { textContent: value }));
   }
-  const list = $("warnings");
-  list.replaceChildren();
-  for (const warning of pre.warnings) {
-    const li = document.createElement("li");
-    li.textContent = warning;
-    list.appendChild(li);
-  }
+  $("warnings").replaceChildren(...pre.warnings.map((w) => element("li", { textContent: w })));
 }
 
-async function classify(file) {
-  $("error").hidden = true;
-  $("status").textContent = `classifying ${file.name}…`;
-  const params = new URLSearchParams({ return_image: "true", top_k: "3" });
-  if ($("stretch").value) params.set("stretch", $("stretch").value);
-  const form = new FormData();
-  form.append("file", file, file.name);
-  let response;
-  try {
-    response = await fetch(`/classify?${params}`, { method: "POST", body: form, headers: headers() });
-  } catch (err) {
-    showError(`request failed: ${err}`);
+function niceArcsec(fieldArcsec) {
+  const fitting = SCALE_BAR_ARCSEC.filter((a) => a <= fieldArcsec / 3);
+  return fitting.length ? fitting[fitting.length - 1] : fieldArcsec / 3;
+}
+
+// A bar of a round number of arcsec under an image of `arcsecPerPixel` (image pixels) drawn
+// `displayScale` CSS px per image pixel.
+function drawScaleBar(bar, arcsecPerPixel, imagePixels, displayScale, assumed) {
+  const arcsec = niceArcsec(arcsecPerPixel * imagePixels);
+  const width = (arcsec / arcsecPerPixel) * displayScale;
+  bar.querySelector("span").style.width = `${width.toFixed(1)}px`;
+  bar.dataset.arcsec = String(arcsec);
+  bar.dataset.widthPx = width.toFixed(2);
+  const note = assumed ? " (scale assumed)" : "";
+  bar.querySelector("small").textContent = `${number(arcsec)}″${note}`;
+  bar.hidden = false;
+}
+
+// The upload's own arcsec/px: its header's, else what the model assumed when it framed it.
+function uploadScale(result) {
+  const pre = result.preprocessing;
+  if (pre.pixel_scale) return { scale: pre.pixel_scale, assumed: false };
+  if (pre.fit === "resize") {
+    const width = pre.original_shape[1];
+    return { scale: model.preprocessing.field_of_view_arcsec[1] / width, assumed: true };
+  }
+  return { scale: model.card.pixel_scale, assumed: true };
+}
+
+function showUpload(row) {
+  const view = $("upload-view");
+  const none = $("upload-none");
+  view.hidden = true;
+  $("upload-scale").hidden = true;
+  view.removeAttribute("src");
+  none.hidden = false;
+  const format = row.result.preprocessing.format;
+  if (!row.file || !["png", "jpeg"].includes(format)) {
+    none.textContent = row.file
+      ? `${format.toUpperCase()}: a browser cannot show it; the model's view is beside it`
+      : "fetched by the server from the cutout service";
     return;
   }
-  if (!response.ok) {
-    showError(`${response.status}: ${await errorText(response)}`);
+  none.textContent = "reading…";
+  // A data: URL, as the Content-Security-Policy allows no blob: images.
+  const reader = new FileReader();
+  reader.addEventListener("load", () => {
+    if (selectedId !== row.id) return;
+    view.addEventListener("load", () => {
+      if (!model) return;
+      const { scale, assumed } = uploadScale(row.result);
+      const shown = Math.min(
+        view.clientWidth / view.naturalWidth, view.clientHeight / view.naturalHeight);
+      drawScaleBar($("upload-scale"), scale, view.naturalWidth, shown, assumed);
+    }, { once: true });
+    view.src = reader.result;
+    view.hidden = false;
+    none.hidden = true;
+  });
+  reader.readAsDataURL(row.file);
+}
+
+function showDetails(row) {
+  selectedId = row.id;
+  renderTable();
+  $("empty-state").hidden = true;
+  const problem = $("details-error");
+  if (row.status !== "ok") {
+    $("result").hidden = true;
+    problem.textContent = `${row.label}: ${errorLine(row)}`;
+    problem.hidden = false;
     return;
   }
-  const result = await response.json();
+  problem.hidden = true;
+  const result = row.result;
   $("model-input").src = `data:image/png;base64,${result.image_png_base64}`;
   $("top-class").textContent = result.top_class;
   $("top-probability").textContent = percent(result.top_probability);
+  const flag = oodFlag(result, false);
+  $("headline-flag").hidden = !flag;
+  if (flag) {
+    $("headline-flag").textContent = flag.textContent;
+    $("headline-flag").title = flag.title;
+  }
   renderChart(result);
-  renderDetails(result);
+  renderDetails(row);
   $("result").hidden = false;
-  $("status").textContent = `${file.name}: done in ${result.timings.total_ms.toFixed(0)} ms`;
-  document.body.dataset.state = "done";
+  $("model-scale").hidden = true;
+  if (model) {
+    const size = model.preprocessing.input_size[1];
+    drawScaleBar($("model-scale"), model.card.pixel_scale, size,
+      $("model-input").clientWidth / size, !result.preprocessing.pixel_scale);
+  }
+  showUpload(row);
 }
 
-function showError(message) {
-  $("status").textContent = "";
-  $("error").textContent = message;
-  $("error").hidden = false;
-  document.body.dataset.state = "error";
-}
+// ---- wiring -------------------------------------------------------------------------------
 
 function setUp() {
   const zone = $("drop-zone");
   $("file-input").addEventListener("change", (event) => {
-    if (event.target.files.length) classify(event.target.files[0]);
+    classifyFiles([...event.target.files]);
+    event.target.value = "";
+  });
+  $("folder-input").addEventListener("change", (event) => {
+    classifyFiles(cutoutsOnly([...event.target.files]));
+    event.target.value = "";
   });
   zone.addEventListener("dragover", (event) => {
     event.preventDefault();
@@ -169,7 +740,31 @@ function setUp() {
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("dragging");
-    if (event.dataTransfer.files.length) classify(event.dataTransfer.files[0]);
+    classifyFiles([...event.dataTransfer.files]);
+  });
+  if (document.body.dataset.sky === "true") $("sky-form").hidden = false;
+  $("sky-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    classifyPositions();
+  });
+  for (const button of document.querySelectorAll("#results-table th button")) {
+    button.addEventListener("click", () => sortBy(button.dataset.sort));
+  }
+  $("filter-class").addEventListener("change", renderTable);
+  $("filter-flag").addEventListener("change", renderTable);
+  $("download-csv").addEventListener("click", () =>
+    download("galmorph_results.csv", "text/csv", tableCsv(shownRows())));
+  $("download-json").addEventListener("click", () =>
+    download("galmorph_results.json", "application/json", tableJson(shownRows())));
+  $("clear").addEventListener("click", () => {
+    rows.length = 0;
+    selectedId = null;
+    $("result").hidden = true;
+    $("details-error").hidden = true;
+    $("empty-state").hidden = false;
+    $("progress-line").hidden = true;
+    $("status").textContent = "";
+    renderTable();
   });
   $("api-key").addEventListener("change", loadModelInfo);
   watchReadiness();
