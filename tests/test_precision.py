@@ -11,7 +11,7 @@ import pytest
 import torch
 from galmorph.training import precision as precision_module
 from galmorph.training.config import ConfigError, TrainConfig, load_config
-from galmorph.training.precision import cpu_bf16_flags, resolve_precision
+from galmorph.training.precision import Fp32Conv2d, Precision, cpu_bf16_flags, resolve_precision
 from galmorph.training.state import load_checkpoint
 from galmorph.training.train import TrainingInterrupted, train
 from safetensors.torch import load_file
@@ -54,10 +54,8 @@ def test_unreadable_cpuinfo_means_no_bf16(tmp_path: Path, monkeypatch: pytest.Mo
 def test_auto_on_a_cpu_picks_bf16_only_with_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
     chosen = resolve_precision("auto", CPU)
-    assert (chosen.name, chosen.channels_last) == ("bf16", True)
-    assert (
-        chosen.describe() == "bf16 autocast, channels_last on cpu: precision=auto, CPU has amx_bf16"
-    )
+    assert (chosen.name, chosen.channels_last) == ("bf16", False)
+    assert chosen.describe() == "bf16 autocast on cpu: precision=auto, CPU has amx_bf16"
     with chosen.autocast():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
@@ -164,3 +162,20 @@ def test_a_bf16_run_resumes_exactly_and_keeps_fp32_weights(data: Path, tmp_path:
     weights_b = load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert {t.dtype for t in weights_a.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_bf16_training_on_a_cpu_keeps_strided_depthwise_convolutions_in_fp32() -> None:
+    from galmorph.model.registry import create_model
+
+    model = create_model("gm_astroformer_tiny", img_size=32)
+    keys = list(model.state_dict())
+    Precision("bf16", "cpu", "asked").prepare(model, training=False)  # evaluation: untouched
+    assert not any(isinstance(m, Fp32Conv2d) for m in model.modules())
+    bf16 = Precision("bf16", "cpu", "asked")
+    bf16.prepare(model, training=True)
+    swapped = [m for m in model.modules() if isinstance(m, Fp32Conv2d)]
+    assert swapped and all(m.stride == (2, 2) and m.groups == m.in_channels for m in swapped)
+    assert list(model.state_dict()) == keys  # checkpoints and exports see the same model
+    with bf16.autocast():
+        assert swapped[0](torch.randn(1, swapped[0].in_channels, 8, 8)).dtype == torch.float32
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16  # the rest autocasts

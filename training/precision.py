@@ -8,10 +8,10 @@ Numerics follow PyTorch's autocast recipe for bf16: the weights, gradients, opti
 checkpoints and exports stay fp32; only the forward's matmuls and convolutions run in bf16;
 the loss is computed in fp32 from fp32 logits; no GradScaler (bf16 has fp32's exponent range).
 
-Memory format goes with it, as measured (benchmarks/results/train.json): channels_last on
-CUDA, and on a CPU with bf16 (on a CPU in fp32 it bought nothing). Training on a CPU in bf16
-keeps the strided depthwise convolutions (MBConv's downsampling) in fp32: oneDNN's bf16
-backward of those is ~3x slower than its fp32 one, so autocasting them made the step slower.
+channels_last on CUDA only: on a CPU it bought nothing measurable in bf16 or fp32
+(benchmarks/results/train.json, `--explore`). Training on a CPU in bf16 keeps the strided
+depthwise convolutions (MBConv's downsampling) in fp32: oneDNN's bf16 backward of those is ~3x
+slower than its fp32 one, and autocasting them made the whole step ~30 % slower.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Precision:
 
     @property
     def channels_last(self) -> bool:
-        return self.device_type == "cuda" or self.bf16
+        return self.device_type == "cuda"
 
     def autocast(self) -> AbstractContextManager[Any]:
         if not self.bf16:
