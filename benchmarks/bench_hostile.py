@@ -13,7 +13,7 @@ The uploads (all within the default limits: 8192 px sides, 256 MiB inflated FITS
   png_rgb_8192        8192^2 RGB PNG of zeros, ~200 KB (Pillow holds 256 MiB)
   png_rgba_8192       the same with alpha (the picture plus an RGB copy, ~585 MiB)
   png_grey16_8192     16-bit grey (~393 MiB)
-  jpeg_progressive_8192   progressive 8192^2 JPEG (decoded in full: ~256 MiB + ~384 MiB of coefficients)
+  jpeg_progressive_8192   progressive 8192^2 JPEG (decoded in full, with ~384 MiB of coefficients)
   fits_gz_cube_4096_resize   3 x 4096^2 float32 gzip cube with fit=resize (whole image read)
   fits_gz_cube_4096   the same cube, default fit (only the model's field is read)
 

@@ -176,6 +176,11 @@ def test_bf16_training_on_a_cpu_keeps_strided_depthwise_convolutions_in_fp32() -
     swapped = [m for m in model.modules() if isinstance(m, Fp32Conv2d)]
     assert swapped and all(m.stride == (2, 2) and m.groups == m.in_channels for m in swapped)
     assert list(model.state_dict()) == keys  # checkpoints and exports see the same model
+    conv = swapped[0]
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    fp32 = torch.nn.functional.conv2d(x, conv.weight, None, 2, 1, 1, conv.groups)
     with bf16.autocast():
-        assert swapped[0](torch.randn(1, swapped[0].in_channels, 8, 8)).dtype == torch.float32
+        # Computed in fp32 (a bf16 convolution rounds its inputs first), handed on in bf16.
+        assert torch.equal(conv(x), fp32.to(torch.bfloat16))
         assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16  # the rest autocasts
+    assert torch.equal(conv(x), fp32)  # outside autocast, a plain fp32 convolution

@@ -256,4 +256,4 @@ def test_a_file_of_another_size_stating_no_pixel_scale_is_warned_about(
         _warn_of_assumed_pixel_scale(Galaxy10File(files["train"]))  # has a pxscale column
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "states no pixel scale" in warnings[0], warnings
-    assert 'Galaxy10 DECaLS\'s 0.262"/px' in warnings[0] and "pixel_scale" in warnings[0]
+    assert "Galaxy10 DECaLS's 0.262\"/px" in warnings[0] and "pixel_scale" in warnings[0]

@@ -151,7 +151,9 @@ class EvaluationRequest:
     batch_size: int = 64
     out_dir: Path | None = None  # default: the run folder, or the .onnx file's folder
     device: str = "auto"
-    precision: str = "auto"  # of a run folder's PyTorch model (training/precision.py)
+    # A run folder's PyTorch model: fp32 by default, so reported metrics are the exported
+    # fp32 model's (bf16 moved probabilities by ~2e-4); training/precision.py for the others.
+    precision: str = "fp32"
     threads: int | None = None
     progress: bool = True
 

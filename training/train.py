@@ -457,7 +457,7 @@ class Trainer:
         self.precision = resolve_precision(config.precision, ctx.device)
         # The run records the size and precision it used, so a resume does not depend on the
         # registry or on the machine it resumes on.
-        self.config = replace(config, img_size=self.img_size)
+        self.config = replace(config, img_size=self.img_size, precision=self.precision.name)
         self.ctx = ctx
         self.progress = Progress()
         self.totals = EpochTotals()
