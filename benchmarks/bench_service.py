@@ -78,6 +78,9 @@ def start_server(
 ) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GALMORPH_")}
+    # Every load connection comes from this one address: the per-client cap (32) is for
+    # fairness between clients, which this throughput measurement has only one of.
+    environment["GALMORPH_MAX_CONNECTIONS_PER_CLIENT"] = "256"
     command = [
         *(sys.executable, "-m", "galmorph.cli", "serve", "--model", str(model_path)),
         *("--port", str(port), "--providers", "CPUExecutionProvider"),

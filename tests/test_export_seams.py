@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import onnx
 import pytest
@@ -31,30 +30,23 @@ from galmorph.core.artifact import GRAPH_FILE_NAME
 from galmorph.core.engine import CPU_PROVIDER, OnnxModel
 from tests.onnx_factory import write_model
 from tests.server_process import free_port, serve
-from tests.training_helpers import REPO_ROOT, child_env, make_synthetic, run_galmorph
+from tests.training_helpers import (
+    FOUR_CLASSES,
+    REPO_ROOT,
+    child_env,
+    four_class_file,
+    make_synthetic,
+    run_galmorph,
+)
 
-FOUR = ("elliptical", "spiral", "edge-on", "merger")
 # The README's small-data command with only the sizes made small.
 RECIPE = (
     *("--config", str(REPO_ROOT / "configs/small_data.yaml"), "--model", "gm_astroformer_tiny"),
     *("--set", "img_size=32", "--set", "epochs=1", "--set", "warmup_epochs=0"),
     *("--set", "batch_size=16", "--set", "threads=1", "--set", "progress=false"),
 )
-CLASS_NAMES = ("--class-names", ",".join(FOUR))
+CLASS_NAMES = ("--class-names", ",".join(FOUR_CLASSES))
 FAST_EXPORT = ("--threads", "1", "--fit-count", "100")
-
-
-def four_class_file(path: Path, source: Path, names: tuple[str, ...] | None = None) -> Path:
-    """Rows of a synthetic Galaxy10 file in 4 classes (label % 4); `names` in the file, if
-    given, list FOUR in some order, the labels rewritten so every galaxy keeps its class."""
-    with h5py.File(source, "r") as src, h5py.File(path, "w") as out:
-        labels = src["ans"][()] % 4
-        if names is not None:
-            labels = np.asarray([names.index(FOUR[k]) for k in labels], dtype=labels.dtype)
-            out.attrs["class_names"] = list(names)
-        out.create_dataset("images", data=src["images"][()])
-        out.create_dataset("ans", data=labels)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +55,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train_g10 = make_synthetic(root / "g10_train.h5", n=80, seed=0)
     test_g10 = make_synthetic(root / "g10_test.h5", n=40, seed=1)
     return {
-        "mine": four_class_file(root / "mine.h5", train_g10),
-        "test": four_class_file(root / "my_test.h5", test_g10, tuple(reversed(FOUR))),
-        "test_unnamed": four_class_file(root / "my_test_unnamed.h5", test_g10),
+        "mine": four_class_file(root / "mine.h5", train_g10, None),
+        "test": four_class_file(root / "my_test.h5", test_g10, tuple(reversed(FOUR_CLASSES))),
+        "test_unnamed": four_class_file(root / "my_test_unnamed.h5", test_g10, None),
         "g10": test_g10,
     }
 
@@ -119,7 +111,7 @@ def test_export_fits_on_every_row_of_a_held_out_file(
     assert "on 40 images of my_test.h5" in printed and "of 40 images of my_test.h5" in printed
     model = OnnxModel(out, providers=[CPU_PROVIDER], intra_op_threads=1)
     card = model.card
-    assert card.class_names == FOUR and model.has_ood
+    assert card.class_names == FOUR_CLASSES and model.has_ood
     calibration, ood = card.calibration, card.ood
     assert calibration["split"] == "all" and calibration["data"] == "my_test.h5"
     assert calibration["num_images"] == 40 and calibration["temperature"] > 0
@@ -171,7 +163,7 @@ def test_a_run_trained_with_class_names_exports_evaluates_and_resumes(
     # No --data: the training file from config.json, read with the run's names.
     assert main(["export", str(run), "--out", str(out), *FAST_EXPORT]) == 0
     card = OnnxModel(out, providers=[CPU_PROVIDER], intra_op_threads=1).card
-    assert card.class_names == FOUR and card.calibration["split"] == "val"
+    assert card.class_names == FOUR_CLASSES and card.calibration["split"] == "val"
     assert card.ood["threshold_fit"]["num_images"] == 20
     capsys.readouterr()
     args = ["evaluate", str(run), "--data", str(files["mine"]), "--split", "val"]

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,9 +30,15 @@ import pytest
 from galmorph.core.classifier import Classifier
 from tests.server_process import RunningServer, serve
 from tests.sky_stub import SkyStub
-from tests.training_helpers import REPO_ROOT, child_env, galmorph_command, make_synthetic
+from tests.training_helpers import (
+    FOUR_CLASSES,
+    REPO_ROOT,
+    child_env,
+    four_class_file,
+    galmorph_command,
+    make_synthetic,
+)
 
-FOUR = ("elliptical", "spiral", "edge-on", "merger")
 # The recipe as the README types it; the sizes are the only change (a test budget, not a recipe).
 SMALL = ("--model", "gm_astroformer_tiny", "--set", "epochs=3", "--set", "img_size=64")
 REAL_PNGS = sorted((REPO_ROOT / "tests/data/galaxy10-real").glob("*.png"))
@@ -70,17 +75,6 @@ class Workdir:
         return done.stdout if stdout else output
 
 
-def four_class_file(path: Path, source: Path, names: tuple[str, ...] | None) -> Path:
-    """Synthetic Galaxy10 rows relabelled into 4 classes, as a user's own file would be."""
-    with h5py.File(source, "r") as src, h5py.File(path, "w") as out:
-        out.create_dataset("images", data=src["images"][()])
-        out.create_dataset("ans", data=src["ans"][()] % 4)
-        out.attrs["pixel_scale"] = 1.048  # 64 px over Galaxy10's 67 arcsec
-        if names is not None:
-            out.attrs["class_names"] = list(names)
-    return path
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synthetic")
@@ -104,8 +98,8 @@ def own_galaxies(
     """README "Train on your own labelled galaxies", as typed, with class names in the file."""
     work = Workdir(tmp_path_factory.mktemp("own_galaxies"))
     (work.root / "configs").symlink_to(REPO_ROOT / "configs")
-    four_class_file(work.root / "mine.h5", synthetic["train"], FOUR)
-    four_class_file(work.root / "my_test.h5", synthetic["test"], FOUR)
+    four_class_file(work.root / "mine.h5", synthetic["train"], FOUR_CLASSES)
+    four_class_file(work.root / "my_test.h5", synthetic["test"], FOUR_CLASSES)
     recipe = " ".join(SMALL)
     printed = {
         "train": work.run(
@@ -126,10 +120,10 @@ def card_of(work: Workdir, model: str) -> dict:
 def test_own_galaxies_train_evaluate_export_inspect(own_galaxies: OwnGalaxies) -> None:
     printed = own_galaxies.printed
     assert "top-1" in printed["evaluate"].lower() or "top1" in printed["evaluate"].lower()
-    for name in FOUR:
+    for name in FOUR_CLASSES:
         assert name in printed["inspect"], f"class {name!r} missing from the card"
     card = card_of(own_galaxies.work, "models/mine.onnx")
-    assert list(card["class_names"]) == list(FOUR)
+    assert list(card["class_names"]) == list(FOUR_CLASSES)
     # Calibration and the OOD score were fitted, not silently dropped.
     assert card["calibration"]["temperature"] > 0, card["calibration"]
     assert card["ood"]["threshold"] > 0, card["ood"]
@@ -144,14 +138,14 @@ def test_own_galaxies_with_class_names_flag_export(
     (tmp_path / "configs").symlink_to(REPO_ROOT / "configs")
     four_class_file(tmp_path / "mine.h5", synthetic["train"], None)
     four_class_file(tmp_path / "my_test.h5", synthetic["test"], None)
-    names = ",".join(FOUR)
+    names = ",".join(FOUR_CLASSES)
     work.run(
         f"galmorph train --data mine.h5 --out runs/mine --config configs/small_data.yaml "
         f"--class-names {names} {' '.join(SMALL)}"
     )
     work.run(f"galmorph evaluate runs/mine --data my_test.h5 --class-names {names}")
     work.run("galmorph export runs/mine --data my_test.h5 --out models/mine.onnx")
-    assert list(card_of(work, "models/mine.onnx")["class_names"]) == list(FOUR)
+    assert list(card_of(work, "models/mine.onnx")["class_names"]) == list(FOUR_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +174,7 @@ def test_own_galaxies_served_classified_scored_and_from_python(
         f"galmorph classify {' '.join(str(p.relative_to(work.root)) for p in files)} "
         f"--url {server.url}"
     )
-    assert any(name in printed for name in FOUR), printed
+    assert any(name in printed for name in FOUR_CLASSES), printed
 
     work.run("galmorph score cutouts --model models/mine.onnx --out scores --embeddings --quiet")
     table = pq.read_table(work.root / "scores/scores.parquet").to_pandas()
@@ -198,7 +192,7 @@ def test_own_galaxies_served_classified_scored_and_from_python(
     for path, prediction in zip(files, predictions, strict=True):
         reference = served[path.name]
         assert prediction.label == reference["top_class"], path.name
-        for name in FOUR:
+        for name in FOUR_CLASSES:
             assert prediction.probabilities[name] == pytest.approx(
                 reference["probabilities"][name], abs=1e-6
             ), (path.name, name)

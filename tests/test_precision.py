@@ -119,7 +119,9 @@ def test_the_run_records_what_ran_and_why(
     monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ())
     with caplog.at_level(logging.INFO):
         run_dir = train(
-            tiny_config(data, tmp_path / "run", epochs=1, split_fractions=[0.8, 0.2, 0])
+            tiny_config(
+                data, tmp_path / "run", epochs=1, split_fractions=[0.8, 0.2, 0], precision="auto"
+            )
         )
     assert "precision: fp32 on cpu: precision=auto, CPU has none of" in caplog.text
     # A resume reads config.json: it holds what ran, not "auto".

@@ -21,22 +21,15 @@ from safetensors.torch import load_file
 
 from galmorph.cli import build_parser
 from galmorph.core.galaxy10 import Galaxy10Error, Galaxy10File
-from tests.training_helpers import make_synthetic, run_galmorph, tiny_config
+from tests.training_helpers import (
+    FOUR_CLASSES,
+    four_class_file,
+    make_synthetic,
+    run_galmorph,
+    tiny_config,
+)
 
 torch.set_num_threads(1)
-
-FOUR = ("elliptical", "spiral", "edge-on", "merger")
-
-
-def four_class_file(path: Path, source: Path, *, names: tuple[str, ...] | None = FOUR) -> Path:
-    """The first rows of a synthetic Galaxy10 file relabelled into 4 classes (label % 4)."""
-    with h5py.File(source, "r") as src, h5py.File(path, "w") as out:
-        out.create_dataset("images", data=src["images"][()])
-        out.create_dataset("ans", data=src["ans"][()] % 4)
-        out.create_dataset("pxscale", data=src["pxscale"][()])
-        if names is not None:
-            out.attrs["class_names"] = list(names)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +38,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train_g10 = make_synthetic(root / "g10_train.h5", n=120, seed=0)
     test_g10 = make_synthetic(root / "g10_test.h5", n=40, seed=1)
     return {
-        "train": four_class_file(root / "train.h5", train_g10),
-        "test": four_class_file(root / "test.h5", test_g10),
-        "unnamed": four_class_file(root / "unnamed.h5", train_g10, names=None),
-        "unnamed_test": four_class_file(root / "unnamed_test.h5", test_g10, names=None),
+        "train": four_class_file(root / "train.h5", train_g10, FOUR_CLASSES),
+        "test": four_class_file(root / "test.h5", test_g10, FOUR_CLASSES),
+        "unnamed": four_class_file(root / "unnamed.h5", train_g10, None),
+        "unnamed_test": four_class_file(root / "unnamed_test.h5", test_g10, None),
         "g10": train_g10,
     }
 
@@ -65,8 +58,8 @@ def test_a_file_without_names_is_never_read_as_galaxy10(
 ) -> None:
     with pytest.raises(ConfigError, match=r"no class names.*--class-names"):
         train(tiny_config(files["unnamed"], tmp_path / "run"))
-    data = Galaxy10File(files["unnamed"], class_names=FOUR)
-    assert data.class_names == FOUR and data.class_names_source == "the given class names"
+    data = Galaxy10File(files["unnamed"], class_names=FOUR_CLASSES)
+    assert data.class_names == FOUR_CLASSES and data.class_names_source == "the given class names"
 
 
 def test_sidecar_names_the_classes_and_disagreeing_names_are_refused(
@@ -74,8 +67,8 @@ def test_sidecar_names_the_classes_and_disagreeing_names_are_refused(
 ) -> None:
     data = tmp_path / "mine.h5"
     data.write_bytes(files["unnamed"].read_bytes())
-    (tmp_path / "mine.classes.txt").write_text("\n".join(FOUR) + "\n")
-    assert Galaxy10File(data).class_names == FOUR
+    (tmp_path / "mine.classes.txt").write_text("\n".join(FOUR_CLASSES) + "\n")
+    assert Galaxy10File(data).class_names == FOUR_CLASSES
     with pytest.raises(Galaxy10Error, match=r"class names disagree.*sidecar mine\.classes\.txt"):
         Galaxy10File(data, class_names=("a", "b", "c", "d"))
     with pytest.raises(Galaxy10Error, match=r"outside 0\.\.2 .* for the 3 class names"):
@@ -145,7 +138,7 @@ def test_evaluate_on_a_separate_file_uses_all_its_rows(
         EvaluationRequest(model=four_class_run, data=files["unnamed_test"], progress=False,
                           out_dir=tmp_path / "unnamed")
     )  # fmt: skip
-    assert report["num_images"] == 40 and report["class_names"] == list(FOUR)
+    assert report["num_images"] == 40 and report["class_names"] == list(FOUR_CLASSES)
     # Rows of another file are in no split of this run.
     with pytest.raises(EvaluationError, match="leave out --split"):
         evaluate(EvaluationRequest(model=four_class_run, data=files["test"], split="test"))
@@ -171,7 +164,9 @@ def test_init_from_a_10_class_run_re_initialises_the_head_for_4_classes(
     torch.manual_seed(0)
     model = create_model("gm_astroformer_tiny", num_classes=4, img_size=32)
     fresh_fc = model.classifier.weight.detach().clone()
-    report = initialise_from(model, source, model_name="gm_astroformer_tiny", class_names=FOUR)
+    report = initialise_from(
+        model, source, model_name="gm_astroformer_tiny", class_names=FOUR_CLASSES
+    )
     assert report.head == "re-initialised"
     state = model.state_dict()
     assert torch.equal(state["stem.conv1.weight"], source_state["stem.conv1.weight"])
@@ -212,7 +207,7 @@ def test_init_from_timm_weights_resizes_position_tables(tmp_path: Path) -> None:
     )
     model = Astroformer(cfg, num_classes=4, img_size=64)  # timm's was 10 classes at 96 px
     report = initialise_from(
-        model, fixtures / "timm_coatnet_small.safetensors", model_name="x", class_names=FOUR
+        model, fixtures / "timm_coatnet_small.safetensors", model_name="x", class_names=FOUR_CLASSES
     )
     assert report.head == "re-initialised" and report.resized
     timm_state = load_file(str(fixtures / "timm_coatnet_small.safetensors"))
@@ -250,7 +245,7 @@ def test_a_file_of_another_size_stating_no_pixel_scale_is_warned_about(
     with h5py.File(files["train"], "r") as src, h5py.File(bare, "w") as out:
         out.create_dataset("images", data=src["images"][()])
         out.create_dataset("ans", data=src["ans"][()])
-        out.attrs["class_names"] = list(FOUR)
+        out.attrs["class_names"] = list(FOUR_CLASSES)
     with caplog.at_level("WARNING"):
         _warn_of_assumed_pixel_scale(Galaxy10File(bare))
         _warn_of_assumed_pixel_scale(Galaxy10File(files["train"]))  # has a pxscale column
