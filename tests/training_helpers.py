@@ -26,9 +26,9 @@ FOUR_CLASSES = ("elliptical", "spiral", "edge-on", "merger")
 
 def four_class_file(path: Path, source: Path, names: tuple[str, ...] | None) -> Path:
     """Rows of a synthetic Galaxy10 file as a user's own 4-class file: a galaxy of Galaxy10
-    label k is FOUR_CLASSES[k % 4]. `names`, the classes the file states, lists FOUR_CLASSES in any order
-    (the labels are rewritten so every galaxy keeps its class); None: a file naming none.
-    The synthetic `pxscale` column comes along, so the file states its pixel scale."""
+    label k is FOUR_CLASSES[k % 4]. `names`, the classes the file states, lists FOUR_CLASSES in
+    any order (the labels are rewritten so every galaxy keeps its class); None: a file naming
+    none. The synthetic `pxscale` column comes along, so the file states its pixel scale."""
     with h5py.File(source, "r") as src, h5py.File(path, "w") as out:
         labels = src["ans"][()] % 4
         if names is not None:
