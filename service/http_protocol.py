@@ -39,12 +39,14 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
-from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+
+if TYPE_CHECKING:  # uvicorn's private typing module: annotations only, never at run time
+    from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 
 # The key of the ConnectionPolicy in the app's lifespan state.
 POLICY_STATE_KEY = "galmorph_connection_policy"
