@@ -62,6 +62,13 @@ def test_only_the_command_line_imports_the_command_line(graph: dict[str, set[str
     assert not users, f"parts import the command line: {sorted(users)}"
 
 
+def test_no_router_imports_another_router(graph: dict[str, set[str]]) -> None:
+    """What routes share lives in service/data_plane.py, which they all call."""
+    routers = {module for module in graph if module.startswith("galmorph.service.routers.")}
+    borrowing = {module: sorted(graph[module] & routers) for module in routers}
+    assert routers and not any(borrowing.values()), borrowing
+
+
 def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
     assert cycles(graph) == []
     parts: dict[str, set[str]] = {}

@@ -52,6 +52,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from galmorph.service.batching import Prediction
+from galmorph.service.data_plane import (
+    ClassifyOptions,
+    DecoderDep,
+    Job,
+    decode_upload,
+    start_job,
+)
 from galmorph.service.decoding import Decoder, within_deadline
 from galmorph.service.dependencies import (
     MetricsDep,
@@ -63,13 +70,6 @@ from galmorph.service.dependencies import (
 )
 from galmorph.service.errors import cutout_status
 from galmorph.service.metrics import ServiceMetrics
-from galmorph.service.routers.classify import (
-    ClassifyOptions,
-    DecoderDep,
-    Job,
-    decode_upload,
-    start_job,
-)
 from galmorph.service.schemas import (
     ERROR_DESCRIPTIONS,
     KServeModelMetadata,

@@ -16,9 +16,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from galmorph.service.decoding import DecodeBusyError
-from galmorph.service.dependencies import MetricsDep, ReadyModelDep, SettingsDep, require_api_key
-from galmorph.service.routers.classify import (
+from galmorph.service.data_plane import (
     DecoderDep,
     OptionsDep,
     admit,
@@ -26,6 +24,8 @@ from galmorph.service.routers.classify import (
     decode_upload,
     start_job,
 )
+from galmorph.service.decoding import DecodeBusyError
+from galmorph.service.dependencies import MetricsDep, ReadyModelDep, SettingsDep, require_api_key
 from galmorph.service.schemas import (
     ErrorResponse,
     SkyClassificationResult,
