@@ -22,13 +22,13 @@ from benchmarks.common import RESULTS_DIR, write_results
 
 def run(work: Path, threads: int) -> dict[str, object]:
     import torch
+
+    from galmorph.core.modelfile.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME
+    from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
+    from galmorph.core.modelfile.engine import OnnxModel
     from galmorph.model.checkpoint import ModelSpec, save_model
     from galmorph.model.export import export_model
     from galmorph.model.registry import create_model
-
-    from galmorph.core.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME
-    from galmorph.core.contract import GALAXY10_CLASS_NAMES
-    from galmorph.core.engine import OnnxModel
 
     torch.manual_seed(0)
     model = create_model("astroformer_5", num_classes=10, img_size=64).eval()

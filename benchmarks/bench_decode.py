@@ -45,7 +45,7 @@ def time_calls(call: Callable[[], object], repeats: int) -> dict[str, float]:
 
 
 def cases() -> dict[str, bytes]:
-    from tests.cutout_factory import make_grz_fits
+    from tests.support.cutout_factory import make_grz_fits
 
     hst = REAL_DATA / "hst-fits" / "abell_2744_cd_galaxy_f105w.fits.gz"
     galaxy10 = REAL_DATA / "galaxy10-real"
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
 
-    from galmorph.core.contract import GALAXY10_CLASS_NAMES, ModelCard
-    from galmorph.core.decode import decode_cutout
+    from galmorph.core.cutouts.decode import decode_cutout
+    from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, ModelCard
 
     card = ModelCard(
         model_name="bench",

@@ -53,12 +53,12 @@ import httpx
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, write_results
-from tests.cutout_factory import make_png
-from tests.hostile_inputs import flat_gzip_cube, flat_jpeg, flat_png
-from tests.onnx_factory import FactoryModel, write_model
-from tests.process_cost import measured, status_kib
-from tests.raw_http import Answer, Piece, exchange, junk, request_head
-from tests.server_process import RunningServer, serve
+from tests.support.cutout_factory import make_png
+from tests.support.hostile_inputs import flat_gzip_cube, flat_jpeg, flat_png
+from tests.support.onnx_factory import FactoryModel, write_model
+from tests.support.process_cost import measured, status_kib
+from tests.support.raw_http import Answer, Piece, exchange, junk, request_head
+from tests.support.server_process import RunningServer, serve
 
 MIB = 2**20
 CASES: dict[str, tuple[Callable[[], bytes], str, dict[str, str]]] = {

@@ -1,11 +1,11 @@
 """How far a reduced-scale JPEG decode (Pillow's `draft`: libjpeg's 1/2, 1/4, 1/8 DCT scaling)
 moves a served answer from the full decode's: whether any factor keeps it within 1e-3 (none
-did, so galmorph.core.raster_io decodes every JPEG in full).
+did, so galmorph.core.cutouts.raster_io decodes every JPEG in full).
 
 The 20 real Galaxy10 images in tests/data (10 JPEGs, 10 PNGs) are brought to 256, 512, 1024,
 2048 and 4096 px (Lanczos) and saved as JPEGs (quality 90; the 256 px JPEGs are used as they
 come). Each is decoded in full and at every draft factor, fitted to the model's input as the
-server fits a JPEG (`galmorph.core.decode.fit_picture`, "resize", the card's interpolation)
+server fits a JPEG (`galmorph.core.cutouts.decode.fit_picture`, "resize", the card's interpolation)
 and classified by real exported models: max |dp| is the largest change of any class
 probability against the full decode, `kept` the reduced image's side over the input's side.
 `noise_max_dp`, for scale, is what adding -1, 0 or +1 to every input pixel does. Results go to
@@ -13,8 +13,8 @@ benchmarks/results/jpeg_draft.json.
 
     .venv/bin/python -m benchmarks.bench_jpeg_draft [--model model.onnx ...]
 
-Without --model it trains and exports the tests' small model (tests/trained_model.py's recipe:
-600 synthetic images, 4 epochs, gm_astroformer_tiny) at 32, 64 and 128 px input, about a
+Without --model it trains and exports the tests' small model (tests/support/trained_model.py's
+recipe: 600 synthetic images, 4 epochs, gm_astroformer_tiny) at 32, 64 and 128 px input, about a
 minute each on one core.
 """
 
@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import REAL_DATA, RESULTS_DIR, write_results
-from galmorph.core.decode import PreprocessInfo, fit_picture
-from galmorph.core.engine import OnnxModel
+from galmorph.core.cutouts.decode import PreprocessInfo, fit_picture
+from galmorph.core.modelfile.engine import OnnxModel
 
 RESULTS = RESULTS_DIR / "jpeg_draft.json"
 SIDES = (256, 512, 1024, 2048, 4096)
@@ -135,11 +135,10 @@ def noise_max_dp(model: OnnxModel, files: list[bytes]) -> float:
 
 
 def train_model(root: Path, size: int) -> Path:
-    """tests/trained_model.py's model at `size` px input."""
+    """tests/support/trained_model.py's model at `size` px input."""
     from galmorph.model.export import export_model
     from galmorph.training.train import train
-
-    from tests.training_helpers import make_synthetic, tiny_config
+    from tests.support.training_helpers import make_synthetic, tiny_config
 
     data = make_synthetic(root / f"synth{size}.h5", n=600)
     config = tiny_config(

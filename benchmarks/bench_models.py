@@ -3,7 +3,8 @@
 Side by side in one process, same weights, same uint8 inputs, float32, equal thread counts
 (onnxruntime intra_op_num_threads = torch.set_num_threads = --threads, one inter-op thread):
 
-1. onnxruntime on the exported artifact (model.export, opset 20, through galmorph.core.engine's
+1. onnxruntime on the exported artifact (model.export, opset 20, through
+galmorph.core.modelfile.engine's
    OnnxModel, the class the server and scorer use) vs PyTorch eager (torch.inference_mode) of
    the same graph module (model.export.ImageClassifierGraph: the /255, mean/std and layout
    step included on both sides), and vs the same model exported at opset 18 (the slow path
@@ -45,7 +46,7 @@ from benchmarks.common import REPO_ROOT, RESULTS_DIR, Timing, time_interleaved, 
 if TYPE_CHECKING:
     import torch
 
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.engine import OnnxModel
 
 ORT = "onnxruntime"
 ORT_SLOW = "onnxruntime_opset18"
@@ -158,10 +159,10 @@ def _timed_rounds(
 def make_checkpoint(name: str, img_size: int, run_dir: Path) -> Path:
     """A seeded random initialisation saved as a run folder (what export reads)."""
     import torch
+
+    from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
     from galmorph.model.checkpoint import ModelSpec, save_model
     from galmorph.model.registry import create_model
-
-    from galmorph.core.contract import GALAXY10_CLASS_NAMES
 
     torch.manual_seed(SEED)
     model = create_model(name, num_classes=len(GALAXY10_CLASS_NAMES), img_size=img_size).eval()
@@ -184,7 +185,7 @@ def timed_export(run_dir: Path, out: Path, threads: int, **options: Any) -> tupl
 
 
 def open_cpu_model(path: Path, threads: int) -> OnnxModel:
-    from galmorph.core.engine import CPU_PROVIDER, OnnxModel
+    from galmorph.core.modelfile.engine import CPU_PROVIDER, OnnxModel
 
     return OnnxModel(path, providers=[CPU_PROVIDER], intra_op_threads=threads, inter_op_threads=1)
 
@@ -364,7 +365,7 @@ def profile_onnxruntime(path: Path, images: np.ndarray, threads: int, work: Path
     import onnx
     import onnxruntime as ort
 
-    from galmorph.core.contract import INPUT_NAME
+    from galmorph.core.modelfile.contract import INPUT_NAME
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -526,7 +527,7 @@ def train_tiny(study: Int8Study, threads: int, work: Path) -> tuple[Path, Path, 
 
 
 def _labelled_images(path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    from galmorph.core.galaxy10 import Galaxy10File
+    from galmorph.core.data.galaxy10 import Galaxy10File
 
     with Galaxy10File(path) as data:
         count = data.num_images if limit is None else min(limit, data.num_images)
@@ -645,7 +646,7 @@ def _io_bound_call(model: OnnxModel, images: np.ndarray) -> Callable[[], None]:
     """Input copied to the GPU once and the output left there: the engine's own speed."""
     import onnxruntime as ort
 
-    from galmorph.core.contract import INPUT_NAME, OUTPUT_NAME
+    from galmorph.core.modelfile.contract import INPUT_NAME, OUTPUT_NAME
 
     binding = model.session.io_binding()
     binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0))
@@ -660,7 +661,7 @@ def _io_bound_call(model: OnnxModel, images: np.ndarray) -> Callable[[], None]:
 
 def benchmark_cuda(case: ModelCase, img_size: int, work: Path) -> dict[str, Any]:
     """fp32 and fp16 artifacts on the CUDA provider: host arrays vs IO binding on the device."""
-    from galmorph.core.engine import CUDA_PROVIDER, OnnxModel
+    from galmorph.core.modelfile.engine import CUDA_PROVIDER, OnnxModel
 
     run_dir = make_checkpoint(case.name, img_size, work / f"cuda_{case.name}" / "run")
     result: dict[str, Any] = {}

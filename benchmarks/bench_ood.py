@@ -2,7 +2,7 @@
 
 A small model (gm_astroformer_tiny at 32 px) is trained on synthetic Galaxy10 images and
 exported with its OOD score (Mahalanobis distance of the embeddings, fitted on the training
-split, threshold at 5% of the validation split: galmorph.core.ood). It then scores:
+split, threshold at 5% of the validation split: galmorph.core.modelfile.ood). It then scores:
 
 in distribution
 - `synthetic_test`: the run's held-out test split (never seen by the fit or the threshold);
@@ -48,9 +48,8 @@ IMG_SIZE = 32
 
 def render_sets(seed: int) -> dict[str, np.ndarray]:
     """uint8 (N, 64, 64, 3) images of each synthetic out-of-distribution kind."""
+    from galmorph.core.cutouts.imaging import dr2_rgb, flip_north_up, to_uint8
     from galmorph.training import synth
-
-    from galmorph.core.imaging import dr2_rgb, flip_north_up, to_uint8
 
     rng = np.random.default_rng(seed)
     grid = synth._grid(SYNTH_SIZE)
@@ -149,15 +148,15 @@ def render_sets(seed: int) -> dict[str, np.ndarray]:
 
 def decoded(files: list[Path], card: Any) -> np.ndarray:
     """Real files decoded exactly as the server decodes an upload of them."""
-    from galmorph.core.decode import decode_path
+    from galmorph.core.cutouts.decode import decode_path
 
     return np.stack([decode_path(path, card=card).image for path in files])
 
 
 def scores(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
     """The exported OOD score and the two baselines, from one run of the model."""
-    from galmorph.core.contract import INPUT_NAME, LOGITS_NAME
-    from galmorph.core.ood import energy_score
+    from galmorph.core.modelfile.contract import INPUT_NAME, LOGITS_NAME
+    from galmorph.core.modelfile.ood import energy_score
 
     outputs = model.run(images)
     (logits,) = model.session.run([LOGITS_NAME], {INPUT_NAME: images})
@@ -179,17 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+
+    from galmorph.core.cutouts.resample import resize_images
+    from galmorph.core.data.galaxy10 import Galaxy10File
+    from galmorph.core.data.splits import Split
+    from galmorph.core.modelfile.engine import OnnxModel
+    from galmorph.core.modelfile.ood import auroc
     from galmorph.model.checkpoint import load_spec
     from galmorph.model.export import export_model, load_fit_images
     from galmorph.training.config import TrainConfig
     from galmorph.training.synth import synthesize
     from galmorph.training.train import train
-
-    from galmorph.core.engine import OnnxModel
-    from galmorph.core.galaxy10 import Galaxy10File
-    from galmorph.core.ood import auroc
-    from galmorph.core.resample import resize_images
-    from galmorph.core.splits import Split
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -47,11 +47,11 @@ UNIQUE_CUTOUTS = 32  # files on disk; catalog rows cycle through them (decode ru
 def export_tiny_model(folder: Path) -> tuple[Path, str]:
     """gm_astroformer_tiny with seeded weights, exported with the project's exporter."""
     import torch
+
+    from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
     from galmorph.model.checkpoint import ModelSpec, save_model
     from galmorph.model.export import export_onnx
     from galmorph.model.registry import create_model
-
-    from galmorph.core.contract import GALAXY10_CLASS_NAMES
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -70,7 +70,7 @@ def export_tiny_model(folder: Path) -> tuple[Path, str]:
 
 
 def make_catalog(folder: Path, kind: str, rows: int) -> Path:
-    from tests.cutout_factory import make_grz_fits, make_png
+    from tests.support.cutout_factory import make_grz_fits, make_png
 
     cutouts = folder / f"cutouts_{kind}"
     if not cutouts.exists():
@@ -90,7 +90,7 @@ def make_catalog(folder: Path, kind: str, rows: int) -> Path:
 
 
 def raw_throughput(model_path: Path, threads: int, batch_size: int, seconds: float) -> float:
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.engine import OnnxModel
 
     model = OnnxModel(
         model_path,
@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--memory-rows", type=int, nargs=2, default=(2000, 8000))
     args = parser.parse_args()
 
-    from tests.onnx_factory import FactoryModel, write_model
+    from tests.support.onnx_factory import FactoryModel, write_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -42,9 +42,9 @@ import numpy as np
 
 from benchmarks.bench_score import export_tiny_model
 from benchmarks.common import REAL_DATA, RESULTS_DIR, write_results
-from galmorph.core.engine import OnnxModel
-from tests.onnx_factory import FactoryModel, write_model
-from tests.server_process import free_port
+from galmorph.core.modelfile.engine import OnnxModel
+from tests.support.onnx_factory import FactoryModel, write_model
+from tests.support.server_process import free_port
 
 BATCHING = {"batching": ("32", "2"), "no_batching": ("1", "0")}  # max batch size, delay ms
 

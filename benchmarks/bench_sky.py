@@ -1,7 +1,7 @@
 """Scoring by sky position: warm cache vs files, and fetching bounded by the politeness settings.
 
 Run from the repository root: `python -m benchmarks.bench_sky` (results to
-benchmarks/results/sky.json). Everything runs in this process against tests/sky_stub.py, the
+benchmarks/results/sky.json). Everything runs in this process against tests/support/sky_stub.py, the
 loopback stand-in for the Legacy Survey cutout service; the stub's FITS answers are rendered
 before any clock starts, so its own work does not compete with the scorer's.
 
@@ -74,12 +74,11 @@ def _summary(rates: list[float]) -> dict[str, float]:
 def warm_cache_vs_files(
     root: Path, model: Path, stub: Any, rows: int, rounds: int, batch_size: int
 ) -> dict[str, Any]:
+    from galmorph.core.sky.cache import CutoutCache
+    from galmorph.core.sky.client import CutoutSpec
+    from galmorph.core.sky.options import CutoutOptions
     from galmorph.scoring.sky_fetch import SkyConfig
-
-    from galmorph.core.cutout_cache import CutoutCache
-    from galmorph.core.sky import CutoutSpec
-    from galmorph.core.sky_options import CutoutOptions
-    from tests.sky_stub import render_fits
+    from tests.support.sky_stub import render_fits
 
     sky = _positions(rows, 150.0)
     cache = CutoutCache(root / "cache")
@@ -141,12 +140,11 @@ def from_stub(
     score_rate: float,
     sky_offset: float,
 ) -> dict[str, Any]:
+    from galmorph.core.sky.client import CutoutSpec
+    from galmorph.core.sky.options import CutoutOptions, Politeness
     from galmorph.scoring.catalog import open_catalog
     from galmorph.scoring.sky_fetch import CHUNK_ROWS, SkyConfig, SkyStage
-
-    from galmorph.core.sky import CutoutSpec
-    from galmorph.core.sky_options import CutoutOptions, Politeness
-    from tests.sky_stub import max_starts_within, render_fits
+    from tests.support.sky_stub import max_starts_within, render_fits
 
     stub.latency = latency
     result: dict[str, Any] = {
@@ -222,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from galmorph.core.engine import OnnxModel
-    from tests.onnx_factory import FactoryModel, write_model
-    from tests.sky_stub import SkyStub
+    from galmorph.core.modelfile.engine import OnnxModel
+    from tests.support.onnx_factory import FactoryModel, write_model
+    from tests.support.sky_stub import SkyStub
 
     with tempfile.TemporaryDirectory() as folder, SkyStub() as stub:
         root = Path(folder)

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from galmorph.service.settings import Settings
 
 from benchmarks.bench_service import KeepAliveClient
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
-from tests.onnx_factory import write_model
-from tests.server_process import serve
+from galmorph.service.settings import Settings
+from tests.support.onnx_factory import write_model
+from tests.support.server_process import serve
 
 REAL_JPEGS = REPO_ROOT / "tests" / "data" / "galaxy10-real"
 DRIP_S = 1.0  # a slow-loris client sends one header line this often

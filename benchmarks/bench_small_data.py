@@ -79,6 +79,7 @@ def make_low_data_set(
 ) -> Path:
     """A 4-class file of `n` synthetic galaxies in `proportions`, with its class names."""
     import h5py
+
     from galmorph.training.synth import synthesize
 
     counts = np.floor(np.asarray(proportions) * n).astype(int)
@@ -344,12 +345,11 @@ def served_speed(
 ) -> dict[str, Any]:
     """Images/s of teacher and student as served (exported ONNX through the server's engine),
     timed in interleaved rounds on the same 64 test images."""
-    from galmorph.model.export import export_onnx
-
     from benchmarks.common import time_interleaved
-    from galmorph.core.engine import OnnxModel
-    from galmorph.core.galaxy10 import Galaxy10File
-    from galmorph.core.resample import resize_images
+    from galmorph.core.cutouts.resample import resize_images
+    from galmorph.core.data.galaxy10 import Galaxy10File
+    from galmorph.core.modelfile.engine import OnnxModel
+    from galmorph.model.export import export_onnx
 
     images = Galaxy10File(test).images(np.arange(64))
     engines, inputs = {}, {}

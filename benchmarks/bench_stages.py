@@ -1,8 +1,9 @@
 """Where the time of one cutout goes: FITS parse, colour stretch, uint8 conversion, inference.
 
 The same 256x256 grz Legacy Survey cutout, one thread, each stage timed alone (median of
-repeats after warm-up, wall and CPU): galmorph.core.fits_io.read_fits (header cards, data, band
-selection), the dr2_rgb stretch, to_uint8, the whole galmorph.core.decode.decode_cutout for FITS and
+repeats after warm-up, wall and CPU): galmorph.core.cutouts.fits_io.read_fits (header cards, data,
+band selection), the dr2_rgb stretch, to_uint8, the whole galmorph.core.cutouts.decode.decode_cutout
+for FITS and
 for PNG, and the demo model's onnxruntime inference per image at batch 1 and amortised over a
 batch of 32 (gm_astroformer_tiny at 256, seeded random weights). The HTTP layer's own cost is
 measured by benchmarks.bench_service. Results: benchmarks/results/stages.json.
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         predict_call,
         timed_export,
     )
-    from galmorph.core.decode import DecodeLimits, decode_cutout
-    from galmorph.core.fits_io import read_fits
-    from galmorph.core.imaging import STRETCHES, flip_north_up, to_uint8
-    from tests.cutout_factory import make_grz_fits, make_png
+    from galmorph.core.cutouts.decode import DecodeLimits, decode_cutout
+    from galmorph.core.cutouts.fits_io import read_fits
+    from galmorph.core.cutouts.imaging import STRETCHES, flip_north_up, to_uint8
+    from tests.support.cutout_factory import make_grz_fits, make_png
 
     with tempfile.TemporaryDirectory(prefix="galmorph-stages-") as tmp:
         run_dir = make_checkpoint("gm_astroformer_tiny", SIZE, Path(tmp) / "run")

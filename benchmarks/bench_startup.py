@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, thread_env, write_results
-from tests.server_process import free_port
+from tests.support.server_process import free_port
 
 MODELS = ("gm_astroformer_tiny", "astroformer_0")
 READY_TIMEOUT_S = 120.0

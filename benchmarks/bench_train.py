@@ -80,6 +80,7 @@ class Stepper:
     ) -> None:
         import numpy as np
         import torch
+
         from galmorph.model.preprocess import ImagePreprocess
         from galmorph.model.registry import create_model
         from galmorph.training.augment import AugmentSettings, BatchAugmenter
@@ -124,6 +125,7 @@ class Stepper:
 
     def step(self) -> None:
         import torch
+
         from galmorph.training.mixup import soft_target_cross_entropy
 
         wall, cpu = time.perf_counter(), time.process_time()

@@ -75,10 +75,10 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results
-from galmorph.core.engine import CPU_PROVIDER, CUDA_PROVIDER
+from galmorph.core.modelfile.engine import CPU_PROVIDER, CUDA_PROVIDER
 
 if TYPE_CHECKING:
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.engine import OnnxModel
 
 DEFAULT_OUT = RESULTS_DIR / "gpu.json"
 REAL_IMAGES = REPO_ROOT / "tests" / "data" / "galaxy10-real"
@@ -93,7 +93,7 @@ NIGHT_HOURS = 8.0
 OOM_MARKERS = ("out of memory", "failed to allocate", "cudaerrormemoryallocation")
 TORCH_FREE_PROBE = """\
 import json, sys
-from galmorph.core.engine import OnnxModel
+from galmorph.core.modelfile.engine import OnnxModel
 model = OnnxModel(sys.argv[1], providers=sys.argv[2:] or None)
 print(json.dumps({"providers": model.providers, "torch_imported": "torch" in sys.modules,
                   "cpu_reason": None if model.cuda_active else model.placement.cpu_reason()}))
@@ -226,7 +226,7 @@ def environment() -> dict[str, Any]:
     import onnxruntime as ort
     from onnxruntime.capi import build_and_package_info
 
-    from galmorph.core.engine import nvidia_driver_present
+    from galmorph.core.modelfile.engine import nvidia_driver_present
 
     torch = torch_facts()  # before any onnxruntime session (see torch_facts)
     rows = nvidia_smi("index,name,memory.total,driver_version")
@@ -260,7 +260,10 @@ def condition_problem(condition: str, env: dict[str, Any], rehearsal: bool) -> s
         if condition == "gpu_only":
             return "CPU rehearsal: this step needs a GPU"
         if condition == "two_gpus":
-            return "CPU rehearsal: DDP over NCCL needs 2+ GPUs (tests/test_ddp.py covers gloo)"
+            return (
+                "CPU rehearsal: DDP over NCCL needs 2+ GPUs"
+                " (tests/training/test_ddp.py covers gloo)"
+            )
         return None
     no_driver = "no NVIDIA driver on this machine (libcuda.so.1 does not load)"
     ort_facts, torch = env["onnxruntime"], env["torch"]
@@ -466,7 +469,7 @@ def run_galmorph(
 
 def open_model(check: Check, path: Path) -> OnnxModel:
     """The serving engine on this run's provider, failing if that provider is not active."""
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.engine import OnnxModel
 
     model = OnnxModel(path, providers=[check.provider])
     if model.providers[:1] != [check.provider]:
@@ -566,10 +569,10 @@ def part_export(check: Check) -> dict[str, Any]:
 
 def part_cuda_provider(check: Check) -> dict[str, Any]:
     import onnxruntime as ort
-    from galmorph.model.export import PARITY_TOLERANCE
 
-    from galmorph.core.contract import INPUT_NAME, OUTPUT_NAME
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.contract import INPUT_NAME, OUTPUT_NAME
+    from galmorph.core.modelfile.engine import OnnxModel
+    from galmorph.model.export import PARITY_TOLERANCE
 
     path = check.artifact(check.args.serve_model, "fp32")
     # No providers given on a GPU host: the default that serve and score use.
@@ -654,9 +657,9 @@ def part_cuda_without_torch(check: Check) -> dict[str, Any]:
 
 def part_parity(check: Check) -> dict[str, Any]:
     import onnxruntime as ort
-    from galmorph.model.export import PARITY_TOLERANCE
 
-    from galmorph.core.contract import INPUT_NAME, OUTPUT_NAME
+    from galmorph.core.modelfile.contract import INPUT_NAME, OUTPUT_NAME
+    from galmorph.model.export import PARITY_TOLERANCE
 
     torch_cuda = condition_problem("torch_cuda", check.env, check.args.cpu_rehearsal) is None
     device = "cuda" if check.gpu and torch_cuda else "cpu"
@@ -705,7 +708,7 @@ class CudaGraphSession:
     def __init__(self, path: Path, images: np.ndarray, num_classes: int, batch_dim: str) -> None:
         import onnxruntime as ort
 
-        from galmorph.core.contract import INPUT_NAME
+        from galmorph.core.modelfile.contract import INPUT_NAME
 
         options = ort.SessionOptions()
         options.add_free_dimension_override_by_name(batch_dim, len(images))
@@ -729,7 +732,7 @@ class CudaGraphSession:
         self.binding.synchronize_outputs()
 
     def probabilities(self) -> np.ndarray:
-        from galmorph.core.contract import OUTPUT_NAME
+        from galmorph.core.modelfile.contract import OUTPUT_NAME
 
         return np.asarray(self.outputs[OUTPUT_NAME].numpy())
 
@@ -738,9 +741,8 @@ class CudaGraphSession:
 
 
 def part_io_binding_cuda_graph(check: Check) -> dict[str, Any]:
-    from galmorph.model.export import PARITY_TOLERANCE
-
     from benchmarks.bench_models import _io_bound_call, _timed_rounds, predict_call
+    from galmorph.model.export import PARITY_TOLERANCE
 
     path = check.artifact(check.args.serve_model, "fp16")
     served = open_model(check, path)
@@ -888,7 +890,7 @@ def part_service(check: Check) -> dict[str, Any]:
     import asyncio
 
     from benchmarks.bench_service import load, time_raw
-    from tests.server_process import serve
+    from tests.support.server_process import serve
 
     model_name, precision = check.args.serve_model, check.serve_precision
     batch = check.best_batch(model_name, precision)

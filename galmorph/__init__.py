@@ -1,6 +1,6 @@
 """galmorph: galaxy morphology classification with Astroformer and onnxruntime.
 
-`from galmorph import Classifier` is the Python API (galmorph.core.classifier); it is imported
+`from galmorph import Classifier` is the Python API (galmorph.api.classifier); it is imported
 on first use, so that `import galmorph` (and `galmorph --help`) stays free of onnxruntime.
 """
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from galmorph.core.version import __version__
 
 if TYPE_CHECKING:
-    from galmorph.core.classifier import Classifier, Prediction, Predictions
+    from galmorph.api.classifier import Classifier, Prediction, Predictions
 
 __all__ = ["Classifier", "Prediction", "Predictions", "__version__"]
 _LAZY = {"Classifier", "Prediction", "Predictions"}
@@ -19,7 +19,7 @@ _LAZY = {"Classifier", "Prediction", "Predictions"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from galmorph.core import classifier
+        from galmorph.api import classifier
 
         return getattr(classifier, name)
     raise AttributeError(f"module 'galmorph' has no attribute {name!r}")

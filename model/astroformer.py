@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
 from galmorph.model.head import NormMlpHead
 from galmorph.model.mbconv import MBConv, MBConvConfig
 from galmorph.model.registry import ModelFactory, register_model
 from galmorph.model.stem import ConvStem
 from galmorph.model.transformer import TransformerBlock2d, TransformerConfig
-from torch import nn
 
 ASTROFORMER_LAYOUT = ("C", "C", "C", "T")
 COATNET_LAYOUT = ("C", "C", "T", "T")

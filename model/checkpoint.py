@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from galmorph.model.registry import IMAGENET_MEAN, IMAGENET_STD
-
-from galmorph.core.contract import GALAXY10_DECALS
+from galmorph.core.cutouts.resample import DEFAULT_INTERPOLATION
 from galmorph.core.files import atomic_write, atomic_write_text, sha256_file
-from galmorph.core.resample import DEFAULT_INTERPOLATION
+from galmorph.core.modelfile.contract import GALAXY10_DECALS
+from galmorph.model.registry import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,7 +46,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    # The imaging of the training images at img_size (galmorph.core.contract.Imaging).
+    # The imaging of the training images at img_size (galmorph.core.modelfile.contract.Imaging).
     stretch: str = GALAXY10_DECALS.stretch
     pixel_scale: float = GALAXY10_DECALS.pixel_scale
     training_data: dict[str, Any] = field(default_factory=dict)

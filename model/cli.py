@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from galmorph.core.data.splits import Split
     from galmorph.model.checkpoint import ModelSpec
     from galmorph.model.export import FitImages
 
-    from galmorph.core.splits import Split
-
-# galmorph.core.ood.DEFAULT_FPR, repeated here so that `--help` imports no numpy.
+# galmorph.core.modelfile.ood.DEFAULT_FPR, repeated here so that `--help` imports no numpy.
 DEFAULT_OOD_FPR = 0.05
 
 
@@ -171,8 +170,8 @@ def _list_models(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from galmorph.core.contract import TARGET_MEANINGS
-    from galmorph.core.engine import CPU_PROVIDER, ModelLoadError, OnnxModel
+    from galmorph.core.modelfile.contract import TARGET_MEANINGS
+    from galmorph.core.modelfile.engine import CPU_PROVIDER, ModelLoadError, OnnxModel
 
     try:
         model = OnnxModel(args.model, providers=[CPU_PROVIDER], intra_op_threads=1)
@@ -248,6 +247,7 @@ def _bands(bands: dict[str, str]) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     import numpy as np
+
     from galmorph.model.checkpoint import CheckpointError, load_spec
     from galmorph.model.export import export_model
     from galmorph.model.sample_images import load_images
@@ -280,7 +280,7 @@ def _export(args: argparse.Namespace) -> int:
         train_rows = test_rows = None
         split_path = args.split or args.run_dir / "split.json"
         if args.split or split_path.exists():
-            from galmorph.core.splits import Split
+            from galmorph.core.data.splits import Split
 
             split = Split.load(split_path)
             train_rows, test_rows = split.train, split.test
@@ -365,10 +365,9 @@ def _fit_images(args: argparse.Namespace, spec: ModelSpec) -> FitImages | None:
             file=sys.stderr,
         )
         return None
+    from galmorph.core.data.splits import Split, SplitError
     from galmorph.model.export import load_fit_images, load_held_out_fit_images
     from galmorph.model.sample_images import open_in_classes
-
-    from galmorph.core.splits import Split, SplitError
 
     split_path = args.split or args.run_dir / "split.json"
     fit_options = {
@@ -449,7 +448,7 @@ def _check_training_rows(
             f"galmorph export: the OOD score's class statistics are fitted on the run's "
             f"training rows, and its split ({split_path}) is missing {way_out}"
         )
-    from galmorph.core.splits import SplitError
+    from galmorph.core.data.splits import SplitError
 
     try:
         file, _ = open_in_classes(training, spec.class_names)

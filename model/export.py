@@ -1,6 +1,7 @@
 """Export a trained checkpoint to the self-describing ONNX file the service and scorer use.
 
-Graph contract (galmorph/core/contract.py): input `images` uint8 [N, H, W, 3]; the /255, mean/std
+Graph contract (galmorph/core/modelfile/contract.py): input `images` uint8 [N, H, W, 3]; the /255,
+mean/std
 and NHWC->NCHW steps run inside the graph (galmorph.model.preprocess.ImagePreprocess, the module
 training itself uses); outputs `probabilities` float32 [N, K] (softmax of the logits divided by
 the calibrated temperature), `logits`, `embeddings` [N, D] (the input of the last Linear layer)
@@ -8,15 +9,17 @@ and, when the export had labelled training images, `ood_score` [N]. N is dynamic
 fixed (the relative position tables are sized for them).
 
 With labelled images (`FitImages`), the export fits what needs data before it traces the
-graph: the temperature on held-out rows (galmorph.core.calibration; kept at 1 when it would
+graph: the temperature on held-out rows (galmorph.core.modelfile.calibration; kept at 1 when it
+would
 raise the ECE there), and the out-of-distribution score's class statistics on the run's training
-rows with its threshold on the held-out rows (galmorph.core.ood). The held-out rows are the
-run's validation split or, for a run trained on every row, every row of a separate labelled file
+rows with its threshold on the held-out rows (galmorph.core.modelfile.ood). The held-out rows are
+the run's validation split or, for a run trained on every row, every row of a separate labelled file
 of the same classes (`load_held_out_fit_images`). Both go into the graph and the card
 (`calibration`, `ood`).
 
 Models whose weights exceed protobuf's 2 GiB limit are written as a folder (model.onnx + the
-weights as ONNX external data, galmorph.core.artifact) that every consumer loads like a file.
+weights as ONNX external data, galmorph.core.modelfile.artifact) that every consumer loads like a
+file.
 
 Exporter choice, measured on this kind of machine: the dynamo exporter at opset 20 emits
 ONNX's native Gelu op, which onnxruntime runs as one kernel; at opset 18 GELU decomposes into
@@ -46,16 +49,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from galmorph.model.checkpoint import ModelSpec, load_model
-from galmorph.model.head import PreLogitsModel
-from galmorph.model.preprocess import ImagePreprocess
 from torch import nn
 
-from galmorph import __version__
-from galmorph.core import ood
-from galmorph.core.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME, artifact_size
-from galmorph.core.calibration import ece, fit_temperature, nll, softmax
-from galmorph.core.contract import (
+from galmorph.core.data.splits import Split
+from galmorph.core.files import atomic_write
+from galmorph.core.modelfile import ood
+from galmorph.core.modelfile.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME, artifact_size
+from galmorph.core.modelfile.calibration import ece, fit_temperature, nll, softmax
+from galmorph.core.modelfile.contract import (
     EMBEDDINGS_NAME,
     INPUT_NAME,
     LOGITS_NAME,
@@ -64,8 +65,10 @@ from galmorph.core.contract import (
     OUTPUT_NAME,
     ModelCard,
 )
-from galmorph.core.files import atomic_write
-from galmorph.core.splits import Split
+from galmorph.core.version import __version__
+from galmorph.model.checkpoint import ModelSpec, load_model
+from galmorph.model.head import PreLogitsModel
+from galmorph.model.preprocess import ImagePreprocess
 
 if TYPE_CHECKING:
     import onnx
@@ -91,7 +94,8 @@ class ExportError(RuntimeError):
 class ImageClassifierGraph(nn.Module):
     """uint8 NHWC images -> (probabilities, logits, embeddings[, ood_score]): what the ONNX
     graph computes. Probabilities are softmax(logits / temperature); the OOD score is
-    galmorph.core.ood.mahalanobis_score of the embeddings, for the given class statistics."""
+    galmorph.core.modelfile.ood.mahalanobis_score of the embeddings, for the given class
+    statistics."""
 
     inverse_temperature: torch.Tensor
     ood_origin: torch.Tensor

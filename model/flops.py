@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from galmorph.model.registry import create_model, model_entry
 from torch.utils.flop_counter import FlopCounterMode
+
+from galmorph.model.registry import create_model, model_entry
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from galmorph.model.downsample import PoolProject
 from galmorph.model.droppath import drop_path_or_identity
 from galmorph.model.init import init_conv_efficientnet
 from galmorph.model.squeeze_excite import SqueezeExcite
-from torch import nn
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from galmorph.core.resample import DEFAULT_INTERPOLATION
+from galmorph.core.cutouts.resample import DEFAULT_INTERPOLATION
 
 if TYPE_CHECKING:
     from torch import nn

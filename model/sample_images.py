@@ -1,6 +1,6 @@
 """Real images for the export's parity check and int8 calibration/evaluation: a seeded sample
 from a Galaxy10-layout HDF5 file, or every PNG/JPEG in a folder, resized to the model's input
-with the resize the server applies (`galmorph.core.resample.resize_images`)."""
+with the resize the server applies (`galmorph.core.cutouts.resample.resize_images`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from galmorph.core.formats import raster_suffixes
-from galmorph.core.resample import DEFAULT_INTERPOLATION, resize_images
+from galmorph.core.cutouts.formats import raster_suffixes
+from galmorph.core.cutouts.resample import DEFAULT_INTERPOLATION, resize_images
 
 if TYPE_CHECKING:
-    from galmorph.core.galaxy10 import Galaxy10File
+    from galmorph.core.data.galaxy10 import Galaxy10File
 
 MAX_IMAGE_FILE_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -71,7 +71,7 @@ def _from_galaxy10(
     indices: np.ndarray | None,
     class_names: Sequence[str] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from galmorph.core.galaxy10 import Galaxy10File
+    from galmorph.core.data.galaxy10 import Galaxy10File
 
     if class_names is None:
         data = Galaxy10File(path)
@@ -97,7 +97,7 @@ def open_in_classes(
     recorded for names given with --class-names); the same names in another order are mapped;
     other class sets raise ValueError.
     """
-    from galmorph.core.galaxy10 import Galaxy10Error, Galaxy10File
+    from galmorph.core.data.galaxy10 import Galaxy10Error, Galaxy10File
 
     names = tuple(class_names)
     try:

@@ -6,8 +6,9 @@ The second conv is left un-normalised because every stage starts with its own pr
 from __future__ import annotations
 
 import torch
-from galmorph.model.init import init_conv_efficientnet
 from torch import nn
+
+from galmorph.model.init import init_conv_efficientnet
 
 
 class ConvStem(nn.Module):

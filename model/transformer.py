@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from galmorph.model.attention import RelPosAttention2d
 from galmorph.model.downsample import PoolProject
 from galmorph.model.droppath import drop_path_or_identity
 from galmorph.model.init import init_transformer_vit
 from galmorph.model.mlp import ConvMlp
 from galmorph.model.norm import LayerNorm2d
-from torch import nn
 
 
 @dataclass(frozen=True)

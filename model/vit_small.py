@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from galmorph.model.droppath import drop_path_or_identity
 from galmorph.model.registry import register_model
-from torch import nn
 
 _NUM_SHIFTS = 4  # the four diagonal directions
 

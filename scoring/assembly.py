@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from galmorph.core.modelfile.contract import ModelCard
+from galmorph.core.sky.client import CutoutSpec
 from galmorph.scoring.catalog import Catalog, CatalogOptions
 from galmorph.scoring.shards import ROW_INDEX, Manifest, ShardError, ShardPlan, write_part
-
-from galmorph.core.contract import ModelCard
-from galmorph.core.sky import CutoutSpec
 
 
 def build_manifest(

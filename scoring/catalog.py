@@ -32,11 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from galmorph.core.cutouts.formats import cutout_suffixes
 from galmorph.core.files import sha256_file
-from galmorph.core.formats import cutout_suffixes
 
 if TYPE_CHECKING:
-    from galmorph.core.galaxy10 import Galaxy10File
+    from galmorph.core.data.galaxy10 import Galaxy10File
 
 DEFAULT_PASSTHROUGH = ("ra", "dec")
 DEFAULT_PATH_COL = "file_loc"  # Zoobot's name; a catalog without it may locate cutouts by ra/dec
@@ -212,7 +212,7 @@ def _check_degrees(name: str, dtype: pa.DataType, sample: Any, unit: Any, where:
     unless its first cell is sexagesimal: then the whole column is, and the message says how
     to convert it.
     """
-    from galmorph.core.sky import looks_sexagesimal, parse_degrees
+    from galmorph.core.sky.client import looks_sexagesimal, parse_degrees
 
     if unit is not None and str(unit) not in ("deg", "degree", "degrees"):
         raise CatalogError(f"{where}: column {name!r} is in {unit}; galmorph takes degrees")
@@ -233,7 +233,7 @@ def _degrees(values: pa.Array | pa.ChunkedArray, name: str) -> tuple[pa.Array, l
     Blank cells are null with no reason (a `missing` row); text that is not a number is null
     with the reason (an `invalid` row).
     """
-    from galmorph.core.sky import parse_degrees
+    from galmorph.core.sky.client import parse_degrees
 
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
@@ -520,7 +520,7 @@ class Galaxy10Catalog(Catalog):
     source_kind = "galaxy10"
 
     def __init__(self, path: Path, options: CatalogOptions) -> None:
-        from galmorph.core.galaxy10 import Galaxy10File
+        from galmorph.core.data.galaxy10 import Galaxy10File
 
         self._file: Galaxy10File = Galaxy10File(path)
         # Per-image columns are small (8 bytes a row) and read once, not per block.

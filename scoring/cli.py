@@ -169,11 +169,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from galmorph.core.modelfile.engine import (
+        CpuFallbackError,
+        GpuPolicy,
+        ModelLoadError,
+        probe_placement,
+    )
     from galmorph.scoring.catalog import CatalogError, CatalogOptions
     from galmorph.scoring.run import ScoreConfig, score
     from galmorph.scoring.shards import ShardError
-
-    from galmorph.core.engine import CpuFallbackError, GpuPolicy, ModelLoadError, probe_placement
 
     # Before the catalog is read: a GPU host whose CUDA does not start must not spend hours
     # scoring on the CPU unasked.

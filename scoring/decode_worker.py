@@ -1,7 +1,7 @@
 """Decoding cutouts for the scorer: the code that runs in decode processes and Ray tasks.
 
 Functions a ProcessPoolExecutor calls must be module-level in an importable module, so they
-live here, apart from the driver. Decoding is galmorph.core.decode, the same code the server
+live here, apart from the driver. Decoding is galmorph.core.cutouts.decode, the same code the server
 runs, so a cutout gets the same pixels from both. A bad or missing cutout becomes a zero image
 plus an error text (`kind: message`); it never stops the run.
 
@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from galmorph.core.contract import ModelCard
-from galmorph.core.decode import (
+from galmorph.core.cutouts.decode import (
     CutoutError,
     DecodeLimits,
     PreprocessInfo,
     decode_path,
     fit_rgb,
 )
+from galmorph.core.modelfile.contract import ModelCard
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class DecodeSettings:
     source_kind: str  # "path" | "galaxy10" | "sky"
     galaxy10_path: str | None = None
     limits: DecodeLimits = field(default_factory=DecodeLimits)
-    # sky: the shape a cached cutout must have (galmorph.core.sky.CutoutSpec.expected_shape)
+    # sky: the shape a cached cutout must have (galmorph.core.sky.client.CutoutSpec.expected_shape)
     cutout_shape: tuple[int, ...] | None = None
 
 
@@ -104,7 +104,7 @@ def _sky_image(settings: DecodeSettings, source: dict[str, str | None]) -> np.nd
 
 
 def _galaxy10_image(settings: DecodeSettings, index: int) -> np.ndarray:
-    from galmorph.core.galaxy10 import Galaxy10File
+    from galmorph.core.data.galaxy10 import Galaxy10File
 
     assert settings.galaxy10_path is not None
     handle = _galaxy10_files.get(settings.galaxy10_path)

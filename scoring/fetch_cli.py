@@ -2,7 +2,7 @@
 
 Registration and option parsing only; the cutout options here are shared with `galmorph score`
 (galmorph.scoring.cli). Nothing heavy is imported at module level, so `galmorph --help` stays
-instant; the work is galmorph.scoring.sky_fetch and galmorph.core.sky.
+instant; the work is galmorph.scoring.sky_fetch and galmorph.core.sky.client.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from galmorph.core.cutout_cache import CACHE_ENV, DEFAULT_MAX_BYTES
-from galmorph.core.sky_options import (
+from galmorph.core.sky.cache import CACHE_ENV, DEFAULT_MAX_BYTES
+from galmorph.core.sky.options import (
     DEFAULT_LAYER,
     IMAGE_FORMATS,
     LEGACY_SURVEY_VIEWER,
@@ -25,9 +25,8 @@ from galmorph.core.sky_options import (
 )
 
 if TYPE_CHECKING:
+    from galmorph.core.sky.client import CutoutSpec
     from galmorph.scoring.sky_fetch import SkyConfig
-
-    from galmorph.core.sky import CutoutSpec
 
 FETCH_EPILOG = f"""\
 Every ra/dec row whose cutout the cache lacks is fetched from the Legacy Survey viewer's
@@ -205,8 +204,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _spec(args: argparse.Namespace, config: SkyConfig) -> CutoutSpec:
-    from galmorph.core.engine import OnnxModel
-    from galmorph.core.sky import CutoutSpec
+    from galmorph.core.modelfile.engine import OnnxModel
+    from galmorph.core.sky.client import CutoutSpec
 
     if args.model is not None:
         card = OnnxModel(args.model, providers=["CPUExecutionProvider"], intra_op_threads=1).card
@@ -226,10 +225,9 @@ def _spec(args: argparse.Namespace, config: SkyConfig) -> CutoutSpec:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    from galmorph.core.modelfile.engine import ModelLoadError
     from galmorph.scoring.catalog import CatalogError, CatalogOptions, open_catalog
     from galmorph.scoring.sky_fetch import SkyStage
-
-    from galmorph.core.engine import ModelLoadError
 
     config = sky_config(args, args.out)
     options = CatalogOptions(id_col=args.id_col, ra_col=args.ra_col, dec_col=args.dec_col)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+
 from galmorph.scoring.decode_worker import (
     DecodeSettings,
     decode_in_worker,
@@ -26,8 +27,8 @@ from galmorph.scoring.decode_worker import (
 from galmorph.scoring.rows import ResultBuilder, unrun_outputs
 
 if TYPE_CHECKING:
-    from galmorph.core.contract import ModelOutputs
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.contract import ModelOutputs
+    from galmorph.core.modelfile.engine import OnnxModel
 
 
 def default_decode_workers() -> int:

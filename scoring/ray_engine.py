@@ -1,10 +1,10 @@
 """`--engine ray`: the same scoring on Ray Data, for clusters that already run Ray.
 
 Catalog rows (read by galmorph.scoring.catalog, Parquet and CSV streamed) go into Ray Data in
-windows of whole shards; `map_batches` decodes cutouts in CPU tasks (galmorph.core.decode via
-galmorph.scoring.decode_worker, as the local engine) and runs inference in a callable-class
-actor pool: one onnxruntime session (galmorph.core.engine.OnnxModel) per actor, one GPU per
-actor when the cluster has GPUs. Order is preserved, so the driver turns results into rows with
+windows of whole shards; `map_batches` decodes cutouts in CPU tasks (galmorph.core.cutouts.decode
+via galmorph.scoring.decode_worker, as the local engine) and runs inference in a callable-class
+actor pool: one onnxruntime session (galmorph.core.modelfile.engine.OnnxModel) per actor, one GPU
+per actor when the cluster has GPUs. Order is preserved, so the driver turns results into rows with
 the same ResultBuilder (galmorph.scoring.rows) as the local engine and writes the same atomic
 Parquet parts: resume, the manifest and the exactly-once merge are shared, not re-implemented.
 
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from galmorph.core.modelfile.contract import ModelOutputs
 from galmorph.scoring.decode_worker import DecodeSettings, decode_sources
 from galmorph.scoring.rows import ResultBuilder, unrun_outputs
-
-from galmorph.core.contract import ModelOutputs
 
 IMAGE_COLUMN = "_image"
 PROBS_COLUMN = "_probs"
@@ -59,7 +59,7 @@ class OnnxPredictor:
         intra_op_threads: int | None,
         providers: tuple[str, ...] | None = None,
     ) -> None:
-        from galmorph.core.engine import OnnxModel
+        from galmorph.core.modelfile.engine import OnnxModel
 
         self.model = OnnxModel(
             model_path,

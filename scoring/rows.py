@@ -1,6 +1,6 @@
 """Result rows: catalog rows + model outputs + decode errors -> the output table.
 
-Columns (galmorph.core.tables): the catalog's row index, id and passthrough columns,
+Columns (galmorph.core.data.tables): the catalog's row index, id and passthrough columns,
 pred_label/pred_index/pred_prob, one `p_<class>` per class, `ood_score` and `in_distribution`
 when the model has an OOD score, `embeddings` (fixed_size_list<float32>[D]) when asked for,
 the model's SHA-256 and `error`.
@@ -12,19 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-from galmorph.scoring.shards import MODEL_SHA_COLUMN, ROW_INDEX
 
-from galmorph.core.contract import ModelCard, ModelOutputs
-from galmorph.core.tables import (
+from galmorph.core.data.tables import (
     EMBEDDINGS_NAME,
     IN_DISTRIBUTION_NAME,
     OOD_SCORE_NAME,
     class_columns,
     embeddings_array,
 )
+from galmorph.core.modelfile.contract import ModelCard, ModelOutputs
+from galmorph.scoring.shards import MODEL_SHA_COLUMN, ROW_INDEX
 
 if TYPE_CHECKING:
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.engine import OnnxModel
 
 # The column names of a result row besides passthrough and per-class probabilities.
 FIXED_COLUMNS = (ROW_INDEX, "id_str", "pred_label", "pred_index", "pred_prob")

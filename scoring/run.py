@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+
+from galmorph.core.cutouts.decode import CutoutError, resolve_stretch
+from galmorph.core.sky.client import CutoutSpec
 from galmorph.scoring.assembly import ShardAssembler, build_manifest
 from galmorph.scoring.catalog import CatalogOptions, DuplicateIds, open_catalog
 from galmorph.scoring.decode_worker import DecodeSettings
@@ -41,11 +44,8 @@ from galmorph.scoring.shards import (
 )
 from galmorph.scoring.sky_fetch import CHUNK_ROWS, SkyConfig, SkyStage
 
-from galmorph.core.decode import CutoutError, resolve_stretch
-from galmorph.core.sky import CutoutSpec
-
 if TYPE_CHECKING:
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.engine import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def score(config: ScoreConfig) -> ScoreSummary:
     Decode workers are started with multiprocessing's "forkserver" method: a script calling
     this must guard its entry point with `if __name__ == "__main__":` (the `galmorph` CLI does).
     """
-    from galmorph.core.engine import OnnxModel
+    from galmorph.core.modelfile.engine import OnnxModel
 
     if config.engine not in ENGINES:
         raise ValueError(f"unknown engine {config.engine!r}; choose from {', '.join(ENGINES)}")

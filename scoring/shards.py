@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from galmorph.core.files import atomic_write, atomic_write_text, leftover_temps
 from galmorph.scoring.table_writers import (
     SUFFIXES,
     StreamingTableWriter,
     format_from_path,
     string_widths,
 )
-
-from galmorph.core.files import atomic_write, atomic_write_text, leftover_temps
 
 logger = logging.getLogger(__name__)
 

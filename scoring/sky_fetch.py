@@ -2,7 +2,7 @@
 
 Blocks of a sky catalog carry `source` = struct<ra, dec, error> (galmorph.scoring.catalog).
 `SkyStage` makes each position's cutout present in the disk cache
-(galmorph.core.sky.CutoutFetcher: the cache first, the service for what is missing) and hands
+(galmorph.core.sky.client.CutoutFetcher: the cache first, the service for what is missing) and hands
 the rows on, in order, with `source` = struct<path, error>: the cache file, or the row's error
 text ("fetch: HTTP 500 from ... (after 5 attempts)", "invalid: dec 95.0 is outside [-90, 90]
 degrees", "invalid: ra 'n/a' is not a number of degrees"). Decode workers then only read files:
@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from galmorph.core.cutout_cache import DEFAULT_MAX_BYTES, CutoutCache, default_cache_dir
-from galmorph.core.sky import CutoutFetcher, CutoutSpec, FetchOutcome
-from galmorph.core.sky_options import CutoutOptions, Politeness
+from galmorph.core.sky.cache import DEFAULT_MAX_BYTES, CutoutCache, default_cache_dir
+from galmorph.core.sky.client import CutoutFetcher, CutoutSpec, FetchOutcome
+from galmorph.core.sky.options import CutoutOptions, Politeness
 
 SOURCE_TYPE = pa.struct([("path", pa.string()), ("error", pa.string())])
 CHUNK_ROWS = 64  # rows handed on at once; the scorer rounds it up to whole inference batches

@@ -14,6 +14,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
+
+from galmorph.core.cutouts import formats
+from galmorph.core.cutouts.decode import CutoutError
+from galmorph.core.version import __version__
 from galmorph.service.batching import BatcherStoppedError, InferenceTimeoutError, QueueFullError
 from galmorph.service.decoding import BodyBusyError, DecodeBusyError, Decoder
 from galmorph.service.errors import cutout_status
@@ -40,12 +46,6 @@ from galmorph.service.uploads import (
     SpoolSpaceError,
     UploadError,
 )
-from starlette.formparsers import MultiPartException
-from starlette.requests import ClientDisconnect
-
-from galmorph import __version__
-from galmorph.core import formats
-from galmorph.core.decode import CutoutError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from galmorph.core.contract import ModelOutputs
+from galmorph.core.modelfile.contract import ModelOutputs
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from galmorph.core import formats
+from galmorph.core.cutouts import formats
 
 SERVE_EPILOG = """\
 Every option is also a setting: environment variables GALMORPH_<NAME> (e.g.
@@ -130,13 +130,13 @@ def serve_command(args: argparse.Namespace) -> int:
     import logging.config
 
     import uvicorn
+    from pydantic import ValidationError
+
+    from galmorph.core.modelfile.engine import CpuFallbackError, ModelLoadError, probe_placement
     from galmorph.service.http_protocol import PROTOCOL_PATH
     from galmorph.service.log_format import logging_config
     from galmorph.service.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
     from galmorph.service.settings import Settings, is_loopback
-    from pydantic import ValidationError
-
-    from galmorph.core.engine import CpuFallbackError, ModelLoadError, probe_placement
 
     overrides = {
         field: getattr(args, flag)
@@ -224,7 +224,7 @@ def model_problem(path: Path) -> str | None:
     model card), without touching a GPU."""
     import logging
 
-    from galmorph.core.engine import CPU_PROVIDER, ModelLoadError, OnnxModel
+    from galmorph.core.modelfile.engine import CPU_PROVIDER, ModelLoadError, OnnxModel
 
     # The engine logs each load with its providers: the load the server runs on is the
     # workers', not this CPU check's.

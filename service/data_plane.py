@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import Depends, HTTPException, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from galmorph.core.cutouts.decode import FIT_MODES, DecodedCutout
+from galmorph.core.cutouts.imaging import STRETCHES
 from galmorph.service.batching import MicroBatcher, Prediction, QueueFullError
 from galmorph.service.decoding import Decoder, DecodeRequest, within_deadline
 from galmorph.service.dependencies import (
@@ -26,10 +30,6 @@ from galmorph.service.uploads import (
     Upload,
     UploadError,
 )
-from starlette.concurrency import run_in_threadpool
-
-from galmorph.core.decode import FIT_MODES, DecodedCutout
-from galmorph.core.imaging import STRETCHES
 
 if TYPE_CHECKING:
     StretchName = str

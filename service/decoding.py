@@ -4,7 +4,7 @@
   every decode in the process. A body reserves its declared length (or each piece as it
   arrives, when chunked) before it is read (`MemoryBudget.claim_body`, held until the
   request is answered); the decoder reserves what it will need from the file's headers,
-  before it reads or decompresses a pixel (`galmorph.core.cutout_limits.Reserve`). When the
+  before it reads or decompresses a pixel (`galmorph.core.cutouts.limits.Reserve`). When the
   budget cannot hold a reservation the request is refused at once with 503 and Retry-After
   (`DecodeBusyError`), and one that alone needs more than the whole budget gets 413. A
   reservation is returned when its body or decode is done with, however that ends.
@@ -36,12 +36,11 @@ from dataclasses import dataclass
 from functools import cache, partial
 from typing import TypeVar, cast
 
+from galmorph.core.cutouts.decode import DecodedCutout, decode_cutout
+from galmorph.core.cutouts.limits import MIB, CutoutError, CutoutErrorKind, DecodeLimits, Reserve
+from galmorph.core.modelfile.contract import ModelCard
 from galmorph.service.batching import InferenceTimeoutError
 from galmorph.service.uploads import PayloadTooLargeError, Upload
-
-from galmorph.core.contract import ModelCard
-from galmorph.core.cutout_limits import MIB, CutoutError, CutoutErrorKind, DecodeLimits, Reserve
-from galmorph.core.decode import DecodedCutout, decode_cutout
 
 # Most decodes take well under a second; a refused client should come back soon.
 BUSY_RETRY_AFTER_S = 1

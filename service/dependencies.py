@@ -8,12 +8,12 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
+
+from galmorph.core.modelfile.engine import OnnxModel
 from galmorph.service.batching import MicroBatcher
 from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.runtime import ServiceRuntime
 from galmorph.service.settings import Settings
-
-from galmorph.core.engine import OnnxModel
 
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False)
 NOT_READY_RETRY_AFTER_S = 5

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from galmorph.core.cutout_limits import CutoutError, CutoutErrorKind
+from galmorph.core.cutouts.limits import CutoutError, CutoutErrorKind
 
 STATUS_BY_KIND = {
     CutoutErrorKind.TOO_LARGE: 413,

@@ -6,6 +6,10 @@ import base64
 import io
 
 import numpy as np
+from PIL import Image
+
+from galmorph.core.cutouts.decode import DecodedCutout
+from galmorph.core.modelfile.engine import OnnxModel
 from galmorph.service.batching import Prediction
 from galmorph.service.schemas import (
     ClassificationResult,
@@ -14,10 +18,6 @@ from galmorph.service.schemas import (
     Preprocessing,
     Timings,
 )
-from PIL import Image
-
-from galmorph.core.decode import DecodedCutout
-from galmorph.core.engine import OnnxModel
 
 
 def model_ref(model: OnnxModel) -> ModelRef:

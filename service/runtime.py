@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from galmorph.core.modelfile.engine import CpuFallbackError, ModelLoadError, OnnxModel
 from galmorph.service.batching import MicroBatcher
 from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.settings import Settings
-
-from galmorph.core.engine import CpuFallbackError, ModelLoadError, OnnxModel
 
 logger = logging.getLogger(__name__)
 

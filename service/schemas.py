@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from galmorph.core import formats
+from galmorph.core.cutouts import formats
 
 
 class ErrorResponse(BaseModel):
@@ -133,7 +133,7 @@ class ClassificationResult(BaseModel):
 
 class SkyCutout(BaseModel):
     """The cutout a /classify/sky answer was made from: the request to the cutout service
-    (galmorph.core.sky.CutoutSpec) and whether it came from the server's cache."""
+    (galmorph.core.sky.client.CutoutSpec) and whether it came from the server's cache."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -15,15 +15,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from galmorph.service.batching import BatcherConfig
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from galmorph.core.cutout_cache import DEFAULT_MAX_BYTES as CUTOUT_CACHE_BYTES
-from galmorph.core.cutout_limits import MIB, DecodeLimits
-from galmorph.core.engine import GpuPolicy
-from galmorph.core.sky import CutoutSpec
-from galmorph.core.sky_options import CutoutOptions, Politeness
+from galmorph.core.cutouts.limits import MIB, DecodeLimits
+from galmorph.core.modelfile.engine import GpuPolicy
+from galmorph.core.sky.cache import DEFAULT_MAX_BYTES as CUTOUT_CACHE_BYTES
+from galmorph.core.sky.client import CutoutSpec
+from galmorph.core.sky.options import CutoutOptions, Politeness
+from galmorph.service.batching import BatcherConfig
 
 _LIMITS = DecodeLimits()
 _BATCHING = BatcherConfig()
@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="onnxruntime providers in order; empty: CUDA then CPU"
     )
-    # The GPU policy (galmorph.core.engine.GpuPolicy): require_gpu refuses the CPU everywhere,
+    # The GPU policy (galmorph.core.modelfile.engine.GpuPolicy): require_gpu refuses the CPU
+    # everywhere,
     # allow_cpu_fallback accepts it even where an NVIDIA driver is present; at most one is set.
     require_gpu: bool = Field(default=False, description="refuse to run unless CUDA is active")
     allow_cpu_fallback: bool = Field(
@@ -122,7 +123,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    # Cutouts by sky position, GET /classify/sky (galmorph.core.sky; the scorer's defaults:
+    # Cutouts by sky position, GET /classify/sky (galmorph.core.sky.client; the scorer's defaults:
     # CutoutOptions, Politeness, the cutout cache). Size, pixel scale and bands not set here
     # come from the model card. The politeness limits hold per worker process.
     sky_enabled: bool = Field(default=False, description="serve GET /classify/sky (off: 404)")

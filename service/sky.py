@@ -3,7 +3,7 @@
 What to ask the cutout service for depends on the model card (its input size, pixel scale and
 bands), which exists only once the model has loaded; so the fetcher is made at the first sky
 request after that, and closed when the app shuts down. Each worker process has its own, and
-with it its own politeness limits (galmorph.core.sky_options.Politeness).
+with it its own politeness limits (galmorph.core.sky.options.Politeness).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException
-from galmorph.service.settings import Settings
 
-from galmorph.core.contract import ModelCard
-from galmorph.core.cutout_cache import CutoutCache, default_cache_dir
-from galmorph.core.sky import CutoutFetcher, CutoutSpec, FetchError
+from galmorph.core.modelfile.contract import ModelCard
+from galmorph.core.sky.cache import CutoutCache, default_cache_dir
+from galmorph.core.sky.client import CutoutFetcher, CutoutSpec, FetchError
+from galmorph.service.settings import Settings
 
 
 class SkyCutouts:

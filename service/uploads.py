@@ -31,13 +31,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from galmorph.service.http_protocol import ConnectionPolicy, connection_policy
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
-from galmorph.core.cutout_limits import Reserve
+from galmorph.core.cutouts.limits import Reserve
+from galmorph.service.http_protocol import ConnectionPolicy, connection_policy
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from tests.real_data import REAL_DATA, missing_real_files
+from tests.support.real_data import REAL_DATA, missing_real_files
 
 if TYPE_CHECKING:
-    from tests.trained_model import TrainedExport
+    from tests.support.trained_model import TrainedExport
 
 
 @pytest.fixture(scope="session")
@@ -36,14 +36,15 @@ def trained_export(tmp_path_factory: pytest.TempPathFactory) -> TrainedExport:
     """A tiny model trained on synthetic data, exported calibrated and with its OOD score."""
     import torch
 
-    from tests.trained_model import train_and_export
+    from tests.support.trained_model import train_and_export
 
     torch.set_num_threads(1)
     return train_and_export(tmp_path_factory.mktemp("trained_export"))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """How many docs blocks ran and how many are marked not runnable here (tests/test_docs.py)."""
+    """How many docs blocks ran and how many are marked not runnable here
+    (tests/journeys/test_docs.py)."""
     docs = sys.modules.get("tests.docs_support.blocks")
     if docs is not None and (docs.TALLY.run or docs.TALLY.not_run):
         terminalreporter.write_line(docs.TALLY.summary())

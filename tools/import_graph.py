@@ -1,11 +1,13 @@
 """Who imports whom among galmorph's parts, read from the source with `ast` (nothing imported).
 
     python tools/import_graph.py [ROOT]          package graph: edges with the modules behind them
+    python tools/import_graph.py [ROOT] --core   the same one level down, among core's sub-packages
     python tools/import_graph.py [ROOT] --json   the same as JSON
 
 Every import counts, including the ones inside functions: a lazy import is still a dependency.
-Parts are the installed packages: core, model, training, service, scoring, and `galmorph` for
-the root modules (cli, demo). Old trees with top-level `service`/`model`/`training` packages are
+Parts are the installed packages: core, model, training, service, scoring, api (the Python API),
+and `galmorph` for the root modules (cli, demo). Old trees with top-level
+`service`/`model`/`training` packages are
 read the same way, so the graph before and after a move can be compared.
 """
 
@@ -16,9 +18,10 @@ import ast
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-PARTS = ("core", "model", "training", "service", "scoring")
+PARTS = ("core", "model", "training", "service", "scoring", "api")
 # Folders that hold each part's modules, relative to the repository root.
 PART_FOLDERS = {
     "core": "galmorph/core",
@@ -26,7 +29,9 @@ PART_FOLDERS = {
     "training": "training",
     "service": "service",
     "scoring": "scoring",
+    "api": "galmorph/api",
 }
+CORE_PACKAGES = ("cutouts", "sky", "data", "modelfile")
 EXTERNAL_WATCHED = ("torch",)
 
 
@@ -38,6 +43,15 @@ def part_of_module(name: str) -> str | None:
     if parts[0] in PARTS:
         return parts[0]
     return parts[0] if parts[0] in EXTERNAL_WATCHED else None
+
+
+def core_package_of_module(name: str) -> str | None:
+    """`core.cutouts` for galmorph.core.cutouts.decode; `core` for core's own modules (files,
+    version); None outside the core."""
+    parts = name.split(".")
+    if parts[:2] != ["galmorph", "core"]:
+        return None
+    return f"core.{parts[2]}" if len(parts) > 2 and parts[2] in CORE_PACKAGES else "core"
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -96,13 +110,15 @@ def module_name_for_import(name: str) -> str:
     return f"galmorph.{name}" if first in PARTS else name
 
 
-def part_graph(graph: dict[str, set[str]]) -> dict[tuple[str, str], list[str]]:
+def part_graph(
+    graph: dict[str, set[str]], part_of: Callable[[str], str | None] = part_of_module
+) -> dict[tuple[str, str], list[str]]:
     """(importer part, imported part) -> the module edges behind it."""
     edges: dict[tuple[str, str], list[str]] = defaultdict(list)
     for module, targets in graph.items():
-        source = part_of_module(module)
+        source = part_of(module)
         for target in sorted(targets):
-            imported = part_of_module(target)
+            imported = part_of(target)
             if source and imported and imported != source:
                 edges[(source, imported)].append(f"{module} -> {target}")
     return dict(edges)
@@ -147,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", nargs="?", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--core", action="store_true", help="the graph among core's sub-packages instead"
+    )
     args = parser.parse_args(argv)
     graph = module_graph(args.root)
-    edges = part_graph(graph)
+    edges = part_graph(graph, core_package_of_module if args.core else part_of_module)
     package_cycles = cycles({a: {b for (x, b) in edges if x == a} for (a, _) in edges})
     module_cycles = cycles(graph)
     if args.json:

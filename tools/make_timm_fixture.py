@@ -1,4 +1,4 @@
-"""Build the timm parity fixture used by tests/test_timm_parity.py.
+"""Build the timm parity fixture used by tests/model/test_timm_parity.py.
 
 The official Astroformer code is timm's MaxxVit/CoAtNet with the block layout C-C-C-T. This
 script builds a SMALL configuration through exactly the code path of

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from galmorph.training.randaugment import rand_augment
 
 # Beyond this ratio of source to output size, pre-shrink with antialiasing so bilinear

@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from galmorph.core.files import atomic_write_text
+from galmorph.core.modelfile.contract import TARGETS
 from galmorph.model.registry import model_entry
 from galmorph.training.augment import AugmentSettings
 from galmorph.training.distill import DISTILL_KINDS, DistillSettings
 from galmorph.training.mixup import MixupSettings
 from galmorph.training.precision import PRECISIONS
 from galmorph.training.sam import SAM_KINDS
-
-from galmorph.core.contract import TARGETS
-from galmorph.core.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -115,9 +115,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
-    from galmorph.training.contact_sheet import contact_sheet, examples_per_class
 
-    from galmorph.core.galaxy10 import OPTIONAL_COLUMNS, Galaxy10Error, Galaxy10File
+    from galmorph.core.data.galaxy10 import OPTIONAL_COLUMNS, Galaxy10Error, Galaxy10File
+    from galmorph.training.contact_sheet import contact_sheet, examples_per_class
 
     if args.per_class < 1:
         print("galmorph data inspect: --per-class must be at least 1", file=sys.stderr)

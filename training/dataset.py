@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from galmorph.core.galaxy10 import Galaxy10File
+from galmorph.core.data.galaxy10 import Galaxy10File
 
 # uint8 images [N, H, W, 3], int64 labels [N], and float32 vote counts [N, K] when asked for.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]

@@ -22,8 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from galmorph import __version__
 from galmorph.core.files import durable_replace, sha256_file
+from galmorph.core.version import __version__
 
 GALAXY10_URL = "https://zenodo.org/records/10845026/files/Galaxy10_DECals.h5"
 GALAXY10_SHA256 = "19aefc477c41bb7f77ff07599a6b82a038dc042f889a111b0d4d98bb755c1571"

@@ -7,8 +7,8 @@ mapped; other class sets are refused (EvaluationError).
 
 Both kinds of model are driven through the same `predict(uint8 NHWC) -> probabilities`
 interface: a run folder through `TorchPredictor` (also used for validation during training),
-an ONNX file through galmorph.core.engine.OnnxModel, the serving code itself. Images are resized
-as a whole to the model's input size (no crop), which is what the service feeds the model.
+an ONNX file through galmorph.core.modelfile.engine.OnnxModel, the serving code itself. Images are
+resized as a whole to the model's input size (no crop), which is what the service feeds the model.
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm import tqdm
+
+from galmorph.core.cutouts.resample import resize_images
+from galmorph.core.data.galaxy10 import Galaxy10File
+from galmorph.core.data.splits import SPLIT_NAMES, Split, SplitError
+from galmorph.core.files import atomic_write_text
 from galmorph.model.preprocess import ImagePreprocess
 from galmorph.model.sample_images import labels_in_classes
 from galmorph.training.augment import dihedral_views
 from galmorph.training.metrics import classification_report, vote_fraction_error
 from galmorph.training.plots import confusion_matrix_figure, reliability_diagram
 from galmorph.training.precision import Precision, resolve_precision
-from torch import nn
-from tqdm import tqdm
-
-from galmorph.core.files import atomic_write_text
-from galmorph.core.galaxy10 import Galaxy10File
-from galmorph.core.resample import resize_images
-from galmorph.core.splits import SPLIT_NAMES, Split, SplitError
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,10 @@ class TorchPredictor:
 
 
 class OnnxPredictor:
-    """galmorph.core.engine.OnnxModel with the evaluation interface."""
+    """galmorph.core.modelfile.engine.OnnxModel with the evaluation interface."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        from galmorph.core.engine import OnnxModel
+        from galmorph.core.modelfile.engine import OnnxModel
 
         self.engine = OnnxModel(path, intra_op_threads=threads, inter_op_threads=1)
         height, width = self.engine.input_size

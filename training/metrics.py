@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from galmorph.core.calibration import calibration_bins, expected_calibration_error
+from galmorph.core.modelfile.calibration import calibration_bins, expected_calibration_error
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

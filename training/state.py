@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from galmorph.model.checkpoint import CheckpointError
 from safetensors.torch import load_file, save_file
 
 from galmorph.core.files import atomic_write, atomic_write_text, sha256_file
+from galmorph.model.checkpoint import CheckpointError
 
 MANIFEST_NAME = "train_state.json"
 MANIFEST_FORMAT = "galmorph-train-state"

@@ -5,7 +5,7 @@ inclination and position angle, logarithmic spiral arms with star-forming clumps
 rings, thin edge-on disks with dust lanes, tidal tails of mergers, clumpy irregulars, field
 stars and faint background galaxies. The scene is convolved with a per-band Moffat PSF (FFT),
 given correlated sky noise and source Poisson noise, and rendered with the viewer's `dr2_rgb`
-stretch and north-up flip, exactly as `galmorph.core.imaging` does for real FITS cutouts.
+stretch and north-up flip, exactly as `galmorph.core.cutouts.imaging` does for real FITS cutouts.
 
 Geometry: every image covers the Galaxy10 field (256 x 0.262" = 67"), so `size` sets the pixel
 scale (0.262" at 256 px, 1.048" at 64 px), as if Galaxy10 were resized. Pixel values are
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from galmorph.core.contract import GALAXY10_CLASS_NAMES, LEGACY_SURVEY_PIXEL_SCALE
+from galmorph.core.cutouts.imaging import dr2_rgb, flip_north_up, to_uint8
 from galmorph.core.files import atomic_write
-from galmorph.core.imaging import dr2_rgb, flip_north_up, to_uint8
+from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, LEGACY_SURVEY_PIXEL_SCALE
 
 FIELD_PIXELS = 256  # Galaxy10 images: 256 px at the Legacy Survey scale
 MIN_SIZE, MAX_SIZE = 64, 256

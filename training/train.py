@@ -28,6 +28,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from galmorph.core.data.duplicates import duplicate_groups
+from galmorph.core.data.galaxy10 import VOTES_KEY, Galaxy10Error, Galaxy10File
+from galmorph.core.data.splits import Split, SplitError, make_split
+from galmorph.core.files import atomic_write_text
+from galmorph.core.modelfile.contract import GALAXY10_IMAGE_SIZE
 from galmorph.model.checkpoint import ModelSpec, save_model
 from galmorph.model.preprocess import ImagePreprocess
 from galmorph.model.registry import model_entry
@@ -64,16 +74,6 @@ from galmorph.training.precision import Precision, resolve_precision
 from galmorph.training.sam import SharpnessAware, frozen_batchnorm_statistics
 from galmorph.training.state import has_checkpoint, load_checkpoint, save_checkpoint
 from galmorph.training.votes import dirichlet_multinomial_nll
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-from galmorph.core.contract import GALAXY10_IMAGE_SIZE
-from galmorph.core.duplicates import duplicate_groups
-from galmorph.core.files import atomic_write_text
-from galmorph.core.galaxy10 import VOTES_KEY, Galaxy10Error, Galaxy10File
-from galmorph.core.splits import Split, SplitError, make_split
 
 logger = logging.getLogger(__name__)
 

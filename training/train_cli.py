@@ -232,11 +232,10 @@ def _with_split_flags(config: TrainConfig, val: float | None, test: float | None
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from galmorph.core.data.galaxy10 import Galaxy10Error
+    from galmorph.core.data.splits import SplitError
     from galmorph.model.checkpoint import CheckpointError
     from galmorph.training.evaluate import EvaluationError, EvaluationRequest, evaluate
-
-    from galmorph.core.galaxy10 import Galaxy10Error
-    from galmorph.core.splits import SplitError
 
     data = args.data or args.data_positional
     if data is None:

@@ -6,6 +6,11 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from starlette.datastructures import UploadFile
+
+from galmorph.core.cutouts import formats
+from galmorph.core.cutouts.decode import CutoutError
+from galmorph.core.cutouts.limits import Reserve
 from galmorph.service.data_plane import (
     ClassifyOptions,
     DecodedUpload,
@@ -44,11 +49,6 @@ from galmorph.service.uploads import (
     read_single_upload,
     to_upload,
 )
-from starlette.datastructures import UploadFile
-
-from galmorph.core import formats
-from galmorph.core.cutout_limits import Reserve
-from galmorph.core.decode import CutoutError
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
+
 from galmorph.service.dependencies import RuntimeDep
 from galmorph.service.schemas import Liveness, Readiness
 

@@ -12,7 +12,7 @@ The model's name is the card's `model_name`, its one version the first 12 hex di
 SHA-256 (as `GET /model` reports). An inference request sends exactly one input:
 
 - `images`, UINT8 `[N, H, W, 3]`: rendered RGB images; other sizes than the model's are fitted
-  as a PNG of them would be (galmorph.core.classifier.fit_array);
+  as a PNG of them would be (galmorph.core.cutouts.decode.fit_array);
 - `files`, BYTES `[N]`: encoded FITS/PNG/JPEG files, decoded exactly as `POST /classify`
   decodes an upload (in JSON, each element is the file in base64; with the binary tensor data
   extension, the raw bytes).
@@ -51,6 +51,19 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field, ValidationError
+
+from galmorph.core.cutouts.decode import CutoutError, DecodedCutout, fit_array
+from galmorph.core.cutouts.limits import Reserve
+from galmorph.core.data.tables import IN_DISTRIBUTION_NAME
+from galmorph.core.modelfile.contract import (
+    EMBEDDINGS_NAME,
+    INPUT_NAME,
+    OOD_SCORE_NAME,
+    OUTPUT_NAME,
+)
+from galmorph.core.modelfile.engine import OnnxModel
+from galmorph.core.version import __version__
 from galmorph.service.batching import Prediction
 from galmorph.service.data_plane import (
     ClassifyOptions,
@@ -85,15 +98,6 @@ from galmorph.service.uploads import (
     declared_length,
     parse_length,
 )
-from pydantic import BaseModel, Field, ValidationError
-
-from galmorph import __version__
-from galmorph.core.classifier import fit_array
-from galmorph.core.contract import EMBEDDINGS_NAME, INPUT_NAME, OOD_SCORE_NAME, OUTPUT_NAME
-from galmorph.core.cutout_limits import Reserve
-from galmorph.core.decode import CutoutError, DecodedCutout
-from galmorph.core.engine import OnnxModel
-from galmorph.core.tables import IN_DISTRIBUTION_NAME
 
 SERVER_NAME = "galmorph"
 PLATFORM = "onnx_onnxv1"  # the protocol's platform name for an ONNX model run by onnxruntime

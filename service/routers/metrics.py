@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from galmorph.service.dependencies import MetricsDep
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from galmorph.service.dependencies import MetricsDep
 
 router = APIRouter(tags=["metrics"])
 

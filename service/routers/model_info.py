@@ -6,12 +6,12 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Depends
+
+from galmorph.core.cutouts.imaging import STRETCHES
+from galmorph.core.modelfile.contract import INPUT_NAME
+from galmorph.core.modelfile.engine import OnnxModel
 from galmorph.service.dependencies import ReadyModelDep, require_api_key
 from galmorph.service.schemas import ModelInfo, TensorSpec, error_responses
-
-from galmorph.core.contract import INPUT_NAME
-from galmorph.core.engine import OnnxModel
-from galmorph.core.imaging import STRETCHES
 
 router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
 

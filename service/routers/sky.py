@@ -4,7 +4,7 @@ service (off unless GALMORPH_SKY_ENABLED; galmorph.service.sky has the fetcher).
 The cutout asked for is the model's field (its input size at its pixel scale, its bands), read
 from the server's cutout cache or fetched, checked, and cached; then it takes the same decode,
 queue and inference as an upload to /classify. The whole request is answered within
-`sky_deadline_s`: the fetch ends by it (galmorph.core.sky.CutoutClient.fetch), and decode,
+`sky_deadline_s`: the fetch ends by it (galmorph.core.sky.client.CutoutClient.fetch), and decode,
 queue and inference get what is left of it (at most `request_timeout_s`, as an upload).
 """
 
@@ -16,6 +16,9 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+
+from galmorph.core.cutouts.limits import CutoutError
+from galmorph.core.sky.client import FetchError, check_position, parse_degrees
 from galmorph.service.data_plane import (
     DecoderDep,
     OptionsDep,
@@ -34,9 +37,6 @@ from galmorph.service.schemas import (
 )
 from galmorph.service.sky import SkyCutouts, fetch_refusal
 from galmorph.service.uploads import Upload
-
-from galmorph.core.cutout_limits import CutoutError
-from galmorph.core.sky import FetchError, check_position, parse_degrees
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
 DEADLINE_GRACE_S = 0.5

@@ -3,8 +3,8 @@
 details and the model card.
 
 templates/index.html is a `string.Template`: the formats it names and its file-input `accept`
-list come from the format registry (galmorph.core.formats) when the page is served, and so do
-the settings the page must obey (files and bytes per batch request, whether the sky route is
+list come from the format registry (galmorph.core.cutouts.formats) when the page is served, and so
+do the settings the page must obey (files and bytes per batch request, whether the sky route is
 on); while the server is not ready the page says why (for a missing model: the commands that
 make one), with or without JavaScript; app.js then follows /readyz until the model is there.
 """
@@ -17,10 +17,10 @@ from string import Template
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
+
+from galmorph.core.cutouts import formats
 from galmorph.service.dependencies import RuntimeDep, SettingsDep
 from galmorph.service.settings import Settings
-
-from galmorph.core import formats
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # Outside static/: the page is only ever served filled in.

@@ -69,7 +69,7 @@ class Block:
 
 
 def _no_evaluator(example: Example) -> None:
-    raise AssertionError("blocks are run by tests/test_docs.py, not by Sybil's evaluators")
+    raise AssertionError("blocks are run by tests/journeys/test_docs.py, not by Sybil's evaluators")
 
 
 def read_blocks(document: str) -> list[Block]:

@@ -1,6 +1,6 @@
 """Small stand-ins for every file the docs' commands name, made once per test session.
 
-Each document then runs in its own copy of this folder (tests/test_docs.py), so a command
+Each document then runs in its own copy of this folder (tests/journeys/test_docs.py), so a command
 that writes (`--out runs/a4`, `scores/`) never sees another document's output.
 """
 
@@ -11,11 +11,11 @@ import gzip
 import shutil
 from pathlib import Path
 
-from galmorph.training.synth import synthesize
 from PIL import Image
 
+from galmorph.training.synth import synthesize
 from tests.docs_support.blocks import REPO_ROOT
-from tests.real_data import REAL_DATA
+from tests.support.real_data import REAL_DATA
 
 # Galaxy10's ten classes, balanced: 6 rows each leaves the paper recipe's 10 % validation and
 # test shares one row per class, so export has rows to calibrate and fit the OOD threshold on.
