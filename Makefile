@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_DIR ?= demo
+LAYOUT_TREE := .cache/layout
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: install browser nginx demo test lint typecheck bench gpu-check clean
@@ -17,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[serve,train,dev,ray]"
+	$(BIN)/python tools/layout_tree.py $(LAYOUT_TREE)
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -28,14 +30,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The packages install as galmorph.{model,training,service,scoring} from top-level folders;
-# mypy sees that layout through links, so cross-package imports are checked, not guessed.
-TYPECHECK_TREE := .cache/typecheck/galmorph
+# The parts install as galmorph.{model,training,service,scoring} from top-level folders; the
+# install links that layout into $(LAYOUT_TREE) (tools/layout_tree.py reads pyproject.toml), so
+# mypy and editors (pyproject's [tool.pyright]) check cross-part imports, not guess them.
 typecheck: install
-	rm -rf $(dir $(TYPECHECK_TREE)) && mkdir -p $(TYPECHECK_TREE)
-	ln -s $(CURDIR)/galmorph/*.py $(CURDIR)/galmorph/core $(TYPECHECK_TREE)/
-	for part in model training service scoring; do ln -s $(CURDIR)/$$part $(TYPECHECK_TREE)/$$part; done
-	$(BIN)/mypy $(TYPECHECK_TREE)
+	$(BIN)/python tools/layout_tree.py $(LAYOUT_TREE) >/dev/null
+	$(BIN)/mypy $(LAYOUT_TREE)/galmorph
 
 # The web page is tested in a real headless Chromium (Debian package), installed when absent.
 browser:

@@ -21,11 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # part -> parts (and watched libraries) it must never import
 FORBIDDEN = {
-    "core": {"model", "training", "service", "scoring", "torch"},
-    "model": {"training", "service", "scoring"},
-    "training": {"service", "scoring"},
-    "service": {"model", "training", "scoring", "torch"},
-    "scoring": {"model", "training", "service", "torch"},
+    "core": {"model", "training", "service", "scoring", "api", "torch"},
+    "model": {"training", "service", "scoring", "api"},
+    "training": {"service", "scoring", "api"},
+    "service": {"model", "training", "scoring", "api", "torch"},
+    "scoring": {"model", "training", "service", "api", "torch"},
+    # The Python API is a consumer beside the server and the scorer, not under them.
+    "api": {"model", "training", "service", "scoring", "torch"},
 }
 
 
@@ -36,7 +38,7 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_sees_every_part(graph: dict[str, set[str]]) -> None:
     seen = {part_of_module(module) for module in graph}
-    assert {"core", "model", "training", "service", "scoring", "galmorph"} <= seen
+    assert {"core", "model", "training", "service", "scoring", "api", "galmorph"} <= seen
     assert "torch" in {target for targets in graph.values() for target in targets}
 
 
@@ -139,3 +141,16 @@ def test_the_wheel_installs_nothing_outside_the_galmorph_namespace(tmp_path: Pat
                    "training/train.py", "service/app.py", "scoring/run.py",
                    "service/static/app.js", "service/templates/index.html"):  # fmt: skip
         assert f"galmorph/{module}" in names, module
+
+
+def test_the_layout_tree_mirrors_the_installed_packages(tmp_path: Path) -> None:
+    """mypy and editors check what is installed: every package in pyproject is in the tree."""
+    from tools.layout_tree import build
+
+    package = build(tmp_path / "layout", REPO_ROOT)
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for name in config["packages"]:
+        folder = package.parent.joinpath(*name.split("."))
+        assert (folder / "__init__.py").is_file(), name
+    assert (package / "model").resolve() == REPO_ROOT / "model"
+    assert (package / "core").resolve() == REPO_ROOT / "galmorph" / "core"
