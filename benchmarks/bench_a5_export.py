@@ -23,8 +23,8 @@ from benchmarks.common import RESULTS_DIR, write_results
 def run(work: Path, threads: int) -> dict[str, object]:
     import torch
 
+    from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
     from galmorph.core.modelfile.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME
-    from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
     from galmorph.core.modelfile.engine import OnnxModel
     from galmorph.model.checkpoint import ModelSpec, save_model
     from galmorph.model.export import export_model

@@ -68,18 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from galmorph.core.cutouts.decode import decode_cutout
-    from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, ModelCard
+    from galmorph.core.inputspec import InputSpec
 
-    card = ModelCard(
-        model_name="bench",
-        class_names=GALAXY10_CLASS_NAMES,
-        input_size=(256, 256),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-    )
+    spec = InputSpec(input_size=(256, 256))
     results = {}
     for name, data in cases().items():
-        timing = time_calls(partial(decode_cutout, data, card=card), args.repeats)
+        timing = time_calls(partial(decode_cutout, data, spec=spec), args.repeats)
         results[name] = {"bytes": len(data), **timing}
         print(
             f"{name:30s} wall {timing['median_ms']:7.2f} ms (p90 {timing['p90_ms']:.2f})"

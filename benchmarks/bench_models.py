@@ -160,7 +160,7 @@ def make_checkpoint(name: str, img_size: int, run_dir: Path) -> Path:
     """A seeded random initialisation saved as a run folder (what export reads)."""
     import torch
 
-    from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
+    from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
     from galmorph.model.checkpoint import ModelSpec, save_model
     from galmorph.model.registry import create_model
 
@@ -740,6 +740,82 @@ def run(
     }
 
 
+# --- --cpu-engines: OpenVINO bf16 vs onnxruntime fp32 vs torch eager fp32 / bf16 autocast ------
+
+OPENVINO_BF16 = "openvino_bf16"
+EAGER_BF16 = "torch_eager_bf16_autocast"
+
+
+def _torch_bf16_call(graph: Callable[..., Any], images: np.ndarray) -> Callable[[], np.ndarray]:
+    import torch
+
+    tensor = torch.from_numpy(images)
+
+    def run() -> np.ndarray:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return graph(tensor)[0].float().numpy()
+
+    return run
+
+
+def real_images(size: int) -> np.ndarray:
+    """The real Galaxy10 JPEGs the repository carries, at the model's input size."""
+    from PIL import Image
+
+    paths = sorted((REPO_ROOT / "tests" / "data" / "galaxy10-real").glob("*.jpg"))
+    return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in paths])
+
+
+def cpu_engines(name: str, img_size: int, batch: int, threads: int, work: Path) -> dict[str, Any]:
+    """One model, ready uint8 batches: every CPU contender in interleaved rounds, and each one's
+    answers on the real JPEGs against onnxruntime fp32 (the card's answers)."""
+    import torch
+
+    from galmorph.core.modelfile.openvino_engine import OpenVinoModel
+
+    torch.set_num_threads(threads)
+    run_dir = make_checkpoint(name, img_size, work / f"{name}_run")
+    path, _ = timed_export(run_dir, work / f"{name}.onnx", threads)
+    reference = open_cpu_model(path, threads)
+    started = time.perf_counter()
+    bf16 = OpenVinoModel(path, intra_op_threads=threads, inter_op_threads=1)
+    load_s = time.perf_counter() - started
+    graph = torch_graph(run_dir)
+    images = random_images(batch, img_size)
+    contenders: dict[str, Callable[[], object]] = {
+        OPENVINO_BF16: predict_call(bf16, images),
+        ORT: predict_call(reference, images),
+        EAGER: _torch_call(graph, images),
+        EAGER_BF16: _torch_bf16_call(graph, images),
+    }
+    timings = time_interleaved(contenders, warmup=1, repeats=5, settle_s=SETTLE_S)
+    real = real_images(img_size)
+    want = reference.predict(real)
+    answers = {
+        OPENVINO_BF16: bf16.predict(real),
+        EAGER: _torch_call(graph, real)(),
+        EAGER_BF16: _torch_bf16_call(graph, real)(),
+    }
+    return {
+        "model": f"{name} @ {img_size} px (seeded random weights)",
+        "batch_size": batch,
+        "engine": bf16.engine_report(),
+        "openvino_load_seconds": round(load_s, 2),
+        "contenders": {k: t.to_dict(items_per_call=batch) for k, t in timings.items()},
+        "speedup_of_openvino_bf16": {
+            f"vs_{other}": round(timings[other].median / timings[OPENVINO_BF16].median, 3)
+            for other in (ORT, EAGER, EAGER_BF16)
+        },
+        "vs_onnxruntime_fp32_on_real_jpegs": {
+            name: {
+                "max_abs_prob_diff": float(np.abs(got - want).max()),
+                "top1_equal": f"{int((got.argmax(1) == want.argmax(1)).sum())} of {len(want)}",
+            }
+            for name, got in answers.items()
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
@@ -758,7 +834,22 @@ def main(argv: list[str] | None = None) -> int:
         help="run folder of a trained gm_astroformer_tiny for the int8 study (default: train)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "models.json")
+    parser.add_argument(
+        "--cpu-engines",
+        action="store_true",
+        help="only OpenVINO bf16 vs onnxruntime fp32 vs torch fp32/bf16 on astroformer_0, batch "
+        "32 (results to models_cpu_engines.json)",
+    )
     args = parser.parse_args(argv)
+    if args.cpu_engines:
+        with tempfile.TemporaryDirectory(prefix="galmorph-bench-") as tmp:
+            name = (args.models or ["astroformer_0"])[0]
+            size = 32 if args.quick else args.img_size
+            result = cpu_engines(name, size, 2 if args.quick else 32, args.threads, Path(tmp))
+        out = RESULTS_DIR / "models_cpu_engines.json"
+        print(json.dumps(result["speedup_of_openvino_bf16"]))
+        print(write_results(out, {"benchmark": "CPU engines on ready batches", **result}))
+        return 0
 
     cases: Sequence[ModelCase] = QUICK_CASES if args.quick else FULL_CASES
     if args.models:

@@ -150,7 +150,7 @@ def decoded(files: list[Path], card: Any) -> np.ndarray:
     """Real files decoded exactly as the server decodes an upload of them."""
     from galmorph.core.cutouts.decode import decode_path
 
-    return np.stack([decode_path(path, card=card).image for path in files])
+    return np.stack([decode_path(path, spec=card.input_spec).image for path in files])
 
 
 def scores(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -77,25 +77,30 @@ def time_raw(model: OnnxModel, batch: int, images_total: int) -> dict[str, Any]:
 
 
 def start_server(
-    model_path: Path, threads: int, batch: str, delay: str, log: Path
+    model_path: Path, threads: int, batch: str, delay: str, log: Path, engine: str = "onnxruntime"
 ) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GALMORPH_")}
     # Every load connection comes from this one address: the per-client cap (32) is for
     # fairness between clients, which this throughput measurement has only one of.
     environment["GALMORPH_MAX_CONNECTIONS_PER_CLIENT"] = "256"
+    # A warmed-up connection waits at the start barrier for the slowest one (over 5 s with
+    # astroformer_0 on a busy 2-core machine); the server must not close it as idle meanwhile.
+    environment["GALMORPH_KEEP_ALIVE_TIMEOUT_S"] = "120"
     command = [
         *(sys.executable, "-m", "galmorph.cli", "serve", "--model", str(model_path)),
         *("--port", str(port), "--providers", "CPUExecutionProvider"),
         *("--threads", str(threads), "--max-batch-size", batch, "--max-delay-ms", delay),
-        *("--max-queue", "1024", "--log-level", "warning"),
+        *("--max-queue", "1024", "--log-level", "warning", "--engine", engine),
     ]
     with log.open("wb") as handle:
         process = subprocess.Popen(
             command, stdout=handle, stderr=subprocess.STDOUT, env=environment
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    # Loading, compiling (openvino) and warming astroformer_0 up took over a minute here under
+    # the neighbours' load.
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
@@ -228,6 +233,45 @@ def one_round(
     return figures
 
 
+def compare_engines(
+    model_path: Path, uploads: list[bytes], args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    """One batching server per engine, up together; each level's rounds alternate between
+    them (interleaved), and each engine's figures are its median round's."""
+    batch, delay = BATCHING["batching"]
+    servers: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+    levels: dict[str, Any] = {}
+    try:
+        for engine in args.engines:
+            log = work / engine
+            servers[engine] = start_server(model_path, args.threads, batch, delay, log, engine)
+        for concurrency in args.concurrency:
+            rounds: dict[str, list[dict[str, Any]]] = {engine: [] for engine in servers}
+            for _ in range(args.rounds):
+                for engine, (url, process) in servers.items():
+                    port = int(url.rsplit(":", 1)[1])
+                    figures = asyncio.run(
+                        load(port, uploads, concurrency, args.requests, process.pid)
+                    )
+                    rounds[engine].append(figures)
+                    print(engine, concurrency, figures, flush=True)
+            medians = {
+                engine: statistics.median(r["requests_per_s"] for r in runs)
+                for engine, runs in rounds.items()
+            }
+            first = args.engines[0]
+            levels[f"concurrency_{concurrency}"] = {
+                "requests_per_s_median": medians,
+                f"ratio_vs_{first}": {e: round(m / medians[first], 3) for e, m in medians.items()},
+                "rounds": rounds,
+            }
+    finally:
+        for _, process in servers.values():
+            process.terminate()
+            process.wait(timeout=15)
+    return levels
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
@@ -242,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per level (median)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "service.json")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=("onnxruntime", "openvino"),
+        help="instead of the batching study: these engines' servers (batching on) in "
+        "interleaved rounds, e.g. --engines onnxruntime openvino",
+    )
     args = parser.parse_args(argv)
 
     uploads = [path.read_bytes() for path in sorted((REAL_DATA / "galaxy10-real").glob("*.jpg"))]
@@ -258,6 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_path = write_model(work / "bench.onnx", spec)
             model_name = f"tests/onnx_factory {spec}"
+        if args.engines:
+            levels = compare_engines(model_path, uploads, args, work)
+            payload = {
+                "benchmark": "HTTP service on each CPU engine, batching on, interleaved rounds",
+                "model": model_name,
+                "threads": args.threads,
+                "requests_per_level": args.requests,
+                "upload": "real Galaxy10 256x256 JPEGs (decode included), raw request body",
+                "engines": levels,
+            }
+            print(write_results(args.out, payload))
+            return 0
         raw_model = OnnxModel(
             model_path, providers=["CPUExecutionProvider"], intra_op_threads=args.threads
         )

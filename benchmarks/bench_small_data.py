@@ -18,12 +18,18 @@ draws its own training file and trains with its own seed; the test file is share
    timed in interleaved rounds on the same images.
 3. --sweep: the evidence for the recipe: one knob at a time away from it, mean and sd over
    seeds (results/small_data_sweep.json; the table in docs/small_data.md).
+4. --real DIR: the same question on real galaxies (files from scripts/real_data/
+   build_real_sets.py; docs/real_data.md): each setting of REAL_SETTINGS and the timm peers
+   on a few hundred real SDSS galaxies with a rare class, plain, 8-view and 16-view TTA
+   (results/small_data_real.json).
 
 The defaults (gm_astroformer_tiny at 64 px, 300 training images) keep a run to about 40
 minutes on 2 CPU threads; `--model gm_astroformer_small --size 128` is the outside setting.
 
     .venv/bin/python -m benchmarks.bench_small_data [--seeds 3] [--threads 2]
     .venv/bin/python -m benchmarks.bench_small_data --sweep --epochs 15
+    .venv/bin/python -m benchmarks.bench_small_data --real /work/data/real --seeds 1 \
+        --settings recipe "any-angle rotation" --threads 1
 """
 
 from __future__ import annotations
@@ -127,12 +133,11 @@ def data_sets(workdir: Path, *, seeds: Sequence[int], n_train: int, n_test: int,
     return {"train": train, "test": test}
 
 
-def train_and_evaluate(
-    config_file: Path, data: Path, test: Path, out: Path, overrides: Sequence[str], seed: int
-) -> dict[str, Any]:
-    """Train as the config file says, then evaluate on the separate test file, plain and TTA."""
+def train_run(
+    config_file: Path, data: Path, out: Path, overrides: Sequence[str], seed: int
+) -> tuple[Path, float]:
+    """Train as the config file says; the run folder and the training seconds."""
     from galmorph.training.config import load_config
-    from galmorph.training.evaluate import EvaluationRequest, evaluate
     from galmorph.training.train import train
 
     config = load_config(
@@ -143,7 +148,21 @@ def train_and_evaluate(
     )
     started = time.perf_counter()
     run_dir = train(config)
-    seconds = time.perf_counter() - started
+    return run_dir, time.perf_counter() - started
+
+
+def train_and_evaluate(
+    config_file: Path,
+    data: Path,
+    test: Path,
+    out: Path,
+    overrides: Sequence[str],
+    seed: int,
+) -> dict[str, Any]:
+    """Train as the config file says, then evaluate on the separate test file, plain and TTA."""
+    from galmorph.training.evaluate import EvaluationRequest, evaluate
+
+    run_dir, seconds = train_run(config_file, data, out, overrides, seed)
     result: dict[str, Any] = {"train_seconds": round(seconds, 1)}
     for tta in (False, True):
         report = evaluate(
@@ -208,6 +227,276 @@ def sweep_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+# --real: real galaxies (scripts/real_data/build_real_sets.py writes the files). Each seed
+# draws REAL_TRAIN_IMAGES training rows in REAL_PROPORTIONS from the 1,400-row training file;
+# the test file keeps the same proportions, drawn once from the separate 600-row file.
+REAL_TRAIN_FILE = "gz2_sdss_train.h5"
+REAL_TEST_FILE = "gz2_sdss_test.h5"
+REAL_CLASSES = ("non-spiral", "spiral")
+REAL_PROPORTIONS = (0.7, 0.3)  # the spirals are the rare class
+REAL_RARE_CLASS = "spiral"
+# 16-view TTA: 8 angles 45 degrees apart, each unflipped and flipped.
+TTA_ANGLES = tuple(float(a) for a in range(0, 360, 45))
+# Settings on top of configs/small_data.yaml and the common overrides (later keys win).
+REAL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "recipe": (),
+    "lr 1e-3, no loss weights": ("lr=1e-3", "loss_weighting=none"),
+    "no loss weights": ("loss_weighting=none",),
+    "lr 1e-3": ("lr=1e-3",),
+    "any-angle rotation": ("augment.rotation=any",),
+    "no label smoothing": ("mixup.label_smoothing=0",),
+    "EMA 0.99": ("ema=true", "ema_decay=0.99"),
+    "2x epochs": ("epochs*2",),
+    "lr 1e-3, no loss weights, 2x epochs": ("lr=1e-3", "loss_weighting=none", "epochs*2"),
+    "input 96 px": ("img_size=96",),
+    "input 128 px": ("img_size=128",),
+    "lr 1e-3, no weights, any-angle": (
+        "lr=1e-3",
+        "loss_weighting=none",
+        "augment.rotation=any",
+    ),
+}
+PEERS = ("timm resnet18", "timm coatnet C-C-C-T")
+
+
+def real_sets(real_dir: Path, workdir: Path, *, seeds: Sequence[int], n_train: int) -> dict:
+    """One training subset per seed and one test file, in REAL_PROPORTIONS."""
+    import h5py
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with h5py.File(real_dir / REAL_TRAIN_FILE, "r") as handle:
+        train_labels = handle["ans"][()]
+    with h5py.File(real_dir / REAL_TEST_FILE, "r") as handle:
+        test_labels = handle["ans"][()]
+    train = {}
+    for seed in seeds:
+        rows = _stratified(train_labels, n_train, np.random.default_rng([seed, 27]))
+        train[seed] = _subset(real_dir / REAL_TRAIN_FILE, rows, workdir / f"train_s{seed}.h5")
+    # As many test rows as the rarest class allows in the same proportions.
+    n_test = int(min(np.bincount(test_labels) / np.asarray(REAL_PROPORTIONS)))
+    rows = _stratified(test_labels, n_test, np.random.default_rng(99))
+    test = _subset(real_dir / REAL_TEST_FILE, rows, workdir / "test.h5")
+    return {"train": train, "test": test}
+
+
+def _stratified(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    counts = np.floor(np.asarray(REAL_PROPORTIONS) * n).astype(int)
+    counts[0] += n - counts.sum()
+    picked = [
+        rng.choice(np.flatnonzero(labels == k), size=int(c), replace=False)
+        for k, c in enumerate(counts)
+    ]
+    return np.sort(np.concatenate(picked))
+
+
+def _subset(source: Path, rows: np.ndarray, out: Path) -> Path:
+    """The given rows of a real-set file, with its class names and provenance."""
+    import h5py
+
+    with h5py.File(source, "r") as src, h5py.File(out, "w") as dst:
+        for key in ("images", "ans", "source", "source_id"):
+            dst.create_dataset(key, data=src[key][rows])
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+    return out
+
+
+def _rows_in(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        return int(handle["ans"].shape[0])
+
+
+def _real_overrides(common: Sequence[str], setting: Sequence[str], epochs: int) -> list[str]:
+    """`epochs*2` doubles the common epochs; everything else is a --set override."""
+    return [f"epochs={epochs * 2}" if o == "epochs*2" else o for o in (*common, *setting)]
+
+
+def view_metrics(run_dir: Path, test: Path, rare: str) -> dict[str, float]:
+    """Plain, 8-view and 16-view TTA metrics of a run's model on every row of `test`.
+
+    The model is opened as `galmorph evaluate` opens it (fp32, the same resize), and the
+    16 views of TTA_ANGLES hold the 8 dihedral views (the multiples of 90 degrees, exact
+    pixel moves), so one pass gives what `evaluate` and `evaluate --tta` report, and more.
+    """
+    from galmorph.core.cutouts.resample import resize_images
+    from galmorph.core.data.galaxy10 import Galaxy10File
+    from galmorph.training.augment import rotated_views
+    from galmorph.training.evaluate import EvaluationRequest, _open_model
+    from galmorph.training.metrics import classification_report
+
+    predictor = _open_model(EvaluationRequest(model=run_dir, data=test, progress=False))[0]
+    data = Galaxy10File(test)
+    images = resize_images(
+        data.images(np.arange(data.num_images)), predictor.input_size, predictor.interpolation
+    )
+    per_view = np.stack([predictor.predict(v) for v in rotated_views(images, TTA_ANGLES)])
+    flips = (0, len(TTA_ANGLES))  # rotated_views: unflipped views first, then flipped
+    dihedral = [f + i for f in flips for i, a in enumerate(TTA_ANGLES) if a % 90 == 0]
+    result: dict[str, float] = {}
+    for suffix, views in (("", [0]), ("_tta", dihedral), ("_tta16", range(len(per_view)))):
+        report = classification_report(
+            per_view[list(views)].mean(0), data.labels, predictor.class_names
+        )
+        result[f"top1{suffix}"] = round(report["top1"], 4)
+        result[f"macro_f1{suffix}"] = round(report["macro_f1"], 4)
+        result[f"{rare}_recall{suffix}"] = round(report["per_class"][rare]["recall"], 4)
+    return result
+
+
+def real_benchmark(args: argparse.Namespace, sets: dict, workdir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in args.settings or [*REAL_SETTINGS, *PEERS]:
+        runs = []
+        for seed in args.seeds_list:
+            out = workdir / "runs" / f"{name.replace(' ', '_')}_s{seed}"
+            if name in PEERS:
+                run = train_peer(name, sets["train"][seed], sets["test"], seed, args)
+            else:
+                overrides = _real_overrides(args.common, REAL_SETTINGS[name], args.epochs)
+                run_dir, seconds = train_run(RECIPE, sets["train"][seed], out, overrides, seed)
+                run = {"train_seconds": round(seconds, 1)}
+                run.update(view_metrics(run_dir, sets["test"], REAL_RARE_CLASS))
+            print(name, seed, json.dumps(run), flush=True)
+            runs.append(run)
+        overrides = list(REAL_SETTINGS.get(name, ()))
+        results[name] = {"overrides": overrides, "runs": runs, **summarise(runs)}
+        _progress_file(args, results)
+    return results
+
+
+def train_peer(
+    name: str, train_file: Path, test_file: Path, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """A timm peer trained as the recipe trains (AdamW, cosine with warmup, the recipe's batch,
+    lr, weight decay, label smoothing, dihedral flips and epochs), evaluated like galmorph's
+    runs. timm comes from outside the project's venv (PYTHONPATH), as the issue allows."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    from galmorph.core.cutouts.resample import resize_images
+    from galmorph.core.data.galaxy10 import Galaxy10File
+    from galmorph.training.augment import BatchAugmenter, dihedral_views, rotated_views
+    from galmorph.training.config import load_config
+    from galmorph.training.metrics import classification_report
+
+    config = load_config(RECIPE, [*args.common, f"seed={seed}"], data=str(train_file), out="-")
+    torch.manual_seed(seed)
+    size = config.img_size or args.size
+    train, test = Galaxy10File(train_file), Galaxy10File(test_file)
+    classes = train.num_classes
+    if name == "timm resnet18":
+        model = timm.create_model("resnet18", num_classes=classes)
+    else:  # the Astroformer layout in timm's own CoAtNet code, ~3 M parameters
+        model = timm.create_model(
+            "coatnet_0_224", block_type=("C", "C", "C", "T"), embed_dim=(48, 96, 128, 192),
+            depths=(1, 2, 2, 1), img_size=size, num_classes=classes,
+        )  # fmt: skip
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+    def forward(uint8_nhwc: torch.Tensor) -> torch.Tensor:
+        x = uint8_nhwc.permute(0, 3, 1, 2).float().div(255)
+        return model((x - mean) / std)
+
+    images = torch.from_numpy(train.images(np.arange(train.num_images)))
+    labels = torch.from_numpy(train.labels.astype(np.int64))
+    augment = BatchAugmenter(config.augment, size)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = -(-train.num_images // config.batch_size)
+    total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    step = 0
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(train.num_images, generator=generator)
+        for start in range(0, train.num_images, config.batch_size):
+            batch = order[start : start + config.batch_size]
+            scale = (step + 1) / warmup if step < warmup else 0.5 * (
+                1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup))
+            )  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * float(scale)
+            logits = forward(augment(images[batch], generator))
+            loss = F.cross_entropy(
+                logits, labels[batch], label_smoothing=config.mixup.label_smoothing
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+    seconds = time.perf_counter() - started
+    model.eval()
+    test_images = resize_images(test.images(np.arange(test.num_images)), size)
+    result: dict[str, Any] = {"train_seconds": round(seconds, 1), "params": sum(
+        p.numel() for p in model.parameters()
+    )}  # fmt: skip
+    views_by_suffix = {
+        "": [test_images],
+        "_tta": dihedral_views(test_images),
+        "_tta16": rotated_views(test_images, TTA_ANGLES),
+    }
+    with torch.no_grad():
+        for suffix, views in views_by_suffix.items():
+            probabilities = np.mean(
+                [torch.softmax(forward(torch.from_numpy(v)), -1).numpy() for v in views], axis=0
+            )
+            report = classification_report(probabilities, test.labels, train.class_names)
+            result[f"top1{suffix}"] = round(report["top1"], 4)
+            result[f"macro_f1{suffix}"] = round(report["macro_f1"], 4)
+            recall = report["per_class"][REAL_RARE_CLASS]["recall"]
+            result[f"{REAL_RARE_CLASS}_recall{suffix}"] = round(recall, 4)
+    return result
+
+
+def merge_real(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One --real results document from several runs of the benchmark (each setting's runs
+    of every document, seeds in order; a --partial file is the `real` section alone)."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    first = next((d for d in documents if "real" in d), {})
+    for document in documents:
+        section = document.get("real", document)
+        seeds = document.get("data", {}).get("seeds")
+        for name, row in section.items():
+            for i, run in enumerate(row["runs"]):
+                seed = seeds[i] if seeds else run.get("seed", i)
+                runs.setdefault(name, {})[seed] = run
+    merged = {
+        name: {
+            "overrides": list(REAL_SETTINGS.get(name, ())),
+            "seeds_run": sorted(by_seed),
+            "runs": [by_seed[k] for k in sorted(by_seed)],
+            **summarise([by_seed[k] for k in sorted(by_seed)]),
+        }
+        for name, by_seed in runs.items()
+    }
+    data = dict(first.get("data", {}))
+    data.pop("seeds", None)
+    return {"data": data, "common_overrides": first.get("common_overrides"), "real": merged}
+
+
+def real_table(results: dict[str, Any], rare: str = REAL_RARE_CLASS) -> str:
+    """The docs/real_data.md table: mean +- sd over seeds, plain and TTA, rare-class recall."""
+    keys = ("top1", "top1_tta", "top1_tta16", f"{rare}_recall", f"{rare}_recall_tta")
+    rows = [
+        f"| setting | seeds | top-1 | top-1 TTA (8) | top-1 TTA (16) | {rare} recall | "
+        f"{rare} recall TTA | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        cells = [f"{row[k]['mean']:.3f} ± {row[k]['sd']:.3f}" if k in row else "–" for k in keys]
+        setting = " ".join(f"`{o}`" for o in row.get("overrides", ())) or ""
+        label = f"{name}: {setting}" if setting else name
+        seconds = f"{row['train_seconds']['mean']:.0f}"
+        rows.append(f"| {label} | {row['seeds']} | " + " | ".join(cells) + f" | {seconds} |")
+    return "\n".join(rows)
+
+
 def _progress_file(args: argparse.Namespace, results: dict[str, Any]) -> None:
     if args.partial is not None:
         args.partial.write_text(json.dumps(results, indent=1) + "\n")
@@ -216,6 +505,7 @@ def _progress_file(args: argparse.Namespace, results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds start here")
     parser.add_argument("--size", type=int, default=64, help="image size of the data sets")
     parser.add_argument("--n-train", type=int, default=300)
     parser.add_argument("--n-test", type=int, default=800)
@@ -238,15 +528,38 @@ def main(argv: list[str] | None = None) -> int:
         "--table", type=Path, metavar="RESULTS", help="print a sweep results file as markdown"
     )
     parser.add_argument("--out", type=Path, help="results file")
+    parser.add_argument(
+        "--real", type=Path, metavar="DIR", help="real sets from build_real_sets.py instead"
+    )
+    parser.add_argument(
+        "--settings", nargs="+", choices=[*REAL_SETTINGS, *PEERS], help="--real: just these"
+    )
+    parser.add_argument("--real-train", type=int, default=300, help="--real: training rows")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS",
+        help="--real results (or --partial files) of other seeds/settings, merged into --out",
+    )
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        write_results(args.out, merge_real([json.loads(p.read_text()) for p in args.merge]))
+        print(real_table(json.loads(args.out.read_text())["real"]))
+        return 0
     if args.table is not None:
-        print(sweep_table(json.loads(args.table.read_text())["sweep"]))
+        document = json.loads(args.table.read_text())
+        print(
+            real_table(document["real"]) if "real" in document else sweep_table(document["sweep"])
+        )
         return 0
 
     import torch
 
     torch.set_num_threads(args.threads)
-    args.seeds_list = list(range(args.seeds))
+    args.seeds_list = list(range(args.first_seed, args.first_seed + args.seeds))
     args.common = [
         f"model={args.model}",
         f"img_size={args.size}",
@@ -254,9 +567,29 @@ def main(argv: list[str] | None = None) -> int:
         f"epochs={args.epochs}",
     ]
     default_name = "small_data_sweep.json" if args.sweep else "small_data.json"
+    if args.real is not None:
+        default_name = "small_data_real.json"
     out_file = args.out or RESULTS_DIR / default_name
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
+        if args.real is not None:
+            real = real_sets(
+                args.real, workdir / "data", seeds=args.seeds_list, n_train=args.real_train
+            )
+            payload = {
+                "data": {
+                    "source": "scripts/real_data/build_real_sets.py gz2-sdss (docs/real_data.md)",
+                    "proportions": dict(zip(REAL_CLASSES, REAL_PROPORTIONS, strict=True)),
+                    "train_images": args.real_train,
+                    "test_images": _rows_in(real["test"]),
+                    "seeds": args.seeds_list,
+                },
+                "common_overrides": args.common,
+                "real": real_benchmark(args, real, workdir),
+            }
+            write_results(out_file, payload)
+            print(f"wrote {out_file}")
+            return 0
         sets = data_sets(
             workdir / "data",
             seeds=args.seeds_list,

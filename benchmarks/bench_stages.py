@@ -75,16 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     planes = {b: flip_north_up(p) for b, p in read_fits(fits_bytes, limits).planes.items()}
     stretch = STRETCHES["dr2_rgb"]
     rgb = stretch.render_bands(planes)
-    batch = np.stack([decode_cutout(fits_bytes, card=model.card).image] * 32)
+    batch = np.stack([decode_cutout(fits_bytes, spec=model.card.input_spec).image] * 32)
     stages = {
         "fits_parse": _timed(lambda: read_fits(fits_bytes, limits), args.repeats),
         "dr2_rgb_stretch": _timed(lambda: stretch.render_bands(planes), args.repeats),
         "to_uint8": _timed(lambda: to_uint8(rgb), args.repeats),
         "decode_cutout_fits": _timed(
-            lambda: decode_cutout(fits_bytes, card=model.card), args.repeats
+            lambda: decode_cutout(fits_bytes, spec=model.card.input_spec), args.repeats
         ),
         "decode_cutout_png": _timed(
-            lambda: decode_cutout(png_bytes, card=model.card), args.repeats
+            lambda: decode_cutout(png_bytes, spec=model.card.input_spec), args.repeats
         ),
     }
     for threads, threaded in models.items():

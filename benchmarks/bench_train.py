@@ -9,9 +9,15 @@
    in interleaved rounds: images/s from the median step, wall-clock and per CPU-second.
 2. --explore: the other levers, on the recipe's case, each against the default: channels_last
    (in fp32 and with the default), bf16 with every convolution autocast (no fp32 strided
-   depthwise ones), fused and foreach AdamW; the share of a step's CPU time that goes to the
-   input (augmentation, normalisation); --compile adds torch.compile (its compile seconds from
-   an empty cache, and steady images/s).
+   depthwise ones), the fp32 strided depthwise ones in channels_last, fp32 with oneDNN's bf16
+   math (VARIANTS), fused and foreach AdamW; the share of a step's CPU time that goes to the
+   input (augmentation, normalisation) and to reading a batch from an HDF5 file in-process (what
+   DataLoader workers could overlap with compute); --compile adds torch.compile (its compile
+   seconds from an empty cache, and steady images/s).
+   Every contender also records where its step's wall time goes: input, forward, backward
+   (with the fp32 loss), optimizer.
+   --profile: the recipe's step under torch.profiler, fp32 against the default, interleaved:
+   self CPU ms per step by kind of operator (convolutions, GELU, batch norm, dtype casts, ...).
 3. --accuracy: configs/small_data.yaml at fp32 and at precision=auto over 3 seeds on the
    low-data synthetic 4-class sets of bench_small_data.py; top-1, macro-F1, merger recall on
    the separate test file, evaluated in fp32 (as the exported model runs), plain and TTA.
@@ -24,11 +30,13 @@ benchmarks/results/train.json (parts not run keep their previous figures).
 
     .venv/bin/python -m benchmarks.bench_train [--threads 2] [--rounds 5]
     .venv/bin/python -m benchmarks.bench_train --explore --compile --accuracy --skip-demo
+    .venv/bin/python -m benchmarks.bench_train --profile --skip-demo
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -52,14 +60,49 @@ CASES = (
     ("astroformer_0_256px", "astroformer_0", 256, 8),
     ("demo_tiny_128px", "gm_astroformer_tiny", 128, 16),
 )
-# --explore: variant -> (precision, channels_last override, keep strided depthwise fp32, AdamW).
-VARIANTS: dict[str, tuple[str, bool | None, bool, str]] = {
-    "fp32": ("fp32", None, False, "for-loop"),
-    "fp32 + channels_last": ("fp32", True, False, "for-loop"),
-    "bf16, every conv autocast": ("bf16", None, False, "for-loop"),
-    "default + channels_last": ("auto", True, True, "for-loop"),
-    "default + fused AdamW": ("auto", None, True, "fused"),
-    "default + foreach AdamW": ("auto", None, True, "foreach"),
+# --explore: variant -> (precision, channels_last override, strided depthwise convolutions
+# (fp32 | fp32 channels_last | autocast), AdamW, oneDNN's math for fp32 convolutions and
+# matmuls (torch.backends.mkldnn.*.fp32_precision: "none" is exact fp32, "bf16" lets oneDNN
+# compute them in bf16 with fp32 tensors, as TF32 does on GPUs)).
+VARIANTS: dict[str, tuple[str, bool | None, str, str, str]] = {
+    "fp32": ("fp32", None, "autocast", "for-loop", "none"),
+    "fp32 + channels_last": ("fp32", True, "autocast", "for-loop", "none"),
+    "fp32 + oneDNN bf16 math": ("fp32", None, "autocast", "for-loop", "bf16"),
+    "bf16, every conv autocast": ("bf16", None, "autocast", "for-loop", "none"),
+    "default, strided depthwise fp32 in channels_last": (
+        "auto",
+        None,
+        "fp32-cl",
+        "for-loop",
+        "none",
+    ),
+    "default + channels_last": ("auto", True, "fp32", "for-loop", "none"),
+    "default + fused AdamW": ("auto", None, "fp32", "fused", "none"),
+    "default + foreach AdamW": ("auto", None, "fp32", "foreach", "none"),
+}
+# --profile: operator kinds, by aten name (self CPU time; the rest is "other").
+OP_KINDS = {
+    # fp32 runs some convolutions through im2col + GEMM (_slow_conv2d), the rest through oneDNN.
+    "convolution forward": ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward"),
+    "convolution backward": ("aten::convolution_backward", "aten::_slow_conv2d_backward"),
+    "GELU forward + backward": ("aten::gelu", "aten::gelu_backward"),
+    "batch norm forward + backward": (
+        "aten::native_batch_norm",
+        "aten::native_batch_norm_backward",
+        "aten::_batch_norm_with_update",
+    ),
+    "dtype casts (autocast, fp32 depthwise)": ("aten::copy_", "aten::_to_copy"),
+    "attention and linear (bmm, mm, softmax, layer norm)": (
+        "aten::bmm",
+        "aten::mm",
+        "aten::addmm",
+        "aten::_softmax",
+        "aten::_softmax_backward_data",
+        "aten::native_layer_norm",
+        "aten::native_layer_norm_backward",
+    ),
+    "residual adds and gradient accumulation": ("aten::add_", "aten::add"),
+    "augmentation (grid sample)": ("aten::grid_sampler_2d",),
 }
 
 
@@ -74,19 +117,21 @@ class Stepper:
         precision: str,
         *,
         channels_last: bool | None = None,
-        depthwise_fp32: bool = True,
+        depthwise: str = "fp32",
         adamw_impl: str = "for-loop",
         compile_model: bool = False,
+        fp32_math: str = "none",
     ) -> None:
         import numpy as np
         import torch
 
+        from galmorph.core.inputspec import IMAGENET_MEAN, IMAGENET_STD
         from galmorph.model.preprocess import ImagePreprocess
         from galmorph.model.registry import create_model
         from galmorph.training.augment import AugmentSettings, BatchAugmenter
         from galmorph.training.mixup import smooth_one_hot
         from galmorph.training.optim import adamw
-        from galmorph.training.precision import resolve_precision
+        from galmorph.training.precision import Fp32Conv2d, resolve_precision
 
         self.precision = resolve_precision(precision, torch.device("cpu"))
         self.channels_last = (
@@ -94,10 +139,15 @@ class Stepper:
         )
         torch.manual_seed(0)
         model = create_model(model_name, img_size=size).train()
-        if depthwise_fp32:
+        if depthwise != "autocast":
             self.precision.prepare(model, training=True)
+        if depthwise == "fp32-cl":
+            channels_last_conv = _strided_depthwise_fp32_channels_last()
+            for module in model.modules():
+                if type(module) is Fp32Conv2d:
+                    module.__class__ = channels_last_conv
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        model.to(memory_format=layout)
+        model.to(memory_format=layout)  # type: ignore[call-overload]
         optimizer = adamw(model, 1e-3, 0.05, (0.9, 0.999))
         if adamw_impl != "for-loop":
             optimizer = torch.optim.AdamW(
@@ -108,7 +158,7 @@ class Stepper:
         self.model = torch.compile(model) if compile_model else model
         self.optimizer = optimizer
         self.augmenter = BatchAugmenter(AugmentSettings(policy="galaxy"), size)
-        self.preprocess = ImagePreprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        self.preprocess = ImagePreprocess(IMAGENET_MEAN, IMAGENET_STD)
         rng = np.random.default_rng(0)
         self.images = torch.from_numpy(rng.integers(0, 256, (batch, size, size, 3), np.uint8))
         self.targets = smooth_one_hot(torch.from_numpy(rng.integers(0, 10, batch)), 10, 0.1)
@@ -116,14 +166,29 @@ class Stepper:
         self.setup = {
             "precision": self.precision.describe(),
             "channels_last": self.channels_last,
-            "depthwise_fp32": depthwise_fp32 and self.precision.bf16,
+            "strided_depthwise": depthwise if self.precision.bf16 else "fp32",
             "adamw": adamw_impl,
+            "onednn_fp32_math": fp32_math,
         }
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.input_cpu: list[float] = []  # augmentation and normalisation: the data side
+        self.phases: list[tuple[float, float, float, float]] = []  # input, fwd, bwd, optimizer
+        self.fp32_math = fp32_math
 
     def step(self) -> None:
+        import torch
+
+        # torch swaps this module for an object at import; its conv/matmul are not in its stubs.
+        onednn: Any = torch.backends.mkldnn
+        before = onednn.conv.fp32_precision, onednn.matmul.fp32_precision
+        onednn.conv.fp32_precision = onednn.matmul.fp32_precision = self.fp32_math
+        try:
+            self._step()
+        finally:
+            onednn.conv.fp32_precision, onednn.matmul.fp32_precision = before
+
+    def _step(self) -> None:
         import torch
 
         from galmorph.training.mixup import soft_target_cross_entropy
@@ -133,13 +198,19 @@ class Stepper:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.input_cpu.append(time.process_time() - cpu)
+        marks = [wall, time.perf_counter()]
         with self.precision.autocast():
             logits = self.model(x)
+        marks.append(time.perf_counter())
         soft_target_cross_entropy(logits.float(), self.targets).backward()
+        marks.append(time.perf_counter())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.wall.append(time.perf_counter() - wall)
+        marks.append(time.perf_counter())
+        self.wall.append(marks[-1] - wall)
         self.cpu.append(time.process_time() - cpu)
+        input_s, forward_s, backward_s, optimizer_s = (b - a for a, b in itertools.pairwise(marks))
+        self.phases.append((input_s, forward_s, backward_s, optimizer_s))
 
     def figures(self, warmup: int) -> dict[str, Any]:
         wall, cpu = self.wall[warmup:], self.cpu[warmup:]
@@ -152,8 +223,34 @@ class Stepper:
             "input_share_of_cpu": round(
                 statistics.median(self.input_cpu[warmup:]) / statistics.median(cpu), 3
             ),
+            # Medians of each phase: they need not add up to the median step exactly.
+            "phases_ms": {
+                name: round(1000 * statistics.median(p[k] for p in self.phases[warmup:]), 1)
+                for k, name in enumerate(("input", "forward", "backward (with loss)", "optimizer"))
+            },
             "steps": len(wall),
         }
+
+
+def _strided_depthwise_fp32_channels_last() -> type:
+    """Fp32Conv2d computing in channels_last: the cast to fp32 and the change of layout are
+    one copy, and oneDNN's fp32 depthwise convolution measured faster in channels_last."""
+    import torch
+
+    from galmorph.training.precision import Fp32Conv2d
+
+    class Fp32Conv2dChannelsLast(Fp32Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            device = x.device.type
+            if not torch.is_autocast_enabled(device):
+                return super().forward(x)
+            with torch.autocast(device, enabled=False):
+                y = self._conv_forward(
+                    x.to(torch.float32, memory_format=torch.channels_last), self.weight, self.bias
+                )
+            return y.to(torch.get_autocast_dtype(device), memory_format=torch.contiguous_format)
+
+    return Fp32Conv2dChannelsLast
 
 
 def interleave(steppers: dict[str, Stepper], *, warmup: int, rounds: int) -> dict[str, Any]:
@@ -186,25 +283,115 @@ def throughput(rounds: int) -> dict[str, Any]:
     return results
 
 
-def explore(rounds: int, with_compile: bool) -> dict[str, Any]:
+def explore(
+    rounds: int, with_compile: bool, previous: dict[str, Any], workdir: Path
+) -> dict[str, Any]:
     _, model, size, batch = CASES[0]
     steppers: dict[str, Stepper] = {"default": Stepper(model, size, batch, "auto")}
-    for name, (precision, channels_last, depthwise_fp32, impl) in VARIANTS.items():
+    for name, (precision, channels_last, depthwise, impl, fp32_math) in VARIANTS.items():
         steppers[name] = Stepper(
             model,
             size,
             batch,
             precision,
             channels_last=channels_last,
-            depthwise_fp32=depthwise_fp32,
+            depthwise=depthwise,
             adamw_impl=impl,
+            fp32_math=fp32_math,
         )
     results: dict[str, Any] = {"case": CASES[0][0]}
     results.update(interleave(steppers, warmup=2, rounds=rounds))
+    step_s = batch / results["default"]["images_per_s"]
+    results["batch_read_in_process"] = batch_read(size, batch, rounds, step_s, workdir)
     if with_compile:
         results["torch.compile"] = compile_cost(model, size, batch, rounds)
+    elif "torch.compile" in previous:
+        results["torch.compile"] = previous["torch.compile"]  # from an earlier --compile run
     print(json.dumps(results, indent=1), flush=True)
     return results
+
+
+def batch_read(size: int, batch: int, rounds: int, step_s: float, workdir: Path) -> dict[str, Any]:
+    """One training batch read from an HDF5 file in the training process (num_workers=0, as
+    configs/small_data.yaml has it): the most DataLoader workers could overlap with compute."""
+    import numpy as np
+
+    from galmorph.core.data.galaxy10 import Galaxy10File
+    from galmorph.training.dataset import Galaxy10Dataset, ShardedBatchSampler, make_loader
+    from galmorph.training.synth import synthesize
+
+    path = synthesize(workdir / "batches.h5", n=4 * batch, size=size, seed=0, progress=False)
+    dataset = Galaxy10Dataset(Galaxy10File(path), np.arange(4 * batch))
+    sampler = ShardedBatchSampler(len(dataset), batch, seed=0)
+    loader = make_loader(dataset, sampler, num_workers=0, seed=0)
+    seconds: list[float] = []
+    for epoch in range(rounds):
+        sampler.set_epoch(epoch)
+        batches = iter(loader)
+        while True:
+            started = time.perf_counter()
+            if next(batches, None) is None:
+                break
+            seconds.append(time.perf_counter() - started)
+    median = statistics.median(seconds)
+    return {
+        "file": f"synthetic, {size} px, as training/synth.py writes it",
+        "ms_per_batch": round(1000 * median, 1),
+        "share_of_default_step": round(median / step_s, 5),
+    }
+
+
+def profile(rounds: int) -> dict[str, Any]:
+    """Self CPU ms per step by operator kind (OP_KINDS), fp32 against the default, on the
+    recipe's case; rounds interleaved, means over them (the profiler slows small ops)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _, model, size, batch = CASES[0]
+    steppers = {p: Stepper(model, size, batch, p) for p in ("fp32", "auto")}
+    kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+    per_kind: dict[str, Counter[str]] = {name: Counter() for name in steppers}
+    others: dict[str, Counter[str]] = {name: Counter() for name in steppers}
+    for stepper in steppers.values():
+        stepper.step()
+        stepper.step()
+    for index in range(rounds):
+        order = list(steppers) if index % 2 == 0 else list(reversed(steppers))
+        for name in order:
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                steppers[name].step()
+            for event in prof.key_averages():
+                kind = kind_of.get(event.key, "other")
+                per_kind[name][kind] += event.self_cpu_time_total / 1000 / rounds
+                if kind == "other":
+                    others[name][event.key] += event.self_cpu_time_total / 1000 / rounds
+    table = {}
+    for kind in [*OP_KINDS, "other"]:
+        fp32, auto = per_kind["fp32"][kind], per_kind["auto"][kind]
+        table[kind] = {
+            "fp32_ms": round(fp32, 1),
+            "default_ms": round(auto, 1),
+            "speedup": round(fp32 / auto, 2) if auto else None,
+        }
+    totals = {name: sum(counts.values()) for name, counts in per_kind.items()}
+    result = {
+        "case": CASES[0][0],
+        "precision": steppers["auto"].precision.describe(),
+        "rounds": rounds,
+        "self_cpu_ms_per_step": table,
+        "total_ms": {"fp32": round(totals["fp32"]), "default": round(totals["auto"])},
+        "speedup_under_profiler": round(totals["fp32"] / totals["auto"], 2),
+        "largest_other_ops_ms": {
+            "fp32" if name == "fp32" else "default": {
+                op: round(ms, 1) for op, ms in counts.most_common(6)
+            }
+            for name, counts in others.items()
+        },
+    }
+    print(json.dumps(result, indent=1), flush=True)
+    return result
 
 
 def compile_cost(model: str, size: int, batch: int, rounds: int) -> dict[str, Any]:
@@ -337,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per contender")
     parser.add_argument("--explore", action="store_true", help="time the other levers too")
     parser.add_argument("--compile", action="store_true", help="with --explore: torch.compile")
+    parser.add_argument("--profile", action="store_true", help="step time by operator kind")
     parser.add_argument("--accuracy", action="store_true", help="fp32 vs default over seeds")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--accuracy-epochs", type=int, default=12)
@@ -351,15 +539,22 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     parts: dict[str, Any] = {
         key: previous[key]
-        for key in ("explore", "accuracy_by_precision", "demo")
+        for key in ("explore", "profile", "accuracy_by_precision", "demo")
         if key in previous
     }
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("throughput", lambda: throughput(args.rounds))
     ]
-    if args.explore:
-        steps.append(("explore", lambda: explore(args.rounds, args.compile)))
     with tempfile.TemporaryDirectory() as tmp:
+        if args.explore:
+            steps.append(
+                (
+                    "explore",
+                    lambda: explore(args.rounds, args.compile, parts.get("explore", {}), Path(tmp)),
+                )
+            )
+        if args.profile:
+            steps.append(("profile", lambda: profile(args.rounds)))
         if args.accuracy:
             steps.append(
                 (

@@ -84,6 +84,17 @@ BENCHMARKS = (
     ),
     # About 40 minutes on 2 cores: three seeds of two recipes, a teacher and its students.
     Benchmark("small_data", "benchmarks.bench_small_data", "training", takes_threads=True),
+    # The ANN libraries on 1 M synthetic embeddings (tens of minutes on 2 cores; the candidates
+    # other than usearch are measured only where installed), galmorph's index at 200 k, and
+    # neighbour quality with demo/model.onnx (make demo) against raw pixels.
+    Benchmark(
+        "similarity",
+        "benchmarks.bench_similarity",
+        "similarity",
+        args=("--parts", "libraries", "galmorph_index", "quality"),
+        quick_args=("--quick", "--parts", "galmorph_index"),
+        takes_threads=True,
+    ),
     # About 5 minutes: trains a small model, then scores stars, sky, artefacts and galaxies.
     Benchmark("ood", "benchmarks.bench_ood", "model", takes_threads=True),
 )

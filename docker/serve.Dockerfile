@@ -8,8 +8,9 @@
 # CUDA 13 needs an NVIDIA driver >= 580 on the host.
 #
 # Build from the repository root:  docker build -f docker/serve.Dockerfile -t galmorph-serve .
-# CPU-only image (about a tenth of the size, same code):
-#   docker build -f docker/serve.Dockerfile --build-arg RUNTIME_IMAGE=ubuntu:24.04 -t galmorph-serve:cpu .
+# CPU-only image (about a tenth of the size, same code, plus OpenVINO for bf16 CPUs):
+#   docker build -f docker/serve.Dockerfile --build-arg RUNTIME_IMAGE=ubuntu:24.04 \
+#       --build-arg EXTRA_REQUIREMENTS=requirements-cpu.txt -t galmorph-serve:cpu .
 ARG RUNTIME_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 # --- build: a virtualenv with the pinned serving requirements and the galmorph wheel ---------
@@ -26,8 +27,13 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 # Dependencies first, in their own layer: code changes do not re-download onnxruntime.
-COPY docker/requirements-serve.txt /tmp/requirements-serve.txt
-RUN pip install --no-deps --only-binary=:all: -r /tmp/requirements-serve.txt
+# EXTRA_REQUIREMENTS: a second lock beside it, e.g. requirements-cpu.txt (OpenVINO, bf16 on
+# CPUs that have it) for the CPU image; empty for the GPU image.
+ARG EXTRA_REQUIREMENTS=""
+COPY docker/requirements-serve.txt docker/requirements-cpu.txt /tmp/
+RUN pip install --no-deps --only-binary=:all: -r /tmp/requirements-serve.txt \
+    && if [ -n "$EXTRA_REQUIREMENTS" ]; then \
+        pip install --no-deps --only-binary=:all: -r "/tmp/$EXTRA_REQUIREMENTS"; fi
 COPY pyproject.toml README.md /src/
 COPY galmorph /src/galmorph
 COPY service /src/service

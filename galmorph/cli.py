@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "galmorph.service.cli",  # serve, classify
     "galmorph.scoring.cli",  # score, merge
     "galmorph.scoring.fetch_cli",  # fetch
+    "galmorph.similarity.cli",  # index build | add, similar
 )
 
 

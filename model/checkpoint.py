@@ -18,10 +18,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from galmorph.core.cutouts.resample import DEFAULT_INTERPOLATION
 from galmorph.core.files import atomic_write, atomic_write_text, sha256_file
-from galmorph.core.modelfile.contract import GALAXY10_DECALS
-from galmorph.model.registry import IMAGENET_MEAN, IMAGENET_STD
+from galmorph.core.inputspec import (
+    DEFAULT_INTERPOLATION,
+    GALAXY10_DECALS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InputSpec,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,7 +40,11 @@ class CheckpointError(ValueError):
 
 @dataclass
 class ModelSpec:
-    """How to rebuild a model and feed it: the JSON half of a checkpoint."""
+    """How to rebuild a model and feed it: the JSON half of a checkpoint.
+
+    The input fields are the run's InputSpec (`input_spec`), stored one by one as model.json
+    has always had them (square: one img_size).
+    """
 
     name: str
     num_classes: int
@@ -46,7 +54,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    # The imaging of the training images at img_size (galmorph.core.modelfile.contract.Imaging).
+    # The imaging of the training images at img_size (galmorph.core.inputspec.Imaging).
     stretch: str = GALAXY10_DECALS.stretch
     pixel_scale: float = GALAXY10_DECALS.pixel_scale
     training_data: dict[str, Any] = field(default_factory=dict)
@@ -56,12 +64,32 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         self.class_names = tuple(self.class_names)
-        self.mean = _triple(self.mean, "mean")
-        self.std = _triple(self.std, "std")
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+        checked = self.input_spec  # the input fields obey the InputSpec's rules
+        self.mean, self.std = checked.mean, checked.std
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(
+            input_size=(self.img_size, self.img_size),
+            mean=self.mean,
+            std=self.std,
+            stretch=self.stretch,
+            bands=dict(self.bands),
+            pixel_scale=self.pixel_scale,
+            interpolation=self.interpolation,
+        )
+
+    @classmethod
+    def fed_as(cls, input_spec: InputSpec, **rest: Any) -> ModelSpec:
+        """The spec of a model fed as `input_spec` (square); `rest` are the other fields."""
+        height, width = input_spec.input_size
+        if height != width:
+            raise ValueError(f"a checkpoint's input is square, got {height}x{width}")
+        values = input_spec.values()
+        del values["input_size"]
+        return cls(img_size=height, **values, **rest)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,13 +123,6 @@ class ModelSpec:
             drop_rate=self.drop_rate,
             drop_path_rate=self.drop_path_rate,
         )
-
-
-def _triple(values: Any, what: str) -> tuple[float, float, float]:
-    items = tuple(float(v) for v in values)
-    if len(items) != 3:
-        raise ValueError(f"{what} needs 3 values (R, G, B), got {len(items)}")
-    return items[0], items[1], items[2]
 
 
 def checkpoint_paths(run_dir: str | os.PathLike[str], filename: str = "model") -> tuple[Path, Path]:
@@ -144,8 +165,20 @@ def _weights_hash_of_same_model(spec_path: Path, document: dict[str, Any]) -> st
         return None
     described = {k: v for k, v in current.items() if not k.endswith("weights_sha256")}
     weights = current.get("weights_sha256")
-    same = described == json.loads(json.dumps(document))  # as JSON: tuples read back as lists
+    # As JSON (tuples read back as lists), and without what a run's next checkpoint changes.
+    same = _but_progress(described) == _but_progress(json.loads(json.dumps(document)))
     return weights if same and isinstance(weights, str) else None
+
+
+def _but_progress(document: dict[str, Any]) -> dict[str, Any]:
+    """A spec document without the metrics and the steps and epochs completed: the same run's
+    earlier checkpoint is the same model."""
+    training = {
+        k: v
+        for k, v in document.get("training_data", {}).items()
+        if k not in ("epochs_completed", "steps_completed")
+    }
+    return {k: v for k, v in document.items() if k != "metrics"} | {"training_data": training}
 
 
 def load_spec(run_dir: str | os.PathLike[str], filename: str = "model") -> ModelSpec:

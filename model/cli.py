@@ -5,16 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from galmorph.core.defaults import library_default, with_library_defaults
+
 if TYPE_CHECKING:
+    import numpy as np
+
     from galmorph.core.data.splits import Split
     from galmorph.model.checkpoint import ModelSpec
-    from galmorph.model.export import FitImages
+    from galmorph.model.export import ExportReport, FitImages
 
-# galmorph.core.modelfile.ood.DEFAULT_FPR, repeated here so that `--help` imports no numpy.
-DEFAULT_OOD_FPR = 0.05
+
+def _measure_cost() -> Callable[..., Any]:
+    from galmorph.model.flops import measure_cost
+
+    return measure_cost
+
+
+def _export_model() -> Callable[..., ExportReport]:
+    from galmorph.model.export import export_model
+
+    return export_model
+
+
+def _ood() -> ModuleType:
+    from galmorph.core.modelfile import ood
+
+    return ood
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument(
         "--img-size", type=int, default=None, help="input size (default: each model's own)"
     )
-    listing.add_argument("--num-classes", type=int, default=10)
+    listing.add_argument(
+        "--num-classes",
+        type=int,
+        default=library_default(_measure_cost, "num_classes"),
+        help="classifier width to count (default %(default)s)",
+    )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(func=_list_models)
     inspect = model_commands.add_parser(
@@ -45,8 +71,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model", type=Path, help="an exported galmorph .onnx file (or a folder for >2 GiB)"
     )
     inspect.add_argument("--json", action="store_true", help="print the card as JSON")
+    inspect.add_argument(
+        "--engine",
+        nargs="?",
+        const="auto",
+        # engine_choice.ENGINES (test_engine_choice.py): registration imports no onnxruntime
+        choices=("auto", "onnxruntime", "openvino"),
+        help="also open the model on this engine (alone: auto, as serve and score would) and "
+        "print what runs it: openvino's precision and parity, or onnxruntime's providers",
+    )
     inspect.set_defaults(func=_inspect)
+    _register_export(subparsers)
 
+
+def _register_export(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser(
         "export",
         help="export a training run to a verified, self-describing ONNX file",
@@ -65,7 +103,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("run_dir", type=Path, help="run folder holding model.safetensors/.json")
     export.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/model.onnx")
-    export.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20)")
+    export.add_argument(
+        "--opset",
+        type=int,
+        default=library_default(_export_model, "opset"),
+        help="ONNX opset (default %(default)s)",
+    )
     precision = export.add_mutually_exclusive_group()
     precision.add_argument(
         "--fp16", action="store_true", help="float16 weights/activations for GPU serving"
@@ -103,6 +146,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="JSON file of evaluation metrics to store in the metadata "
         "(default: RUN_DIR/evaluation.json, written by `galmorph evaluate`, when it exists)",
     )
+    _add_fit_arguments(export)
+    export.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    export.set_defaults(func=_export)
+
+
+def _add_fit_arguments(export: argparse.ArgumentParser) -> None:
+    """What the temperature and the OOD score are fitted on, and whether they are."""
     export.add_argument(
         "--data",
         type=Path,
@@ -127,14 +177,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--ood-fpr",
         type=float,
-        default=DEFAULT_OOD_FPR,
+        default=library_default(_ood, "DEFAULT_FPR"),
         help="fraction of in-distribution held-out images the OOD threshold flags "
-        f"(default {DEFAULT_OOD_FPR})",
+        "(default %(default)s)",
     )
-    export.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
-    export.set_defaults(func=_export)
 
 
+@with_library_defaults
 def _list_models(args: argparse.Namespace) -> int:
     from galmorph.model.flops import measure_cost
     from galmorph.model.registry import list_models, model_entry
@@ -171,16 +220,23 @@ def _inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from galmorph.core.modelfile.contract import TARGET_MEANINGS
-    from galmorph.core.modelfile.engine import CPU_PROVIDER, ModelLoadError, OnnxModel
+    from galmorph.core.modelfile.engine import CPU_PROVIDER, ModelLoadError
+    from galmorph.core.modelfile.engine_choice import open_model
 
     try:
-        model = OnnxModel(args.model, providers=[CPU_PROVIDER], intra_op_threads=1)
+        if args.engine is None:  # the card alone: the cheapest session
+            model = open_model(
+                args.model, engine="onnxruntime", providers=[CPU_PROVIDER], intra_op_threads=1
+            )
+        else:
+            model = open_model(args.model, engine=args.engine)
     except ModelLoadError as exc:
         print(f"galmorph model inspect: {exc}", file=sys.stderr)
         return 2
     card = model.card
+    engine = {} if args.engine is None else {"engine": model.engine_report()}
     if args.json:
-        document = {**asdict(card), "field_of_view": list(card.field_of_view)}
+        document = {**asdict(card), "field_of_view": list(card.field_of_view), **engine}
         print(json.dumps({"path": str(args.model), "sha256": model.sha256, **document}, indent=2))
         return 0
     height, width = card.input_size
@@ -228,6 +284,8 @@ def _inspect(args: argparse.Namespace) -> int:
         rows.append(
             ("metrics", f"top-1 {metrics['top1']:.4f}, macro-F1 {metrics.get('macro_f1', 0):.4f}")
         )
+    if engine:
+        rows.append(("engine", ", ".join(f"{k} {v}" for k, v in engine["engine"].items())))
     width_col = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width_col}}  {value}")
@@ -245,9 +303,8 @@ def _bands(bands: dict[str, str]) -> str:
     return "/".join(bands.get(channel, "?") for channel in "RGB")
 
 
+@with_library_defaults
 def _export(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from galmorph.model.checkpoint import CheckpointError, load_spec
     from galmorph.model.export import export_model
     from galmorph.model.sample_images import load_images
@@ -273,37 +330,7 @@ def _export(args: argparse.Namespace) -> int:
             count=args.parity_count,
         )
 
-    calib_images = eval_images = eval_labels = None
-    if args.int8:
-        if args.calib_data is None:
-            raise SystemExit("--int8 needs --calib-data (a Galaxy10-layout .h5)")
-        train_rows = test_rows = None
-        split_path = args.split or args.run_dir / "split.json"
-        if args.split or split_path.exists():
-            from galmorph.core.data.splits import Split
-
-            split = Split.load(split_path)
-            train_rows, test_rows = split.train, split.test
-        calib_images, _ = load_images(
-            args.calib_data,
-            size=spec.img_size,
-            interpolation=spec.interpolation,
-            count=args.calib_count,
-            indices=train_rows,
-        )
-        eval_images, eval_labels = load_images(
-            args.eval_data or args.calib_data,
-            size=spec.img_size,
-            interpolation=spec.interpolation,
-            count=args.eval_count,
-            seed=1,
-            indices=test_rows,
-            class_names=spec.class_names,
-        )
-        if eval_labels is None:
-            raise SystemExit("--eval-data must be a labelled Galaxy10-layout .h5 file")
-        eval_labels = np.asarray(eval_labels)
-
+    calib_images, eval_images, eval_labels = _int8_images(args, spec)
     report = export_model(
         args.run_dir,
         out,
@@ -319,8 +346,54 @@ def _export(args: argparse.Namespace) -> int:
         ood_fpr=None if args.no_ood else args.ood_fpr,
         intra_op_threads=args.threads,
     )
+    _print_report(report)
+    return 0
+
+
+def _int8_images(
+    args: argparse.Namespace, spec: ModelSpec
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(calibration images, evaluation images, their labels) for --int8; all None otherwise."""
+    import numpy as np
+
+    from galmorph.model.sample_images import load_images
+
+    if not args.int8:
+        return None, None, None
+    if args.calib_data is None:
+        raise SystemExit("--int8 needs --calib-data (a Galaxy10-layout .h5)")
+    train_rows = test_rows = None
+    split_path = args.split or args.run_dir / "split.json"
+    if args.split or split_path.exists():
+        from galmorph.core.data.splits import Split
+
+        split = Split.load(split_path)
+        train_rows, test_rows = split.train, split.test
+    calib_images, _ = load_images(
+        args.calib_data,
+        size=spec.img_size,
+        interpolation=spec.interpolation,
+        count=args.calib_count,
+        indices=train_rows,
+    )
+    eval_images, eval_labels = load_images(
+        args.eval_data or args.calib_data,
+        size=spec.img_size,
+        interpolation=spec.interpolation,
+        count=args.eval_count,
+        seed=1,
+        indices=test_rows,
+        class_names=spec.class_names,
+    )
+    if eval_labels is None:
+        raise SystemExit("--eval-data must be a labelled Galaxy10-layout .h5 file")
+    eval_labels = np.asarray(eval_labels)
+    return calib_images, eval_images, eval_labels
+
+
+def _print_report(report: ExportReport) -> None:
     parity = report.parity
-    print(f"wrote {report.path} ({precision}, {report.size_bytes / 1e6:.1f} MB)")
+    print(f"wrote {report.path} ({report.card.precision}, {report.size_bytes / 1e6:.1f} MB)")
     print(
         f"parity vs PyTorch: max |dp| = {parity.max_abs_diff:.2e}, argmax agreement "
         f"{parity.argmax_agreement:.4f} on {parity.num_images} images "
@@ -344,7 +417,6 @@ def _export(args: argparse.Namespace) -> int:
     if "int8_eval" in report.card.metrics:
         print("int8 accuracy change:", json.dumps(report.card.metrics["int8_eval"]))
     print("seconds:", json.dumps({k: round(v, 2) for k, v in report.seconds.items()}))
-    return 0
 
 
 def _fit_images(args: argparse.Namespace, spec: ModelSpec) -> FitImages | None:

@@ -1,21 +1,20 @@
 """Export a trained checkpoint to the self-describing ONNX file the service and scorer use.
 
-Graph contract (galmorph/core/modelfile/contract.py): input `images` uint8 [N, H, W, 3]; the /255,
-mean/std
-and NHWC->NCHW steps run inside the graph (galmorph.model.preprocess.ImagePreprocess, the module
-training itself uses); outputs `probabilities` float32 [N, K] (softmax of the logits divided by
-the calibrated temperature), `logits`, `embeddings` [N, D] (the input of the last Linear layer)
-and, when the export had labelled training images, `ood_score` [N]. N is dynamic, H and W are
-fixed (the relative position tables are sized for them).
+Graph contract (galmorph/core/modelfile/contract.py): input `images` uint8 [N, H, W, 3]; the
+/255, mean/std and NHWC->NCHW steps run inside the graph
+(galmorph.model.preprocess.ImagePreprocess, the module training itself uses); outputs
+`probabilities` float32 [N, K] (softmax of the logits divided by the calibrated temperature),
+`logits`, `embeddings` [N, D] (the input of the last Linear layer) and, when the export had
+labelled training images, `ood_score` [N]. N is dynamic, H and W are fixed (the relative
+position tables are sized for them).
 
-With labelled images (`FitImages`), the export fits what needs data before it traces the
-graph: the temperature on held-out rows (galmorph.core.modelfile.calibration; kept at 1 when it
-would
+With labelled images (`FitImages`), the export fits what needs data before it traces the graph:
+the temperature on held-out rows (galmorph.core.modelfile.calibration; kept at 1 when it would
 raise the ECE there), and the out-of-distribution score's class statistics on the run's training
-rows with its threshold on the held-out rows (galmorph.core.modelfile.ood). The held-out rows are
-the run's validation split or, for a run trained on every row, every row of a separate labelled file
-of the same classes (`load_held_out_fit_images`). Both go into the graph and the card
-(`calibration`, `ood`).
+rows with its threshold on the held-out rows (galmorph.core.modelfile.ood). The held-out rows
+are the run's validation split or, for a run trained on every row, every row of a separate
+labelled file of the same classes (`load_held_out_fit_images`). Both go into the graph and the
+card (`calibration`, `ood`).
 
 Models whose weights exceed protobuf's 2 GiB limit are written as a folder (model.onnx + the
 weights as ONNX external data, galmorph.core.modelfile.artifact) that every consumer loads like a
@@ -31,6 +30,11 @@ involved in tracing.
 Every export is checked before it is moved into place: onnxruntime against PyTorch on random
 uint8 batches (batch 1 and 5) and on real images when given; fp32 must agree to
 max |Δp| <= 1e-4 with identical argmax, or the export fails and leaves no file behind.
+
+`export_model` runs these as stages, each a function here that can be called alone, in file
+order: resolve (load the checkpoint, check every input) -> fit (temperature, OOD statistics) ->
+card -> trace (torch.onnx, ONNX checker) -> quantize (int8 only) -> check (onnxruntime parity)
+-> write (atomic; a folder over 2 GiB).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -91,59 +97,282 @@ class ExportError(RuntimeError):
     """The export could not be produced or did not reproduce the PyTorch model."""
 
 
-class ImageClassifierGraph(nn.Module):
-    """uint8 NHWC images -> (probabilities, logits, embeddings[, ood_score]): what the ONNX
-    graph computes. Probabilities are softmax(logits / temperature); the OOD score is
-    galmorph.core.modelfile.ood.mahalanobis_score of the embeddings, for the given class
-    statistics."""
+@dataclass(frozen=True)
+class ParityReport:
+    """onnxruntime vs PyTorch (fp32) on the same uint8 images."""
 
-    inverse_temperature: torch.Tensor
-    ood_origin: torch.Tensor
-    ood_whitener: torch.Tensor
-    ood_centres: torch.Tensor
-    ood_centre_norms: torch.Tensor
+    max_abs_diff: float  # max |Δp| over all probabilities
+    argmax_agreement: float  # fraction of images with the same top class
+    num_images: int
+    num_real_images: int
+    tolerance: float | None  # None: recorded, not enforced
 
-    def __init__(
-        self,
-        model: nn.Module,
-        mean: Sequence[float],
-        std: Sequence[float],
-        *,
-        compute_dtype: torch.dtype = torch.float32,
-        temperature: float = 1.0,
-        gaussians: ood.ClassGaussians | None = None,
-    ) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.preprocess = ImagePreprocess(mean, std)
-        self.model = model.to(compute_dtype)
-        self.compute_dtype = compute_dtype
-        self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature))
-        self.has_ood = gaussians is not None
-        if gaussians is not None:
-            # The score as matrix products: |z - m_c|^2 = |z|^2 - 2 z.m_c + |m_c|^2,
-            # z = (e - origin) W.
-            origin, whitener, centres = gaussians.mahalanobis_terms()
-            self.register_buffer("ood_origin", torch.from_numpy(origin).float())
-            self.register_buffer("ood_whitener", torch.from_numpy(whitener).float())
-            self.register_buffer("ood_centres", torch.from_numpy(centres.T.copy()).float())
-            self.register_buffer("ood_centre_norms", torch.from_numpy((centres**2).sum(1)).float())
+    @property
+    def passed(self) -> bool:
+        if self.tolerance is None:
+            return True
+        return self.max_abs_diff <= self.tolerance and self.argmax_agreement == 1.0
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = self.preprocess(images).to(self.compute_dtype)
-        model = cast(PreLogitsModel, self.model)
-        pre_logits = model.forward_pre_logits(x)
-        logits = model.classifier(pre_logits).float()
-        embeddings = pre_logits.float()
-        probabilities = (logits * self.inverse_temperature).softmax(dim=-1)
-        if not self.has_ood:
-            return probabilities, logits, embeddings
-        z = (embeddings - self.ood_origin) @ self.ood_whitener
-        distances = (z * z).sum(1, keepdim=True) - 2 * (z @ self.ood_centres)
-        distances = distances + self.ood_centre_norms
-        score = distances.min(dim=1).values.clamp_min(0.0) / z.shape[1]
-        return probabilities, logits, embeddings, score
+
+@dataclass
+class ExportReport:
+    path: Path
+    card: ModelCard
+    parity: ParityReport
+    seconds: dict[str, float] = field(default_factory=dict)  # export, parity, quantize, total
+    size_bytes: int = 0
+
+
+def export_onnx(
+    run_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], **options: Any
+) -> Path:
+    """Export a run folder's checkpoint to ONNX and return the file; options as `export_model`."""
+    return export_model(run_dir, out_path, **options).path
+
+
+def export_model(
+    run_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    opset: int = 20,
+    parity_images: np.ndarray | None = None,
+    metrics: dict[str, Any] | None = None,
+    precision: str = "fp32",
+    calib_images: np.ndarray | None = None,
+    eval_images: np.ndarray | None = None,
+    eval_labels: np.ndarray | None = None,
+    fit_images: FitImages | None = None,
+    calibrate: bool = True,
+    ood_fpr: float | None = ood.DEFAULT_FPR,
+    intra_op_threads: int | None = None,
+    seed: int = 0,
+) -> ExportReport:
+    """Checkpoint (model.safetensors + model.json) -> verified ONNX model at out_path (a file,
+    or a folder when the weights exceed 2 GiB).
+
+    parity_images: real uint8 NHWC images at the model's input size, checked in addition to
+    random ones. int8 needs calib_images (static QDQ calibration) and eval_images/eval_labels
+    (held-out images on which the accuracy change is measured and stored in the metadata).
+    fit_images: the run's labelled train/val images; with them the probabilities are
+    temperature-scaled (unless calibrate is False) and, unless ood_fpr is None, the graph gets
+    an `ood_score` output whose threshold flags that fraction of the validation images.
+
+    Nothing reaches out_path unless the check stage passed (stages: the module docstring).
+    """
+    int8 = _int8_images(precision, calib_images, eval_images, eval_labels)
+    started = time.perf_counter()
+    images = {"parity": parity_images, "calibration": calib_images, "evaluation": eval_images}
+    source = resolve(run_dir, precision, images=images, fit_images=fit_images, ood_fpr=ood_fpr)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "fit"):
+        fitted = fit(source, fit_images, calibrate=calibrate, ood_fpr=ood_fpr)
+        card = make_card(source, fitted, precision, metrics)
+    reference, traced = build_graphs(source, fitted, precision)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as work_dir:
+        work = Path(work_dir)
+        with _timed(seconds, "export"):
+            candidate = trace(traced, card, work, opset=opset, external=source.external)
+        batches = parity_batches(source.spec.img_size, parity_images, seed)
+        with _timed(seconds, "parity"):
+            if int8 is not None:
+                candidate, card = quantize(
+                    candidate, reference, batches, card, int8, work, seconds, intra_op_threads
+                )
+            parity = check(candidate, reference, batches, precision, intra_op_threads)
+        write(candidate, out, card, parity, external=source.external)
+    seconds["total"] = time.perf_counter() - started
+    report = ExportReport(out, card, parity, seconds, artifact_size(out))
+    log.info(
+        "exported %s (%s, %.1f MB) in %.1fs; parity max|Δp|=%.2e argmax agreement=%.3f",
+        out,
+        precision,
+        report.size_bytes / 1e6,
+        seconds["total"],
+        parity.max_abs_diff,
+        parity.argmax_agreement,
+    )
+    return report
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    tick = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = time.perf_counter() - tick
+
+
+def _int8_images(
+    precision: str,
+    calib_images: np.ndarray | None,
+    eval_images: np.ndarray | None,
+    eval_labels: np.ndarray | None,
+) -> Int8Images | None:
+    """The images int8 quantisation needs, or None for the float precisions."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "int8":
+        return None
+    if calib_images is None or eval_images is None or eval_labels is None:
+        raise ValueError("int8 export needs calibration images and labelled evaluation images")
+    return Int8Images(calib_images, eval_images, eval_labels)
+
+
+# --- Stage: resolve ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """The checkpoint being exported, loaded, with what the later stages need to know of it."""
+
+    model: nn.Module
+    spec: ModelSpec
+    targets: str  # what the run was trained on: "labels" or "votes" (its config.json)
+    external: bool  # weights over protobuf's 2 GiB limit: the model is written as a folder
+
+
+def resolve(
+    run_dir: str | os.PathLike[str],
+    precision: str = "fp32",
+    *,
+    images: Mapping[str, np.ndarray | None] | None = None,
+    fit_images: FitImages | None = None,
+    ood_fpr: float | None = ood.DEFAULT_FPR,
+) -> Source:
+    """The checkpoint loaded (CheckpointError when missing or damaged) and every input checked
+    against it before anything is traced or written; `images`: uint8 image sets by what they
+    are for (parity, calibration, evaluation), None where not given."""
+    model, spec = load_model(run_dir)
+    for what, given in (images or {}).items():
+        if given is not None:
+            _check_images(given, spec.img_size, what)
+    if fit_images is not None:
+        _check_fit_images(fit_images, spec.img_size, spec.num_classes)
+        if ood_fpr is not None and fit_images.train_images is None:
+            raise ValueError("the OOD score needs the run's training images (or ood_fpr=None)")
+    external = _needs_external_data(model, precision)
+    if external and precision == "int8":
+        raise ExportError("int8 export of a model over 2 GiB is not supported; use fp16")
+    return Source(model, spec, _run_targets(Path(run_dir)), external)
+
+
+def _check_images(images: np.ndarray, size: int, what: str) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"{what} images must be uint8 (N, {size}, {size}, 3), "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
+    if len(images) == 0:
+        raise ValueError(f"{what} images are empty")
+
+
+def _check_fit_images(fit: FitImages, size: int, num_classes: int) -> None:
+    for what, images, labels in (
+        ("training", fit.train_images, fit.train_labels),
+        ("validation", fit.val_images, fit.val_labels),
+    ):
+        if images is None or labels is None:
+            if images is not labels:
+                raise ValueError(f"{what} images and labels must be given together")
+            continue
+        _check_images(images, size, what)
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),):
+            raise ValueError(f"{len(labels)} {what} labels for {len(images)} {what} images")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"{what} labels must be class indices 0..{num_classes - 1}")
+
+
+def _run_targets(run_dir: Path) -> str:
+    """What the run was trained on ("labels" or "votes"), from its config.json."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        return "labels"
+    return str(json.loads(config.read_text()).get("targets", "labels"))
+
+
+def weight_bytes(model: nn.Module, precision: str = "fp32") -> int:
+    """Bytes the graph's weights take (works on the meta device: only shapes count)."""
+    itemsize = 2 if precision == "fp16" else 4
+    return sum(t.numel() * itemsize for t in model.state_dict().values())
+
+
+def _needs_external_data(model: nn.Module, precision: str) -> bool:
+    return weight_bytes(model, precision) > MAX_SINGLE_FILE_BYTES
+
+
+# --- Stages: calibrate and fit OOD ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What the export fitted on labelled images: the temperature and the OOD class statistics
+    go into the graph, the two records into the card."""
+
+    temperature: float
+    gaussians: ood.ClassGaussians | None  # None: the graph has no `ood_score` output
+    calibration: dict[str, Any]
+    ood: dict[str, Any]
+
+
+def fit(
+    source: Source,
+    fit_images: FitImages | None,
+    *,
+    calibrate: bool = True,
+    ood_fpr: float | None = ood.DEFAULT_FPR,
+) -> Fitted:
+    """The temperature on the held-out rows (`fit_calibration`) and, unless ood_fpr is None,
+    the OOD score's class statistics and threshold (`fit_ood`); without labelled images a
+    temperature of 1, recorded with the reason, and no OOD score."""
+    off_reason = _calibration_off_reason(calibrate, source.targets)
+    if fit_images is None:
+        reason = off_reason or "no labelled images were given to the export (--data)"
+        return Fitted(1.0, None, {"applied": False, "temperature": 1.0, "reason": reason}, {})
+    val_logits, val_embeddings, train_embeddings = fit_outputs(
+        source, fit_images, with_train=ood_fpr is not None
+    )
+    held_out = fit_images.held_out_file
+    calibration = fit_calibration(
+        val_logits, fit_images.val_labels, off_reason=off_reason, held_out_file=held_out
+    )
+    temperature = float(calibration["temperature"])
+    if ood_fpr is None or train_embeddings is None:
+        return Fitted(temperature, None, calibration, {})
+    assert fit_images.train_labels is not None
+    gaussians, ood_record = fit_ood(
+        train_embeddings, fit_images.train_labels, val_embeddings, ood_fpr, held_out_file=held_out
+    )
+    return Fitted(temperature, gaussians, calibration, ood_record)
+
+
+def _calibration_off_reason(calibrate: bool, targets: str) -> str | None:
+    """Why no temperature is fitted, or None to fit one."""
+    if not calibrate:
+        return NO_CALIBRATE_REASON
+    return VOTES_REASON if targets == "votes" else None
+
+
+def fit_outputs(
+    source: Source, fit_images: FitImages, *, with_train: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(validation logits, validation embeddings, training embeddings or None) of the
+    untempered graph."""
+    # The export's only bulk forward passes: on the GPU when there is one (then back, for
+    # the CPU parity check).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plain = ImageClassifierGraph(source.model, source.spec.mean, source.spec.std).eval().to(device)
+    try:
+        val_logits, val_embeddings = graph_outputs(plain, fit_images.val_images)
+        train_embeddings = None
+        if with_train and fit_images.train_images is not None:
+            _, train_embeddings = graph_outputs(plain, fit_images.train_images)
+    finally:
+        plain.to("cpu")
+    return val_logits, val_embeddings, train_embeddings
 
 
 @dataclass(frozen=True)
@@ -215,278 +444,13 @@ def _labelled(data: str | os.PathLike[str], **options: Any) -> tuple[np.ndarray,
     return images, labels
 
 
-@dataclass(frozen=True)
-class ParityReport:
-    """onnxruntime vs PyTorch (fp32) on the same uint8 images."""
-
-    max_abs_diff: float  # max |Δp| over all probabilities
-    argmax_agreement: float  # fraction of images with the same top class
-    num_images: int
-    num_real_images: int
-    tolerance: float | None  # None: recorded, not enforced
-
-    @property
-    def passed(self) -> bool:
-        if self.tolerance is None:
-            return True
-        return self.max_abs_diff <= self.tolerance and self.argmax_agreement == 1.0
-
-
-@dataclass
-class ExportReport:
-    path: Path
-    card: ModelCard
-    parity: ParityReport
-    seconds: dict[str, float] = field(default_factory=dict)  # export, parity, quantize, total
-    size_bytes: int = 0
-
-
-def build_card(
-    spec: ModelSpec,
-    *,
-    precision: str = "fp32",
-    metrics: dict[str, Any] | None = None,
-) -> ModelCard:
-    """The ModelCard (ONNX metadata) of a checkpoint; explicit metrics override the spec's."""
-    return ModelCard(
-        model_name=spec.name,
-        class_names=spec.class_names,
-        input_size=(spec.img_size, spec.img_size),
-        mean=spec.mean,
-        std=spec.std,
-        stretch=spec.stretch,
-        bands=dict(spec.bands),
-        pixel_scale=spec.pixel_scale,
-        interpolation=spec.interpolation,
-        precision=precision,
-        model_config={
-            "name": spec.name,
-            "num_classes": spec.num_classes,
-            "img_size": spec.img_size,
-            "drop_rate": spec.drop_rate,
-            "drop_path_rate": spec.drop_path_rate,
-        },
-        training_data=dict(spec.training_data),
-        metrics={**spec.metrics, **(metrics or {})},
-        package_version=__version__,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-
-
-def export_onnx(
-    run_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], **options: Any
-) -> Path:
-    """Export a run folder's checkpoint to ONNX and return the file; options as `export_model`."""
-    return export_model(run_dir, out_path, **options).path
-
-
-def export_model(
-    run_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    *,
-    opset: int = 20,
-    parity_images: np.ndarray | None = None,
-    metrics: dict[str, Any] | None = None,
-    precision: str = "fp32",
-    calib_images: np.ndarray | None = None,
-    eval_images: np.ndarray | None = None,
-    eval_labels: np.ndarray | None = None,
-    fit_images: FitImages | None = None,
-    calibrate: bool = True,
-    ood_fpr: float | None = ood.DEFAULT_FPR,
-    intra_op_threads: int | None = None,
-    seed: int = 0,
-) -> ExportReport:
-    """Checkpoint (model.safetensors + model.json) -> verified ONNX model at out_path (a file,
-    or a folder when the weights exceed 2 GiB).
-
-    parity_images: real uint8 NHWC images at the model's input size, checked in addition to
-    random ones. int8 needs calib_images (static QDQ calibration) and eval_images/eval_labels
-    (held-out images on which the accuracy change is measured and stored in the metadata).
-    fit_images: the run's labelled train/val images; with them the probabilities are
-    temperature-scaled (unless calibrate is False) and, unless ood_fpr is None, the graph gets
-    an `ood_score` output whose threshold flags that fraction of the validation images.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "int8" and (calib_images is None or eval_images is None or eval_labels is None):
-        raise ValueError("int8 export needs calibration images and labelled evaluation images")
-    started = time.perf_counter()
-    model, spec = load_model(run_dir)
-    size = spec.img_size
-    for what, images in (("parity", parity_images), ("calibration", calib_images)):
-        if images is not None:
-            _check_images(images, size, what)
-    if eval_images is not None:
-        _check_images(eval_images, size, "evaluation")
-    if fit_images is not None:
-        _check_fit_images(fit_images, size, spec.num_classes)
-        if ood_fpr is not None and fit_images.train_images is None:
-            raise ValueError("the OOD score needs the run's training images (or ood_fpr=None)")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    external = _needs_external_data(model, precision)
-    if external and precision == "int8":
-        raise ExportError("int8 export of a model over 2 GiB is not supported; use fp16")
-    seconds: dict[str, float] = {}
-    tick = time.perf_counter()
-    targets = _run_targets(Path(run_dir))
-    off_reason = None if calibrate else NO_CALIBRATE_REASON
-    if calibrate and targets == "votes":
-        off_reason = VOTES_REASON
-    temperature, gaussians, card = _fit(model, spec, fit_images, off_reason, ood_fpr, precision)
-    card = replace(card, targets=targets, metrics={**card.metrics, **(metrics or {})})
-    seconds["fit"] = time.perf_counter() - tick
-    reference = ImageClassifierGraph(
-        model, spec.mean, spec.std, temperature=temperature, gaussians=gaussians
-    ).eval()
-
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as work_dir:
-        work = Path(work_dir)
-        tick = time.perf_counter()
-        graph_dtype = torch.float16 if precision == "fp16" else torch.float32
-        graph_module = (
-            reference
-            if graph_dtype == torch.float32
-            else ImageClassifierGraph(
-                _copy_model(spec, model),
-                spec.mean,
-                spec.std,
-                compute_dtype=graph_dtype,
-                temperature=temperature,
-                gaussians=gaussians,
-            ).eval()
-        )
-        proto = _trace_to_onnx(graph_module, size, opset)
-        seconds["export"] = time.perf_counter() - tick
-        # A folder holds the graph and, for external data, its weights beside it.
-        candidate_dir = work / "candidate"
-        candidate_dir.mkdir()
-        candidate = candidate_dir / GRAPH_FILE_NAME
-        _save(proto, candidate, card, external)
-        del proto
-
-        rng = np.random.default_rng(seed)
-        random_batches = [
-            rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
-            for n in RANDOM_BATCH_SIZES
-        ]
-        real = [] if parity_images is None else list(_chunks(parity_images, 16))
-        tick = time.perf_counter()
-        if precision == "int8":
-            # The float graph must be right before it is quantised.
-            _require(
-                check_parity(candidate, reference, random_batches, real, "fp32", intra_op_threads),
-                "fp32 graph",
-            )
-            assert calib_images is not None and eval_images is not None
-            assert eval_labels is not None
-            quantised = work / "model.int8.onnx"
-            qtick = time.perf_counter()
-            quantize_int8(candidate, quantised, calib_images, work)
-            seconds["quantize"] = time.perf_counter() - qtick
-            card = replace(
-                card,
-                metrics={
-                    **card.metrics,
-                    "int8_eval": int8_accuracy_change(
-                        candidate, quantised, eval_images, eval_labels, intra_op_threads
-                    ),
-                },
-            )
-            candidate = work / "final.onnx"
-            _save(_load(quantised), candidate, card, external=False)
-        parity = check_parity(
-            candidate, reference, random_batches, real, precision, intra_op_threads
-        )
-        seconds["parity"] = time.perf_counter() - tick
-        _require(parity, precision)
-        if external:
-            # Only the graph file is rewritten; the weights file stays where it was checked.
-            final = _load(candidate, load_external_data=False)
-            _set_metadata(final, card, parity)
-            onnx_save(final, candidate)
-            _replace_folder(candidate_dir, out)
-        else:
-            final = _load(candidate)
-            _set_metadata(final, card, parity)
-            with atomic_write(out) as staged:
-                _write_proto(final, staged, external=False)
-    seconds["total"] = time.perf_counter() - started
-    report = ExportReport(out, card, parity, seconds, artifact_size(out))
-    log.info(
-        "exported %s (%s, %.1f MB) in %.1fs; parity max|Δp|=%.2e argmax agreement=%.3f",
-        out,
-        precision,
-        report.size_bytes / 1e6,
-        seconds["total"],
-        parity.max_abs_diff,
-        parity.argmax_agreement,
-    )
-    return report
-
-
 NO_CALIBRATE_REASON = "calibration was switched off (--no-calibrate)"
+
+
 VOTES_REASON = (
     "the run was trained on vote counts (targets=votes): its probabilities are the expected "
     "vote fractions, which a temperature fitted to the labels would change"
 )
-
-
-def _run_targets(run_dir: Path) -> str:
-    """What the run was trained on ("labels" or "votes"), from its config.json."""
-    config = run_dir / "config.json"
-    if not config.is_file():
-        return "labels"
-    return str(json.loads(config.read_text()).get("targets", "labels"))
-
-
-def _fit(
-    model: nn.Module,
-    spec: ModelSpec,
-    fit_images: FitImages | None,
-    off_reason: str | None,
-    ood_fpr: float | None,
-    precision: str,
-) -> tuple[float, ood.ClassGaussians | None, ModelCard]:
-    """(temperature, OOD class statistics or None, the card recording both); `off_reason`:
-    why no temperature is fitted, or None to fit one."""
-    card = build_card(spec, precision=precision)
-    if fit_images is None:
-        reason = off_reason or "no labelled images were given to the export (--data)"
-        return (
-            1.0,
-            None,
-            replace(card, calibration={"applied": False, "temperature": 1.0, "reason": reason}),
-        )
-    # The export's only bulk forward passes: on the GPU when there is one (then back, for
-    # the CPU parity check).
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    plain = ImageClassifierGraph(model, spec.mean, spec.std).eval().to(device)
-    try:
-        val_logits, val_embeddings = graph_outputs(plain, fit_images.val_images)
-        train_embeddings = None
-        if ood_fpr is not None and fit_images.train_images is not None:
-            _, train_embeddings = graph_outputs(plain, fit_images.train_images)
-    finally:
-        plain.to("cpu")
-    held_out = fit_images.held_out_file
-    calibration = fit_calibration(
-        val_logits, fit_images.val_labels, off_reason=off_reason, held_out_file=held_out
-    )
-    gaussians = None
-    ood_record: dict[str, Any] = {}
-    if ood_fpr is not None and train_embeddings is not None:
-        assert fit_images.train_labels is not None
-        gaussians, ood_record = fit_ood(
-            train_embeddings,
-            fit_images.train_labels,
-            val_embeddings,
-            ood_fpr,
-            held_out_file=held_out,
-        )
-    card = replace(card, calibration=calibration, ood=ood_record)
-    return float(calibration["temperature"]), gaussians, card
 
 
 def graph_outputs(graph: ImageClassifierGraph, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -613,41 +577,129 @@ def _held_out_record(held_out_file: str | None) -> dict[str, Any]:
     return {"split": "val"} if held_out_file is None else {"split": "all", "data": held_out_file}
 
 
-def _check_images(images: np.ndarray, size: int, what: str) -> None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-        raise ValueError(
-            f"{what} images must be uint8 (N, {size}, {size}, 3), "
-            f"got {images.dtype} {tuple(images.shape)}"
-        )
-    if len(images) == 0:
-        raise ValueError(f"{what} images are empty")
+# --- Stage: card -----------------------------------------------------------------------------
 
 
-def _check_fit_images(fit: FitImages, size: int, num_classes: int) -> None:
-    for what, images, labels in (
-        ("training", fit.train_images, fit.train_labels),
-        ("validation", fit.val_images, fit.val_labels),
-    ):
-        if images is None or labels is None:
-            if images is not labels:
-                raise ValueError(f"{what} images and labels must be given together")
-            continue
-        _check_images(images, size, what)
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),):
-            raise ValueError(f"{len(labels)} {what} labels for {len(images)} {what} images")
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"{what} labels must be class indices 0..{num_classes - 1}")
+def build_card(
+    spec: ModelSpec,
+    *,
+    precision: str = "fp32",
+    metrics: dict[str, Any] | None = None,
+) -> ModelCard:
+    """The ModelCard (ONNX metadata) of a checkpoint; explicit metrics override the spec's."""
+    return ModelCard(
+        model_name=spec.name,
+        class_names=spec.class_names,
+        **spec.input_spec.values(),
+        precision=precision,
+        model_config={
+            "name": spec.name,
+            "num_classes": spec.num_classes,
+            "img_size": spec.img_size,
+            "drop_rate": spec.drop_rate,
+            "drop_path_rate": spec.drop_path_rate,
+        },
+        training_data=dict(spec.training_data),
+        metrics={**spec.metrics, **(metrics or {})},
+        package_version=__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
-def weight_bytes(model: nn.Module, precision: str = "fp32") -> int:
-    """Bytes the graph's weights take (works on the meta device: only shapes count)."""
-    itemsize = 2 if precision == "fp16" else 4
-    return sum(t.numel() * itemsize for t in model.state_dict().values())
+def make_card(
+    source: Source, fitted: Fitted, precision: str, metrics: dict[str, Any] | None = None
+) -> ModelCard:
+    """The exported file's card: the checkpoint's, with what the run was trained on and what the
+    export fitted; explicit metrics override the spec's."""
+    card = build_card(source.spec, precision=precision, metrics=metrics)
+    return replace(card, targets=source.targets, calibration=fitted.calibration, ood=fitted.ood)
 
 
-def _needs_external_data(model: nn.Module, precision: str) -> bool:
-    return weight_bytes(model, precision) > MAX_SINGLE_FILE_BYTES
+# --- Stage: trace ----------------------------------------------------------------------------
+
+
+class ImageClassifierGraph(nn.Module):
+    """uint8 NHWC images -> (probabilities, logits, embeddings[, ood_score]): what the ONNX
+    graph computes. Probabilities are softmax(logits / temperature); the OOD score is
+    galmorph.core.modelfile.ood.mahalanobis_score of the embeddings, for the given class
+    statistics."""
+
+    inverse_temperature: torch.Tensor
+    ood_origin: torch.Tensor
+    ood_whitener: torch.Tensor
+    ood_centres: torch.Tensor
+    ood_centre_norms: torch.Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        temperature: float = 1.0,
+        gaussians: ood.ClassGaussians | None = None,
+    ) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.preprocess = ImagePreprocess(mean, std)
+        self.model = model.to(compute_dtype)
+        self.compute_dtype = compute_dtype
+        self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature))
+        self.has_ood = gaussians is not None
+        if gaussians is not None:
+            # The score as matrix products: |z - m_c|^2 = |z|^2 - 2 z.m_c + |m_c|^2,
+            # z = (e - origin) W.
+            origin, whitener, centres = gaussians.mahalanobis_terms()
+            self.register_buffer("ood_origin", torch.from_numpy(origin).float())
+            self.register_buffer("ood_whitener", torch.from_numpy(whitener).float())
+            self.register_buffer("ood_centres", torch.from_numpy(centres.T.copy()).float())
+            self.register_buffer("ood_centre_norms", torch.from_numpy((centres**2).sum(1)).float())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.preprocess(images).to(self.compute_dtype)
+        model = cast(PreLogitsModel, self.model)
+        pre_logits = model.forward_pre_logits(x)
+        logits = model.classifier(pre_logits).float()
+        embeddings = pre_logits.float()
+        probabilities = (logits * self.inverse_temperature).softmax(dim=-1)
+        if not self.has_ood:
+            return probabilities, logits, embeddings
+        z = (embeddings - self.ood_origin) @ self.ood_whitener
+        distances = (z * z).sum(1, keepdim=True) - 2 * (z @ self.ood_centres)
+        distances = distances + self.ood_centre_norms
+        score = distances.min(dim=1).values.clamp_min(0.0) / z.shape[1]
+        return probabilities, logits, embeddings, score
+
+
+def build_graphs(
+    source: Source, fitted: Fitted, precision: str
+) -> tuple[ImageClassifierGraph, ImageClassifierGraph]:
+    """(the fp32 reference the check compares against, the graph to trace): the same module,
+    or for fp16 a half-precision twin (the reference must stay fp32)."""
+    spec = source.spec
+    graph = partial(
+        ImageClassifierGraph, temperature=fitted.temperature, gaussians=fitted.gaussians
+    )
+    reference = graph(source.model, spec.mean, spec.std).eval()
+    if precision != "fp16":
+        return reference, reference
+    twin = _copy_model(spec, source.model)
+    return reference, graph(twin, spec.mean, spec.std, compute_dtype=torch.float16).eval()
+
+
+def trace(
+    graph: ImageClassifierGraph, card: ModelCard, work: Path, *, opset: int, external: bool
+) -> Path:
+    """The graph traced to ONNX, checked by the ONNX checker and written with its card as the
+    candidate under `work` (in its own folder: external weights go beside the graph)."""
+    proto = _trace_to_onnx(graph, card.input_size[0], opset)
+    candidate_dir = work / "candidate"
+    candidate_dir.mkdir()
+    candidate = candidate_dir / GRAPH_FILE_NAME
+    _save(proto, candidate, card, external)
+    return candidate
 
 
 def _copy_model(spec: ModelSpec, model: nn.Module) -> nn.Module:
@@ -685,12 +737,245 @@ def _trace_to_onnx(graph_module: nn.Module, size: int, opset: int) -> onnx.Model
     if got != {opset}:
         # The exporter silently raises too-old opsets (17 -> 18); say so instead.
         raise ExportError(f"asked for opset {opset}, the exporter produced {sorted(got)}")
+    _strip_trace_annotations(proto.graph)
+    for function in proto.functions:
+        del function.metadata_props[:]
+        for node in function.node:
+            del node.metadata_props[:]
     return proto
 
 
-def _set_metadata(proto: onnx.ModelProto, card: ModelCard, parity: ParityReport | None) -> None:
-    import json
+def _strip_trace_annotations(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node debugging notes (the exporting file's absolute path and line
+    numbers, FX node text, class names): with them, two checkouts of one commit export different
+    bytes, any edit to a model file changes every export, and each file carries the exporting
+    machine's paths. They take ~3 % of a file and nothing reads them."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _strip_trace_annotations(attribute.g)
+            for subgraph in attribute.graphs:
+                _strip_trace_annotations(subgraph)
 
+
+# --- Stage: check -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParityBatches:
+    """The uint8 NHWC batches ONNX and PyTorch are compared on."""
+
+    random: list[np.ndarray]
+    real: list[np.ndarray]
+
+
+def parity_batches(size: int, images: np.ndarray | None = None, seed: int = 0) -> ParityBatches:
+    """Seeded random batches of RANDOM_BATCH_SIZES, and the real images in batches of 16."""
+    rng = np.random.default_rng(seed)
+    random = [
+        rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8) for n in RANDOM_BATCH_SIZES
+    ]
+    return ParityBatches(random, [] if images is None else list(_chunks(images, 16)))
+
+
+def check(
+    candidate: Path,
+    reference: nn.Module,
+    batches: ParityBatches,
+    precision: str,
+    intra_op_threads: int | None = None,
+) -> ParityReport:
+    """onnxruntime on the candidate against the fp32 PyTorch reference; ExportError when they
+    disagree beyond the precision's tolerance (the export then writes nothing)."""
+    parity = check_parity(
+        candidate, reference, batches.random, batches.real, precision, intra_op_threads
+    )
+    _require(parity, precision)
+    return parity
+
+
+def _session(path: Path, intra_op_threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    # Parity is a CPU check: the same numbers on every host, GPU or not.
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_parity(
+    onnx_path: Path,
+    reference: nn.Module,
+    random_batches: Sequence[np.ndarray],
+    real_batches: Sequence[np.ndarray],
+    precision: str,
+    intra_op_threads: int | None = None,
+) -> ParityReport:
+    """Run both on the same batches; the reference is the fp32 PyTorch graph module."""
+    session = _session(onnx_path, intra_op_threads)
+    worst = 0.0
+    agree = total = 0
+    for batch in [*random_batches, *real_batches]:
+        onnx_probs = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        with torch.no_grad():
+            torch_probs = reference(torch.from_numpy(batch))[0].numpy()
+        if onnx_probs.shape != torch_probs.shape or onnx_probs.dtype != np.float32:
+            raise ExportError(
+                f"ONNX output is {onnx_probs.dtype} {onnx_probs.shape}, "
+                f"expected float32 {torch_probs.shape}"
+            )
+        worst = max(worst, float(np.abs(onnx_probs - torch_probs).max()))
+        agree += int((onnx_probs.argmax(1) == torch_probs.argmax(1)).sum())
+        total += len(batch)
+    return ParityReport(
+        max_abs_diff=worst,
+        argmax_agreement=agree / total,
+        num_images=total,
+        num_real_images=sum(len(b) for b in real_batches),
+        tolerance=PARITY_TOLERANCE.get(precision),
+    )
+
+
+def _require(parity: ParityReport, what: str) -> None:
+    if not parity.passed:
+        raise ExportError(
+            f"{what} ONNX does not reproduce PyTorch: max |Δp| = {parity.max_abs_diff:.3e} "
+            f"(tolerance {parity.tolerance}), argmax agreement {parity.argmax_agreement:.4f} "
+            f"on {parity.num_images} images; nothing was written"
+        )
+
+
+# --- Stage: quantize (int8) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Images:
+    """What int8 quantisation reads: uint8 images to calibrate on, and labelled held-out images
+    on which the accuracy change is measured."""
+
+    calibration: np.ndarray
+    evaluation: np.ndarray
+    labels: np.ndarray
+
+
+def quantize(
+    candidate: Path,
+    reference: nn.Module,
+    batches: ParityBatches,
+    card: ModelCard,
+    images: Int8Images,
+    work: Path,
+    seconds: dict[str, float],
+    intra_op_threads: int | None = None,
+) -> tuple[Path, ModelCard]:
+    """(the int8 candidate, its card with the accuracy change in `metrics.int8_eval`); the
+    float candidate is checked first: it must be right before it is quantised."""
+    parity = check_parity(
+        candidate, reference, batches.random, batches.real, "fp32", intra_op_threads
+    )
+    _require(parity, "fp32 graph")
+    quantised = work / "model.int8.onnx"
+    with _timed(seconds, "quantize"):
+        quantize_int8(candidate, quantised, images.calibration, work)
+    change = int8_accuracy_change(
+        candidate, quantised, images.evaluation, images.labels, intra_op_threads
+    )
+    card = replace(card, metrics={**card.metrics, "int8_eval": change})
+    final = work / "final.onnx"
+    _save(_load(quantised), final, card, external=False)
+    return final, card
+
+
+def quantize_int8(
+    fp32_path: Path, out_path: Path, calib_images: np.ndarray, work_dir: Path
+) -> None:
+    """Static QDQ quantisation (int8 weights per channel, uint8 activations) calibrated on
+    real images; onnxruntime fuses the QDQ pairs into integer kernels on CPU."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = _chunks(calib_images, 8)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    prepared = work_dir / "prepared.onnx"
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared),
+        str(out_path),
+        _Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+
+def int8_accuracy_change(
+    fp32_path: Path,
+    int8_path: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    intra_op_threads: int | None = None,
+) -> dict[str, Any]:
+    """Top-1 accuracy of both graphs on the same held-out images, and how often they agree."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(images),):
+        raise ValueError(f"{len(labels)} labels for {len(images)} evaluation images")
+
+    def predict(path: Path) -> np.ndarray:
+        session = _session(path, intra_op_threads)
+        return np.concatenate(
+            [session.run([OUTPUT_NAME], {INPUT_NAME: b})[0].argmax(1) for b in _chunks(images, 32)]
+        )
+
+    fp32_pred, int8_pred = predict(fp32_path), predict(int8_path)
+    fp32_acc = float((fp32_pred == labels).mean())
+    int8_acc = float((int8_pred == labels).mean())
+    return {
+        "num_images": len(images),
+        "fp32_accuracy": fp32_acc,
+        "int8_accuracy": int8_acc,
+        "accuracy_change": int8_acc - fp32_acc,
+        "prediction_agreement": float((fp32_pred == int8_pred).mean()),
+    }
+
+
+# --- Stage: write -----------------------------------------------------------------------------
+
+
+def write(
+    candidate: Path, out: Path, card: ModelCard, parity: ParityReport, *, external: bool
+) -> None:
+    """The checked candidate, with its card and parity record, put at out so that a crash
+    leaves the previous model or the new one whole: one file, or a folder when the weights are
+    external data (the candidate's folder, moved)."""
+    if external:
+        # Only the graph file is rewritten; the weights file stays where it was checked.
+        final = _load(candidate, load_external_data=False)
+        _set_metadata(final, card, parity)
+        onnx_save(final, candidate)
+        _replace_folder(candidate.parent, out)
+        return
+    final = _load(candidate)
+    _set_metadata(final, card, parity)
+    with atomic_write(out) as staged:
+        _write_proto(final, staged, external=False)
+
+
+def _set_metadata(proto: onnx.ModelProto, card: ModelCard, parity: ParityReport | None) -> None:
     props = card.to_metadata()
     if parity is not None:
         props[PARITY_KEY] = json.dumps(asdict(parity))
@@ -763,120 +1048,3 @@ def _replace_folder(staged: Path, target: Path) -> None:
 def _chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(images), size):
         yield images[start : start + size]
-
-
-def _session(path: Path, intra_op_threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if intra_op_threads is not None:
-        options.intra_op_num_threads = intra_op_threads
-    # Parity is a CPU check: the same numbers on every host, GPU or not.
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def check_parity(
-    onnx_path: Path,
-    reference: nn.Module,
-    random_batches: Sequence[np.ndarray],
-    real_batches: Sequence[np.ndarray],
-    precision: str,
-    intra_op_threads: int | None = None,
-) -> ParityReport:
-    """Run both on the same batches; the reference is the fp32 PyTorch graph module."""
-    session = _session(onnx_path, intra_op_threads)
-    worst = 0.0
-    agree = total = 0
-    for batch in [*random_batches, *real_batches]:
-        onnx_probs = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        with torch.no_grad():
-            torch_probs = reference(torch.from_numpy(batch))[0].numpy()
-        if onnx_probs.shape != torch_probs.shape or onnx_probs.dtype != np.float32:
-            raise ExportError(
-                f"ONNX output is {onnx_probs.dtype} {onnx_probs.shape}, "
-                f"expected float32 {torch_probs.shape}"
-            )
-        worst = max(worst, float(np.abs(onnx_probs - torch_probs).max()))
-        agree += int((onnx_probs.argmax(1) == torch_probs.argmax(1)).sum())
-        total += len(batch)
-    return ParityReport(
-        max_abs_diff=worst,
-        argmax_agreement=agree / total,
-        num_images=total,
-        num_real_images=sum(len(b) for b in real_batches),
-        tolerance=PARITY_TOLERANCE.get(precision),
-    )
-
-
-def _require(parity: ParityReport, what: str) -> None:
-    if not parity.passed:
-        raise ExportError(
-            f"{what} ONNX does not reproduce PyTorch: max |Δp| = {parity.max_abs_diff:.3e} "
-            f"(tolerance {parity.tolerance}), argmax agreement {parity.argmax_agreement:.4f} "
-            f"on {parity.num_images} images; nothing was written"
-        )
-
-
-def quantize_int8(
-    fp32_path: Path, out_path: Path, calib_images: np.ndarray, work_dir: Path
-) -> None:
-    """Static QDQ quantisation (int8 weights per channel, uint8 activations) calibrated on
-    real images; onnxruntime fuses the QDQ pairs into integer kernels on CPU."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = _chunks(calib_images, 8)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
-
-    prepared = work_dir / "prepared.onnx"
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(
-        str(prepared),
-        str(out_path),
-        _Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-
-
-def int8_accuracy_change(
-    fp32_path: Path,
-    int8_path: Path,
-    images: np.ndarray,
-    labels: np.ndarray,
-    intra_op_threads: int | None = None,
-) -> dict[str, Any]:
-    """Top-1 accuracy of both graphs on the same held-out images, and how often they agree."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.shape != (len(images),):
-        raise ValueError(f"{len(labels)} labels for {len(images)} evaluation images")
-
-    def predict(path: Path) -> np.ndarray:
-        session = _session(path, intra_op_threads)
-        return np.concatenate(
-            [session.run([OUTPUT_NAME], {INPUT_NAME: b})[0].argmax(1) for b in _chunks(images, 32)]
-        )
-
-    fp32_pred, int8_pred = predict(fp32_path), predict(int8_path)
-    fp32_acc = float((fp32_pred == labels).mean())
-    int8_acc = float((int8_pred == labels).mean())
-    return {
-        "num_images": len(images),
-        "fp32_accuracy": fp32_acc,
-        "int8_accuracy": int8_acc,
-        "accuracy_change": int8_acc - fp32_acc,
-        "prediction_agreement": float((fp32_pred == int8_pred).mean()),
-    }

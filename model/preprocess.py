@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from galmorph.core.inputspec import InputSpec
+
 
 class ImagePreprocess(nn.Module):
     """x/255, then (x - mean)/std per channel, with NHWC -> NCHW; mean/std on the 0..1 scale."""
@@ -23,6 +25,11 @@ class ImagePreprocess(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @classmethod
+    def of(cls, spec: InputSpec) -> ImagePreprocess:
+        """The input step of a model fed as `spec`."""
+        return cls(spec.mean, spec.std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0

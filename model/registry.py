@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from galmorph.core.cutouts.resample import DEFAULT_INTERPOLATION
+from galmorph.core.inputspec import InputSpec
 
 if TYPE_CHECKING:
     from torch import nn
-
-# ImageNet statistics: the Astroformer recipe registers no normalisation of its own, so timm
-# used these; galmorph pins them per variant and the model card records them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Modules whose import registers models.
 _MODEL_MODULES = ("galmorph.model.astroformer", "galmorph.model.vit_small")
@@ -32,26 +27,34 @@ ModelFactory = Callable[..., "nn.Module"]
 class ModelEntry:
     name: str
     factory: ModelFactory
-    default_img_size: int
     layout: str  # e.g. "C-C-C-T", or "ViT"
     source: str  # where the configuration comes from (paper, or "galmorph")
-    # How images are fed to the variant (timm's pretrained-cfg): normalisation inside the graph,
-    # and the resize of rendered images to default_img_size.
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = DEFAULT_INTERPOLATION
+    # How images are fed to the variant (timm's pretrained cfg): its input size, normalisation
+    # inside the graph, and the resize of rendered images; the default a training run starts
+    # from (galmorph.core.inputspec.resolve_input_spec).
+    input_spec: InputSpec
+
+    @property
+    def default_img_size(self) -> int:
+        return self.input_spec.input_size[0]
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str | None = None, *, default_img_size: int, layout: str, source: str
+    name: str | None = None,
+    *,
+    default_img_size: int,
+    layout: str,
+    source: str,
+    input_spec: InputSpec | None = None,
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Register `factory(*, num_classes, img_size, drop_rate, drop_path_rate)`.
 
     `default_img_size` is the variant's input size: what training and `create_model` use
-    when no size is given.
+    when no size is given. `input_spec` sets the rest of how the variant is fed (mean, std,
+    interpolation; ImageNet's mean/std and bicubic when None); its size is default_img_size.
 
     The name defaults to the factory's own name, as with timm's `@register_model`.
     """
@@ -61,7 +64,8 @@ def register_model(
         name = name or factory.__name__
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, factory, default_img_size, layout, source)
+        spec = replace(input_spec or InputSpec(), input_size=(default_img_size, default_img_size))
+        _REGISTRY[name] = ModelEntry(name, factory, layout, source, spec)
         return factory
 
     return decorate

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from galmorph.core.cutouts.formats import raster_suffixes
-from galmorph.core.cutouts.resample import DEFAULT_INTERPOLATION, resize_images
+from galmorph.core.cutouts.resample import resize_images
+from galmorph.core.inputspec import DEFAULT_INTERPOLATION
 
 if TYPE_CHECKING:
     from galmorph.core.data.galaxy10 import Galaxy10File

@@ -29,6 +29,7 @@ def build_manifest(
     stretch: str | None,
     cutouts: CutoutSpec | None = None,
     embeddings: bool = False,
+    engine: dict[str, Any] | None = None,
 ) -> Manifest:
     """What a rerun must match to resume in the same folder; `stretch` None means the model's.
 
@@ -51,6 +52,9 @@ def build_manifest(
     }
     if embeddings:  # parts with and without the column must not be merged
         settings["embeddings"] = True
+    if engine is not None and engine["engine"] != "onnxruntime":
+        # bf16 parts must not be merged with fp32 ones; onnxruntime (absent) is as before.
+        settings["engine"] = {"engine": engine["engine"], "precision": engine["precision"]}
     if cutouts is not None:
         fetched = cutouts.to_dict()
         del fetched["base_url"]

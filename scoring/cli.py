@@ -11,8 +11,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from galmorph.scoring.fetch_cli import add_cutout_arguments, sky_config
+from galmorph.core.defaults import library_default, with_library_defaults
+from galmorph.scoring.fetch_cli import add_cutout_arguments, catalog_options, sky_config
+
+if TYPE_CHECKING:
+    from galmorph.scoring.run import ScoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,12 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _score_config() -> type[ScoreConfig]:
+    from galmorph.scoring.run import ScoreConfig
+
+    return ScoreConfig
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     score = subparsers.add_parser(
         "score",
@@ -63,36 +74,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=SCORE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_catalog_arguments(score)
+    _add_shard_arguments(score)
+    _add_engine_arguments(score)
+    add_cutout_arguments(score)
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(func=run_score)
+    _register_merge(subparsers)
+
+
+def _add_catalog_arguments(score: argparse.ArgumentParser) -> None:
+    """What to score, with what, into where, and which catalog columns."""
     score.add_argument("catalog", help="catalog file, Galaxy10 .h5, folder or glob of cutouts")
     score.add_argument("--model", required=True, type=Path, help="galmorph ONNX model")
     score.add_argument("--out", required=True, type=Path, help="output folder (parts, manifest)")
     score.add_argument(
         "--format",
         choices=("parquet", "csv", "fits"),
-        default="parquet",
-        help="format of the merged output (parts are always Parquet; default parquet)",
+        default=library_default(_score_config, "output_format"),
+        help="format of the merged output (parts are always Parquet; default %(default)s)",
     )
-    score.add_argument("--id-col", default="id_str", help="catalog id column (default id_str)")
     score.add_argument(
-        "--path-col", default="file_loc", help="catalog cutout-path column (default file_loc)"
+        "--id-col",
+        default=library_default(catalog_options, "id_col"),
+        help="catalog id column (default %(default)s)",
+    )
+    score.add_argument(
+        "--path-col",
+        default=library_default(catalog_options, "path_col"),
+        help="catalog cutout-path column (default %(default)s)",
     )
     score.add_argument(
         "--passthrough",
         type=_columns,
-        default=(),
+        default=library_default(catalog_options, "passthrough"),
         metavar="COL,COL",
         help="extra catalog columns to copy to the output (ra, dec are copied when present)",
     )
+
+
+def _add_shard_arguments(score: argparse.ArgumentParser) -> None:
+    """How the catalog is cut into shards and batches, and how many processes work."""
     score.add_argument(
-        "--shard-size", type=_positive, default=10_000, help="rows per part file (default 10000)"
+        "--shard-size",
+        type=_positive,
+        default=library_default(_score_config, "shard_size"),
+        help="rows per part file (default %(default)s)",
     )
     score.add_argument(
-        "--shard-index", type=_non_negative, default=0, help="this task's index (Slurm array)"
+        "--shard-index",
+        type=_non_negative,
+        default=library_default(_score_config, "shard_index"),
+        help="this task's index (Slurm array; default %(default)s)",
     )
     score.add_argument(
         "--num-shards",
         type=_positive,
-        default=1,
+        default=library_default(_score_config, "num_shards"),
         help="number of tasks sharing the catalog; each scores a contiguous range of shards",
     )
     score.add_argument(
@@ -102,18 +140,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="decode worker processes (0: decode in the main process between batches; "
         "default: CPU cores minus 2, so onnxruntime keeps 2)",
     )
-    score.add_argument("--batch-size", type=_positive, default=32, help="inference batch size")
+    score.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=library_default(_score_config, "batch_size"),
+        help="inference batch size (default %(default)s)",
+    )
     score.add_argument(
         "--ort-threads",
         type=_positive,
         default=None,
         help="onnxruntime intra-op threads (default: CPU cores minus decode workers)",
     )
+
+
+def _add_engine_arguments(score: argparse.ArgumentParser) -> None:
+    """What runs the model, what the output holds, and where cutouts are cached."""
     score.add_argument(
         "--engine",
         choices=("local", "ray"),
-        default="local",
-        help="local: process pool + one session; ray: Ray Data actor pool (pip extra 'ray')",
+        default=library_default(_score_config, "engine"),
+        help="local: process pool + one session; ray: Ray Data actor pool (pip extra 'ray'); "
+        "default %(default)s",
+    )
+    score.add_argument(
+        "--model-engine",
+        # engine_choice.ENGINES (test_engine_choice.py): registration imports no onnxruntime
+        choices=("auto", "onnxruntime", "openvino"),
+        help="what runs the model (the server's --engine; default $GALMORPH_ENGINE, else auto): "
+        "auto picks openvino bf16 on a CPU-only host with bf16 units and the openvino package "
+        "(galmorph[cpu]), else onnxruntime; with --engine ray, onnxruntime",
     )
     score.add_argument(
         "--providers",
@@ -148,10 +204,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cutout cache folder for ra/dec catalogs (default: $GALMORPH_CUTOUT_CACHE, "
         "else ~/.cache/galmorph/cutouts)",
     )
-    add_cutout_arguments(score)
-    score.add_argument("--quiet", action="store_true", help="no progress bar")
-    score.set_defaults(func=run_score)
 
+
+def _register_merge(subparsers: argparse._SubParsersAction) -> None:
     merge = subparsers.add_parser(
         "merge",
         help="combine a scoring run's parts into one file, checking every row appears once",
@@ -168,6 +223,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.set_defaults(func=run_merge)
 
 
+@with_library_defaults
 def run_score(args: argparse.Namespace) -> int:
     from galmorph.core.modelfile.engine import (
         CpuFallbackError,
@@ -208,6 +264,7 @@ def run_score(args: argparse.Namespace) -> int:
         stretch=args.stretch,
         embeddings=args.embeddings,
         engine=args.engine,
+        model_engine=args.model_engine,
         progress=not args.quiet,
         merge=False if args.no_merge else None,
         sky=sky_config(args, args.cache),

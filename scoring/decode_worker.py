@@ -74,7 +74,7 @@ def _decode_one(settings: DecodeSettings, source: Any) -> np.ndarray:
         return _galaxy10_image(settings, int(source))
     try:
         return decode_path(
-            source, card=settings.card, stretch=settings.stretch, limits=settings.limits
+            source, spec=settings.card.input_spec, stretch=settings.stretch, limits=settings.limits
         ).image
     except CutoutError:
         if not os.path.exists(source):  # checked only on failure: no extra stat per cutout
@@ -88,7 +88,7 @@ def _sky_image(settings: DecodeSettings, source: dict[str, str | None]) -> np.nd
         raise RowError(source["error"] or "fetch: no cutout")
     try:
         decoded = decode_path(
-            path, card=settings.card, stretch=settings.stretch, limits=settings.limits
+            path, spec=settings.card.input_spec, stretch=settings.stretch, limits=settings.limits
         )
         problem = None
         if decoded.info.original_shape != settings.cutout_shape:

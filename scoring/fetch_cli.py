@@ -15,17 +15,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from galmorph.core.sky.cache import CACHE_ENV, DEFAULT_MAX_BYTES
-from galmorph.core.sky.options import (
-    DEFAULT_LAYER,
-    IMAGE_FORMATS,
-    LEGACY_SURVEY_VIEWER,
-    CutoutOptions,
-    Politeness,
-)
+from galmorph.core.defaults import library_default, with_library_defaults
+from galmorph.core.sky import cache
+from galmorph.core.sky.options import IMAGE_FORMATS, CutoutOptions, Politeness
 
 if TYPE_CHECKING:
     from galmorph.core.sky.client import CutoutSpec
+    from galmorph.scoring.catalog import CatalogOptions
     from galmorph.scoring.sky_fetch import SkyConfig
 
 FETCH_EPILOG = f"""\
@@ -45,7 +41,7 @@ Compute nodes without internet (Slurm): fetch on a login node, score on the arra
       --cache /shared/cutouts --offline --shard-index $SLURM_ARRAY_TASK_ID ...
 
 The cache is size-bounded (--cache-size; least recently used entries go first) and may be
-shared by several processes. Default cache folder for `score`: ${CACHE_ENV}, else
+shared by several processes. Default cache folder for `score`: ${cache.CACHE_ENV}, else
 ~/.cache/galmorph/cutouts.
 
 Exit status: 0 when every row has its cutout; 1 when some could not be fetched (rerun to
@@ -81,16 +77,40 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def catalog_options() -> type[CatalogOptions]:
+    """The catalog columns' defaults (imported when needed: the catalog module reads pyarrow)."""
+    from galmorph.scoring.catalog import CatalogOptions
+
+    return CatalogOptions
+
+
+def _cutout_options() -> type[CutoutOptions]:
+    return CutoutOptions
+
+
+def _politeness() -> type[Politeness]:
+    return Politeness
+
+
 def add_cutout_arguments(parser: argparse.ArgumentParser) -> None:
     """Position columns, what to request, the cache bound and politeness (fetch and score)."""
-    polite = Politeness()
     group = parser.add_argument_group(
         "cutouts by sky position (catalogs with ra/dec and no path column)"
     )
-    group.add_argument("--ra-col", default="ra", help="RA column, decimal degrees (default ra)")
-    group.add_argument("--dec-col", default="dec", help="Dec column, decimal degrees (default dec)")
     group.add_argument(
-        "--layer", default=DEFAULT_LAYER, help=f"survey layer (default {DEFAULT_LAYER})"
+        "--ra-col",
+        default=library_default(catalog_options, "ra_col"),
+        help="RA column, decimal degrees (default %(default)s)",
+    )
+    group.add_argument(
+        "--dec-col",
+        default=library_default(catalog_options, "dec_col"),
+        help="Dec column, decimal degrees (default %(default)s)",
+    )
+    group.add_argument(
+        "--layer",
+        default=library_default(_cutout_options, "layer"),
+        help="survey layer (default %(default)s)",
     )
     group.add_argument("--bands", default=None, help="bands to request (default: the model's)")
     group.add_argument(
@@ -108,13 +128,14 @@ def add_cutout_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cutout-format",
         choices=tuple(IMAGE_FORMATS),
-        default="fits",
-        help="fits: flux cubes rendered by galmorph (default); jpeg: the viewer's rendering",
+        default=library_default(_cutout_options, "image_format"),
+        help="fits: flux cubes rendered by galmorph; jpeg: the viewer's rendering "
+        "(default %(default)s)",
     )
     group.add_argument(
         "--cutout-url",
-        default=LEGACY_SURVEY_VIEWER,
-        help=f"cutout service base URL, for a mirror (default {LEGACY_SURVEY_VIEWER})",
+        default=library_default(_cutout_options, "base_url"),
+        help="cutout service base URL, for a mirror (default %(default)s)",
     )
     group.add_argument(
         "--offline",
@@ -124,32 +145,32 @@ def add_cutout_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cache-size",
         type=_byte_size,
-        default=DEFAULT_MAX_BYTES,
-        help=f"bound on the cache, e.g. 50G (default {DEFAULT_MAX_BYTES // 2**30}G)",
+        default=library_default(lambda: cache, "DEFAULT_MAX_BYTES"),
+        help=f"bound on the cache, e.g. 50G (default {cache.DEFAULT_MAX_BYTES // 2**30}G)",
     )
     group.add_argument(
         "--fetch-concurrency",
         type=_positive_int,
-        default=polite.concurrency,
-        help=f"requests in flight (default {polite.concurrency})",
+        default=library_default(_politeness, "concurrency"),
+        help="requests in flight (default %(default)s)",
     )
     group.add_argument(
         "--fetch-rate",
         type=_positive_float,
-        default=polite.rate,
-        help=f"requests per second to one host (default {polite.rate:g})",
+        default=library_default(_politeness, "rate"),
+        help="requests per second to one host (default %(default)s)",
     )
     group.add_argument(
         "--fetch-timeout",
         type=_positive_float,
-        default=polite.timeout,
-        help=f"seconds for one attempt (default {polite.timeout:g})",
+        default=library_default(_politeness, "timeout"),
+        help="seconds for one attempt (default %(default)s)",
     )
     group.add_argument(
         "--fetch-attempts",
         type=_positive_int,
-        default=polite.attempts,
-        help=f"tries per cutout, with backoff between them (default {polite.attempts})",
+        default=library_default(_politeness, "attempts"),
+        help="tries per cutout, with backoff between them (default %(default)s)",
     )
 
 
@@ -197,7 +218,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="galmorph ONNX model whose input size, pixel scale and bands the requests match",
     )
-    fetch.add_argument("--id-col", default="id_str", help="catalog id column (default id_str)")
+    fetch.add_argument(
+        "--id-col",
+        default=library_default(catalog_options, "id_col"),
+        help="catalog id column (default %(default)s)",
+    )
     add_cutout_arguments(fetch)
     fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     fetch.set_defaults(func=run_fetch)
@@ -209,7 +234,7 @@ def _spec(args: argparse.Namespace, config: SkyConfig) -> CutoutSpec:
 
     if args.model is not None:
         card = OnnxModel(args.model, providers=["CPUExecutionProvider"], intra_op_threads=1).card
-        return CutoutSpec.for_card(card, config.cutouts)
+        return CutoutSpec.for_input(card.input_spec, config.cutouts)
     if args.size is None or args.pixscale is None:
         raise ValueError("give --model, or --size and --pixscale, to say what to request")
     options = config.cutouts
@@ -224,6 +249,7 @@ def _spec(args: argparse.Namespace, config: SkyConfig) -> CutoutSpec:
     )
 
 
+@with_library_defaults
 def run_fetch(args: argparse.Namespace) -> int:
     from galmorph.core.modelfile.engine import ModelLoadError
     from galmorph.scoring.catalog import CatalogError, CatalogOptions, open_catalog

@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from galmorph.core.data.tables import (
+from galmorph.core.data.tables import IN_DISTRIBUTION_NAME, class_columns, embeddings_array
+from galmorph.core.modelfile.contract import (
     EMBEDDINGS_NAME,
-    IN_DISTRIBUTION_NAME,
     OOD_SCORE_NAME,
-    class_columns,
-    embeddings_array,
+    ModelCard,
+    ModelOutputs,
 )
-from galmorph.core.modelfile.contract import ModelCard, ModelOutputs
 from galmorph.scoring.shards import MODEL_SHA_COLUMN, ROW_INDEX
 
 if TYPE_CHECKING:

@@ -32,6 +32,7 @@ from galmorph.service.routers import (
     inference_protocol,
     metrics,
     model_info,
+    similar,
     sky,
     web,
 )
@@ -100,12 +101,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.decoder = decoder
     app.state.sky = sky_cutouts
+    app.state.similarity_index = similar.open_index(settings)
 
     routers = (classify, health, inference_protocol, model_info, metrics, web)
     for module in routers:
         app.include_router(module.router)
     # Off, /classify/sky answers 404 saying how to turn it on, and is not in the schema.
     app.include_router(sky.router, include_in_schema=settings.sky_enabled)
+    app.include_router(similar.router, include_in_schema=settings.similarity_index is not None)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     if settings.cors_origins:
         app.add_middleware(

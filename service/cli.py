@@ -13,9 +13,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from galmorph.core.cutouts import formats
+from galmorph.core.defaults import given, library_default, with_library_defaults
+
+if TYPE_CHECKING:
+    from galmorph.service.settings import Settings
 
 SERVE_EPILOG = """\
 Every option is also a setting: environment variables GALMORPH_<NAME> (e.g.
@@ -48,6 +52,7 @@ docs/scoring.md.
 # Flag name -> Settings field, for flags that override a setting when given.
 SERVE_OVERRIDES = {
     "model": "model_path",
+    "index": "similarity_index",
     "host": "host",
     "port": "port",
     "workers": "workers",
@@ -55,6 +60,7 @@ SERVE_OVERRIDES = {
     "require_gpu": "require_gpu",
     "allow_cpu_fallback": "allow_cpu_fallback",
     "threads": "intra_op_threads",
+    "engine": "engine",
     "max_batch_size": "max_batch_size",
     "max_delay_ms": "max_delay_ms",
     "max_queue": "max_queue",
@@ -66,6 +72,18 @@ SERVE_OVERRIDES = {
 }
 
 
+def _settings() -> type[Settings]:
+    from galmorph.service.settings import Settings
+
+    return Settings
+
+
+def _setting(name: str) -> Any:
+    """A serve flag's default: left unset, the setting applies (environment, .env, or this
+    default), so the flag shows the default without overriding them."""
+    return library_default(_settings, name)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve",
@@ -75,9 +93,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--model", type=Path, help="ONNX model file (setting model_path)")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    serve.add_argument(
+        "--index", type=Path, help="similarity index to serve /similar from (galmorph index)"
+    )
+    serve.add_argument(
+        "--host", default=_setting("host"), help="bind address (default %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=_setting("port"), help="port (default %(default)s)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=_setting("workers"),
+        help="uvicorn worker processes (default %(default)s)",
+    )
     serve.add_argument(
         "--providers",
         help="comma-separated onnxruntime providers in order (default: CUDA if present, CPU)",
@@ -96,6 +126,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: refuse to start)",
     )
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    serve.add_argument(
+        "--engine",
+        # engine_choice.ENGINES (test_engine_choice.py): registration imports no onnxruntime
+        choices=("auto", "onnxruntime", "openvino"),
+        default=_setting("engine"),
+        help="auto: openvino bf16 on a CPU-only host with bf16 units and the openvino package "
+        "(galmorph[cpu]), else onnxruntime (default %(default)s)",
+    )
     serve.add_argument("--max-batch-size", type=int, help="images per model run (1: no batching)")
     serve.add_argument("--max-delay-ms", type=float, help="longest wait to fill a batch")
     serve.add_argument("--max-queue", type=int, help="queued images before answering 503")
@@ -105,13 +143,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="if the model file is missing or unreadable, wait for it (not ready meanwhile)",
     )
-    serve.add_argument("--wait-interval", type=float, help="seconds between checks (default 5)")
+    serve.add_argument(
+        "--wait-interval",
+        type=float,
+        default=_setting("model_wait_interval_s"),
+        help="seconds between checks (default %(default)s)",
+    )
     serve.add_argument("--wait-timeout", type=float, help="give up after this many seconds")
     serve.add_argument("--log-format", choices=("text", "json"))
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--env-file", type=Path, help="settings file (default: ./.env)")
     serve.set_defaults(func=serve_command)
+    _register_classify(subparsers)
 
+
+def _register_classify(subparsers: argparse._SubParsersAction) -> None:
     classify = subparsers.add_parser(
         "classify",
         help="classify cutouts with a running galmorph server",
@@ -120,10 +166,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     classify.add_argument("files", nargs="+", type=Path, help=f"{formats.format_labels()} cutouts")
     classify.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     classify.add_argument("--stretch", help="FITS stretch (default: the model's)")
-    classify.add_argument("--top-k", type=int, default=3, help="classes to show per file")
+    classify.add_argument(
+        "--top-k",
+        type=int,
+        default=_setting("default_top_k"),
+        help="classes to show per file (default %(default)s)",
+    )
     classify.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     classify.add_argument("--json", action="store_true", help="print the raw JSON responses")
     classify.set_defaults(func=classify_command)
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the serve flags set: only those given, so that a flag left at its default
+    does not hide the environment or .env."""
+    return {
+        field: getattr(args, flag)
+        for flag, field in SERVE_OVERRIDES.items()
+        if given(getattr(args, flag))
+    }
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -138,11 +199,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from galmorph.service.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
     from galmorph.service.settings import Settings, is_loopback
 
-    overrides = {
-        field: getattr(args, flag)
-        for flag, field in SERVE_OVERRIDES.items()
-        if getattr(args, flag) is not None
-    }
+    overrides = serve_overrides(args)
     try:
         # _env_file is pydantic-settings' documented per-instance override of env_file.
         settings = Settings(_env_file=args.env_file or ".env", **overrides)  # type: ignore[call-arg]
@@ -173,6 +230,9 @@ def serve_command(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"galmorph serve: {exc}", file=sys.stderr)
             return 2
+    if problem := index_problem(settings):
+        print(f"galmorph serve: {problem}", file=sys.stderr)
+        return 2
     log_config = logging_config(settings.log_format, settings.log_level)
     logging.config.dictConfig(log_config)
     # Before the port opens and whether or not the model is there yet: a GPU host whose CUDA
@@ -218,6 +278,29 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_problem(settings: Settings) -> str | None:
+    """Why the similarity index cannot be served with this model (one line), or None."""
+    if settings.similarity_index is None:
+        return None
+    from galmorph.core.modelfile.artifact import artifact_sha256
+    from galmorph.service.routers.similar import open_index
+
+    try:
+        from galmorph.similarity.index import SimilarityError
+    except ImportError as exc:
+        return f"--index needs the similarity extra (pip install 'galmorph[similarity]'): {exc}"
+    try:
+        index = open_index(settings)
+    except SimilarityError as exc:
+        return str(exc)
+    if index is not None and settings.model_path is not None and settings.model_path.exists():
+        try:
+            index.check_model(artifact_sha256(settings.model_path), str(settings.model_path))
+        except SimilarityError as exc:
+            return str(exc)
+    return None
+
+
 def model_problem(path: Path) -> str | None:
     """Why the model at `path` cannot be served (one line), or None: it is opened once on the
     CPU, which reads and checks what every worker will (the graph, its input and outputs, the
@@ -261,6 +344,7 @@ def _post_file(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         return {"error": f"{exc.code}: {detail}"}
 
 
+@with_library_defaults
 def classify_command(args: argparse.Namespace) -> int:
     """Print one line per file: the top class, its probability and the runners-up."""
     failures = 0

@@ -1,35 +1,45 @@
-"""The data plane every classifying route shares, whatever its protocol: a request's options
-and deadline (`Job`), admission to the queue, decoding an upload within the decode budget, and
-queueing a decoded cutout for its prediction. `/classify`, `/classify/batch`, `/classify/sky`
-and the Open Inference Protocol routes call it; routers never import each other.
+"""The data plane every classifying route calls, whatever its protocol (REST or the Open
+Inference Protocol), as KServe's DataPlane is for its REST and gRPC servers: a route reads its
+request and writes its response; everything between is here.
+
+- `DataPlane` (a dependency, `PlaneDep`): the ready model, settings, metrics and decoder of one
+  request, and its clock. `admit(n)` refuses (503) before anything is decoded when the queue
+  could not take n images; `start(options)` opens a `Job`; `count(outcome)` and `counting()`
+  keep the `galmorph_cutouts` counter (ok, or the status a cutout was refused with).
+- `Job`: one request's options and deadline (decode, queue and inference all count).
+  `decode(upload)` and `fit(image)` make the model's input on the decode threads within the
+  memory budget; `predict(images)` queues them all together for the micro-batcher (all or none)
+  and waits within the deadline; `answer(item, prediction)` is /classify's result
+  (galmorph.service.results builds it; the Open Inference Protocol's tensors come from there too).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Literal
 
+import numpy as np
 from fastapi import Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from galmorph.core.cutouts.decode import FIT_MODES, DecodedCutout
+from galmorph.core.cutouts.decode import FIT_MODES, CutoutError, DecodedCutout, fit_array
 from galmorph.core.cutouts.imaging import STRETCHES
-from galmorph.service.batching import MicroBatcher, Prediction, QueueFullError
-from galmorph.service.decoding import Decoder, DecodeRequest, within_deadline
-from galmorph.service.dependencies import (
-    ReadyModel,
-)
+from galmorph.core.cutouts.limits import Reserve
+from galmorph.core.modelfile.contract import ModelCard
+from galmorph.core.modelfile.engine import OnnxModel
+from galmorph.service.batching import Prediction, QueueFullError
+from galmorph.service.decoding import DecodeBusyError, Decoder, DecodeRequest, within_deadline
+from galmorph.service.dependencies import MetricsDep, ReadyModel, ReadyModelDep, SettingsDep
+from galmorph.service.errors import cutout_status
 from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.results import build_result, png_base64
-from galmorph.service.schemas import (
-    ClassificationResult,
-)
+from galmorph.service.schemas import ClassificationResult
 from galmorph.service.settings import Settings
-from galmorph.service.uploads import (
-    Upload,
-    UploadError,
-)
+from galmorph.service.uploads import PayloadTooLargeError, Upload, UploadError
 
 if TYPE_CHECKING:
     StretchName = str
@@ -38,6 +48,10 @@ else:
     # The decoder's closed sets, validated here and listed as enums in the OpenAPI schema.
     StretchName = Literal[tuple(sorted(STRETCHES))]
     FitMode = Literal[FIT_MODES]
+
+# fit_array's peak over an image: Pillow holds RGB as 4 bytes a pixel (measured 4.01-4.14 at
+# 8192^2 with crop_pad and resize), plus the model-sized result.
+ARRAY_FIT_BYTES_PER_PIXEL = 5
 
 
 @dataclass(frozen=True)
@@ -87,85 +101,150 @@ def get_decoder(request: Request) -> Decoder:
 DecoderDep = Annotated[Decoder, Depends(get_decoder)]
 
 
+# What can refuse one cutout of a request (a batch answers each with its own status).
+CUTOUT_REFUSALS = (CutoutError, DecodeBusyError, PayloadTooLargeError, UploadError)
+
+
+def refusal_status(exc: Exception) -> int:
+    """The status one cutout's refusal (one of CUTOUT_REFUSALS) is answered with."""
+    if isinstance(exc, CutoutError):
+        return cutout_status(exc)
+    if isinstance(exc, DecodeBusyError):
+        return 503
+    if isinstance(exc, PayloadTooLargeError):
+        return 413
+    if isinstance(exc, UploadError):
+        return 422
+    raise TypeError(f"not a cutout's refusal: {exc!r}")
+
+
 @dataclass(frozen=True)
-class Job:
-    """What every cutout of one request shares: the model, settings, options, decoder and the
-    request's deadline (time.monotonic(); decode, queue and inference all count)."""
+class DataPlane:
+    """One request's way to the model: what it needs of the app, and its clock."""
 
     ready: ReadyModel
     settings: Settings
-    options: ClassifyOptions
+    metrics: ServiceMetrics
     decoder: Decoder
+    started: float  # time.perf_counter() as the route was entered: the answer's total_ms
+
+    @property
+    def model(self) -> OnnxModel:
+        return self.ready.model
+
+    def admit(self, images: int) -> None:
+        """Refuse (503) before decoding anything when the queue could not take `images` now."""
+        batcher = self.ready.batcher
+        if batcher.queue_length + images > batcher.config.max_queue:
+            raise QueueFullError(batcher.retry_after_s(images))
+
+    def start(self, options: ClassifyOptions, deadline: float | None = None) -> Job:
+        """The request's clock starts once its body is read (slow uploads have their own
+        timeout); `deadline` (time.monotonic()) shortens it, as /classify/sky's own does."""
+        if options.embeddings and not self.model.has_embeddings:
+            raise HTTPException(
+                422,
+                f"embeddings=true but model {self.model.card.model_name!r} has no embeddings "
+                "output (exported before galmorph wrote them): export it again",
+            )
+        own = time.monotonic() + self.settings.request_timeout_s
+        return Job(self, options, own if deadline is None else min(own, deadline))
+
+    def count(self, outcome: int | str) -> None:
+        """One cutout handled: "ok" or the HTTP status it was refused with."""
+        self.metrics.cutouts.labels(str(outcome)).inc()
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Counts a cutout refused inside (a decode's refusal) under its status, and re-raises."""
+        try:
+            yield
+        except (CutoutError, DecodeBusyError) as exc:
+            self.count(refusal_status(exc))
+            raise
+
+
+def get_data_plane(
+    request: Request, ready: ReadyModelDep, settings: SettingsDep, metrics: MetricsDep
+) -> DataPlane:
+    return DataPlane(ready, settings, metrics, get_decoder(request), time.perf_counter())
+
+
+PlaneDep = Annotated[DataPlane, Depends(get_data_plane)]
+
+
+def _fit(
+    image: np.ndarray, card: ModelCard, fit: str | None, where: str, reserve: Reserve
+) -> DecodedCutout:
+    height, width = image.shape[:2]
+    reserve(ARRAY_FIT_BYTES_PER_PIXEL * height * width, where)
+    try:
+        return fit_array(image, card.input_spec, fit)
+    except CutoutError as exc:
+        raise CutoutError(exc.kind, f"{where}: {exc.message}") from None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every cutout of one request shares: its data plane, options and deadline
+    (time.monotonic(); decode, queue and inference all count)."""
+
+    plane: DataPlane
+    options: ClassifyOptions
     deadline: float
 
-
-def start_job(
-    ready: ReadyModel, settings: Settings, options: ClassifyOptions, decoder: Decoder
-) -> Job:
-    """The request's clock starts once its body is read (slow uploads have their own timeout)."""
-    if options.embeddings and not ready.model.has_embeddings:
-        raise HTTPException(
-            422,
-            f"embeddings=true but model {ready.model.card.model_name!r} has no embeddings output "
-            "(exported before galmorph wrote them): export it again",
+    async def decode(self, upload: Upload, where: str | None = None) -> DecodedUpload:
+        """An encoded cutout decoded to the model's input; `where` (e.g. "files[2]") starts
+        the message of its refusal."""
+        if not upload.data:
+            raise UploadError("empty upload: send the cutout as the body or as multipart 'file'")
+        started = time.perf_counter()
+        plane = self.plane
+        request = DecodeRequest(
+            upload,
+            plane.model.card,
+            self.options.stretch,
+            self.options.fit,
+            plane.settings.decode_limits,
         )
-    return Job(ready, settings, options, decoder, time.monotonic() + settings.request_timeout_s)
+        try:
+            decoded = await plane.decoder.decode(request, self.deadline)
+        except CutoutError as exc:
+            if where is None:
+                raise
+            raise CutoutError(exc.kind, f"{where}: {exc.message}") from None
+        return DecodedUpload(upload, decoded, time.perf_counter() - started)
 
+    async def fit(self, image: np.ndarray, where: str) -> DecodedCutout:
+        """A rendered uint8 image fitted to the model's input as a PNG of it would be, on the
+        decode threads and paid for from the memory budget."""
+        work = partial(_fit, image, self.plane.model.card, self.options.fit, where)
+        return await self.plane.decoder.run(work, self.deadline)
 
-def admit(batcher: MicroBatcher, images: int) -> None:
-    """Refuse (503) before decoding anything when the queue could not take `images` now."""
-    if batcher.queue_length + images > batcher.config.max_queue:
-        raise QueueFullError(batcher.retry_after_s(images))
+    async def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """All images queued together (or refused together when the queue is full), answered
+        within the deadline; each counted ok."""
+        plane = self.plane
+        predictions = await within_deadline(plane.ready.batcher.submit_many(images), self.deadline)
+        for prediction in predictions:
+            plane.metrics.queue_time.observe(prediction.queue_s)
+            plane.count("ok")
+        return predictions
 
-
-async def decode_upload(upload: Upload, job: Job) -> DecodedUpload:
-    if not upload.data:
-        raise UploadError("empty upload: send the cutout as the body or as multipart 'file'")
-    started = time.perf_counter()
-    request = DecodeRequest(
-        upload,
-        job.ready.model.card,
-        job.options.stretch,
-        job.options.fit,
-        job.settings.decode_limits,
-    )
-    decoded = await job.decoder.decode(request, job.deadline)
-    return DecodedUpload(upload, decoded, time.perf_counter() - started)
-
-
-async def finish(
-    item: DecodedUpload,
-    prediction: Prediction,
-    *,
-    ready: ReadyModel,
-    options: ClassifyOptions,
-    settings: Settings,
-    started: float,
-) -> ClassificationResult:
-    image = item.cutout.image
-    image_png = await run_in_threadpool(png_base64, image) if options.return_image else None
-    top_k = min(options.top_k or settings.default_top_k, ready.model.card.num_classes)
-    return build_result(
-        model=ready.model,
-        filename=item.upload.filename,
-        decoded=item.cutout,
-        prediction=prediction,
-        top_k=top_k,
-        decode_s=item.decode_s,
-        total_s=time.perf_counter() - started,
-        image_png=image_png,
-        embeddings=options.embeddings,
-    )
-
-
-async def classify_decoded(
-    item: DecodedUpload, job: Job, metrics: ServiceMetrics, started: float
-) -> ClassificationResult:
-    """Queue one decoded cutout, wait for its prediction within the job's deadline, answer."""
-    prediction = await within_deadline(job.ready.batcher.submit(item.cutout.image), job.deadline)
-    metrics.queue_time.observe(prediction.queue_s)
-    metrics.cutouts.labels("ok").inc()
-    return await finish(
-        item, prediction, ready=job.ready, options=job.options, settings=job.settings,
-        started=started,
-    )  # fmt: skip
+    async def answer(self, item: DecodedUpload, prediction: Prediction) -> ClassificationResult:
+        """/classify's result for one cutout (the options' top_k, image and embeddings)."""
+        plane, options = self.plane, self.options
+        image = item.cutout.image
+        image_png = await run_in_threadpool(png_base64, image) if options.return_image else None
+        top_k = min(options.top_k or plane.settings.default_top_k, plane.model.card.num_classes)
+        return build_result(
+            model=plane.model,
+            filename=item.upload.filename,
+            decoded=item.cutout,
+            prediction=prediction,
+            top_k=top_k,
+            decode_s=item.decode_s,
+            total_s=time.perf_counter() - plane.started,
+            image_png=image_png,
+            embeddings=options.embeddings,
+        )

@@ -204,7 +204,7 @@ def _decode(request: DecodeRequest, reserve: Reserve) -> DecodedCutout:
         # A bytearray (a raw body, read into one buffer) has every bytes method the decoders
         # use; converting it would copy the whole upload.
         cast(bytes, data),
-        card=request.card,
+        spec=request.card.input_spec,
         filename=upload.filename,
         content_type=upload.content_type,
         stretch=request.stretch,

@@ -1,4 +1,5 @@
-"""Turn a decoded cutout and its prediction into the API's response model."""
+"""The answer, built from the engine's outputs in one place: /classify's response model for a
+decoded cutout and its prediction, and the output tensors the Open Inference Protocol sends."""
 
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ from galmorph.service.schemas import (
 )
 
 
+def model_version(model: OnnxModel) -> str:
+    """The served model's one version: the first 12 hex digits of its SHA-256."""
+    return model.sha256[:12]
+
+
 def model_ref(model: OnnxModel) -> ModelRef:
-    return ModelRef(name=model.card.model_name, version=model.sha256[:12], sha256=model.sha256)
+    return ModelRef(name=model.card.model_name, version=model_version(model), sha256=model.sha256)
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -69,3 +75,9 @@ def build_result(
         if embeddings and outputs.embeddings is not None
         else None,
     )
+
+
+def output_values(name: str, predictions: list[Prediction]) -> np.ndarray:
+    """One output (a ModelOutputs field: probabilities, embeddings, ood_score or
+    in_distribution) of every prediction, stacked [N, ...] in their order."""
+    return np.stack([np.asarray(getattr(p.outputs, name)) for p in predictions])

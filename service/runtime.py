@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from galmorph.core.modelfile.engine import CpuFallbackError, ModelLoadError, OnnxModel
+from galmorph.core.modelfile.engine_choice import open_model
 from galmorph.service.batching import MicroBatcher
 from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.settings import Settings
@@ -137,8 +138,9 @@ class ServiceRuntime:
         while True:
             try:
                 return await asyncio.to_thread(
-                    OnnxModel,
+                    open_model,
                     path,
+                    engine=settings.engine,
                     providers=settings.providers or None,
                     intra_op_threads=settings.intra_op_threads,
                     inter_op_threads=settings.inter_op_threads,

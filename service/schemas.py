@@ -200,6 +200,9 @@ class ModelInfo(BaseModel):
     providers: list[str] = Field(description="providers the session really runs on")
     requested_providers: list[str]
     onnxruntime_version: str
+    engine: dict[str, Any] = Field(
+        description="what runs the batches: onnxruntime, or openvino in bf16 with its parity"
+    )
     batching: dict[str, Any]
     card: dict[str, Any] = Field(description="every ModelCard field from the ONNX metadata")
 

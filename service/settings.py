@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         default=None, ge=1, description="None: onnxruntime default"
     )
     inter_op_threads: int | None = Field(default=None, ge=1)
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        default="auto",
+        description="auto: openvino bf16 on a CPU-only host with bf16 units and the openvino "
+        "package, else onnxruntime (galmorph.core.modelfile.engine_choice)",
+    )
     wait_for_model: bool = Field(default=False, description="wait for the model file to appear")
     model_wait_interval_s: float = Field(default=5.0, gt=0)
     model_wait_timeout_s: float | None = Field(default=None, gt=0, description="None: wait forever")
@@ -126,6 +131,10 @@ class Settings(BaseSettings):
     # Cutouts by sky position, GET /classify/sky (galmorph.core.sky.client; the scorer's defaults:
     # CutoutOptions, Politeness, the cutout cache). Size, pixel scale and bands not set here
     # come from the model card. The politeness limits hold per worker process.
+    similarity_index: Path | None = Field(
+        default=None,
+        description="similarity index folder (galmorph index build): serves /similar (off: 404)",
+    )
     sky_enabled: bool = Field(default=False, description="serve GET /classify/sky (off: 404)")
     cutout_cache: Path | None = Field(
         default=None, description="cutout cache folder; None: ~/.cache/galmorph/cutouts"
@@ -233,7 +242,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _cutout_service_valid(self) -> Settings:
         # CutoutSpec names a bad URL, layer or bands at startup, not at the first request;
-        # the model card supplies the rest (as CutoutSpec.for_card does, "" means the card's).
+        # the model card supplies the rest (as CutoutSpec.for_input does, "" means the card's).
         bands = self.cutout_bands or CutoutSpec.bands
         CutoutSpec(base_url=self.cutout_url.rstrip("/"), layer=self.cutout_layer, bands=bands)
         return self

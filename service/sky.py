@@ -39,7 +39,7 @@ class SkyCutouts:
             if self._fetcher is None:
                 settings = self.settings
                 fetcher = CutoutFetcher(
-                    CutoutSpec.for_card(card, settings.cutout_options),
+                    CutoutSpec.for_input(card.input_spec, settings.cutout_options),
                     self.cache,
                     settings.politeness,
                     offline=settings.cutout_offline,

@@ -15,6 +15,10 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# Tests compare served answers with fp32 onnxruntime ones to 1e-5; openvino's bf16 engine (which
+# `auto` picks on a bf16 CPU where it is installed) is tested on its own in
+# tests/core/test_engine_choice.py.
+os.environ.setdefault("GALMORPH_ENGINE", "onnxruntime")
 
 from tests.support.real_data import REAL_DATA, missing_real_files
 

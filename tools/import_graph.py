@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-PARTS = ("core", "model", "training", "service", "scoring", "api")
+PARTS = ("core", "model", "training", "service", "scoring", "api", "similarity")
 # Folders that hold each part's modules, relative to the repository root.
 PART_FOLDERS = {
     "core": "galmorph/core",
@@ -30,6 +30,7 @@ PART_FOLDERS = {
     "service": "service",
     "scoring": "scoring",
     "api": "galmorph/api",
+    "similarity": "galmorph/similarity",
 }
 CORE_PACKAGES = ("cutouts", "sky", "data", "modelfile")
 EXTERNAL_WATCHED = ("torch",)

@@ -25,6 +25,9 @@ from galmorph.training.randaugment import rand_augment
 # Beyond this ratio of source to output size, pre-shrink with antialiasing so bilinear
 # resampling does not alias; 2x keeps detail for small random crops.
 _MAX_RESAMPLE_RATIO = 2
+# galaxy policy: "dihedral" draws one of the 8 flips/quarter turns (exact pixel moves);
+# "any" draws any angle plus a flip, reflection padding filling the corners.
+ROTATIONS = ("dihedral", "any")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class AugmentSettings:
     color_jitter: float = 0.4
     shift_fraction: float = 0.0625  # galaxy policy: max translation as a fraction of size
     scale_range: tuple[float, float] = (0.9, 1.1)  # galaxy policy: zoom factor range
+    rotation: str = "dihedral"  # galaxy policy: one of ROTATIONS
     randaugment_ops: int = 0  # RandAugment ops per image (0 disables)
     randaugment_magnitude: float = 9.0  # on timm's 0..10 scale
 
@@ -93,15 +97,20 @@ class BatchAugmenter:
         return theta
 
     def _galaxy_theta(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Any of the 8 flips/90-degree rotations, a small zoom and a small shift.
+        """A flip and a rotation (quarter turns, or any angle), a small zoom and a small shift.
 
-        Galaxies have no preferred orientation, so the dihedral group is label-safe.
+        Galaxies have no preferred orientation, so every rotation and flip is label-safe.
         """
         n = x.shape[0]
         s = self.settings
-        quarter_turns = torch.randint(0, 4, (n,), generator=g).double()
-        angle = quarter_turns * (math.pi / 2)
-        cos, sin = torch.cos(angle).round(), torch.sin(angle).round()
+        if s.rotation == "any":
+            angle = _uniform(g, n, 0.0, 2 * math.pi)
+            cos, sin = torch.cos(angle), torch.sin(angle)
+        else:
+            quarter_turns = torch.randint(0, 4, (n,), generator=g).double()
+            angle = quarter_turns * (math.pi / 2)
+            # Rounded so quarter turns move whole pixels, with no interpolation blur.
+            cos, sin = torch.cos(angle).round(), torch.sin(angle).round()
         flip = _flips(g, n, 0.5)
         zoom = torch.exp(_uniform(g, n, math.log(s.scale_range[0]), math.log(s.scale_range[1])))
         shift = 2 * s.shift_fraction
@@ -183,6 +192,33 @@ def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
         for k in range(4):
             views.append(np.ascontiguousarray(np.rot90(flipped, k, axes=(1, 2))))
     return views
+
+
+def rotated_views(images: np.ndarray, angles_deg: tuple[float, ...]) -> list[np.ndarray]:
+    """Each angle's rotation of a uint8 NHWC batch, unflipped and flipped (test-time
+    augmentation over more angles than the 8 dihedral views); reflection fills the corners.
+
+    Multiples of 90 degrees are exact pixel moves, so angles (0, 90, 180, 270) give exactly
+    the 8 views of `dihedral_views`, in another order.
+    """
+    views = []
+    for flipped in (images, images[:, :, ::-1]):
+        for angle in angles_deg:
+            turns, rest = divmod(float(angle), 90.0)
+            view = np.rot90(flipped, int(turns) % 4, axes=(1, 2))
+            if rest:
+                view = _rotate_uint8(np.ascontiguousarray(view), math.radians(rest))
+            views.append(np.ascontiguousarray(view))
+    return views
+
+
+def _rotate_uint8(images: np.ndarray, angle: float) -> np.ndarray:
+    x = to_float_nchw(torch.from_numpy(images))
+    theta = torch.zeros(x.shape[0], 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = theta[:, 1, 1] = math.cos(angle)
+    theta[:, 0, 1] = -math.sin(angle)
+    theta[:, 1, 0] = math.sin(angle)
+    return to_uint8_nhwc(_warp(x, theta, images.shape[1])).numpy()
 
 
 def _shrink_for_resampling(x: torch.Tensor, out_size: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 from galmorph.core.files import atomic_write_text
 from galmorph.core.modelfile.contract import TARGETS
 from galmorph.model.registry import model_entry
-from galmorph.training.augment import AugmentSettings
+from galmorph.training.augment import ROTATIONS, AugmentSettings
 from galmorph.training.distill import DISTILL_KINDS, DistillSettings
 from galmorph.training.mixup import MixupSettings
 from galmorph.training.precision import PRECISIONS
@@ -480,6 +480,7 @@ def _validate_distill(d: DistillSettings) -> None:
 
 def _validate_augment(a: AugmentSettings) -> None:
     _check(a.policy in AUGMENT_POLICIES, "augment.policy", f"must be one of {AUGMENT_POLICIES}")
+    _check(a.rotation in ROTATIONS, "augment.rotation", f"must be one of {ROTATIONS}")
     _check(0 < a.rrc_scale[0] <= a.rrc_scale[1] <= 1, "augment.rrc_scale", "must be in (0, 1]")
     _check(0 < a.rrc_ratio[0] <= a.rrc_ratio[1], "augment.rrc_ratio", "must be increasing")
     _check(0 <= a.hflip <= 1, "augment.hflip", "must be a probability")

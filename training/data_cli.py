@@ -4,7 +4,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from galmorph.core.defaults import library_default, with_library_defaults
+
+if TYPE_CHECKING:
+    from galmorph.training.download import DownloadOptions
+
+
+def _synthesize() -> Callable[..., Path]:
+    from galmorph.training.synth import synthesize
+
+    return synthesize
+
+
+def _examples_per_class() -> Callable[..., Any]:
+    from galmorph.training.contact_sheet import examples_per_class
+
+    return examples_per_class
+
+
+def _download_options() -> type[DownloadOptions]:
+    from galmorph.training.download import DownloadOptions
+
+    return DownloadOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Galaxy10-layout HDF5 data: synthetic generation, inspection, download.",
     )
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    _register_synth(commands)
+    _register_inspect(commands)
+    _register_download(commands)
 
+
+def _register_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser(
         "synth",
         help="generate a synthetic Galaxy10-layout HDF5 file",
@@ -27,35 +57,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--size",
         type=int,
-        default=256,
-        help="image side in pixels, 64..256; the field is Galaxy10's 67 arcsec (default 256)",
+        default=library_default(_synthesize, "size"),
+        help="image side in pixels, 64..256; the field is Galaxy10's 67 arcsec "
+        "(default %(default)s)",
     )
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument(
+        "--seed",
+        type=int,
+        default=library_default(_synthesize, "seed"),
+        help="random seed (default %(default)s)",
+    )
     synth.add_argument(
         "--fits-dir",
         type=Path,
         help="also write each galaxy as a Legacy Survey style grz FITS cutout here, "
         "plus catalog.csv (id_str, file_loc, ra, dec, label)",
     )
-    synth.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    synth.add_argument(
+        "--workers",
+        type=int,
+        default=library_default(_synthesize, "num_workers"),
+        help="worker processes (default %(default)s)",
+    )
     synth.add_argument(
         "--class-balance",
         choices=("balanced", "galaxy10"),
-        default="balanced",
-        help="equal class counts, or Galaxy10 DECaLS frequencies (default balanced)",
+        default=library_default(_synthesize, "class_balance"),
+        help="equal class counts, or Galaxy10 DECaLS frequencies (default %(default)s)",
     )
     synth.add_argument(
         "--votes",
         type=int,
-        default=0,
+        default=library_default(_synthesize, "votes"),
         metavar="N",
         help="also write a 'votes' dataset: N volunteers' votes per galaxy, drawn around its "
         "class (Galaxy Zoo-style vote counts for `galmorph train --set targets=votes`; "
-        "default 0: none)",
+        "default %(default)s: none)",
     )
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_synth)
 
+
+def _register_inspect(commands: argparse._SubParsersAction) -> None:
     inspect = commands.add_parser(
         "inspect",
         help="summarise a Galaxy10-layout file and write a contact sheet",
@@ -67,9 +110,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, help="contact sheet PNG (default: FILE with suffix .sheet.png)"
     )
     inspect.add_argument("--per-class", type=int, default=4, help="examples per class (default 4)")
-    inspect.add_argument("--seed", type=int, default=0, help="seed choosing the examples")
+    inspect.add_argument(
+        "--seed",
+        type=int,
+        default=library_default(_examples_per_class, "seed"),
+        help="seed choosing the examples (default %(default)s)",
+    )
     inspect.set_defaults(func=_inspect)
 
+
+def _register_download(commands: argparse._SubParsersAction) -> None:
     download = commands.add_parser(
         "download",
         help="download Galaxy10_DECals.h5 (2.5 GB) with resume and SHA256 check",
@@ -86,11 +136,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="expected SHA256 (default: the published Galaxy10_DECals.h5 checksum when "
         "downloading from Zenodo; no check for another --url unless given)",
     )
-    download.add_argument("--retries", type=int, default=3, help="resume attempts (default 3)")
+    download.add_argument(
+        "--retries",
+        type=int,
+        default=library_default(_download_options, "retries"),
+        help="resume attempts (default %(default)s)",
+    )
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.set_defaults(func=_download)
 
 
+@with_library_defaults
 def _synth(args: argparse.Namespace) -> int:
     from galmorph.training.synth import synthesize
 
@@ -113,6 +169,7 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+@with_library_defaults
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -175,6 +232,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+@with_library_defaults
 def _download(args: argparse.Namespace) -> int:
     from urllib.parse import unquote, urlsplit
 

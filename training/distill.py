@@ -74,7 +74,7 @@ class Teacher:
 
             model, spec = load_model(path)
             self._model = model.to(device).eval()
-            self._preprocess = ImagePreprocess(spec.mean, spec.std).to(device)
+            self._preprocess = ImagePreprocess.of(spec.input_spec).to(device)
             self._amp = amp and device.type == "cuda"
             self.kind = "pytorch"
             self.class_names = tuple(spec.class_names)

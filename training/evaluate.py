@@ -28,6 +28,7 @@ from galmorph.core.cutouts.resample import resize_images
 from galmorph.core.data.galaxy10 import Galaxy10File
 from galmorph.core.data.splits import SPLIT_NAMES, Split, SplitError
 from galmorph.core.files import atomic_write_text
+from galmorph.core.inputspec import InputSpec
 from galmorph.model.preprocess import ImagePreprocess
 from galmorph.model.sample_images import labels_in_classes
 from galmorph.training.augment import dihedral_views
@@ -64,20 +65,17 @@ class TorchPredictor:
         model: nn.Module,
         *,
         class_names: tuple[str, ...],
-        input_size: int,
-        interpolation: str,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
+        input_spec: InputSpec,
         device: torch.device,
         precision: Precision,
     ) -> None:
         self.model = model
         self.class_names = class_names
-        self.input_size = input_size
-        self.interpolation = interpolation
+        self.input_size = input_spec.input_size[0]  # square (a checkpoint's img_size)
+        self.interpolation = input_spec.interpolation
         self.device = device
         self.precision = precision
-        self.preprocess = ImagePreprocess(mean, std).to(device)
+        self.preprocess = ImagePreprocess.of(input_spec).to(device)
 
     @torch.no_grad()
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -286,10 +284,7 @@ def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path, str |
         predictor = TorchPredictor(
             model.to(device),
             class_names=tuple(spec.class_names),
-            input_size=spec.img_size,
-            interpolation=spec.interpolation,
-            mean=spec.mean,
-            std=spec.std,
+            input_spec=spec.input_spec,
             device=device,
             precision=precision,
         )

@@ -68,12 +68,16 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=torch.bfloat16)
 
+    def fp32_strided_depthwise(self, *, training: bool) -> bool:
+        """Whether strided depthwise convolutions stay fp32 (training on a CPU in bf16)."""
+        return training and self.bf16 and self.device_type == "cpu"
+
     def prepare(self, model: nn.Module, *, training: bool) -> None:
         """Put the model's weights in this precision's memory format; for training on a CPU
         in bf16, keep its strided depthwise convolutions in fp32 (the module docstring)."""
         if self.channels_last:
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        if not (training and self.bf16 and self.device_type == "cpu"):
+        if not self.fp32_strided_depthwise(training=training):
             return
         for module in model.modules():
             if type(module) is nn.Conv2d and module.groups > 1 and module.stride != (1, 1):
@@ -84,8 +88,10 @@ class Precision:
         """An NCHW batch in the memory format the model's weights are in."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def describe(self) -> str:
+    def describe(self, *, training: bool = False) -> str:
         kind = "bf16 autocast" if self.bf16 else "fp32"
+        if self.fp32_strided_depthwise(training=training):
+            kind += " (strided depthwise convolutions in fp32)"
         layout = ", channels_last" if self.channels_last else ""
         return f"{kind}{layout} on {self.device_type}: {self.reason}"
 

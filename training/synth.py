@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from galmorph.core.cutouts.imaging import dr2_rgb, flip_north_up, to_uint8
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
 from galmorph.core.files import atomic_write
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, LEGACY_SURVEY_PIXEL_SCALE
+from galmorph.core.inputspec import LEGACY_SURVEY_PIXEL_SCALE
 
 FIELD_PIXELS = 256  # Galaxy10 images: 256 px at the Legacy Survey scale
 MIN_SIZE, MAX_SIZE = 64, 256

@@ -10,16 +10,16 @@ same course on any number of processes (up to floating-point reduction order).
 Run folder: model.safetensors + model.json (deployable weights, the EMA when enabled),
 train_state.json + train_state-<step>.* (everything to resume), split.json, config.json,
 metrics.jsonl (one JSON record per logged step and per epoch), curves.png.
+
+This module builds a run (data, model, optimisation) and runs its loop; what the run reports
+is training/reporting.py, what it saves and restores is training/checkpointing.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import signal
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,14 +31,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from galmorph.core.data.duplicates import duplicate_groups
 from galmorph.core.data.galaxy10 import VOTES_KEY, Galaxy10Error, Galaxy10File
 from galmorph.core.data.splits import Split, SplitError, make_split
-from galmorph.core.files import atomic_write_text
-from galmorph.core.modelfile.contract import GALAXY10_IMAGE_SIZE
-from galmorph.model.checkpoint import ModelSpec, save_model
+from galmorph.core.inputspec import GALAXY10_IMAGE_SIZE, resolve_input_spec
+from galmorph.model.checkpoint import ModelSpec
 from galmorph.model.preprocess import ImagePreprocess
 from galmorph.model.registry import model_entry
 from galmorph.training import distributed
@@ -48,13 +46,8 @@ from galmorph.training.augment import (
     to_float_nchw,
     to_uint8_nhwc,
 )
-from galmorph.training.config import (
-    ConfigError,
-    TrainConfig,
-    dump_config,
-    flatten_keys,
-    migrate_legacy_keys,
-)
+from galmorph.training.checkpointing import Checkpointer, EpochTotals, Progress
+from galmorph.training.config import ConfigError, TrainConfig
 from galmorph.training.dataset import (
     Batch,
     Galaxy10Dataset,
@@ -69,22 +62,12 @@ from galmorph.training.finetune import InitError, freeze_stages, initialise_from
 from galmorph.training.metrics import classification_report, vote_fraction_error
 from galmorph.training.mixup import Mixup, soft_target_cross_entropy
 from galmorph.training.optim import CosineSchedule, ModelEma, adamw
-from galmorph.training.plots import training_curves
 from galmorph.training.precision import Precision, resolve_precision
+from galmorph.training.reporting import EpochBar, RunFacts, RunReport
 from galmorph.training.sam import SharpnessAware, frozen_batchnorm_statistics
-from galmorph.training.state import has_checkpoint, load_checkpoint, save_checkpoint
 from galmorph.training.votes import dirichlet_multinomial_nll
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-STATE_FORMAT = 1
-# Config keys that may change between a run and its resumption without changing its course.
-RESUME_FREE_KEYS = frozenset(
-    {"out", "data", "num_workers", "progress", "log_every_steps", "tensorboard", "threads"}
-    | {"eval_batch_size", "stop_after_step", "checkpoint_every_steps", "device", "compile"}
-)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -113,26 +96,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class EpochTotals:
-    """Running sums over an epoch (this rank's share, or the global sum after a reduction)."""
-
-    loss: float = 0.0
-    correct: float = 0.0
-    images: float = 0.0
-    steps: float = 0.0
-
-    def as_list(self) -> list[float]:
-        return [self.loss, self.correct, self.images, self.steps]
-
-
-@dataclass
-class Progress:
-    epoch: int = 0
-    step: int = 0  # optimizer steps completed in the whole run
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _StopSignal:
@@ -368,7 +331,7 @@ def build_model(
         model=model,
         train_model=train_model,
         ema=ema,
-        preprocess=ImagePreprocess(spec.mean, spec.std).to(ctx.device),
+        preprocess=ImagePreprocess.of(spec.input_spec).to(ctx.device),
         precision=precision,
         frozen=frozen,
     )
@@ -452,6 +415,10 @@ def _load_or_make_split(
 
 
 class Trainer:
+    """The training loop: build, (resume,) then epochs of optimizer steps, each epoch ending in
+    validation, its record and a checkpoint. Reporting (training/reporting.py) and
+    checkpointing (training/checkpointing.py) are delegated."""
+
     def __init__(self, config: TrainConfig, ctx: distributed.DistContext) -> None:
         self.img_size = config.model_img_size()
         self.precision = resolve_precision(config.precision, ctx.device)
@@ -481,76 +448,89 @@ class Trainer:
             )
         self.net = build_model(self.config, ctx, self._spec(), self.precision)
         self.optim = build_optimisation(self.config, ctx, self.net.model, self.data, self.precision)
-        self.tensorboard = self._tensorboard() if ctx.is_main and config.tensorboard else None
+        self.checkpoints = Checkpointer(
+            self.config,
+            ctx,
+            self.run_dir,
+            model=self.net.model,
+            ema=self.net.ema,
+            optimizer=self.optim.optimizer,
+            steps_per_epoch=self.data.sampler.steps_per_epoch,
+        )
+        self.report = RunReport(self.config, ctx, self.run_dir)
 
     # ----------------------------------------------------------------------------- run
     def run(self, *, resume: bool) -> Path:
-        config = self.config
-        if resume and has_checkpoint(self.run_dir):
-            self._restore()
-        elif resume:
-            logger.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+        if resume:
+            self._resume()
         if self.ctx.is_main:
-            self._write_run_files()
-            self._report_start()
+            self.report.write_run_files(self.data.split)
+            self.report.start(self._facts())
         distributed.barrier(self.ctx)
         with _StopSignal() as stop:
-            while self.progress.epoch < config.epochs:
-                self._train_epoch(stop)
-                self._end_epoch()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+            while self.progress.epoch < self.config.epochs:
+                timing = self._train_epoch(stop)
+                self._end_epoch(timing)
+        self.report.close()
         return self.run_dir
 
-    def _train_epoch(self, stop: _StopSignal) -> None:
-        config, ctx = self.config, self.ctx
+    def _resume(self) -> None:
+        if not self.checkpoints.exists():
+            logger.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+            return
+        self.progress, self.totals = self.checkpoints.restore()
+        if self.ctx.is_main:
+            self.report.truncate_metrics(self.progress.step)
+
+    def _train_epoch(self, stop: _StopSignal) -> EpochBar:
+        """The epoch's remaining optimizer steps; returns its bar (the epoch's time and rate)."""
         steps_per_epoch = self.data.sampler.steps_per_epoch
         first_step = self.progress.step - self.progress.epoch * steps_per_epoch
         self.data.sampler.set_epoch(self.progress.epoch, start_step=first_step)
         self.net.train_mode()
-        global_batch = config.global_batch_size(ctx.world_size)
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=first_step,
-            desc=f"epoch {self.progress.epoch + 1}/{config.epochs}",
-            unit="step",
-            disable=not (ctx.is_main and config.progress),
-            dynamic_ncols=True,
-        )
-        started = time.perf_counter()
-        steps_done = 0
-        pending: list[Batch] = []
-        for batch in self.data.loader:
-            pending.append(batch)
-            if len(pending) < config.grad_accum_steps:
-                continue
-            step_loss, step_correct = self._gradients(pending)
-            pending = []
-            lr = self.optim.schedule.apply(self.optim.optimizer, self.progress.step)
-            grad_norm = self._optimizer_step()
-            self.progress.step += 1
-            steps_done += 1
-            local_images = config.batch_size * config.grad_accum_steps
-            self.totals.loss += step_loss / config.grad_accum_steps
-            self.totals.correct += step_correct
-            self.totals.images += local_images
-            self.totals.steps += 1
-            if self.progress.step % max(config.log_every_steps, 1) == 0:
-                self._log_step(step_loss / config.grad_accum_steps, step_correct, lr, grad_norm)
-            elapsed = time.perf_counter() - started
-            rate = steps_done * global_batch / elapsed
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{self.totals.loss / self.totals.steps:.4f}",
-                acc=f"{self.totals.correct / self.totals.images:.3f}",
-                img_s=f"{rate:.0f}",
-                lr=f"{lr:.2e}",
-                run_eta=_format_eta(self._remaining_steps() * global_batch / rate),
+        bar = self.report.epoch_bar(self.progress.epoch, steps_per_epoch, first_step)
+        for batches in self._step_batches():
+            lr = self._train_step(batches)
+            bar.step(
+                loss=self.totals.loss / self.totals.steps,
+                acc=self.totals.correct / self.totals.images,
+                lr=lr,
+                remaining_steps=self._remaining_steps(),
             )
             self._maybe_stop(stop)
         bar.close()
-        self._epoch_seconds = time.perf_counter() - started
-        self._epoch_rate = steps_done * global_batch / max(self._epoch_seconds, 1e-9)
+        return bar
+
+    def _step_batches(self) -> Iterator[list[Batch]]:
+        """The loader's batches, grad_accum_steps micro-batches per optimizer step."""
+        pending: list[Batch] = []
+        for batch in self.data.loader:
+            pending.append(batch)
+            if len(pending) == self.config.grad_accum_steps:
+                yield pending
+                pending = []
+
+    def _train_step(self, batches: list[Batch]) -> float:
+        """One optimizer step: gradients, lr, update, EMA; counted and logged. Returns the lr."""
+        config = self.config
+        step_loss, step_correct = self._gradients(batches)
+        lr = self.optim.schedule.apply(self.optim.optimizer, self.progress.step)
+        grad_norm = self._optimizer_step()
+        self.progress.step += 1
+        self.totals.loss += step_loss / config.grad_accum_steps
+        self.totals.correct += step_correct
+        self.totals.images += config.batch_size * config.grad_accum_steps
+        self.totals.steps += 1
+        if self.progress.step % max(config.log_every_steps, 1) == 0:
+            self.report.step(
+                step=self.progress.step,
+                epoch=self.progress.step / self.data.sampler.steps_per_epoch,
+                loss=step_loss / config.grad_accum_steps,
+                correct=step_correct,
+                lr=lr,
+                grad_norm=grad_norm,
+            )
+        return lr
 
     def _gradients(self, batches: list[Batch]) -> tuple[float, float]:
         """Accumulate one optimizer step's gradients; returns its summed loss and correct count.
@@ -686,43 +666,28 @@ class Trainer:
         return teacher
 
     # ------------------------------------------------------------------------- epoch end
-    def _end_epoch(self) -> None:
-        totals = EpochTotals(*distributed.sum_across_ranks(self.ctx, self.totals.as_list()))
-        epoch = self.progress.epoch + 1
+    def _end_epoch(self, timing: EpochBar) -> None:
+        """Sum the epoch over ranks, validate, record and report it, then checkpoint."""
+        totals = self.totals.summed(self.ctx)
         record: dict[str, Any] = {
             "kind": "epoch",
-            "epoch": epoch,
+            "epoch": self.progress.epoch + 1,
             "step": self.progress.step,
             "lr": self.optim.schedule.lr_at(self.progress.step),
             "train_loss": totals.loss / max(totals.steps, 1),
             "train_acc": totals.correct / max(totals.images, 1),
-            "images_per_s": getattr(self, "_epoch_rate", 0.0),
-            "epoch_seconds": getattr(self, "_epoch_seconds", 0.0),
+            "images_per_s": timing.images_per_s(),
+            "epoch_seconds": timing.seconds,
         }
         self.progress.epoch += 1
         self.totals = EpochTotals()
         if self.ctx.is_main:
             record.update(self._validate())
             self.progress.history.append(record)
-            self._append_metrics(record)
-            logger.info(
-                "epoch %d/%d: train loss %.4f, val top-1 %s%s, %.0f img/s",
-                epoch,
-                self.config.epochs,
-                record["train_loss"],
-                f"{record['val_top1']:.4f}" if "val_top1" in record else "n/a",
-                f", val vote-fraction error {record['val_vote_fraction_error']:.4f}"
-                if "val_vote_fraction_error" in record
-                else "",
-                record["images_per_s"],
-            )
-            if self.tensorboard is not None:
-                for key, value in record.items():
-                    if isinstance(value, float):
-                        self.tensorboard.add_scalar(f"epoch/{key}", value, epoch)
+            self.report.epoch(record)
         self._save_checkpoint()
         if self.ctx.is_main:
-            training_curves(self.progress.history, self.run_dir / "curves.png")
+            self.report.curves(self.progress.history)
 
     def _validate(self) -> dict[str, Any]:
         if self.data.split.val.size == 0:
@@ -731,10 +696,7 @@ class Trainer:
         predictor = TorchPredictor(
             self.net.deployable(),
             class_names=spec.class_names,
-            input_size=spec.img_size,
-            interpolation=spec.interpolation,
-            mean=spec.mean,
-            std=spec.std,
+            input_spec=spec.input_spec,
             device=self.device,
             precision=self.precision,
         )
@@ -756,82 +718,20 @@ class Trainer:
 
     # ------------------------------------------------------------------- checkpointing
     def _save_checkpoint(self) -> None:
-        """Model for deployment plus the full training state; rank 0 writes, all wait."""
-        totals = EpochTotals(*distributed.sum_across_ranks(self.ctx, self.totals.as_list()))
-        if self.ctx.is_main:
-            spec = self._spec()
-            if self.progress.history:
-                last = self.progress.history[-1]
-                spec.metrics = {k: v for k, v in last.items() if k.startswith("val_")}
-            save_model(self.run_dir, self.net.deployable(), spec)
-            state = {
-                "format": STATE_FORMAT,
-                "epoch": self.progress.epoch,
-                "step": self.progress.step,
-                "steps_per_epoch": self.data.sampler.steps_per_epoch,
-                "global_batch": self.config.global_batch_size(self.ctx.world_size),
-                "world_size": self.ctx.world_size,
-                "epoch_totals": totals.as_list(),
-                "history": self.progress.history,
-                "config": self.config.to_dict(),
-                "split_file": SPLIT_FILE_NAME,
-                "model": self.net.model.state_dict(),
-                "optimizer": self.optim.optimizer.state_dict(),
-                "ema": self.net.ema.state_dict() if self.net.ema is not None else None,
-            }
-            save_checkpoint(self.run_dir, state, self.progress.step)
-        distributed.barrier(self.ctx)
+        self.checkpoints.save(self._spec(), self.progress, self.totals)
 
-    def _restore(self) -> None:
-        state = load_checkpoint(self.run_dir)
-        global_batch = self.config.global_batch_size(self.ctx.world_size)
-        if state["global_batch"] != global_batch:
-            raise ConfigError(
-                f"checkpoint was written with a global batch of {state['global_batch']}, this "
-                f"run has {global_batch}: resume with the same batch_size x accumulation x "
-                "processes (the process count may change)"
-            )
-        saved = migrate_legacy_keys(flatten_keys(state["config"]), warn=False)
-        current = _jsonable(self.config.to_flat_dict())
-        changed = sorted(
-            key
-            for key in saved.keys() | current.keys()
-            if key not in RESUME_FREE_KEYS and saved.get(key) != current.get(key)
-        )
-        if changed:
-            logger.warning("resuming with changed settings: %s", ", ".join(changed))
-        self.net.model.load_state_dict(state["model"])
-        self.optim.optimizer.load_state_dict(state["optimizer"])
-        if self.net.ema is not None:
-            if state["ema"] is None:
-                raise ConfigError("config enables 'ema' but the checkpoint has no EMA weights")
-            self.net.ema.load_state_dict(state["ema"])
-        self.progress = Progress(
-            epoch=int(state["epoch"]), step=int(state["step"]), history=list(state["history"])
-        )
-        # The reduced totals live on rank 0 only, so the next reduction counts them once.
-        self.totals = EpochTotals(*state["epoch_totals"]) if self.ctx.is_main else EpochTotals()
-        if self.ctx.is_main:
-            self._truncate_metrics(self.progress.step)
-        logger.info("resumed from step %d (epoch %d)", self.progress.step, self.progress.epoch)
-
-    # ------------------------------------------------------------------ run files/logs
+    # ------------------------------------------------------------------ run facts
     def _spec(self) -> ModelSpec:
         config, split, file = self.config, self.data.split, self.data.file
         entry = model_entry(config.model)
         # The training images cover one field; at img_size the model sees it at this scale.
         imaging = file.imaging.resized(file.image_shape[0], self.img_size)
-        return ModelSpec(
+        fed = resolve_input_spec({"input_size": self.img_size}, variant_default=entry.input_spec)
+        return ModelSpec.fed_as(
+            fed.with_imaging(imaging),
             name=config.model,
             num_classes=self.data.num_classes,
-            img_size=self.img_size,
             class_names=tuple(file.class_names),
-            mean=entry.mean,
-            std=entry.std,
-            interpolation=entry.interpolation,
-            stretch=imaging.stretch,
-            bands=dict(imaging.bands),
-            pixel_scale=imaging.pixel_scale,
             drop_rate=config.drop_rate,
             drop_path_rate=config.drop_path_rate,
             training_data={
@@ -846,138 +746,21 @@ class Trainer:
                 "epochs_completed": self.progress.epoch,
                 "steps_completed": self.progress.step,
                 "weights": "ema" if config.ema else "final",
-                "precision": self.precision.describe(),
+                "precision": self.precision.describe(training=True),
                 "recipe": {k: v for k, v in config.to_dict().items() if k not in ("data", "out")},
             },
         )
 
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data.split.save(self.run_dir / SPLIT_FILE_NAME)
-        # stop_after_step belongs to one invocation: a resume reading config.json must not
-        # inherit it.
-        dump_config(replace(self.config, stop_after_step=None), self.run_dir / CONFIG_FILE)
-
-    def _report_start(self) -> None:
-        config, ctx = self.config, self.ctx
-        counts = self.data.class_counts
-        present = counts[counts > 0]
-        lines = [
-            f"  {k:2d} {name:<28s} {counts[k]:7d}"
-            for k, name in enumerate(self.data.file.class_names)
-        ]
+    def _facts(self) -> RunFacts:
         split = self.data.split
-        logger.info(
-            "split of %s (fractions train/val/test %s): %d train, %d val, %d test%s",
-            Path(config.data).name,
-            "/".join(f"{f:g}" for f in split.fractions),
-            split.train.size,
-            split.val.size,
-            split.test.size,
-            " -- no validation (val fraction 0): evaluate on a separate file with "
-            "`galmorph evaluate RUN --data TEST.h5`"
-            if split.val.size == 0
-            else "",
+        return RunFacts(
+            file=self.data.file,
+            split=split,
+            class_counts=self.data.class_counts,
+            train_images=len(self.data.train_set),
+            precision=self.precision.describe(training=True),
+            img_size=self.img_size,
+            device=str(self.device),
+            peak_lr=self.optim.peak_lr,
+            steps_per_epoch=self.data.sampler.steps_per_epoch,
         )
-        logger.info(
-            "training split: %d images, class counts:\n%s\n  imbalance (largest/smallest): %.1f"
-            " -- sampling=%s, loss_weighting=%s",
-            len(self.data.train_set),
-            "\n".join(lines),
-            present.max() / present.min(),
-            config.sampling,
-            config.loss_weighting,
-        )
-        empty = [name for k, name in enumerate(self.data.file.class_names) if counts[k] == 0]
-        if empty:
-            logger.warning("no training images of class(es) %s", ", ".join(empty))
-        votes = self.data.file.votes
-        if config.targets == "votes" and votes is not None:  # build_data checked it is there
-            logger.info(
-                "targets=votes: Dirichlet-multinomial loss on the '%s' counts (median %g votes "
-                "per galaxy); probabilities are expected vote fractions%s",
-                VOTES_KEY,
-                float(np.median(votes.sum(axis=1))),
-                f"; mixup.label_smoothing {config.mixup.label_smoothing:g} does not apply to "
-                "vote counts and is ignored"
-                if config.mixup.label_smoothing > 0
-                else "",
-            )
-        logger.info("precision: %s", self.precision.describe())
-        if config.sam != "none":
-            logger.info(
-                "%s with rho %g: two forward/backward passes per step",
-                config.sam.upper(),
-                config.sam_rho,
-            )
-        logger.info(
-            "%s at %d px on %s x %d process(es): global batch %d, peak lr %.3g, %d steps/epoch,"
-            " %d epochs",
-            config.model,
-            self.img_size,
-            self.device,
-            ctx.world_size,
-            config.global_batch_size(ctx.world_size),
-            self.optim.peak_lr,
-            self.data.sampler.steps_per_epoch,
-            config.epochs,
-        )
-
-    def _log_step(self, loss: float, correct: float, lr: float, grad_norm: float | None) -> None:
-        loss_sum, correct_sum = distributed.sum_across_ranks(self.ctx, [loss, correct])
-        if not self.ctx.is_main:
-            return
-        images = self.config.global_batch_size(self.ctx.world_size)
-        record = {
-            "kind": "step",
-            "epoch": self.progress.step / self.data.sampler.steps_per_epoch,
-            "step": self.progress.step,
-            "loss": loss_sum / self.ctx.world_size,
-            "acc": correct_sum / images,
-            "lr": lr,
-        }
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        self._append_metrics(record)
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar("step/loss", record["loss"], self.progress.step)
-            self.tensorboard.add_scalar("step/lr", lr, self.progress.step)
-
-    def _append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records a killed run logged after its last checkpoint: they will be redone."""
-        path = self.run_dir / METRICS_FILE
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    def _tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ConfigError(
-                "config key 'tensorboard' needs the tensorboard package (pip install tensorboard)"
-            ) from exc
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"

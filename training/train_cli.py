@@ -9,8 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from galmorph.core.defaults import library_default, with_library_defaults
+
 if TYPE_CHECKING:
     from galmorph.training.config import TrainConfig
+    from galmorph.training.evaluate import EvaluationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,12 @@ examples:
 
 SIGTERM/SIGINT write a checkpoint and exit with code 143; --resume continues exactly.
 """
+
+
+def _evaluation_request() -> type[EvaluationRequest]:
+    from galmorph.training.evaluate import EvaluationRequest
+
+    return EvaluationRequest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -148,16 +157,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--tta", action="store_true", help="average over the 8 flips/90-degree rotations"
     )
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--batch-size",
+        type=int,
+        default=library_default(_evaluation_request, "batch_size"),
+        help="images per forward pass (default %(default)s)",
+    )
     evaluate.add_argument("--out", type=Path, help="output folder (default: the model's folder)")
-    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument(
+        "--device",
+        default=library_default(_evaluation_request, "device"),
+        choices=("auto", "cpu", "cuda"),
+        help="default %(default)s",
+    )
     evaluate.add_argument(
         "--precision",
-        default="fp32",
+        default=library_default(_evaluation_request, "precision"),
         choices=("fp32", "auto", "bf16"),
-        help="a run folder's PyTorch model: fp32 (default), the numbers the exported model "
-        "gives; auto: bf16 autocast where the device computes bf16 natively, faster but "
-        "probabilities move by ~1e-4 (an .onnx runs as exported)",
+        help="a run folder's PyTorch model: fp32, the numbers the exported model gives; auto: "
+        "bf16 autocast where the device computes bf16 natively, faster but probabilities move "
+        "by ~1e-4 (an .onnx runs as exported); default %(default)s",
     )
     evaluate.add_argument("--threads", type=int, help="CPU threads for inference")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -173,7 +192,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 def run_train(args: argparse.Namespace) -> int:
     from galmorph.training.config import ConfigError, load_config
-    from galmorph.training.train import CONFIG_FILE, TrainingInterrupted, train
+    from galmorph.training.reporting import CONFIG_FILE
+    from galmorph.training.train import TrainingInterrupted, train
 
     config_path = args.config
     saved = args.out / CONFIG_FILE
@@ -231,6 +251,7 @@ def _with_split_flags(config: TrainConfig, val: float | None, test: float | None
     return replace(config, split_fractions=(1.0 - val - test, val, test))
 
 
+@with_library_defaults
 def run_evaluate(args: argparse.Namespace) -> int:
     from galmorph.core.data.galaxy10 import Galaxy10Error
     from galmorph.core.data.splits import SplitError

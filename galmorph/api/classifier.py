@@ -42,8 +42,13 @@ from galmorph.core.cutouts.decode import (
     fit_array,
 )
 from galmorph.core.cutouts.limits import CutoutError, CutoutErrorKind
-from galmorph.core.modelfile.contract import ModelCard, ModelOutputs
-from galmorph.core.modelfile.engine import OnnxModel
+from galmorph.core.modelfile.contract import (
+    EMBEDDINGS_NAME,
+    OOD_SCORE_NAME,
+    ModelCard,
+    ModelOutputs,
+)
+from galmorph.core.modelfile.engine_choice import open_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -115,9 +120,7 @@ class Predictions(list[Prediction]):
         import pyarrow as pa
 
         from galmorph.core.data.tables import (
-            EMBEDDINGS_NAME,
             IN_DISTRIBUTION_NAME,
-            OOD_SCORE_NAME,
             class_columns,
             embeddings_array,
         )
@@ -159,8 +162,11 @@ class Classifier:
     """An exported galmorph model (a .onnx file, or the folder of one over 2 GiB).
 
     providers: onnxruntime providers (default: CUDA when it works, else CPU); threads:
-    onnxruntime intra-op threads (default: one per core). stretch and fit are the defaults of
-    `predict` (the model's stretch; crop_pad for FITS, resize for rendered images).
+    onnxruntime intra-op threads (default: one per core). engine: auto (openvino bf16 on a
+    CPU-only host with bf16 units and galmorph[cpu] installed, else onnxruntime), onnxruntime
+    or openvino (galmorph.core.modelfile.engine_choice; default $GALMORPH_ENGINE or auto).
+    stretch and fit are the defaults of `predict` (the model's stretch; crop_pad for FITS,
+    resize for rendered images).
     """
 
     def __init__(
@@ -169,6 +175,7 @@ class Classifier:
         *,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        engine: str | None = None,
         stretch: str | None = None,
         fit: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
@@ -176,7 +183,9 @@ class Classifier:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = OnnxModel(Path(model), providers=providers, intra_op_threads=threads)
+        self.model = open_model(
+            Path(model), engine=engine, providers=providers, intra_op_threads=threads
+        )
         self.stretch = stretch
         self.fit = fit
         self.batch_size = min(batch_size, self.model.max_batch_size or batch_size)
@@ -188,7 +197,8 @@ class Classifier:
         return (
             f"Classifier({str(self.model.path)!r}, model_name={card.model_name!r}, "
             f"classes={len(card.class_names)}, input={height}x{width}, "
-            f'pixel_scale={card.pixel_scale:g}"/px, providers={self.model.providers})'
+            f'pixel_scale={card.pixel_scale:g}"/px, providers={self.model.providers}, '
+            f"engine={self.model.engine})"
         )
 
     @property
@@ -357,9 +367,9 @@ class Classifier:
         fit: str | None,
     ) -> tuple[DecodedCutout, str]:
         """The decoded cutout and its source name; a refusal is a CutoutError."""
-        card = self.model.card
+        spec = self.model.card.input_spec
         options: dict[str, Any] = {
-            "card": card,
+            "spec": spec,
             "stretch": stretch or self.stretch,
             "fit": fit or self.fit,
             "limits": self.limits,
@@ -373,7 +383,7 @@ class Classifier:
             return decode_cutout(_hdu_bytes(item), **options), source
         if isinstance(item, np.ndarray):
             if item.dtype == np.uint8:
-                return fit_array(item, card, options["fit"]), source
+                return fit_array(item, spec, options["fit"]), source
             return decode_cutout(_flux_fits(item, bands, pixel_scale), **options), source
         raise TypeError(
             f"cannot classify a {type(item).__name__}: give a file path, the bytes of a "

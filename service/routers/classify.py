@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.datastructures import UploadFile
 
 from galmorph.core.cutouts import formats
-from galmorph.core.cutouts.decode import CutoutError
 from galmorph.core.cutouts.limits import Reserve
 from galmorph.service.data_plane import (
+    CUTOUT_REFUSALS,
     ClassifyOptions,
+    DataPlane,
     DecodedUpload,
-    DecoderDep,
     Job,
     OptionsDep,
-    admit,
-    classify_decoded,
-    decode_upload,
-    finish,
-    start_job,
+    PlaneDep,
+    refusal_status,
 )
-from galmorph.service.decoding import DecodeBusyError, Decoder, within_deadline
-from galmorph.service.dependencies import (
-    MetricsDep,
-    ReadyModel,
-    ReadyModelDep,
-    SettingsDep,
-    require_api_key,
-)
-from galmorph.service.errors import cutout_status
-from galmorph.service.metrics import ServiceMetrics
+from galmorph.service.dependencies import require_api_key
 from galmorph.service.schemas import (
     BatchItem,
     BatchItemError,
@@ -40,9 +27,7 @@ from galmorph.service.schemas import (
     ClassificationResult,
     error_responses,
 )
-from galmorph.service.settings import Settings
 from galmorph.service.uploads import (
-    PayloadTooLargeError,
     UploadError,
     is_multipart,
     read_multipart_files,
@@ -102,45 +87,33 @@ BATCH_BODY = {
 )
 async def classify(
     request: Request,
-    ready: ReadyModelDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
+    plane: PlaneDep,
     options: OptionsDep,
-    decoder: DecoderDep,
     filename: Annotated[str | None, Query(description="file name hint for a raw body")] = None,
 ) -> ClassificationResult:
-    started = time.perf_counter()
+    claim_body = plane.decoder.budget.claim_body
     # The body's memory is reserved until the answer is made (the upload is held till then).
-    with decoder.budget.claim_body() as body_reserve:
-        try:
+    with claim_body() as body_reserve:
+        with plane.counting():
             upload = await read_single_upload(
-                request, settings.max_body_bytes, filename, decoder.budget.claim_body,
-                body_reserve,
-            )  # fmt: skip
-            admit(ready.batcher, 1)
-            job = start_job(ready, settings, options, decoder)
-            item = await decode_upload(upload, job)
-        except CutoutError as exc:
-            metrics.cutouts.labels(str(cutout_status(exc))).inc()
-            raise
-        except DecodeBusyError:
-            metrics.cutouts.labels("503").inc()
-            raise
-        return await classify_decoded(item, job, metrics, started)
+                request, plane.settings.max_body_bytes, filename, claim_body, body_reserve
+            )
+            plane.admit(1)
+            job = plane.start(options)
+            item = await job.decode(upload)
+        (prediction,) = await job.predict([item.cutout.image])
+        return await job.answer(item, prediction)
 
 
 async def _decode_item(file: UploadFile, job: Job) -> DecodedUpload | BatchItemError:
+    plane = job.plane
     try:
-        upload = await to_upload(file, job.settings.max_body_bytes, job.decoder.budget.claim_body)
-        return await decode_upload(upload, job)
-    except CutoutError as exc:
-        return BatchItemError(status=cutout_status(exc), detail=exc.message)
-    except DecodeBusyError as exc:
-        return BatchItemError(status=503, detail=str(exc))
-    except PayloadTooLargeError as exc:
-        return BatchItemError(status=413, detail=str(exc))
-    except UploadError as exc:
-        return BatchItemError(status=422, detail=str(exc))
+        upload = await to_upload(
+            file, plane.settings.max_body_bytes, plane.decoder.budget.claim_body
+        )
+        return await job.decode(upload)
+    except CUTOUT_REFUSALS as exc:
+        return BatchItemError(status=refusal_status(exc), detail=str(exc))
 
 
 @router.post(
@@ -150,34 +123,18 @@ async def _decode_item(file: UploadFile, job: Job) -> DecodedUpload | BatchItemE
     openapi_extra=BATCH_BODY,
     summary="Classify several cutouts; one result or one error per file",
 )
-async def classify_batch(
-    request: Request,
-    ready: ReadyModelDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    options: OptionsDep,
-    decoder: DecoderDep,
-) -> BatchResponse:
-    started = time.perf_counter()
+async def classify_batch(request: Request, plane: PlaneDep, options: OptionsDep) -> BatchResponse:
     if not is_multipart(request):
         raise HTTPException(415, "send the cutouts as multipart/form-data file parts ('files')")
     # The body's memory (its spooled files, then their bytes) is reserved until the answer.
-    with decoder.budget.claim_body() as body_reserve:
-        return await _classify_files(
-            request, ready, settings, metrics, options, decoder, body_reserve, started
-        )
+    with plane.decoder.budget.claim_body() as body_reserve:
+        return await _classify_files(request, plane, options, body_reserve)
 
 
 async def _classify_files(
-    request: Request,
-    ready: ReadyModel,
-    settings: Settings,
-    metrics: ServiceMetrics,
-    options: ClassifyOptions,
-    decoder: Decoder,
-    body_reserve: Reserve,
-    started: float,
+    request: Request, plane: DataPlane, options: ClassifyOptions, body_reserve: Reserve
 ) -> BatchResponse:
+    settings = plane.settings
     files = await read_multipart_files(
         request,
         field="files",
@@ -187,26 +144,19 @@ async def _classify_files(
     )
     if not files:
         raise UploadError("multipart body has no file parts (send each cutout as 'files')")
-    admit(ready.batcher, len(files))
-    job = start_job(ready, settings, options, decoder)
+    plane.admit(len(files))
+    job = plane.start(options)
     # One file at a time: a batch holds one decode's memory at most, not all of its files'.
     outcomes = [await _decode_item(file, job) for _, file in files]
     decoded = [outcome for outcome in outcomes if isinstance(outcome, DecodedUpload)]
-    # All good images are queued together (or refused together when the queue is full).
-    images = [d.cutout.image for d in decoded]
-    predictions = iter(await within_deadline(ready.batcher.submit_many(images), job.deadline))
+    predictions = iter(await job.predict([d.cutout.image for d in decoded]))
     items: list[BatchItem] = []
     for (_, file), outcome in zip(files, outcomes, strict=True):
         if isinstance(outcome, BatchItemError):
-            metrics.cutouts.labels(str(outcome.status)).inc()
+            plane.count(outcome.status)
             items.append(BatchItem(filename=file.filename, error=outcome))
-            continue
-        prediction = next(predictions)
-        metrics.queue_time.observe(prediction.queue_s)
-        metrics.cutouts.labels("ok").inc()
-        result = await finish(
-            outcome, prediction, ready=ready, options=options, settings=settings, started=started
-        )
-        items.append(BatchItem(filename=file.filename, result=result))
+        else:
+            result = await job.answer(outcome, next(predictions))
+            items.append(BatchItem(filename=file.filename, result=result))
     failed = len(outcomes) - len(decoded)
     return BatchResponse(items=items, succeeded=len(decoded), failed=failed)

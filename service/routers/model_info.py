@@ -11,6 +11,7 @@ from galmorph.core.cutouts.imaging import STRETCHES
 from galmorph.core.modelfile.contract import INPUT_NAME
 from galmorph.core.modelfile.engine import OnnxModel
 from galmorph.service.dependencies import ReadyModelDep, require_api_key
+from galmorph.service.results import model_version
 from galmorph.service.schemas import ModelInfo, TensorSpec, error_responses
 
 router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
@@ -35,26 +36,21 @@ def model_info(model: OnnxModel, batching: dict[str, float]) -> ModelInfo:
     (input_spec,) = [s for s in tensor_specs(model.session.get_inputs()) if s.name == INPUT_NAME]
     return ModelInfo(
         name=card.model_name,
-        version=model.sha256[:12],
+        version=model_version(model),
         sha256=model.sha256,
         class_names=list(card.class_names),
         input=input_spec,
         outputs=tensor_specs(model.session.get_outputs()),
         preprocessing={
-            "input_size": list(card.input_size),
-            "mean": list(card.mean),
-            "std": list(card.std),
+            **card.input_spec.values(),
             "normalisation": "inside the graph: x/255, (x - mean)/std, NHWC->NCHW",
-            "stretch": card.stretch,
-            "bands": card.bands,
-            "pixel_scale": card.pixel_scale,
             "field_of_view_arcsec": list(card.field_of_view),
-            "interpolation": card.interpolation,
             "stretches": sorted(STRETCHES),
         },
         providers=model.providers,
         requested_providers=model.requested_providers,
         onnxruntime_version=model.ort_version,
+        engine=model.engine_report(),
         batching=batching,
         card=dataclasses.asdict(card),
     )

@@ -11,7 +11,6 @@ queue and inference get what is left of it (at most `request_timeout_s`, as an u
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from typing import Annotated
 
@@ -19,16 +18,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from galmorph.core.cutouts.limits import CutoutError
 from galmorph.core.sky.client import FetchError, check_position, parse_degrees
-from galmorph.service.data_plane import (
-    DecoderDep,
-    OptionsDep,
-    admit,
-    classify_decoded,
-    decode_upload,
-    start_job,
-)
+from galmorph.service.data_plane import OptionsDep, PlaneDep
 from galmorph.service.decoding import DecodeBusyError
-from galmorph.service.dependencies import MetricsDep, ReadyModelDep, SettingsDep, require_api_key
+from galmorph.service.dependencies import require_api_key
 from galmorph.service.schemas import (
     ErrorResponse,
     SkyClassificationResult,
@@ -88,18 +80,12 @@ PositionDep = Annotated[tuple[float, float], Depends(sky_position)]
     summary="Classify the galaxy at a sky position (a Legacy Survey cutout, cached)",
 )
 async def classify_sky(
-    sky: SkyDep,
-    position: PositionDep,
-    ready: ReadyModelDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    options: OptionsDep,
-    decoder: DecoderDep,
+    sky: SkyDep, position: PositionDep, plane: PlaneDep, options: OptionsDep
 ) -> SkyClassificationResult:
-    started = time.perf_counter()
+    settings = plane.settings
     deadline = time.monotonic() + settings.sky_deadline_s
-    admit(ready.batcher, 1)  # a full queue is refused before the cutout service is asked
-    fetcher = await sky.fetcher(ready.model.card)
+    plane.admit(1)  # a full queue is refused before the cutout service is asked
+    fetcher = await sky.fetcher(plane.model.card)
     ra, dec = position
     try:
         # The fetcher stops its own waits and tries at the deadline, with the reason; this
@@ -108,27 +94,27 @@ async def classify_sky(
             data, source = await fetcher.read(ra, dec, deadline)
     except FetchError as exc:
         refusal = fetch_refusal(exc, fetcher.offline)
-        metrics.cutouts.labels(str(refusal.status_code)).inc()
+        plane.count(refusal.status_code)
         raise refusal from None
     except TimeoutError:
-        metrics.cutouts.labels("504").inc()
+        plane.count(504)
         raise HTTPException(
             504, f"no cutout within this request's {settings.sky_deadline_s:g} s deadline"
         ) from None
-    job = start_job(ready, settings, options, decoder)
-    job = dataclasses.replace(job, deadline=min(job.deadline, deadline))
+    job = plane.start(options, deadline)
     try:
-        item = await decode_upload(Upload(data, filename=None, content_type=None), job)
+        item = await job.decode(Upload(data, filename=None, content_type=None))
     except CutoutError as exc:
         # The position was fine and the body passed the fetcher's checks: the service's fault.
-        metrics.cutouts.labels("502").inc()
+        plane.count(502)
         raise HTTPException(
             502, f"the cutout service's cutout is unusable: {exc.message}"
         ) from None
     except DecodeBusyError:
-        metrics.cutouts.labels("503").inc()
+        plane.count(503)
         raise
-    result = await classify_decoded(item, job, metrics, started)
+    (prediction,) = await job.predict([item.cutout.image])
+    result = await job.answer(item, prediction)
     spec = fetcher.spec
     cutout = {"url": spec.request(ra, dec).url, "source": source, "ra": ra, "dec": dec}
     return SkyClassificationResult(

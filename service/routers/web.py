@@ -1,12 +1,14 @@
 """GET /: the page (static HTML/JS/CSS, no build step, no CDN): many cutouts through
 /classify/batch into a results table, sky positions through /classify/sky, one galaxy's
-details and the model card.
+details (with its nearest neighbours through POST /similar when the server has an index) and
+the model card.
 
 templates/index.html is a `string.Template`: the formats it names and its file-input `accept`
-list come from the format registry (galmorph.core.cutouts.formats) when the page is served, and so
-do the settings the page must obey (files and bytes per batch request, whether the sky route is
-on); while the server is not ready the page says why (for a missing model: the commands that
-make one), with or without JavaScript; app.js then follows /readyz until the model is there.
+list come from the format registry (galmorph.core.cutouts.formats) when the page is served, and
+so do the settings the page must obey (files and bytes per batch request, whether the sky and
+similar routes are on); while the server is not ready the page says why (for a missing model:
+the commands that make one), with or without JavaScript; app.js then follows /readyz until the
+model is there.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def render_index(not_ready_reason: str | None, settings: Settings) -> str:
         max_batch_files=settings.max_batch_files,
         max_batch_bytes=settings.max_batch_body_bytes,
         sky_enabled="true" if settings.sky_enabled else "false",
+        similar_enabled="true" if settings.similarity_index is not None else "false",
         not_ready_hidden="" if not_ready_reason is not None else "hidden",
         not_ready_reason=html.escape(not_ready_reason or ""),
     )

@@ -1,6 +1,7 @@
 // The galmorph page: cutouts through POST /classify/batch (in chunks the server accepts) and
-// sky positions through GET /classify/sky into one results table; one galaxy's details; the
-// model card from GET /model. No library, no request beyond this server.
+// sky positions through GET /classify/sky into one results table; one galaxy's details, with
+// its neighbours from POST /similar; the model card from GET /model. One vendored library
+// (vendor/hyparquet-writer.js, imported for the Parquet download), no request beyond this server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -14,6 +15,7 @@ const RETRY_CAP_S = 30;
 const PART_OVERHEAD_BYTES = 1024;
 const OOD_SENTENCE = "unlike the training data: the class is unreliable";
 const SCALE_BAR_ARCSEC = [1, 2, 5, 10, 20, 30, 60, 120, 300, 600];
+const DOWNLOADS = ["download-csv", "download-parquet", "download-json"];
 
 let model = null; // GET /model
 const rows = []; // {id, label, file, sky, status: pending|ok|error, result, error}
@@ -484,7 +486,7 @@ function renderTable() {
     $("table-empty").hidden = false;
     $("table-empty").textContent = "No row matches the filters.";
   }
-  for (const id of ["download-csv", "download-json"]) $(id).disabled = shown.length === 0;
+  for (const id of DOWNLOADS) $(id).disabled = shown.length === 0;
   $("clear").disabled = rows.length === 0;
   for (const th of document.querySelectorAll("#results-table th[aria-sort]")) {
     const key = th.querySelector("button").dataset.sort;
@@ -502,40 +504,77 @@ function sortBy(key) {
 
 // ---- downloads ----------------------------------------------------------------------------
 
-// The scorer's column names (galmorph.core.tables.class_columns).
+// The scorer's column names (galmorph.core.data.tables.class_columns).
 function classColumn(name) {
   const ident = name.toLowerCase().replace(/[^0-9a-z]+/g, "_").replace(/^_+|_+$/g, "");
   return `p_${ident || "class"}`;
 }
 
-function csvField(value) {
-  if (value === null || value === undefined) return "";
-  const text = String(value);
-  return /[",\n\r]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+// A position as the scorer reads a catalog's: decimal degrees, null when it is not a number.
+function degreesOrNull(text) {
+  const value = text.trim() === "" ? NaN : Number(text);
+  return Number.isFinite(value) ? value : null;
 }
 
-// The scorer's columns (docs/scoring.md), with the file (or position and cutout request) first.
-function tableCsv(shown) {
+// The table in the scorer's columns (docs/scoring.md), with their Parquet types (`galmorph
+// score`'s: int64 index, float32 probabilities and OOD score, float64 positions), after the
+// file (or the position and its cutout request). null where a row has no value. The CSV and
+// the Parquet download are both this.
+function tableColumns(shown) {
   const answered = rows.find((row) => row.status === "ok");
   const classes = model
     ? model.class_names
     : Object.keys(answered ? answered.result.probabilities : {});
-  const columns = ["file", "ra", "dec", "pred_label", "pred_index", "pred_prob",
-    ...classes.map(classColumn), "ood_score", "in_distribution", "model_sha256", "cutout_url",
-    "error"];
-  const lines = [columns.join(",")];
-  for (const row of shown) {
-    const r = row.status === "ok" ? row.result : null;
-    const values = [
-      row.file ? row.label : "", row.sky ? row.sky.ra : "", row.sky ? row.sky.dec : "",
-      r && r.top_class, r && classes.indexOf(r.top_class), r && r.top_probability,
-      ...classes.map((name) => r && r.probabilities[name]),
-      r && r.ood_score, r && r.in_distribution, r && r.model.sha256,
-      r && r.cutout ? r.cutout.url : "", row.status === "error" ? errorLine(row) : "",
-    ];
-    lines.push(values.map(csvField).join(","));
-  }
+  const hasOod = model
+    ? oodThreshold() !== null
+    : Boolean(answered) && typeof answered.result.ood_score === "number";
+  const column = (name, type, value) => ({
+    name,
+    type,
+    data: shown.map((row) => {
+      const result = row.status === "ok" ? row.result : null;
+      const cell = value(row, result);
+      return cell === undefined ? null : cell;
+    }),
+  });
+  const answer = (name, type, value) => column(name, type, (row, r) => (r ? value(r) : null));
+  return [
+    column("file", "STRING", (row) => (row.file ? row.label : null)),
+    column("ra", "DOUBLE", (row) => (row.sky ? degreesOrNull(row.sky.ra) : null)),
+    column("dec", "DOUBLE", (row) => (row.sky ? degreesOrNull(row.sky.dec) : null)),
+    answer("pred_label", "STRING", (r) => r.top_class),
+    answer("pred_index", "INT64", (r) => BigInt(classes.indexOf(r.top_class))),
+    answer("pred_prob", "FLOAT", (r) => r.top_probability),
+    ...classes.map((name) => answer(classColumn(name), "FLOAT", (r) => r.probabilities[name])),
+    ...(hasOod
+      ? [answer("ood_score", "FLOAT", (r) => r.ood_score),
+        answer("in_distribution", "BOOLEAN", (r) => r.in_distribution)]
+      : []),
+    // On every row, as the scorer writes it: the model that was asked, answer or not.
+    column("model_sha256", "STRING", (row, r) => (r ? r.model.sha256 : model && model.sha256)),
+    answer("cutout_url", "STRING", (r) => (r.cutout ? r.cutout.url : null)),
+    column("error", "STRING", (row) => (row.status === "error" ? errorLine(row) : null)),
+  ];
+}
+
+function csvField(value) {
+  if (value === null) return "";
+  const text = String(value);
+  return /[",\n\r]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+}
+
+function tableCsv(shown) {
+  const columns = tableColumns(shown);
+  const lines = [columns.map((c) => c.name).join(",")];
+  shown.forEach((_, i) => lines.push(columns.map((c) => csvField(c.data[i])).join(",")));
   return `${lines.join("\r\n")}\r\n`;
+}
+
+// Written here by the vendored hyparquet-writer (plain JavaScript: the page's
+// Content-Security-Policy allows no WebAssembly, so parquet-wasm cannot run), loaded on first use.
+async function tableParquet(shown) {
+  const { parquetWriteBuffer } = await import("/static/vendor/hyparquet-writer.js");
+  return parquetWriteBuffer({ columnData: tableColumns(shown), createdBy: "galmorph web page" });
 }
 
 function tableJson(shown) {
@@ -547,9 +586,9 @@ function tableJson(shown) {
   return JSON.stringify(answers, null, 1);
 }
 
-function download(name, type, text) {
+function download(name, type, content) {
   const link = element("a", { download: name });
-  link.href = URL.createObjectURL(new Blob([text], { type }));
+  link.href = URL.createObjectURL(new Blob([content], { type }));
   document.body.appendChild(link);
   link.click();
   link.remove();
@@ -718,6 +757,141 @@ function showDetails(row) {
       $("model-input").clientWidth / size, !result.preprocessing.pixel_scale);
   }
   showUpload(row);
+  showNeighbours(row);
+}
+
+// ---- neighbours (POST /similar, when the server has a similarity index) --------------------
+
+const NEIGHBOURS = 10;
+
+// The index's galaxies nearest an uploaded file, which the server embeds as /classify does;
+// asked once a row (the promise is kept on it).
+function neighboursOf(row) {
+  if (!row.neighbours) {
+    const params = new URLSearchParams({ k: String(NEIGHBOURS) });
+    if ($("stretch").value) params.set("stretch", $("stretch").value);
+    const form = new FormData();
+    form.append("file", row.file, row.file.name);
+    row.neighbours = fetchPolitely(`/similar?${params}`, {
+      method: "POST", body: form, headers: headers(),
+    })
+      .then(async (response) => (response.ok
+        ? { answer: await response.json() }
+        : { error: `${response.status}: ${await errorText(response)}` }))
+      .catch((err) => ({ error: `request failed: ${err}` }));
+  }
+  return row.neighbours;
+}
+
+// The server keeps no images of its index's galaxies. A neighbour that is also a row of the
+// table (the index was built from the files dropped here, say) is shown with that row's model
+// view and opens its details; one with a position, with its cutout once fetched (below).
+function answeredRow(id) {
+  return rows.find((row) => row.status === "ok" && row.label === id);
+}
+
+function neighbourRow(neighbour) {
+  const same = answeredRow(neighbour.id_str);
+  const tr = element("tr");
+  tr.dataset.testid = "neighbour-row";
+  tr.dataset.id = neighbour.id_str;
+  const thumb = element("td", { className: "thumb" });
+  const image = same ? same.result.image_png_base64 : neighbour.image_png_base64;
+  if (image) {
+    thumb.append(element("img", {
+      src: `data:image/png;base64,${image}`, width: 48, height: 48,
+      alt: `${neighbour.id_str} as the model saw it`,
+    }));
+  } else if (neighbour.image_error) {
+    thumb.append(element("small", { textContent: "no image", title: neighbour.image_error }));
+  }
+  let name = element("span", { textContent: neighbour.id_str });
+  if (same) {
+    name = element("button", { type: "button", className: "link", textContent: same.label });
+    name.addEventListener("click", () => showDetails(same));
+  }
+  const classCell = element("td", { textContent: neighbour.pred_label ?? "—" });
+  const flag = oodFlag(neighbour, true);
+  if (flag) classCell.append(" ", flag);
+  const placed = typeof neighbour.ra === "number" && typeof neighbour.dec === "number";
+  const position = placed ? `${number(neighbour.ra, 7)}°, ${number(neighbour.dec, 7)}°` : "—";
+  tr.append(
+    thumb,
+    element("td", { className: "number", textContent: String(neighbour.rank) }),
+    element("td", {}, name),
+    element("td", { className: "number", textContent: number(neighbour.distance, 3) }),
+    classCell,
+    element("td", {
+      className: "number",
+      textContent: typeof neighbour.pred_prob === "number" ? percent(neighbour.pred_prob) : "—",
+    }),
+    element("td", { textContent: { true: "yes", false: "no" }[neighbour.in_distribution] || "—" }),
+    element("td", { textContent: position }),
+  );
+  return tr;
+}
+
+async function showNeighbours(row) {
+  const section = $("neighbours");
+  const note = $("neighbours-note");
+  section.hidden = document.body.dataset.similar !== "true";
+  $("neighbours-table").hidden = true;
+  $("neighbour-cutouts").hidden = true;
+  delete section.dataset.state;
+  if (section.hidden) return;
+  if (!row.file) {
+    note.textContent = "Neighbours are searched for uploaded cutouts, not for positions.";
+    section.dataset.state = "none";
+    return;
+  }
+  note.textContent = "searching the server's similarity index…";
+  const { answer, error } = await neighboursOf(row);
+  if (selectedId !== row.id) return;
+  section.dataset.state = error ? "error" : "done";
+  if (error) {
+    note.textContent = `no neighbours: ${error}`;
+    return;
+  }
+  const shown = answer.neighbours.filter((n) => answeredRow(n.id_str)).length;
+  note.textContent =
+    `The ${answer.neighbours.length} nearest of the ${answer.index.count} galaxies in the ` +
+    "server's index, by the cosine distance of the model's embeddings (0: the same " +
+    `direction)${shown ? `; ${shown} of them are in the table above, with their image` : ""}.`;
+  $("neighbours-body").replaceChildren(...answer.neighbours.map(neighbourRow));
+  $("neighbours-table").hidden = answer.neighbours.length === 0;
+  const button = $("neighbour-cutouts");
+  button.hidden = document.body.dataset.sky !== "true" || !withoutImage(answer).length;
+  button.onclick = () => fetchNeighbourCutouts(row, answer);
+}
+
+function withoutImage(answer) {
+  return answer.neighbours.filter((n) => !n.image_png_base64 && !answeredRow(n.id_str) &&
+    typeof n.ra === "number" && typeof n.dec === "number");
+}
+
+// With the sky route on, the neighbours' cutouts come through /classify/sky: the server's
+// cutout cache (filled when their catalog was scored there), else the cutout service. Only on
+// a click, as each may be a request to the survey.
+async function fetchNeighbourCutouts(row, answer) {
+  const button = $("neighbour-cutouts");
+  const wanted = withoutImage(answer);
+  button.disabled = true;
+  for (const [i, neighbour] of wanted.entries()) {
+    button.textContent = `fetching ${i + 1} of ${wanted.length}…`;
+    const params = classifyParams();
+    params.set("ra", String(neighbour.ra));
+    params.set("dec", String(neighbour.dec));
+    try {
+      const response = await fetchPolitely(`/classify/sky?${params}`, { headers: headers() });
+      if (response.ok) neighbour.image_png_base64 = (await response.json()).image_png_base64;
+      else neighbour.image_error = `${response.status}: ${await errorText(response)}`;
+    } catch (err) {
+      neighbour.image_error = `request failed: ${err}`;
+    }
+  }
+  button.disabled = false;
+  button.textContent = "Show their cutouts";
+  if (selectedId === row.id) showNeighbours(row);
 }
 
 // ---- wiring -------------------------------------------------------------------------------
@@ -756,6 +930,15 @@ function setUp() {
     download("galmorph_results.csv", "text/csv", tableCsv(shownRows())));
   $("download-json").addEventListener("click", () =>
     download("galmorph_results.json", "application/json", tableJson(shownRows())));
+  $("download-parquet").addEventListener("click", async () => {
+    try {
+      const parquet = await tableParquet(shownRows());
+      download("galmorph_results.parquet", "application/vnd.apache.parquet", parquet);
+    } catch (err) {
+      $("error").textContent = `the Parquet file could not be written: ${err}`;
+      $("error").hidden = false;
+    }
+  });
   $("clear").addEventListener("click", () => {
     rows.length = 0;
     selectedId = null;

@@ -26,7 +26,7 @@ from galmorph.core.cutouts.decode import (
 from galmorph.core.cutouts.fits_io import read_fits
 from galmorph.core.cutouts.imaging import dr2_rgb, to_uint8
 from galmorph.core.cutouts.limits import CutoutErrorKind
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, ModelCard
+from galmorph.core.inputspec import InputSpec
 from tests.support.cutout_factory import (
     fits_bytes,
     galaxy_planes,
@@ -37,18 +37,12 @@ from tests.support.cutout_factory import (
 )
 
 
-def card_of(size: int) -> ModelCard:
-    return ModelCard(
-        model_name="test",
-        class_names=GALAXY10_CLASS_NAMES,
-        input_size=(size, size),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-    )
+def spec_of(size: int) -> InputSpec:
+    return InputSpec(input_size=(size, size))
 
 
-CARD_64 = card_of(64)
-CARD_256 = card_of(256)
+SPEC_64 = spec_of(64)
+SPEC_256 = spec_of(256)
 
 
 def expected_dr2(planes: dict[str, np.ndarray]) -> np.ndarray:
@@ -77,7 +71,7 @@ HST_SIDES = {
 
 @pytest.mark.parametrize("name", sorted(HST_SIDES))
 def test_real_hst_single_band_is_resampled_to_model_scale(real_data: Path, name: str) -> None:
-    decoded = decode_path(real_data / "hst-fits" / name, card=CARD_256)
+    decoded = decode_path(real_data / "hst-fits" / name, spec=SPEC_256)
     info = decoded.info
     side = HST_SIDES[name]
     assert decoded.image.shape == (256, 256, 3) and decoded.image.dtype == np.uint8
@@ -100,7 +94,7 @@ def test_real_hst_single_band_is_resampled_to_model_scale(real_data: Path, name:
 
 def test_real_hst_without_wcs_assumes_model_scale(real_data: Path) -> None:
     path = real_data / "hst-fits" / "abell_2744_dwarf_galaxy_f105w_rms.fits.gz"
-    decoded = decode_path(path, card=CARD_256)
+    decoded = decode_path(path, spec=SPEC_256)
     assert decoded.info.pixel_scale is None and decoded.info.resampled_from_scale is None
     assert any("no celestial WCS" in w for w in decoded.info.warnings)
     assert decoded.info.crop_pad_from == (200, 200)
@@ -108,7 +102,7 @@ def test_real_hst_without_wcs_assumes_model_scale(real_data: Path) -> None:
 
 def test_real_hst_resize_fills_the_input(real_data: Path) -> None:
     path = real_data / "hst-fits" / "abell_2744_spiral_galaxy_f105w.fits.gz"
-    decoded = decode_path(path, card=CARD_64, fit="resize")
+    decoded = decode_path(path, spec=SPEC_64, fit="resize")
     assert decoded.info.resized_from == (150, 150) and decoded.info.crop_pad_from is None
     assert decoded.info.resampled_from_scale is None
     assert decoded.image.shape == (64, 64, 3)
@@ -120,7 +114,7 @@ def test_real_galaxy10_images_pass_through_unchanged(real_data: Path, pattern: s
     paths = sorted((real_data / "galaxy10-real").glob(pattern))
     assert len(paths) == 10
     for path in paths:
-        decoded = decode_path(path, card=CARD_256)
+        decoded = decode_path(path, spec=SPEC_256)
         with Image.open(path) as reference:
             expected = np.asarray(reference.convert("RGB"))
         assert decoded.image.shape == (256, 256, 3)
@@ -132,7 +126,7 @@ def test_real_galaxy10_images_pass_through_unchanged(real_data: Path, pattern: s
 
 def test_real_png_resized_for_a_smaller_model(real_data: Path) -> None:
     path = real_data / "galaxy10-real" / "class2_Round_Smooth.png"
-    decoded = decode_path(path, card=CARD_64)
+    decoded = decode_path(path, spec=SPEC_64)
     assert decoded.image.shape == (64, 64, 3)
     assert decoded.info.resized_from == (256, 256)
     with Image.open(path) as reference:
@@ -146,20 +140,20 @@ def test_real_png_resized_for_a_smaller_model(real_data: Path) -> None:
 def test_grz_cube_renders_exactly_dr2_rgb_flipped(tmp_path: Path) -> None:
     data = make_grz_fits(tmp_path, size=64, seed=3)
     planes = galaxy_planes(64, seed=3)
-    decoded = decode_path(tmp_path / "cutout_grz_64.fits", card=CARD_64)
+    decoded = decode_path(tmp_path / "cutout_grz_64.fits", spec=SPEC_64)
     np.testing.assert_array_equal(decoded.image, expected_dr2(planes))
     info = decoded.info
     assert info.bands_used == ["g", "r", "z"] and info.original_shape == (3, 64, 64)
     assert info.pixel_scale == pytest.approx(0.262) and info.stretch == "dr2_rgb"
     assert info.flipped and info.warnings == [] and info.resampled_from_scale is None
-    assert decode_cutout(data, card=CARD_64).image.tobytes() == decoded.image.tobytes()
+    assert decode_cutout(data, spec=SPEC_64).image.tobytes() == decoded.image.tobytes()
     json.dumps(info.to_dict())
 
 
 def test_vertical_flip_puts_fits_row_zero_at_the_bottom() -> None:
     planes = {b: np.zeros((64, 64), np.float32) for b in "grz"}
     planes["z"][0] = 5.0  # FITS row 0 (south) bright in z
-    image = decode_cutout(cube_bytes(planes, "grz"), card=CARD_64).image
+    image = decode_cutout(cube_bytes(planes, "grz"), spec=SPEC_64).image
     assert image[-1, :, 0].min() == 255 and image[0, :, 0].max() == 32
 
 
@@ -175,26 +169,26 @@ def test_band_order_is_read_by_name_not_position() -> None:
         "comma BANDS": cube_bytes(planes, "zgr", BANDS="z,g,r"),
     }
     for label, data in variants.items():
-        decoded = decode_cutout(data, card=CARD_64)
+        decoded = decode_cutout(data, spec=SPEC_64)
         np.testing.assert_array_equal(decoded.image, expected, err_msg=label)
         assert decoded.info.bands_used == ["g", "r", "z"]
-    griz = decode_cutout(variants["griz BANDS+BANDn"], card=CARD_64)
+    griz = decode_cutout(variants["griz BANDS+BANDn"], spec=SPEC_64)
     assert any("band(s) i not used" in w for w in griz.info.warnings)
 
 
 def test_unnamed_three_plane_cube_is_assumed_grz() -> None:
     planes = galaxy_planes(64, seed=2)
-    decoded = decode_cutout(make_grz_fits(size=64, seed=2, band_keys=False), card=CARD_64)
+    decoded = decode_cutout(make_grz_fits(size=64, seed=2, band_keys=False), spec=SPEC_64)
     np.testing.assert_array_equal(decoded.image, expected_dr2(planes))
     assert any("assumed to be g, r, z" in w for w in decoded.info.warnings)
 
 
 def test_gzip_and_fpack_decode_like_plain() -> None:
-    plain = decode_cutout(make_grz_fits(size=64), card=CARD_64).image
-    gzipped = decode_cutout(make_grz_fits(size=64, gz=True), card=CARD_64)
+    plain = decode_cutout(make_grz_fits(size=64), spec=SPEC_64).image
+    gzipped = decode_cutout(make_grz_fits(size=64, gz=True), spec=SPEC_64)
     np.testing.assert_array_equal(gzipped.image, plain)
     assert gzipped.info.compression == "gzip"
-    packed = decode_cutout(make_grz_fits(size=64, fpack=True), card=CARD_64)
+    packed = decode_cutout(make_grz_fits(size=64, fpack=True), spec=SPEC_64)
     assert packed.info.compression == "fpack" and packed.info.pixel_scale == pytest.approx(0.262)
     # RICE quantises floats to ~noise/16: a few grey levels at most
     assert np.abs(packed.image.astype(int) - plain.astype(int)).max() <= 3
@@ -202,10 +196,10 @@ def test_gzip_and_fpack_decode_like_plain() -> None:
 
 def test_fine_pixel_scale_is_resampled_to_the_same_sky_per_pixel() -> None:
     # The same noise-free galaxy (sizes in arcsec) at 0.262"/px and at 0.131"/px.
-    reference = decode_cutout(make_grz_fits(size=64, noise=False), card=CARD_64).image
+    reference = decode_cutout(make_grz_fits(size=64, noise=False), spec=SPEC_64).image
     fine_planes = galaxy_planes(128, pixel_scale=0.131, noise=False)
     fine = cube_bytes(fine_planes, "grz", scale=0.131, BANDS="grz")
-    decoded = decode_cutout(fine, card=CARD_64)
+    decoded = decode_cutout(fine, spec=SPEC_64)
     assert decoded.info.resampled_from_scale == pytest.approx(0.131)
     assert decoded.info.crop_pad_from is None and decoded.image.shape == (64, 64, 3)
     error = np.abs(decoded.image.astype(int) - reference).mean()
@@ -219,7 +213,7 @@ def test_coarse_pixel_scale_is_upsampled_from_the_field_straight_to_the_input() 
     coarse = make_grz_fits(size=400, pixel_scale=0.524, seed=4)
     reserved: dict[str, int] = {}
     decoded = decode_cutout(
-        coarse, card=CARD_64, reserve=lambda n, what: reserved.update({what: n})
+        coarse, spec=SPEC_64, reserve=lambda n, what: reserved.update({what: n})
     )
     # The model's 64 px at 0.262 cover 32 px at 0.524: that field of the 400 px (read with a
     # 2 px margin) is resampled straight to the 64 px input, nothing to crop afterwards.
@@ -235,20 +229,20 @@ def test_coarse_pixel_scale_is_upsampled_from_the_field_straight_to_the_input() 
 
 def test_small_cutout_is_padded_with_blank_sky_or_resized() -> None:
     data = make_grz_fits(size=40, seed=6)
-    padded = decode_cutout(data, card=CARD_64)
+    padded = decode_cutout(data, spec=SPEC_64)
     assert padded.info.crop_pad_from == (40, 40) and padded.info.resized_from is None
     assert (padded.image[:12] == 32).all() and (padded.image[:, -12:] == 32).all()
     np.testing.assert_array_equal(
         padded.image[12:52, 12:52], expected_dr2(galaxy_planes(40, seed=6))
     )
-    resized = decode_cutout(data, card=CARD_64, fit="resize")
+    resized = decode_cutout(data, spec=SPEC_64, fit="resize")
     assert resized.info.resized_from == (40, 40) and resized.info.crop_pad_from is None
     assert not (resized.image[:12] == 32).all()
 
 
 def test_large_cutout_is_centre_cropped() -> None:
     planes = galaxy_planes(100, seed=8)
-    decoded = decode_cutout(cube_bytes(planes, "grz", BANDS="grz"), card=CARD_64)
+    decoded = decode_cutout(cube_bytes(planes, "grz", BANDS="grz"), spec=SPEC_64)
     assert decoded.info.crop_pad_from == (100, 100)
     centre = {b: p[18:82, 18:82] for b, p in planes.items()}
     np.testing.assert_array_equal(decoded.image, expected_dr2(centre))
@@ -258,14 +252,14 @@ def test_nan_and_inf_pixels_become_blank_sky_with_a_warning() -> None:
     planes = galaxy_planes(64, seed=9)
     planes["g"][:8, :] = np.nan  # 8 of 64 rows = 12.50% of pixels
     planes["z"][:8, :4] = np.inf
-    decoded = decode_cutout(cube_bytes(planes, "grz", BANDS="grz"), card=CARD_64)
+    decoded = decode_cutout(cube_bytes(planes, "grz", BANDS="grz"), spec=SPEC_64)
     assert any("12.50% of pixels were NaN or infinite" in w for w in decoded.info.warnings)
     assert (decoded.image[-8:] == 32).all()  # FITS rows 0-7 end up at the bottom, blank sky
 
 
 def test_bscale_bzero_integer_image_matches_float() -> None:
-    as_float = decode_cutout(make_single_band_fits(size=64, seed=2), card=CARD_64).image
-    as_int16 = decode_cutout(make_single_band_fits(size=64, seed=2, bitpix=16), card=CARD_64)
+    as_float = decode_cutout(make_single_band_fits(size=64, seed=2), spec=SPEC_64).image
+    as_int16 = decode_cutout(make_single_band_fits(size=64, seed=2, bitpix=16), spec=SPEC_64)
     assert as_int16.info.original_shape == (64, 64)
     # int16 quantisation of the float image changes at most a grey level here and there
     diff = np.abs(as_int16.image.astype(int) - as_float.astype(int))
@@ -321,37 +315,37 @@ def test_image_in_an_extension_after_a_table() -> None:
     image = fits.ImageHDU(np.stack([planes[b] for b in "grz"]), header)
     buffer = io.BytesIO()
     fits.HDUList([fits.PrimaryHDU(), table, image]).writeto(buffer)
-    decoded = decode_cutout(buffer.getvalue(), card=CARD_64)
+    decoded = decode_cutout(buffer.getvalue(), spec=SPEC_64)
     np.testing.assert_array_equal(decoded.image, expected_dr2(planes))
 
 
 def test_degenerate_leading_axes_are_single_band() -> None:
     plane = galaxy_planes(32, bands="r")["r"]
-    decoded = decode_cutout(fits_bytes(plane[None, None]), card=card_of(32))
+    decoded = decode_cutout(fits_bytes(plane[None, None]), spec=spec_of(32))
     assert decoded.info.original_shape == (1, 1, 32, 32)
     assert any("single band" in w for w in decoded.info.warnings)
 
 
 @pytest.mark.parametrize("stretch", ["dr2_rgb", "lupton"])
 def test_stretch_choice_is_recorded(stretch: str) -> None:
-    decoded = decode_cutout(make_grz_fits(size=64), card=CARD_64, stretch=stretch)
+    decoded = decode_cutout(make_grz_fits(size=64), spec=SPEC_64, stretch=stretch)
     assert decoded.info.stretch == stretch
-    grey = decode_cutout(make_single_band_fits(size=64), card=CARD_64, stretch=stretch).image
+    grey = decode_cutout(make_single_band_fits(size=64), spec=SPEC_64, stretch=stretch).image
     assert np.array_equal(grey[..., 0], grey[..., 2])
 
 
 def test_unknown_stretch_and_fit_are_422_naming_the_valid_ones() -> None:
     data = make_grz_fits(size=32)
     with pytest.raises(CutoutError, match="valid stretches: dr2_rgb, lupton") as error:
-        decode_cutout(data, card=CARD_64, stretch="zscale")
+        decode_cutout(data, spec=SPEC_64, stretch="zscale")
     assert error.value.kind == CutoutErrorKind.INVALID
     with pytest.raises(CutoutError, match="valid: crop_pad, resize"):
-        decode_cutout(data, card=CARD_64, fit="stretch")
+        decode_cutout(data, spec=SPEC_64, fit="stretch")
 
 
 def test_filename_and_content_type_are_only_hints() -> None:
     png = make_png(size=(64, 64))
-    decoded = decode_cutout(png, card=CARD_64, filename="x.fits", content_type="image/fits")
+    decoded = decode_cutout(png, spec=SPEC_64, filename="x.fits", content_type="image/fits")
     assert decoded.info.format == "png"
     assert any("file name 'x.fits' ignored" in w for w in decoded.info.warnings)
     assert any("content type 'image/fits' ignored" in w for w in decoded.info.warnings)
@@ -366,13 +360,13 @@ def test_decode_path_checks_size_before_reading(tmp_path: Path, monkeypatch) -> 
 
     monkeypatch.setattr(os, "read", refuse)
     with pytest.raises(CutoutError, match="over the limit of 1000 bytes") as error:
-        decode_path(tmp_path / "big.fits", card=CARD_64, limits=DecodeLimits(max_bytes=1000))
+        decode_path(tmp_path / "big.fits", spec=SPEC_64, limits=DecodeLimits(max_bytes=1000))
     assert error.value.kind == CutoutErrorKind.TOO_LARGE
 
 
 def test_decode_path_missing_file_is_a_cutout_error(tmp_path: Path) -> None:
     with pytest.raises(CutoutError, match=r"nope\.fits") as error:
-        decode_path(tmp_path / "nope.fits", card=CARD_64)
+        decode_path(tmp_path / "nope.fits", spec=SPEC_64)
     assert error.value.kind == CutoutErrorKind.INVALID
 
 
@@ -380,20 +374,20 @@ def test_decode_path_missing_file_is_a_cutout_error(tmp_path: Path) -> None:
 
 
 def test_scale_range_admits_hst_and_sdss_and_refuses_absurd_scales(real_data: Path) -> None:
-    coarse_model = replace(card_of(64), pixel_scale=1.048)  # a 64 px Galaxy10 model
+    coarse_model = replace(spec_of(64), pixel_scale=1.048)  # a 64 px Galaxy10 model
     hst = real_data / "hst-fits" / "abell_2744_spiral_galaxy_f105w.fits.gz"
-    decoded = decode_path(hst, card=coarse_model)
+    decoded = decode_path(hst, spec=coarse_model)
     assert decoded.info.resampled_from_scale == pytest.approx(0.06, rel=1e-3)
     assert decoded.image.shape == (64, 64, 3)
-    sdss = decode_cutout(make_grz_fits(size=128, pixel_scale=0.396), card=CARD_64)
+    sdss = decode_cutout(make_grz_fits(size=128, pixel_scale=0.396), spec=SPEC_64)
     assert sdss.info.resampled_from_scale == pytest.approx(0.396, rel=1e-3)
     for scale in (0.262 * 8.5, 0.262 / 70):
         with pytest.raises(CutoutError, match=r'0\.004094 to 2\.096"/px') as error:
-            decode_cutout(make_grz_fits(size=32, pixel_scale=scale), card=CARD_64)
+            decode_cutout(make_grz_fits(size=32, pixel_scale=scale), spec=SPEC_64)
         assert error.value.kind is CutoutErrorKind.INVALID
         assert f'{scale:.4g}"/px' in error.value.message
     # resize ignores the scale, so it accepts any
-    resized = decode_cutout(make_grz_fits(size=32, pixel_scale=50.0), card=CARD_64, fit="resize")
+    resized = decode_cutout(make_grz_fits(size=32, pixel_scale=50.0), spec=SPEC_64, fit="resize")
     assert resized.info.resized_from == (32, 32)
 
 
@@ -401,7 +395,7 @@ def test_scale_range_admits_hst_and_sdss_and_refuses_absurd_scales(real_data: Pa
 def test_resampled_output_never_exceeds_the_input(scale: float) -> None:
     reserved: list[int] = []
     data = make_grz_fits(size=300, pixel_scale=scale, noise=False)
-    decoded = decode_cutout(data, card=CARD_64, reserve=lambda n, what: reserved.append(n))
+    decoded = decode_cutout(data, spec=SPEC_64, reserve=lambda n, what: reserved.append(n))
     note = next(w for w in decoded.info.warnings if w.startswith("resampled from"))
     out = re.search(r"-> (\d+)x(\d+) pixels", note)
     assert out is not None and int(out[1]) <= 64 and int(out[2]) <= 64, note
@@ -417,7 +411,7 @@ def test_section_reads_equal_whole_reads_for_plain_and_gzip() -> None:
     centre = {b: np.where(np.isnan(planes["r"]), 0, p)[43:107, 43:107] for b, p in planes.items()}
     expected = expected_dr2(centre)
     for gz in (False, True):
-        decoded = decode_cutout(fits_bytes(cube, header, gz=gz), card=CARD_64)
+        decoded = decode_cutout(fits_bytes(cube, header, gz=gz), spec=SPEC_64)
         np.testing.assert_array_equal(decoded.image, expected, err_msg=f"gz={gz}")
         assert decoded.info.crop_pad_from == (150, 150)
         # NaN fraction of the window read: 5 x 30 of its 64 x 64 pixels
@@ -436,7 +430,7 @@ def test_reserve_refuses_before_any_pixel_is_read() -> None:
     tracemalloc.start()
     try:
         with pytest.raises(Refused):
-            decode_cutout(data, card=CARD_64, fit="resize", reserve=refuse)
+            decode_cutout(data, spec=SPEC_64, fit="resize", reserve=refuse)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -452,7 +446,7 @@ def test_a_jpeg_of_any_size_is_decoded_in_full(size: tuple[int, int]) -> None:
     Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(
         buffer, format="JPEG", quality=90
     )
-    decoded = decode_cutout(buffer.getvalue(), card=CARD_64)
+    decoded = decode_cutout(buffer.getvalue(), spec=SPEC_64)
     assert decoded.info.original_shape == (size[1], size[0], 3)
     assert decoded.info.crop_pad_from == (size[1], size[0])  # every pixel, none drafted away
     array = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
@@ -464,14 +458,14 @@ def test_a_jpeg_of_any_size_is_decoded_in_full(size: tuple[int, int]) -> None:
 
 def test_rendered_images_fit_alike_from_arrays_and_files() -> None:
     data = make_png(size=(100, 160), seed=4)
-    decoded = decode_cutout(data, card=CARD_64)
+    decoded = decode_cutout(data, spec=SPEC_64)
     assert decoded.info.crop_pad_from == (100, 160) and decoded.info.resized_from == (100, 100)
     array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     info = PreprocessInfo(format="png", bands_used=["R", "G", "B"], original_shape=(100, 160, 3))
     np.testing.assert_array_equal(
         fit_rgb(array, (64, 64), "resize", info, "bicubic"), decoded.image
     )
-    grey = decode_cutout(make_png(size=(100, 160), mode="L", seed=4), card=CARD_64)
+    grey = decode_cutout(make_png(size=(100, 160), mode="L", seed=4), spec=SPEC_64)
     assert (grey.image[..., 0] == grey.image[..., 2]).all()
 
 
@@ -479,6 +473,6 @@ def test_sixteen_bit_scaling_is_exact_for_every_value() -> None:
     values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
     buffer = io.BytesIO()
     Image.fromarray(values).save(buffer, format="PNG")
-    decoded = decode_cutout(buffer.getvalue(), card=CARD_256)
+    decoded = decode_cutout(buffer.getvalue(), spec=SPEC_256)
     expected = np.clip(np.round(values.astype(np.float64) * 255 / 65535), 0, 255)
     np.testing.assert_array_equal(decoded.image[..., 0], expected.astype(np.uint8))

@@ -190,7 +190,7 @@ def test_embeddings_are_identical_from_server_scorer_and_python(
         assert table.column("in_distribution")[row].as_py() is answer.json()["in_distribution"]
     # The graph's own output, for the decoded image, is what all three gave.
     model = OnnxModel(model_path, providers=CPU, intra_op_threads=1)
-    image = decode_path(files[0], card=model.card).image[None]
+    image = decode_path(files[0], spec=model.card.input_spec).image[None]
     (direct,) = model.session.run([EMBEDDINGS_NAME], {INPUT_NAME: image})
     np.testing.assert_array_equal(direct[0], from_python[0])
 

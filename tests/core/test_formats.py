@@ -18,7 +18,7 @@ from galmorph.core.cutouts import formats
 from galmorph.core.cutouts.decode import CutoutError, decode_cutout, sniff_format
 from galmorph.core.cutouts.formats import CutoutFormat, Reader
 from galmorph.core.cutouts.limits import CutoutErrorKind
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, ModelCard
+from galmorph.core.inputspec import InputSpec
 from galmorph.scoring.catalog import CatalogError, CatalogOptions, FileListCatalog
 from galmorph.service import cli as service_cli
 from galmorph.service.app import create_app
@@ -26,13 +26,7 @@ from tests.support.app_client import settings_for, wait_for
 from tests.support.cutout_factory import make_grz_fits, make_jpeg, make_png
 from tests.support.onnx_factory import write_model
 
-CARD = ModelCard(
-    model_name="test",
-    class_names=GALAXY10_CLASS_NAMES,
-    input_size=(64, 64),
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-)
+SPEC = InputSpec(input_size=(64, 64))
 # A format galmorph does not register; Pillow reads it, so adding it is a registry entry only.
 TIFF = CutoutFormat(
     name="tiff",
@@ -87,7 +81,7 @@ def test_format_is_sniffed_from_magic_bytes_alone(
 ) -> None:
     assert sniff_format(data).name == name
     # A misleading name changes nothing but a warning.
-    decoded = decode_cutout(data, card=CARD, filename="cutout.txt")
+    decoded = decode_cutout(data, spec=SPEC, filename="cutout.txt")
     assert decoded.info.format == name and decoded.info.compression == compression
     assert decoded.info.warnings[0].startswith("file name 'cutout.txt' ignored")
 
@@ -98,13 +92,13 @@ def test_every_registered_suffix_and_content_type_is_a_quiet_hint(fmt: CutoutFor
     for suffix in fmt.suffixes:
         for content_type in fmt.content_types:
             decoded = decode_cutout(
-                data, card=CARD, filename=f"c{suffix.upper()}", content_type=content_type
+                data, spec=SPEC, filename=f"c{suffix.upper()}", content_type=content_type
             )
             assert not any("ignored" in w for w in decoded.info.warnings), (suffix, content_type)
     other = next(f for f in formats.FORMATS if f is not fmt)
     decoded = decode_cutout(
         data,
-        card=CARD,
+        spec=SPEC,
         filename=f"c{other.suffixes[0]}",
         content_type=f"{other.content_types[0]}; charset=binary",
     )
@@ -118,7 +112,7 @@ def test_every_registered_suffix_and_content_type_is_a_quiet_hint(fmt: CutoutFor
 @pytest.mark.parametrize("fmt", formats.FORMATS, ids=lambda fmt: fmt.name)
 def test_text_named_like_a_format_is_refused_naming_what_it_lacks(fmt: CutoutFormat) -> None:
     with pytest.raises(CutoutError) as error:
-        decode_cutout(b"ra,dec\n1,2\n", card=CARD, filename=f"catalog{fmt.suffixes[-1]}")
+        decode_cutout(b"ra,dec\n1,2\n", spec=SPEC, filename=f"catalog{fmt.suffixes[-1]}")
     assert error.value.kind is CutoutErrorKind.UNSUPPORTED
     assert error.value.message == (
         f"'catalog{fmt.suffixes[-1]}' is named like {fmt.label} but is text: "
@@ -151,14 +145,14 @@ def test_defaults_on_every_surface() -> None:
         "not FITS, PNG or JPEG"
     )
     with pytest.raises(CutoutError, match=re.escape(formats.supported_formats())) as error:
-        decode_cutout(b"\x00\x01binary", card=CARD)
+        decode_cutout(b"\x00\x01binary", spec=SPEC)
     assert "send FITS (.fits, .fit, .fts, .fz, .fits.gz, .fit.gz), PNG (.png) or JPEG" in str(
         error.value
     )
 
 
 def test_a_new_registry_entry_is_read_by_the_decoder(with_tiff: None) -> None:
-    decoded = decode_cutout(tiff_bytes(), card=CARD, filename="c.tiff", content_type="image/tiff")
+    decoded = decode_cutout(tiff_bytes(), spec=SPEC, filename="c.tiff", content_type="image/tiff")
     assert decoded.info.format == "tiff" and decoded.info.warnings == []
     assert decoded.image.shape == (64, 64, 3)
 

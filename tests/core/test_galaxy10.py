@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from galmorph.cli import main
-from galmorph.core.data.galaxy10 import Galaxy10Error, Galaxy10File
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES, Galaxy10Error, Galaxy10File
 
 
 def write_file(

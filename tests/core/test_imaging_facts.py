@@ -14,7 +14,8 @@ from galmorph.core.cutouts.resample import BLANK_SKY_UINT8, rescale_rgb
 from galmorph.core.data.duplicates import duplicate_groups
 from galmorph.core.data.galaxy10 import Galaxy10Error, Galaxy10File
 from galmorph.core.data.splits import Split, make_split
-from galmorph.core.modelfile.contract import GALAXY10_DECALS, Imaging, ModelCard
+from galmorph.core.inputspec import GALAXY10_DECALS, Imaging
+from galmorph.core.modelfile.contract import ModelCard
 from galmorph.training.synth import render_galaxy
 
 

@@ -85,7 +85,7 @@ def _engine(path: Path) -> OnnxModel:
 def _fits_classes(engine: OnnxModel, folder: Path, card: ModelCard) -> np.ndarray:
     paths = sorted(folder.glob("*.fits"))
     assert len(paths) == EVAL_N
-    images = np.stack([decode_path(path, card=card).image for path in paths])
+    images = np.stack([decode_path(path, spec=card.input_spec).image for path in paths])
     return engine.predict(images).argmax(axis=1)
 
 

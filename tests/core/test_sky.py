@@ -20,7 +20,8 @@ import pytest
 
 from galmorph.cli import main as galmorph_main
 from galmorph.core.cutouts.decode import decode_cutout
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, ModelCard
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
+from galmorph.core.modelfile.contract import ModelCard
 from galmorph.core.modelfile.engine import OnnxModel
 from galmorph.core.sky.cache import CutoutCache
 from galmorph.core.sky.client import (
@@ -144,17 +145,19 @@ def galaxy10_card(size: int) -> ModelCard:
 
 def test_defaults_from_the_model_card_ask_for_exactly_the_models_field():
     m51 = (202.4696, 47.1952)
-    url = CutoutSpec.for_card(galaxy10_card(256)).request(*m51).url
+    url = CutoutSpec.for_input(galaxy10_card(256).input_spec).request(*m51).url
     assert url == (
         "https://www.legacysurvey.org/viewer/cutout.fits"
         "?ra=202.4696&dec=47.1952&layer=ls-dr10&pixscale=0.262&size=256&bands=grz"
     )
     card = galaxy10_card(64)  # trained from 256 px Galaxy10 images: 1.048"/px over 67"
-    spec = CutoutSpec.for_card(card)
+    spec = CutoutSpec.for_input(card.input_spec)
     params = spec.request(*m51).params()
     assert params["size"] == "64" and params["pixscale"] == "1.048"
     assert spec.width * spec.pixscale == pytest.approx(card.field_of_view[1])
-    overridden = CutoutSpec.for_card(card, CutoutOptions(layer="ls-dr9", bands="r", size=128))
+    overridden = CutoutSpec.for_input(
+        card.input_spec, CutoutOptions(layer="ls-dr9", bands="r", size=128)
+    )
     assert overridden.request(*m51).params()["layer"] == "ls-dr9"
     assert overridden.expected_shape == (128, 128)
     rect = CutoutSpec(width=100, height=60).request(*m51).params()
@@ -330,7 +333,9 @@ def test_faults_end_as_scores_or_error_rows_within_the_politeness_bounds(
     names = class_columns(onnx.card.class_names)
     probs = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in names], 1)
     for i in (0, 1, 4, 7):
-        image = decode_cutout(render_fits(*sky[i], "grz", 0.262, 64, 64), card=onnx.card).image
+        image = decode_cutout(
+            render_fits(*sky[i], "grz", 0.262, 64, 64), spec=onnx.card.input_spec
+        ).image
         np.testing.assert_allclose(probs[i], onnx.predict(image[None])[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(probs[20], probs[0])  # the duplicate position
 

@@ -88,7 +88,12 @@ def doc_folders(
     tmp_path_factory: pytest.TempPathFactory, docs_stand_ins: Path
 ) -> Iterator[dict[str, DocFolder]]:
     folders: dict[str, DocFolder] = {}
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("GALMORPH_")}
+    # GALMORPH_ENGINE stays: tests/conftest.py pins the fp32 engine the answers are checked with.
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GALMORPH_") or k == "GALMORPH_ENGINE"
+    }
     environment.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}",
         OMP_NUM_THREADS="1",

@@ -17,10 +17,10 @@ from PIL import Image
 from torch import nn
 
 from galmorph.core import files
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
 from galmorph.core.modelfile.artifact import GRAPH_FILE_NAME, WEIGHTS_FILE_NAME, artifact_sha256
 from galmorph.core.modelfile.contract import (
     EMBEDDINGS_NAME,
-    GALAXY10_CLASS_NAMES,
     INPUT_NAME,
     LOGITS_NAME,
     OUTPUT_NAME,

@@ -255,6 +255,10 @@ def test_cpu_override_drops_the_gpu_and_selects_the_cpu_provider(tools: Tools) -
         assert not gpu_devices(cpu["services"][name]), f"{name} still reserves a GPU on CPU"
         assert cpu["services"][name]["image"] != gpu["services"][name]["image"]
         assert cpu["services"][name]["build"]["args"]["RUNTIME_IMAGE"] == "ubuntu:24.04"
+    # OpenVINO (the bf16 engine) goes into the CPU serving image only.
+    extra = "EXTRA_REQUIREMENTS"
+    assert cpu["services"]["serve"]["build"]["args"][extra] == "requirements-cpu.txt"
+    assert extra not in (gpu["services"]["serve"]["build"].get("args") or {})
     serve_env = cpu["services"]["serve"]["environment"]
     assert serve_env["GALMORPH_PROVIDERS"] == "CPUExecutionProvider"
     assert serve_env["GALMORPH_REQUIRE_GPU"] == "false"

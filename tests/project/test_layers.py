@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tools.import_graph import PART_FOLDERS, cycles, module_graph, part_graph, part_of_module
+from tools.import_graph import (
+    PART_FOLDERS,
+    core_package_of_module,
+    cycles,
+    module_graph,
+    part_graph,
+    part_of_module,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +35,8 @@ FORBIDDEN = {
     "scoring": {"model", "training", "service", "api", "torch"},
     # The Python API is a consumer beside the server and the scorer, not under them.
     "api": {"model", "training", "service", "scoring", "torch"},
+    # The index reads the scorer's Parquet files, not its code; the server may serve an index.
+    "similarity": {"model", "training", "service", "scoring", "api", "torch"},
 }
 
 
@@ -52,6 +61,31 @@ def test_no_part_imports_what_its_layer_forbids(graph: dict[str, set[str]], part
         for edge in modules
     ]
     assert not broken, f"{part} must not import {sorted(FORBIDDEN[part])}: {broken}"
+
+
+# core sub-package -> siblings it must never import. Every one may import core's floor (files,
+# version, inputspec: the package `core` here), which imports none of them.
+CORE_FORBIDDEN = {
+    "core": {"core.cutouts", "core.sky", "core.data", "core.modelfile"},
+    "core.cutouts": {"core.sky", "core.data", "core.modelfile"},
+    "core.sky": {"core.data", "core.modelfile"},
+    "core.data": {"core.sky", "core.modelfile"},
+    "core.modelfile": {"core.sky"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(CORE_FORBIDDEN))
+def test_no_core_package_imports_a_sibling_its_role_forbids(
+    graph: dict[str, set[str]], package: str
+) -> None:
+    edges = part_graph(graph, core_package_of_module)
+    broken = [
+        edge
+        for (source, target), modules in edges.items()
+        if source == package and target in CORE_FORBIDDEN[package]
+        for edge in modules
+    ]
+    assert not broken, f"{package} must not import {sorted(CORE_FORBIDDEN[package])}: {broken}"
 
 
 def test_only_the_command_line_imports_the_command_line(graph: dict[str, set[str]]) -> None:
@@ -139,7 +173,8 @@ def test_the_wheel_installs_nothing_outside_the_galmorph_namespace(tmp_path: Pat
     assert {name.split("/")[0] for name in names} == {"galmorph", dist_info}
     for module in ("core/cutouts/decode.py", "api/classifier.py", "model/astroformer.py",
                    "training/train.py", "service/app.py", "scoring/run.py",
-                   "service/static/app.js", "service/templates/index.html"):  # fmt: skip
+                   "service/static/app.js", "service/templates/index.html",
+                   "service/static/vendor/hyparquet-writer.js"):  # fmt: skip
         assert f"galmorph/{module}" in names, module
 
 

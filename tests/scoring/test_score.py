@@ -116,7 +116,7 @@ def test_probabilities_equal_the_service_decode_and_model(workspace: Path, refer
     rows = [1, 2, 39]
     images = np.stack(
         [
-            decode_path(workspace / "cutouts" / Path(p).name, card=model.card).image
+            decode_path(workspace / "cutouts" / Path(p).name, spec=model.card.input_spec).image
             for p in (f"g{i:03d}.{'fits' if i % 2 else 'png'}" for i in rows)
         ]
     )
@@ -402,6 +402,6 @@ def test_galaxy10_rows_of_another_size_are_fitted_like_uploaded_images(
     for image in images:  # the server's answer for the same pixels sent as PNG
         png = tmp_path / "row.png"
         Image.fromarray(image).save(png)
-        as_png.append(decode_path(png, card=model.card).image)
+        as_png.append(decode_path(png, spec=model.card.input_spec).image)
     got = np.stack([table.column(c).to_numpy() for c in class_columns(model.card.class_names)], 1)
     np.testing.assert_allclose(got, model.predict(np.stack(as_png)), rtol=1e-6)

@@ -23,9 +23,10 @@ import pytest
 from galmorph.api.classifier import Classifier
 from galmorph.cli import build_parser
 from galmorph.cli import main as galmorph_main
+from galmorph.core.inputspec import canonical_scale
 from galmorph.core.modelfile.contract import METADATA_PREFIX, ModelCard
 from galmorph.core.sky.client import CutoutSpec, check_position
-from galmorph.core.sky.options import canonical_scale, decimal_text
+from galmorph.core.sky.options import decimal_text
 from galmorph.scoring.catalog import open_catalog
 from galmorph.scoring.ray_engine import ERROR_COLUMN, IMAGE_COLUMN, OnnxPredictor, _outputs
 from tests.support.cutout_factory import make_png

@@ -90,7 +90,7 @@ def test_refusals_of_every_input_kind_name_it_without_a_repr(
     path.write_bytes(data)
     good = make_png(size=(64, 64))
     messages = {
-        "decoder": refusal(lambda: decode_cutout(data, card=clf.card)),
+        "decoder": refusal(lambda: decode_cutout(data, spec=clf.card.input_spec)),
         "path": refusal(lambda: clf.predict(path)),
         "bytes": refusal(lambda: clf.predict(data)),
         "list": refusal(lambda: clf.predict([good, good, str(path)])),
@@ -145,7 +145,7 @@ def test_a_header_over_the_card_cap_is_too_large_naming_the_cap() -> None:
     data = body + (b"COMMENT " + b"x" * 72) * (MAX_HEADER_CARDS + 100) + b"END".ljust(80)
     data += b" " * (-len(data) % 2880)
     with pytest.raises(CutoutError) as caught:
-        decode_cutout(data, card=FactoryModel().card())
+        decode_cutout(data, spec=FactoryModel().card().input_spec)
     assert caught.value.kind is CutoutErrorKind.TOO_LARGE  # 413, not a corrupt file's 422
     message = caught.value.message
     assert f"more than {MAX_HEADER_CARDS} cards" in message, message
@@ -154,7 +154,7 @@ def test_a_header_over_the_card_cap_is_too_large_naming_the_cap() -> None:
     fits_ok = fits.Header([("COMMENT", "x")] * (MAX_HEADER_CARDS - 10))
     buffer = io.BytesIO()
     fits.PrimaryHDU(np.ones((3, 32, 32), np.float32), fits_ok).writeto(buffer)
-    decode_cutout(buffer.getvalue(), card=FactoryModel().card())
+    decode_cutout(buffer.getvalue(), spec=FactoryModel().card().input_spec)
 
 
 def test_readme_states_the_card_caps() -> None:

@@ -11,7 +11,7 @@ from astropy.io import fits
 from PIL import Image
 
 from galmorph.core.cutouts.decode import CutoutError, DecodeLimits, decode_cutout
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, ModelCard
+from galmorph.core.inputspec import InputSpec
 from galmorph.service.errors import cutout_status
 from tests.support.cutout_factory import (
     BadInput,
@@ -26,19 +26,13 @@ from tests.support.cutout_factory import (
 )
 from tests.support.hostile_inputs import extension_flood, flat_jpeg, scan_bomb_jpeg
 
-CARD = ModelCard(
-    model_name="test",
-    class_names=GALAXY10_CLASS_NAMES,
-    input_size=(64, 64),
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-)
+SPEC = InputSpec(input_size=(64, 64))
 MIB = 2**20
 
 
 def status_of(data: bytes, filename: str | None = None, **kwargs) -> tuple[int, str]:
     try:
-        decoded = decode_cutout(data, card=CARD, filename=filename, **kwargs)
+        decoded = decode_cutout(data, spec=SPEC, filename=filename, **kwargs)
     except CutoutError as error:
         assert error.message and str(error) == error.message
         return cutout_status(error), error.message
@@ -147,13 +141,13 @@ def test_pixel_and_side_limits_apply_to_fits_and_png() -> None:
 
 def test_png_modes_convert_with_warnings() -> None:
     rgba = make_png(mode="RGBA")
-    decoded = decode_cutout(rgba, card=CARD)
+    decoded = decode_cutout(rgba, spec=SPEC)
     expected = np.asarray(Image.open(io.BytesIO(rgba)))[..., :3]
     np.testing.assert_array_equal(decoded.image, expected)
     assert "alpha channel dropped (50.0% of pixels not opaque)" in decoded.info.warnings
 
     grey = make_png(mode="L")
-    decoded = decode_cutout(grey, card=CARD)
+    decoded = decode_cutout(grey, spec=SPEC)
     plane = np.asarray(Image.open(io.BytesIO(grey)))
     assert all(np.array_equal(decoded.image[..., c], plane) for c in range(3))
     assert decoded.info.bands_used == ["L"] and "single band: no colour" in decoded.info.warnings
@@ -167,7 +161,7 @@ def test_sixteen_bit_png_scales_full_range_to_eight_bit() -> None:
     values = np.tile(np.array([[0, 257, 32896, 65535]], np.uint16), (64, 16))  # 64 x 64
     buffer = io.BytesIO()
     Image.fromarray(values).save(buffer, format="PNG")
-    decoded = decode_cutout(buffer.getvalue(), card=CARD)
+    decoded = decode_cutout(buffer.getvalue(), spec=SPEC)
     # round(v * 255 / 65535): 0 -> 0, 257 -> 1, 32896 -> 128, 65535 -> 255
     assert decoded.image[0, :4, 0].tolist() == [0, 1, 128, 255]
     assert any("16-bit" in w for w in decoded.info.warnings)
@@ -178,7 +172,7 @@ def test_grey_and_cmyk_jpeg() -> None:
     assert status == 200 and "single band: no colour" in message
     buffer = io.BytesIO()
     Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(buffer, format="JPEG")
-    decoded = decode_cutout(buffer.getvalue(), card=CARD)
+    decoded = decode_cutout(buffer.getvalue(), spec=SPEC)
     assert "CMYK image converted to RGB" in decoded.info.warnings
     assert decoded.image[..., 0].mean() > 200 and decoded.image[..., 1].mean() < 50
 

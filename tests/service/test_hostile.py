@@ -36,7 +36,7 @@ from galmorph.scoring.decode_worker import DecodeSettings, decode_sources
 from galmorph.service import decoding
 from galmorph.service.batching import MicroBatcher
 from galmorph.service.decoding import DecodeBusyError, MemoryBudget
-from tests import process_cost
+from tests.support import process_cost
 from tests.support.app_client import running, settings_for
 from tests.support.cutout_factory import bad_inputs, gzip_bomb, make_grz_fits, make_png
 from tests.support.hostile_inputs import (

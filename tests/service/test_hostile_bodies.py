@@ -24,7 +24,7 @@ import pytest
 from galmorph.core.cutouts.limits import MIB
 from galmorph.service.decoding import BodyBusyError, DecodeBusyError, MemoryBudget
 from galmorph.service.uploads import PayloadTooLargeError
-from tests import process_cost
+from tests.support import process_cost
 from tests.support.onnx_factory import FactoryModel, write_model
 from tests.support.raw_http import JUNK, Answer, exchange, junk, request_head
 from tests.support.server_process import RunningServer, serve

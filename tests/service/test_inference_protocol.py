@@ -317,9 +317,9 @@ def test_versions_and_not_ready_follow_the_protocol(model_path: Path, tmp_path: 
 def test_large_tensors_must_travel_as_binary(
     model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from galmorph.service.routers import inference_protocol
+    from galmorph.service.oip import codec
 
-    monkeypatch.setattr(inference_protocol, "MAX_JSON_BYTES", 300)
+    monkeypatch.setattr(codec, "MAX_JSON_BYTES", 300)
     images = [[[[7, 7, 7]] * 8] * 8]
     body = {"inputs": [{"name": "images", "shape": [1, 8, 8, 3], "datatype": "UINT8",
                         "data": images}]}  # fmt: skip

@@ -23,7 +23,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from galmorph.core.cutouts.decode import DecodeLimits, decode_cutout
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, ModelOutputs
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
+from galmorph.core.modelfile.contract import ModelOutputs
 from galmorph.core.modelfile.engine import CPU_PROVIDER, CUDA_PROVIDER, ModelLoadError, OnnxModel
 from galmorph.service.batching import (
     BatcherConfig,
@@ -284,7 +285,7 @@ def test_response_equals_decode_plus_engine(client: TestClient, model_path: Path
     """The service adds no pixel path of its own: same probabilities as the library calls."""
     data = make_grz_fits(size=64, bands="griz", gz=True)
     model = OnnxModel(model_path, providers=CPU, intra_op_threads=1)
-    decoded = decode_cutout(data, card=model.card, filename="c.fits.gz")
+    decoded = decode_cutout(data, spec=model.card.input_spec, filename="c.fits.gz")
     expected = model.predict(decoded.image[None])[0]
     params = {"return_image": "true", "top_k": "10", "filename": "c.fits.gz"}
     response = client.post("/classify", content=data, params=params)

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from galmorph.cli import main as galmorph_main
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
 from tests.support.cutout_factory import bad_inputs, make_grz_fits, make_png, make_single_band_fits
 from tests.support.onnx_factory import FactoryModel, write_model
 from tests.support.server_process import RunningServer, serve

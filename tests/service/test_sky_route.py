@@ -110,7 +110,7 @@ def test_classifies_a_position_then_reads_it_from_the_cache(
     height, width = onnx.card.input_size
     assert request.params["size"] == str(width) and request.params["bands"] == "grz"
     assert float(request.params["pixscale"]) == onnx.card.pixel_scale
-    spec = CutoutSpec.for_card(onnx.card, CutoutOptions(base_url=stub.base_url))
+    spec = CutoutSpec.for_input(onnx.card.input_spec, CutoutOptions(base_url=stub.base_url))
     assert body["cutout"] == {
         "url": spec.request(150.1, 2.2).url,
         "source": "fetched",
@@ -120,7 +120,7 @@ def test_classifies_a_position_then_reads_it_from_the_cache(
     }
     # The same probabilities as the stub's FITS decoded and classified here.
     data = render_fits(150.1, 2.2, "grz", onnx.card.pixel_scale, width, height)
-    expected = onnx.predict(decode_cutout(data, card=onnx.card).image[None])[0]
+    expected = onnx.predict(decode_cutout(data, spec=onnx.card.input_spec).image[None])[0]
     got = [body["probabilities"][name] for name in onnx.card.class_names]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert len(body["top_k"]) == 2 and body["preprocessing"]["format"] == "fits"

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
 from galmorph.service.headers import CONTENT_SECURITY_POLICY
 from tests.support.onnx_factory import write_model
 from tests.support.server_process import RunningServer, serve
@@ -70,8 +70,14 @@ class DevTools:
 
         return await asyncio.wait_for(receive(), timeout)
 
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+    async def evaluate(self, expression: str, *, await_promise: bool = False) -> Any:
+        """The expression's value; with await_promise, the value its promise resolves to."""
+        result = await self.send(
+            "Runtime.evaluate",
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=await_promise,
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(result["exceptionDetails"])
         return result["result"].get("value")
@@ -149,6 +155,7 @@ async def run_page(devtools_url: str, page_url: str, upload: Path) -> dict[str, 
               top: document.getElementById('top-class').textContent,
               modelLine: document.getElementById('model-line').textContent,
               image: document.getElementById('model-input').naturalWidth,
+              neighboursHidden: document.getElementById('neighbours').hidden,
               bars: Array.from(document.querySelectorAll('#chart .bar')).map(bar => ({
                 name: bar.querySelector('.bar-label').textContent,
                 probability: parseFloat(bar.dataset.probability),
@@ -197,6 +204,7 @@ def test_page_shows_the_model_view_and_probability_bars(
         assert bar["width"] == pytest.approx(bar["probability"] * bar["track"], abs=1.0)
         assert bar["top"] == (bar["name"] == api["top_class"])
     assert page["image"] == 64  # the model's own input size, shown as the model saw it
+    assert page["neighboursHidden"]  # the server has no similarity index: /similar is off
     assert "test_factory_model" in page["modelLine"]
     assert page["screenshot"].startswith(b"\x89PNG") and len(page["screenshot"]) > 10_000
 

@@ -3,7 +3,9 @@ positions, in a real headless Chromium driven over the Chrome DevTools Protocol.
 
 Five files (three galaxies, white noise the model's OOD score flags, a truncated PNG) are
 dropped on a real `galmorph serve` that takes two files a request, so the page must send them
-in chunks; what the page shows and downloads is compared with the API's own answers.
+in chunks; what the page shows and downloads is compared with the API's own answers, and its
+Parquet download with what `galmorph score` writes for the same files. axe-core (vendored in
+tests/support/vendor/) checks the idle, many-files and details states for WCAG violations.
 With GALMORPH_WEB_SCREENSHOTS=docs/images the idle, many-files and details states are saved
 there (as docs/images/web_*.png, the README's pictures).
 """
@@ -16,6 +18,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,14 +27,16 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from tests.test_web import RECORD_CSP_VIOLATIONS, DevTools, browser  # noqa: F401 (a fixture)
 from websockets.asyncio.client import ClientConnection, connect
 
 from galmorph.core.data.tables import class_columns
 from galmorph.core.modelfile.contract import METADATA_PREFIX
+from tests.service.test_web import RECORD_CSP_VIOLATIONS, DevTools, browser  # noqa: F401
 from tests.support.onnx_factory import FactoryModel, write_model
 from tests.support.server_process import RunningServer, serve
 from tests.support.sky_stub import SkyStub
@@ -63,6 +69,8 @@ GALAXIES = (
 NOISE = "noise.png"
 OOD_SENTENCE = "unlike the training data: the class is unreliable"
 CORRUPT = "corrupt.png"
+# axe-core, injected into the page by the test (tests/support/vendor/README.md).
+AXE = Path(__file__).resolve().parents[1] / "support" / "vendor" / "axe.min.js"
 
 
 def page_state(expression: str) -> str:
@@ -110,12 +118,38 @@ def uploads(work: Path, real_data: Path) -> list[Path]:
     return [files[0], folder / NOISE, folder / CORRUPT, files[1], files[2]]
 
 
+def galmorph(*args: str | Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "galmorph", *map(str, args)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
 @pytest.fixture(scope="module")
-def server(work: Path, model: Path) -> Iterator[RunningServer]:
+def scored(work: Path, model: Path, uploads: list[Path]) -> Path:
+    """`galmorph score --embeddings` on the same five files: the table the page's downloads
+    copy, and the catalog of the similarity index the server is started with."""
+    out = work / "scores"
+    galmorph("score", uploads[0].parent, "--model", model, "--out", out, "--embeddings",
+             *("--workers", "0", "--ort-threads", "1"))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def index(work: Path, model: Path, scored: Path) -> Path:
+    galmorph("index", "build", scored, "--out", work / "index", "--model", model)
+    return work / "index"
+
+
+@pytest.fixture(scope="module")
+def server(work: Path, model: Path, index: Path) -> Iterator[RunningServer]:
     env = {
         "GALMORPH_MAX_BATCH_FILES": str(MAX_BATCH_FILES),
         "GALMORPH_MAX_BATCH_BODY_BYTES": str(MAX_BATCH_BYTES),
         "GALMORPH_DECODE_THREADS": "1",
+        "GALMORPH_SIMILARITY_INDEX": str(index),
     }
     with serve(model, work, env=env) as running:
         yield running
@@ -182,29 +216,21 @@ async def unnamed_controls(tools: DevTools) -> list[str]:
     return unnamed
 
 
-# WCAG's contrast ratio of every visible text against the background it is drawn on (the
-# nearest ancestor's opaque colour); under 4.5 is listed. Disabled controls are exempt.
-LOW_CONTRAST = """(() => {
-  const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
-  const channel = (v) => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
-  const luminance = ([r, g, b]) => 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b);
-  const backdrop = (el) => {
-    for (; el; el = el.parentElement) {
-      const c = rgb(getComputedStyle(el).backgroundColor);
-      if (c.length < 4 || c[3] > 0) return c;
-    }
-    return [255, 255, 255];
-  };
-  const low = [];
-  for (const el of document.querySelectorAll('body *')) {
-    if (el.disabled || !el.offsetHeight) continue;
-    if (!Array.from(el.childNodes).some(n => n.nodeType === 3 && n.textContent.trim())) continue;
-    const [a, b] = [luminance(rgb(getComputedStyle(el).color)), luminance(backdrop(el))];
-    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
-    if (ratio < 4.5) low.push(`${el.tagName}#${el.id}.${el.className} ${ratio.toFixed(2)}`);
-  }
-  return low;
-})()"""
+async def axe_violations(tools: DevTools) -> list[str]:
+    """axe-core's serious and critical WCAG violations on the page as it is now (text
+    contrast among them: a colour under 4.5:1 against what it is drawn on)."""
+    if not await tools.evaluate("typeof window.axe === 'object'"):
+        await tools.evaluate(AXE.read_text(encoding="utf-8"))
+    violations = await tools.evaluate(
+        "axe.run(document, {resultTypes: ['violations']}).then(r => r.violations.map(v =>"
+        " ({id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target.join(' '))})))",
+        await_promise=True,
+    )
+    return [
+        f"{v['id']} ({v['impact']}): {', '.join(v['nodes'])}"
+        for v in violations
+        if v["impact"] in ("serious", "critical")
+    ]
 
 
 async def drop_files(tools: DevTools, files: list[Path]) -> None:
@@ -236,7 +262,7 @@ async def many_files(
         seen: dict[str, Any] = {"idle": await tools.evaluate(IDLE)}
         seen["idle_png"] = await screenshot(tools, last="#model-card-panel")
         seen["idle_unnamed"] = await unnamed_controls(tools)
-        seen["idle_low_contrast"] = await tools.evaluate(LOW_CONTRAST)
+        seen["idle_axe"] = await axe_violations(tools)
         seen["card"] = await tools.evaluate(
             "Array.from(document.querySelectorAll('#model-card-fields dd')).map(dd =>"
             " ({source: dd.dataset.source, value: dd.dataset.value, text: dd.textContent}))"
@@ -254,12 +280,14 @@ async def many_files(
         seen["first"] = await details(tools)
         await tools.send("Page.setDownloadBehavior", behavior="allow", downloadPath=str(out))
         await tools.evaluate("document.querySelector('[data-testid=download-csv]').click()")
-        seen["csv"] = await downloaded(out / "galmorph_results.csv")
+        seen["csv"] = (await downloaded(out / "galmorph_results.csv")).decode()
+        await tools.evaluate("document.querySelector('[data-testid=download-parquet]').click()")
+        seen["parquet"] = await downloaded(out / "galmorph_results.parquet")
         await tools.evaluate("document.getElementById('download-json').click()")
-        seen["json"] = await downloaded(out / "galmorph_results.json")
+        seen["json"] = (await downloaded(out / "galmorph_results.json")).decode()
         seen["batch_png"] = await screenshot(tools, last="#results")
         seen["batch_unnamed"] = await unnamed_controls(tools)
-        seen["batch_low_contrast"] = await tools.evaluate(LOW_CONTRAST)
+        seen["batch_axe"] = await axe_violations(tools)
         for direction in ("descending", "ascending"):
             await tools.evaluate("document.querySelector('[data-sort=probability]').click()")
             seen[f"sorted_{direction}"] = await tools.evaluate(
@@ -278,7 +306,10 @@ async def many_files(
         seen["corrupt"] = await open_details(tools, CORRUPT)
         seen["fits"] = await open_details(tools, Path(GALAXIES[2]).name)
         seen["galaxy"] = await open_details(tools, files[0].name)
+        await tools.wait_for("document.getElementById('neighbours').dataset.state")
+        seen["neighbours"] = await tools.evaluate(NEIGHBOURS)
         seen["details_png"] = await screenshot(tools, "#details-panel", "#details-panel")
+        seen["details_axe"] = await axe_violations(tools)
         seen["csp_violations"] = await tools.evaluate("window.cspViolations")
         # The page's one rule for numbers, on a float32 pixel scale read from a FITS header.
         seen["float32_scale"] = await tools.evaluate("number(1.0479999780654907)")
@@ -292,10 +323,10 @@ async def set_select(tools: DevTools, element_id: str, value: str) -> None:
     )
 
 
-async def downloaded(path: Path, timeout: float = 10) -> str:
+async def downloaded(path: Path, timeout: float = 10) -> bytes:
     for _ in range(int(timeout / 0.05)):
         if path.exists() and path.stat().st_size:
-            return path.read_text(encoding="utf-8")
+            return path.read_bytes()
         await asyncio.sleep(0.05)
     raise TimeoutError(f"no download at {path}")
 
@@ -322,6 +353,19 @@ DETAILS = page_state("""{
              label: document.querySelector('#model-scale small').textContent},
   uploadBar: {...document.getElementById('upload-scale').dataset,
               shown: document.getElementById('upload-scale').offsetHeight > 0},
+}""")
+
+
+NEIGHBOURS = page_state("""{
+  state: document.getElementById('neighbours').dataset.state,
+  shown: document.getElementById('neighbours').offsetHeight > 0,
+  note: document.getElementById('neighbours-note').textContent,
+  rows: Array.from(document.querySelectorAll('[data-testid=neighbour-row]')).map(tr => ({
+    id: tr.dataset.id,
+    image: tr.querySelector('img')?.naturalWidth ?? null,
+    flagged: tr.querySelector('.ood-flag') !== null,
+    cells: Array.from(tr.cells).map(td => td.textContent.trim()),
+  })),
 }""")
 
 
@@ -364,13 +408,19 @@ def api(server: RunningServer, uploads: list[Path]) -> dict[str, httpx.Response]
     return api_answers(server, uploads)
 
 
+def test_axe_finds_no_serious_violations(seen: dict[str, Any]) -> None:
+    """axe-core in the page on the idle, many-files and details states."""
+    assert seen["idle_axe"] == []
+    assert seen["batch_axe"] == []
+    assert seen["details_axe"] == []
+
+
 def test_idle_page_is_an_empty_state_without_broken_images(seen: dict[str, Any]) -> None:
     idle = seen["idle"]
     assert idle["emptyShown"] and idle["tableEmptyShown"]
     assert idle["brokenImages"] == 0  # no <img> without a picture is on screen
     assert not idle["skyFormShown"]  # the sky route is off on this server
     assert seen["idle_unnamed"] == [] and seen["batch_unnamed"] == []
-    assert seen["idle_low_contrast"] == [] and seen["batch_low_contrast"] == []
     assert seen["csp_violations"] == []
 
 
@@ -451,6 +501,83 @@ def test_csv_and_json_downloads_equal_the_api_answers(
         else:
             assert entry["result"]["probabilities"] == pytest.approx(answer["probabilities"])
             assert "image_png_base64" not in entry["result"]
+
+
+def csv_value(text: str, kind: pa.DataType) -> Any:
+    """A CSV field read as the Parquet column of type `kind` holds it."""
+    if text == "":
+        return None
+    if pa.types.is_floating(kind):
+        return pytest.approx(float(text), rel=1e-6)
+    if pa.types.is_integer(kind):
+        return int(text)
+    if pa.types.is_boolean(kind):
+        return {"true": True, "false": False}[text]
+    return text
+
+
+def same_as_csv(table: pa.Table, csv_text: str) -> None:
+    records = list(csv.DictReader(io.StringIO(csv_text)))
+    assert table.column_names == list(records[0])
+    assert table.num_rows == len(records)
+    for record, row in zip(records, table.to_pylist(), strict=True):
+        for field in table.schema:
+            assert row[field.name] == csv_value(record[field.name], field.type), field.name
+
+
+def test_parquet_download_is_the_scorers_table(
+    seen: dict[str, Any], scored: Path, uploads: list[Path]
+) -> None:
+    table = pq.read_table(pa.BufferReader(seen["parquet"]))
+    same_as_csv(table, seen["csv"])  # and so the API's answers (the CSV test)
+    # Every column `galmorph score` writes, but its bookkeeping (the row's place and id: the
+    # page's `file`) and the embeddings (asked for here, for the index), with the scorer's
+    # name and type, and on these files its values.
+    scored = pq.read_table(scored / "scores.parquet")
+    bookkeeping = ("row_index", "id_str", "embeddings")
+    shared = [f for f in scored.schema if f.name not in bookkeeping]
+    assert [table.schema.field(f.name) for f in shared] == shared
+    assert table.schema.field("file").type == pa.string()
+    page = {row["file"]: row for row in table.to_pylist()}
+    assert sorted(page) == sorted(scored.column("id_str").to_pylist())
+    assert sorted(page) == sorted(path.name for path in uploads)
+    for row in scored.to_pylist():
+        mine = page[row["id_str"]]
+        assert (mine["error"] is None) == (row["error"] is None), row["id_str"]
+        for field in (f for f in shared if f.name != "error"):
+            expected = row[field.name]
+            if pa.types.is_floating(field.type) and expected is not None:
+                expected = pytest.approx(expected, rel=1e-5)
+            assert mine[field.name] == expected, (row["id_str"], field.name)
+
+
+def test_details_show_the_nearest_galaxies_of_the_servers_index(
+    seen: dict[str, Any], server: RunningServer, uploads: list[Path]
+) -> None:
+    galaxy = uploads[0]
+    answer = httpx.post(
+        f"{server.url}/similar",
+        params={"k": 10},
+        files={"file": (galaxy.name, galaxy.read_bytes())},
+        timeout=30,
+    ).json()
+    shown = seen["neighbours"]
+    assert shown["state"] == "done" and shown["shown"]
+    # The index holds the four files that decode (the corrupt one is an error row, no vector).
+    assert len(answer["neighbours"]) == 4
+    assert shown["note"].startswith("The 4 nearest of the 4 galaxies in the server's index")
+    rows = shown["rows"]
+    assert [row["id"] for row in rows] == [n["id_str"] for n in answer["neighbours"]]
+    assert rows[0]["id"] == galaxy.name  # itself first, at distance 0
+    for row, neighbour in zip(rows, answer["neighbours"], strict=True):
+        rank, name, distance, top, probability, in_distribution = row["cells"][1:7]
+        assert (rank, name) == (str(neighbour["rank"]), neighbour["id_str"])
+        assert float(distance) == pytest.approx(neighbour["distance"], abs=5e-4)
+        assert top.startswith(neighbour["pred_label"])
+        assert probability == f"{100 * neighbour['pred_prob']:.1f}%"
+        assert in_distribution == ("yes" if neighbour["in_distribution"] else "no")
+        assert row["flagged"] == (neighbour["in_distribution"] is False)
+        assert row["image"] == 64  # a file of the table: shown with the model's view
 
 
 def test_sorting_by_probability_and_filtering(seen: dict[str, Any]) -> None:
@@ -534,15 +661,30 @@ def test_details_show_upload_model_view_scale_bars_and_flags(
 # ---- by position ------------------------------------------------------------------------
 
 
+# A sky catalog scored through the stub into the server's cutout cache, then indexed: the
+# neighbours the page finds for an upload have positions, and their cutouts are in the cache.
+SKY_CATALOG = {"sky-a": (30.0, 5.0), "sky-b": (31.0, 5.5), "sky-c": (32.0, -6.0)}
+
+
 @pytest.fixture(scope="module")
 def sky_server(work: Path, model: Path) -> Iterator[tuple[RunningServer, SkyStub]]:
+    cache = work / "cutout_cache"
     with SkyStub() as stub:
+        catalog = work / "sky_catalog.csv"
+        lines = [f"{name},{ra},{dec}" for name, (ra, dec) in SKY_CATALOG.items()]
+        catalog.write_text("\n".join(["id_str,ra,dec", *lines]) + "\n")
+        galmorph("score", catalog, "--model", model, "--out", work / "sky_scores", "--embeddings",
+                 *("--cutout-url", stub.base_url, "--cache", cache),
+                 *("--workers", "0", "--ort-threads", "1"))  # fmt: skip
+        galmorph("index", "build", work / "sky_scores", "--out", work / "sky_index")
+        stub.log.clear()  # what the server asks the stub for, from here on
         env = {
             "GALMORPH_SKY_ENABLED": "true",
             "GALMORPH_CUTOUT_URL": stub.base_url,
-            "GALMORPH_CUTOUT_CACHE": str(work / "cutout_cache"),
+            "GALMORPH_CUTOUT_CACHE": str(cache),
             "GALMORPH_FETCH_ATTEMPTS": "1",
             "GALMORPH_DECODE_THREADS": "1",
+            "GALMORPH_SIMILARITY_INDEX": str(work / "sky_index"),
         }
         with serve(model, work, env=env) as running:
             yield running, stub
@@ -564,8 +706,12 @@ async def positions(devtools_url: str, page_url: str, out: Path) -> dict[str, An
         await tools.wait_for("document.body.dataset.state")
         await tools.send("Page.setDownloadBehavior", behavior="allow", downloadPath=str(out))
         await tools.evaluate("document.getElementById('download-csv').click()")
-        csv_text = await downloaded(out / "galmorph_results.csv")
-        return {"shown": shown, "rows": await tools.evaluate(ROWS), "csv": csv_text}
+        csv_text = (await downloaded(out / "galmorph_results.csv")).decode()
+        await tools.evaluate("document.getElementById('download-parquet').click()")
+        parquet = await downloaded(out / "galmorph_results.parquet")
+        rows = await tools.evaluate(ROWS)
+        axe = await axe_violations(tools)  # with the sky form shown
+        return {"shown": shown, "rows": rows, "csv": csv_text, "parquet": parquet, "axe": axe}
 
 
 # Decimal degrees; the same position in h m s / d m s (the page converts it, and the server
@@ -583,6 +729,7 @@ def test_positions_go_to_the_sky_route_and_into_the_table(
     out.mkdir()
     page = asyncio.run(positions(browser, f"{server.url}/", out))
     assert page["shown"]
+    assert page["axe"] == []
     rows = page["rows"]
     assert [row["file"] for row in rows] == [
         "ra 202.4696, dec 47.1952", "ra 150.1, dec 2.2", "ra 10h00m24s, dec +02d12m00s",
@@ -591,9 +738,13 @@ def test_positions_go_to_the_sky_route_and_into_the_table(
     assert [row["status"] for row in rows] == ["ok", "ok", "ok", "error"]
     assert [entry.params["ra"] for entry in stub.log] == ["202.4696", "150.1"]
     records = list(csv.DictReader(io.StringIO(page["csv"])))
+    # Positions in degrees, as the scorer reads a catalog's (a Dec of "12h" is none).
     assert [(r["ra"], r["dec"]) for r in records] == [
-        ("202.4696", "47.1952"), ("150.1", "2.2"), ("150.1", "2.2"), ("10", "12h"),
+        ("202.4696", "47.1952"), ("150.1", "2.2"), ("150.1", "2.2"), ("10", ""),
     ]  # fmt: skip
+    table = pq.read_table(pa.BufferReader(page["parquet"]))
+    same_as_csv(table, page["csv"])
+    assert table.schema.field("ra").type == table.schema.field("dec").type == pa.float64()
     sources = ("fetched", "fetched", "cached")
     for row, record, source in zip(rows, records, sources, strict=False):
         params = {"ra": record["ra"], "dec": record["dec"]}
@@ -607,3 +758,53 @@ def test_positions_go_to_the_sky_route_and_into_the_table(
     refused = httpx.get(f"{server.url}/classify/sky", params={"ra": "10", "dec": "12h"})
     assert rows[3]["cells"][2] == f"422: {refused.json()['detail']}"
     assert records[3]["error"] == f"422: {refused.json()['detail']}"
+
+
+async def neighbour_cutouts(devtools_url: str, page_url: str, upload: Path) -> dict[str, Any]:
+    connection, tools = await open_page(
+        devtools_url, page_url, "document.getElementById('stretch').options.length > 1"
+    )
+    async with connection:
+        await drop_files(tools, [upload])
+        await tools.wait_for("document.getElementById('neighbours').dataset.state")
+        before = await tools.evaluate(NEIGHBOURS)
+        button = await tools.evaluate(
+            "document.getElementById('neighbour-cutouts').offsetHeight > 0"
+        )
+        await tools.evaluate("document.getElementById('neighbour-cutouts').click()")
+        await tools.wait_for(
+            "document.querySelectorAll('[data-testid=neighbour-row] img').length"
+            f" === {len(SKY_CATALOG)}"
+        )
+        after = await tools.evaluate(NEIGHBOURS)
+        after["sources"] = await tools.evaluate(
+            "Array.from(document.querySelectorAll('[data-testid=neighbour-row] img'))"
+            ".map(img => img.src)"
+        )
+        return {"before": before, "button": button, "after": after}
+
+
+def test_neighbours_with_positions_show_their_cached_cutouts(
+    sky_server: tuple[RunningServer, SkyStub],
+    browser: str,  # noqa: F811 (the fixture imported above)
+    real_data: Path,
+) -> None:
+    server, stub = sky_server
+    upload = real_data / GALAXIES[0]
+    asked = len(stub.log)
+    page = asyncio.run(neighbour_cutouts(browser, f"{server.url}/", upload))
+    before, after = page["before"], page["after"]
+    assert before["state"] == "done" and page["button"]
+    assert sorted(row["id"] for row in before["rows"]) == sorted(SKY_CATALOG)
+    assert all(row["image"] is None for row in before["rows"])  # not fetched unasked
+    for row in before["rows"]:
+        ra, dec = SKY_CATALOG[row["id"]]
+        assert row["cells"][7] == f"{ra:g}°, {dec:g}°"
+    assert [row["id"] for row in after["rows"]] == [row["id"] for row in before["rows"]]
+    for row, source in zip(after["rows"], after["sources"], strict=True):
+        ra, dec = SKY_CATALOG[row["id"]]
+        params = {"ra": ra, "dec": dec, "return_image": "true"}
+        answer = httpx.get(f"{server.url}/classify/sky", params=params)
+        assert answer.json()["cutout"]["source"] == "cached"
+        assert source == f"data:image/png;base64,{answer.json()['image_png_base64']}"
+    assert len(stub.log) == asked  # every cutout came from the cache the scorer filled

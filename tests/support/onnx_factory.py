@@ -18,18 +18,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES
+from galmorph.core.inputspec import IMAGENET_MEAN, IMAGENET_STD
 from galmorph.core.modelfile.contract import (
     EMBEDDINGS_NAME,
-    GALAXY10_CLASS_NAMES,
     INPUT_NAME,
     LOGITS_NAME,
     OOD_SCORE_NAME,
     OUTPUT_NAME,
     ModelCard,
 )
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,11 @@ def serve(
     """
     port = free_port()
     log_path = log_dir / f"serve_{port}.log"
+    # GALMORPH_ENGINE stays: tests/conftest.py pins the fp32 engine the answers are checked with.
     environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("GALMORPH_")
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("GALMORPH_") or key == "GALMORPH_ENGINE"
     }
     environment.update(env or {})
     command = [

@@ -56,6 +56,11 @@ def test_auto_on_a_cpu_picks_bf16_only_with_bf16_units(monkeypatch: pytest.Monke
     chosen = resolve_precision("auto", CPU)
     assert (chosen.name, chosen.channels_last) == ("bf16", False)
     assert chosen.describe() == "bf16 autocast on cpu: precision=auto, CPU has amx_bf16"
+    # A training run's log and card also say which convolutions it kept in fp32.
+    assert chosen.describe(training=True) == (
+        "bf16 autocast (strided depthwise convolutions in fp32) on cpu: precision=auto, "
+        "CPU has amx_bf16"
+    )
     with chosen.autocast():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from galmorph.model import checkpoint as checkpoint_module
 from galmorph.model.checkpoint import load_model
 from galmorph.training.state import MANIFEST_NAME, load_checkpoint
 from galmorph.training.train import TrainingInterrupted, train
@@ -154,3 +155,27 @@ def test_kill_9_never_leaves_a_partial_checkpoint(data: Path, tmp_path: Path) ->
     )
     assert result.returncode == 143, result.stderr[-2000:]
     assert load_checkpoint(run_dir)["step"] == state["step"] + 1
+
+
+def test_a_run_killed_between_its_weights_and_their_spec_leaves_a_loadable_model(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kill -9 can land after model.safetensors is renamed and before model.json names it; a
+    # checkpoint's spec differs from the last one (steps completed, metrics), so the spec that
+    # names both weights must be written for the same run's next checkpoint too.
+    real_write_text = checkpoint_module.atomic_write_text
+    final_specs = 0
+
+    def killed_at_the_second_final_spec(path: Path, text: str) -> Path:
+        nonlocal final_specs
+        if Path(path).name == "model.json" and "previous_weights_sha256" not in text:
+            final_specs += 1
+            if final_specs == 2:
+                raise KeyboardInterrupt
+        return real_write_text(path, text)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_text", killed_at_the_second_final_spec)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "run", checkpoint_every_steps=1))
+    monkeypatch.undo()
+    load_model(tmp_path / "run")  # the weights on disk pass the spec's hash check

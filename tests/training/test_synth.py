@@ -13,8 +13,7 @@ from astropy.wcs import WCS
 
 from galmorph.cli import main
 from galmorph.core.cutouts.imaging import dr2_rgb, flip_north_up, to_uint8
-from galmorph.core.data.galaxy10 import Galaxy10File
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES
+from galmorph.core.data.galaxy10 import GALAXY10_CLASS_NAMES, Galaxy10File
 from galmorph.training.synth import class_labels, pixel_scale, render_galaxy, synthesize
 
 

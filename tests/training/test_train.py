@@ -1,8 +1,10 @@
-"""Training: config handling, augmentation, sampling, schedule, and a tiny model that learns."""
+"""Training: config handling, augmentation, sampling, schedule, the loop's checkpointing and
+reporting stages alone, and a tiny model that learns."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -12,13 +14,16 @@ import pytest
 import torch
 
 from galmorph.training.augment import AugmentSettings, BatchAugmenter, dihedral_views
+from galmorph.training.checkpointing import STATE_FORMAT, Checkpointer, EpochTotals
 from galmorph.training.config import ConfigError, TrainConfig, load_config
 from galmorph.training.dataset import ShardedBatchSampler, balanced_class_weights
+from galmorph.training.distributed import DistContext
 from galmorph.training.evaluate import EvaluationRequest, evaluate
 from galmorph.training.mixup import Mixup, MixupSettings
 from galmorph.training.optim import CosineSchedule, adamw
 from galmorph.training.randaugment import rand_augment
-from galmorph.training.state import flatten_tensors, restore_tensors
+from galmorph.training.reporting import METRICS_FILE, EpochBar, RunReport
+from galmorph.training.state import flatten_tensors, restore_tensors, save_checkpoint
 from galmorph.training.train import TrainingInterrupted, train
 from tests.support.training_helpers import config_flags, make_synthetic, tiny_config
 
@@ -305,6 +310,75 @@ def test_checkpoint_structure_round_trips_tensors_ints_and_tuples() -> None:
     restored = restore_tensors(json.loads(json.dumps(structure)), tensors)
     assert restored["optimizer"]["betas"] == (0.9, 0.99)
     assert torch.equal(restored["optimizer"]["state"][0]["step"], torch.tensor(3.0))
+
+
+# ------------------------------------------------------------- the loop's stages alone
+SINGLE = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def _checkpointer(run_dir: Path, **overrides: object) -> Checkpointer:
+    config = TrainConfig.from_dict(
+        {"data": "x.h5", "out": str(run_dir), "model": "gm_astroformer_tiny", **overrides}
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return Checkpointer(
+        config, SINGLE, run_dir, model=model, ema=None, optimizer=optimizer, steps_per_epoch=4
+    )
+
+
+def test_restore_loads_weights_and_position_and_refuses_another_global_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    saved = _checkpointer(tmp_path, batch_size=16)
+    with torch.no_grad():
+        saved.model.weight.fill_(0.5)
+    state = {
+        "format": STATE_FORMAT,
+        "epoch": 1,
+        "step": 6,
+        "global_batch": 16,
+        "epoch_totals": [1.5, 20.0, 32.0, 2.0],
+        "history": [{"kind": "epoch", "epoch": 1}],
+        "config": saved.config.to_dict(),
+        "model": saved.model.state_dict(),
+        "optimizer": saved.optimizer.state_dict(),
+        "ema": None,
+    }
+    save_checkpoint(tmp_path, state, 6)
+
+    resumed = _checkpointer(tmp_path, batch_size=16, lr=1e-3)
+    with caplog.at_level(logging.WARNING):
+        progress, totals = resumed.restore()
+    assert (progress.epoch, progress.step, progress.history) == (1, 6, state["history"])
+    assert totals == EpochTotals(1.5, 20.0, 32.0, 2.0)
+    assert torch.equal(resumed.model.weight, torch.full((2, 3), 0.5))
+    # Only the key that changed: tuples restored from the checkpoint equal the same lists.
+    assert caplog.messages == ["resuming with changed settings: lr"]
+    with pytest.raises(ConfigError, match="global batch of 16, this run has 8"):
+        _checkpointer(tmp_path, batch_size=8).restore()
+
+
+def test_truncated_metrics_keep_the_records_up_to_the_checkpoint(tmp_path: Path) -> None:
+    config = TrainConfig.from_dict({"data": "x.h5", "out": str(tmp_path), "epochs": 3})
+    report = RunReport(config, SINGLE, tmp_path)
+    for step in (1, 2, 3):
+        report.step(step=step, epoch=step / 4, loss=0.5, correct=1.0, lr=1e-3, grad_norm=None)
+    with open(tmp_path / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write('{"kind": "step", "ste')  # a line cut short by kill -9
+    report.truncate_metrics(2)
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_an_epochs_images_per_second_is_over_its_whole_time() -> None:
+    bar = EpochBar(desc="epoch 1/1", total=2, initial=0, global_batch=16, show=False)
+    bar.step(loss=1.0, acc=0.5, lr=1e-3, remaining_steps=1)
+    bar.step(loss=1.0, acc=0.5, lr=1e-3, remaining_steps=0)
+    bar.close()
+    assert bar.seconds is not None and bar.seconds > 0
+    assert bar.images_per_s() == pytest.approx(32 / bar.seconds)
 
 
 # ------------------------------------------------------------------------- learning

@@ -16,13 +16,13 @@ any pixel is read, the decoders call `reserve` with the most memory the decode w
 FITS (flux) pipeline, in this order, so the angular scale matches the training images:
 1. the first image HDU's header: bands g, r, z by name (or one band), the WCS pixel scale;
 2. the window of the image the model needs is chosen and only it is read, NaN/inf -> 0
-   (fits_io). If the scale differs from the model's (card.pixel_scale) by more than 2% on
+   (fits_io). If the scale differs from the model's (spec.pixel_scale) by more than 2% on
    either axis, the window is the model's field of view (plus a 2-pixel margin), resampled
    straight to the input size (area average when shrinking): a 0.131"/px cutout is halved,
    an HST 0.06"/px image shrinks 4.4x; a source smaller than the field gives a smaller
    output. Scales outside 1/64 to 8 times the model's are a 422 naming both scales
    (`SCALE_RATIO_RANGE`). No WCS: the model's scale is assumed (warning);
-3. fit to card.input_size: "crop_pad" (default) centre-crops or pads with 0 flux, which the
+3. fit to spec.input_size: "crop_pad" (default) centre-crops or pads with 0 flux, which the
    stretch renders as the viewer's blank-sky grey, keeping the angular scale the model was
    trained at (a 100x100 cutout at 0.262"/px stays 26" wide inside a 67" field rather than
    being magnified 2.56x, which would change the size cue the classes depend on);
@@ -31,11 +31,11 @@ FITS (flux) pipeline, in this order, so the angular scale matches the training i
 4. single band: sky (median) subtracted and scaled so the robust noise (MAD) of the pixels
    the model sees equals DECaLS r-band sky noise, then rendered grey by the stretch
    ("single band: no colour");
-5. flip north up (FITS row 0 is south), stretch (card.stretch unless chosen), to uint8.
+5. flip north up (FITS row 0 is south), stretch (spec.stretch unless chosen), to uint8.
 
 PNG/JPEG (already rendered) pipeline: to RGB or grey (raster_io), then fit to
-card.input_size: "resize" (default; the pixel scale is unknown, so the framing the user
-chose is kept): the centre window of the input's aspect ratio, resized with the card's
+spec.input_size: "resize" (default; the pixel scale is unknown, so the framing the user
+chose is kept): the centre window of the input's aspect ratio, resized with the spec's
 interpolation (antialiased); or "crop_pad" (pads with the blank-sky grey). Images already at
 the input size are passed through unchanged.
 """
@@ -82,7 +82,7 @@ from galmorph.core.cutouts.resample import (
     resample_plane,
     resize_picture,
 )
-from galmorph.core.modelfile.contract import ModelCard
+from galmorph.core.inputspec import InputSpec
 
 __all__ = [
     "FIT_MODES",
@@ -143,7 +143,7 @@ class PreprocessInfo:
 
 @dataclass
 class DecodedCutout:
-    image: np.ndarray  # uint8 (H, W, 3) at card.input_size
+    image: np.ndarray  # uint8 (H, W, 3) at spec.input_size
     info: PreprocessInfo
 
 
@@ -204,7 +204,7 @@ def _hint_warnings(fmt: CutoutFormat, filename: str | None, content_type: str | 
 def decode_cutout(
     data: bytes,
     *,
-    card: ModelCard,
+    spec: InputSpec,
     filename: str | None = None,
     content_type: str | None = None,
     stretch: str | None = None,
@@ -212,24 +212,24 @@ def decode_cutout(
     limits: DecodeLimits = DecodeLimits(),  # noqa: B008 (frozen dataclass: safe default)
     reserve: Reserve = reserve_nothing,
 ) -> DecodedCutout:
-    """Decode one cutout to uint8 (H, W, 3) at card.input_size; raises CutoutError.
+    """Decode one cutout to uint8 (H, W, 3) at spec.input_size; raises CutoutError.
 
-    `stretch` overrides card.stretch for FITS; `fit` is "crop_pad" or "resize" (default:
+    `stretch` overrides spec.stretch for FITS; `fit` is "crop_pad" or "resize" (default:
     crop_pad for FITS, resize for PNG/JPEG). `reserve` is called with the memory the decode
     will need before any pixel is read, and may raise to refuse it.
     """
     limits.check_encoded_size(len(data))
     fmt = sniff_format(data, filename)
-    chosen = resolve_stretch(stretch or card.stretch)
+    chosen = resolve_stretch(stretch or spec.stretch)
     if fit is not None and fit not in FIT_MODES:
         raise CutoutError(
             CutoutErrorKind.INVALID, f"unknown fit {fit!r}; valid: {', '.join(FIT_MODES)}"
         )
     hints = _hint_warnings(fmt, filename, content_type)
     if fmt.reader is Reader.FITS:
-        decoded = _decode_fits(data, card, chosen, fit or "crop_pad", limits, reserve)
+        decoded = _decode_fits(data, spec, chosen, fit or "crop_pad", limits, reserve)
     else:
-        decoded = _decode_raster(data, fmt, card, fit or "resize", limits, reserve)
+        decoded = _decode_raster(data, fmt, spec, fit or "resize", limits, reserve)
         if stretch is not None:
             decoded.info.warnings.append(f"stretch {stretch!r} ignored: {fmt.label} is rendered")
     decoded.info.warnings[:0] = hints
@@ -239,7 +239,7 @@ def decode_cutout(
 def decode_path(
     path: str | Path,
     *,
-    card: ModelCard,
+    spec: InputSpec,
     stretch: str | None = None,
     fit: str | None = None,
     limits: DecodeLimits = DecodeLimits(),  # noqa: B008
@@ -248,7 +248,7 @@ def decode_path(
     path = Path(path)
     data = read_cutout_file(path, limits)
     return decode_cutout(
-        data, card=card, filename=path.name, stretch=stretch, fit=fit, limits=limits
+        data, spec=spec, filename=path.name, stretch=stretch, fit=fit, limits=limits
     )
 
 
@@ -257,7 +257,7 @@ class _FitsWindow:
     """Chooses, from the header, the part of a FITS plane the model needs (read_fits's window)
     and reserves the memory of the work that follows the read."""
 
-    card: ModelCard
+    spec: InputSpec
     fit: str
     reserve: Reserve
     source_shape: tuple[int, int] = (0, 0)
@@ -267,12 +267,12 @@ class _FitsWindow:
         self, shape: tuple[int, int], scale: tuple[float, float] | None
     ) -> tuple[slice, slice]:
         self.source_shape = shape
-        card, target = self.card, self.card.input_size
+        spec, target = self.spec, self.spec.input_size
         if self.fit == "resize":
             rows, cols = slice(0, shape[0]), slice(0, shape[1])
-        elif scale is not None and not _same_scale(scale, card.pixel_scale):
-            _check_scale(scale, card)
-            self.resampling = plan_scale_resampling(shape, scale, card.pixel_scale, target)
+        elif scale is not None and not _same_scale(scale, spec.pixel_scale):
+            _check_scale(scale, spec)
+            self.resampling = plan_scale_resampling(shape, scale, spec.pixel_scale, target)
             rows, cols = self.resampling.window
         else:
             rows, cols = centre_window(shape[0], target[0]), centre_window(shape[1], target[1])
@@ -287,15 +287,15 @@ def _same_scale(scale: tuple[float, float], model_scale: float) -> bool:
     return all(abs(s / model_scale - 1) <= SCALE_TOLERANCE for s in scale)
 
 
-def _check_scale(scale: tuple[float, float], card: ModelCard) -> None:
-    low, high = (card.pixel_scale * ratio for ratio in SCALE_RATIO_RANGE)
+def _check_scale(scale: tuple[float, float], spec: InputSpec) -> None:
+    low, high = (spec.pixel_scale * ratio for ratio in SCALE_RATIO_RANGE)
     if all(low <= s <= high for s in scale):
         return
     shown = f"{scale[0]:.4g}" if scale[0] == scale[1] else f"{scale[0]:.4g}x{scale[1]:.4g}"
     raise CutoutError(
         CutoutErrorKind.INVALID,
         f'pixel scale {shown}"/px (from the WCS) is outside what this model accepts: '
-        f'{low:.4g} to {high:.4g}"/px, 1/64 to 8 times its own {card.pixel_scale}"/px; '
+        f'{low:.4g} to {high:.4g}"/px, 1/64 to 8 times its own {spec.pixel_scale}"/px; '
         "send a cutout nearer the model's scale, or fit=resize to fill the input whatever "
         "the scale",
     )
@@ -371,17 +371,17 @@ def _file_kind(mode: int) -> str:
 
 def _decode_fits(
     data: bytes,
-    card: ModelCard,
+    spec: InputSpec,
     stretch: Stretch,
     fit: str,
     limits: DecodeLimits,
     reserve: Reserve,
 ) -> DecodedCutout:
-    window = _FitsWindow(card, fit, reserve)
+    window = _FitsWindow(spec, fit, reserve)
     fits_image = read_fits(data, limits, window=window, reserve=reserve)
     notes = list(fits_image.warnings)
     planes = fits_image.planes
-    target = card.input_size
+    target = spec.input_size
     scale = fits_image.pixel_scale
     info = PreprocessInfo(
         format="fits",
@@ -395,7 +395,7 @@ def _decode_fits(
         fit=fit,
     )
     if scale is None:
-        notes.append(f'no celestial WCS: pixel scale assumed to be {card.pixel_scale}"/px')
+        notes.append(f'no celestial WCS: pixel scale assumed to be {spec.pixel_scale}"/px')
     shape = window.source_shape
     fitted_shape = shape  # what the centre crop/pad starts from
     resampling = window.resampling
@@ -413,7 +413,7 @@ def _decode_fits(
         left, top, right, bottom = resampling.box
         info.resampled_from_scale = info.pixel_scale
         notes.append(
-            f'resampled from {info.pixel_scale:.4g}"/px to the model\'s {card.pixel_scale}"/px '
+            f'resampled from {info.pixel_scale:.4g}"/px to the model\'s {spec.pixel_scale}"/px '
             f"({bottom - top:.4g}x{right - left:.4g} -> {resampling.shape[0]}x"
             f"{resampling.shape[1]} pixels)"
         )
@@ -440,12 +440,12 @@ def _decode_fits(
 def _decode_raster(
     data: bytes,
     fmt: CutoutFormat,
-    card: ModelCard,
+    spec: InputSpec,
     fit: str,
     limits: DecodeLimits,
     reserve: Reserve,
 ) -> DecodedCutout:
-    target = card.input_size
+    target = spec.input_size
     reserve(_RASTER_FIT_BYTES_PER_PIXEL * target[0] * target[1], f"{fmt.label} fit")
     raster = read_raster(data, fmt, limits, reserve=reserve)
     grey = SINGLE_BAND_WARNING in raster.warnings
@@ -456,7 +456,7 @@ def _decode_raster(
         warnings=raster.warnings,
         fit=fit,
     )
-    image = fit_picture(raster.picture, target, fit, info, card.interpolation)
+    image = fit_picture(raster.picture, target, fit, info, spec.interpolation)
     return DecodedCutout(image, info)
 
 
@@ -479,7 +479,7 @@ def fit_picture(
     interpolation: str,
 ) -> np.ndarray:
     """Bring an already rendered RGB or grey image to the model's input size as uint8
-    (H, W, 3), resizing with the model card's `interpolation`.
+    (H, W, 3), resizing with the InputSpec's `interpolation`.
 
     "resize" resizes the centre window of the target's aspect (the framing is kept, the pixel
     scale is unknown); "crop_pad" keeps the pixel scale and centre-crops or pads with
@@ -518,7 +518,7 @@ def _rgb_array(picture: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def fit_array(image: np.ndarray, card: ModelCard, fit: str | None) -> DecodedCutout:
+def fit_array(image: np.ndarray, spec: InputSpec, fit: str | None) -> DecodedCutout:
     """A rendered uint8 image (H, W, 3) or (H, W) fitted to the model's input exactly as the
     decoder fits a PNG of it."""
     if not (image.ndim == 3 and image.shape[2] == 3) and image.ndim != 2:
@@ -539,5 +539,5 @@ def fit_array(image: np.ndarray, card: ModelCard, fit: str | None) -> DecodedCut
         warnings=[SINGLE_BAND_WARNING] if grey else [],
     )
     picture = Image.fromarray(np.ascontiguousarray(image))
-    fitted = fit_picture(picture, card.input_size, info.fit, info, card.interpolation)
+    fitted = fit_picture(picture, spec.input_size, info.fit, info, spec.interpolation)
     return DecodedCutout(fitted, info)

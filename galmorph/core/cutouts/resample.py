@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from galmorph.core.inputspec import DEFAULT_INTERPOLATION
+
 # Blank sky in the viewer's dr2_rgb render: 0.127 * 255.
 BLANK_SKY_UINT8 = 32
 # Source pixels read beyond the model's field on each side: bilinear interpolation reaches
@@ -118,15 +120,13 @@ def crop_to_aspect(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return image[rows, cols]
 
 
-# How rendered images are resized to a model's input: the names a model card may give.
+# The Pillow filter behind each interpolation an InputSpec may name.
 _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-INTERPOLATIONS = tuple(_FILTERS)
-DEFAULT_INTERPOLATION = "bicubic"
 
 
 def resize_rgb(

@@ -37,13 +37,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from galmorph.core.cutouts.resample import rescale_rgb
-from galmorph.core.modelfile.contract import GALAXY10_CLASS_NAMES, GALAXY10_DECALS, Imaging
+from galmorph.core.inputspec import GALAXY10_DECALS, Imaging
 
 if TYPE_CHECKING:
     import h5py
 
 logger = logging.getLogger(__name__)
 
+GALAXY10_CLASS_NAMES: tuple[str, ...] = (
+    "Disturbed",
+    "Merging",
+    "Round Smooth",
+    "In-between Round Smooth",
+    "Cigar Shaped Smooth",
+    "Barred Spiral",
+    "Unbarred Tight Spiral",
+    "Unbarred Loose Spiral",
+    "Edge-on without Bulge",
+    "Edge-on with Bulge",
+)
 IMAGES_KEY = "images"
 LABELS_KEY = "ans"
 VOTES_KEY = "votes"

@@ -14,16 +14,9 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
-from galmorph.core.modelfile.contract import EMBEDDINGS_NAME, OOD_SCORE_NAME
-
+# The OOD flag is a column only; the score and embeddings columns take the names of the model's
+# outputs (galmorph.core.modelfile.contract).
 IN_DISTRIBUTION_NAME = "in_distribution"
-__all__ = [
-    "EMBEDDINGS_NAME",
-    "IN_DISTRIBUTION_NAME",
-    "OOD_SCORE_NAME",
-    "class_columns",
-    "embeddings_array",
-]
 
 
 def class_columns(class_names: Iterable[str]) -> list[str]:

@@ -17,13 +17,12 @@ these features on what the file has (`ModelOutputs` fields are None).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from galmorph.core.cutouts.resample import DEFAULT_INTERPOLATION, INTERPOLATIONS
-from galmorph.core.sky.options import canonical_scale
+from galmorph.core.inputspec import DEFAULT_INTERPOLATION, GALAXY10_DECALS, Imaging, InputSpec
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -31,47 +30,6 @@ LOGITS_NAME = "logits"
 EMBEDDINGS_NAME = "embeddings"
 OOD_SCORE_NAME = "ood_score"
 METADATA_PREFIX = "galmorph."
-
-GALAXY10_CLASS_NAMES: tuple[str, ...] = (
-    "Disturbed",
-    "Merging",
-    "Round Smooth",
-    "In-between Round Smooth",
-    "Cigar Shaped Smooth",
-    "Barred Spiral",
-    "Unbarred Tight Spiral",
-    "Unbarred Loose Spiral",
-    "Edge-on without Bulge",
-    "Edge-on with Bulge",
-)
-
-# Legacy Survey pixel scale in arcsec/pixel; Galaxy10 DECaLS images are rendered at it.
-LEGACY_SURVEY_PIXEL_SCALE = 0.262
-# Viewer colour mapping of dr2_rgb: image channel <- survey band.
-DR2_RGB_BANDS = {"R": "z", "G": "r", "B": "g"}
-# Galaxy10 DECaLS images are 256 px wide; a model trained at N px from them sees 256/N times
-# the pixel scale over the same field.
-GALAXY10_IMAGE_SIZE = 256
-
-
-@dataclass(frozen=True)
-class Imaging:
-    """How survey flux became the 8-bit RGB images a model learns from.
-
-    A training file states it (HDF5 attributes, else Galaxy10 DECaLS's); the model card carries
-    it at the model's input size, and FITS cutouts are rendered to match it.
-    """
-
-    pixel_scale: float = LEGACY_SURVEY_PIXEL_SCALE  # arcsec/pixel
-    stretch: str = "dr2_rgb"
-    bands: dict[str, str] = field(default_factory=lambda: dict(DR2_RGB_BANDS))
-
-    def resized(self, from_size: int, to_size: int) -> Imaging:
-        """The same field of view at another image size: the pixel scale grows as size shrinks."""
-        return replace(self, pixel_scale=self.pixel_scale * from_size / to_size)
-
-
-GALAXY10_DECALS = Imaging()
 
 
 # What a model was trained on, and so what its `probabilities` are: one class per galaxy, or
@@ -85,7 +43,11 @@ TARGETS = tuple(TARGET_MEANINGS)
 
 @dataclass(frozen=True)
 class ModelCard:
-    """Everything a consumer needs to feed the model and read its answer."""
+    """Everything a consumer needs to feed the model and read its answer.
+
+    The input fields are an InputSpec's, stored one by one because each is its own metadata key
+    (files made by every earlier version read back); `input_spec` is them as one value.
+    """
 
     model_name: str
     class_names: tuple[str, ...]
@@ -120,26 +82,24 @@ class ModelCard:
         return None if threshold is None else float(threshold)
 
     @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.of(self)
+
+    @property
     def imaging(self) -> Imaging:
-        return Imaging(self.pixel_scale, self.stretch, dict(self.bands))
+        return self.input_spec.imaging
 
     @property
     def field_of_view(self) -> tuple[float, float]:
         """Arcseconds the input covers, (height, width)."""
-        return (self.input_size[0] * self.pixel_scale, self.input_size[1] * self.pixel_scale)
+        return self.input_spec.field_of_view
 
     def __post_init__(self) -> None:
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
-            )
         if self.targets not in TARGETS:
             raise ValueError(f"targets {self.targets!r} is not one of {', '.join(TARGETS)}")
-        if not self.pixel_scale > 0:
-            raise ValueError(f"pixel_scale must be positive, got {self.pixel_scale!r}")
-        # A float32 training-file scale (1.0479999780654907) must not leak into cutout URLs,
-        # cache keys, the manifest or messages: the card holds the scale its file meant.
-        object.__setattr__(self, "pixel_scale", canonical_scale(self.pixel_scale))
+        # The input fields obey the InputSpec's rules, checked there; its pixel scale is the
+        # canonical one (a float32 training-file 1.0479999780654907 reads as 1.048).
+        object.__setattr__(self, "pixel_scale", InputSpec.of(self).pixel_scale)
 
     def to_metadata(self) -> dict[str, str]:
         """Flatten to ONNX metadata_props: one key per field, JSON-encoded values, plus the

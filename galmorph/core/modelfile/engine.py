@@ -7,6 +7,10 @@ when its libraries cannot load, so what we report is `session.get_providers()` a
 session exists — the providers the model really runs on — and, when CUDA is missing from them,
 the reason (`Placement.cpu_reason`).
 
+`engine_choice.open_model` picks the engine (`auto`, `onnxruntime`, `openvino`): this OnnxModel,
+or OpenVINO in bf16 on CPU-only hosts with bf16 units (openvino_engine), which keeps OnnxModel's
+interface and its fp32 session as the reference its answers are checked on.
+
 `GpuPolicy` decides whether a CPU session may run at all: never with require_gpu; on a host
 with an NVIDIA driver only with allow_cpu_fallback (or when the caller chose CPU providers
 itself); always on a host without one. `galmorph serve` and `galmorph score` check it with
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -324,6 +329,8 @@ class OnnxModel:
         )
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        # Why this engine runs the model; engine_choice.open_model says how `auto` decided.
+        self.engine_reason = "onnxruntime asked for"
 
         try:
             self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map)
@@ -419,17 +426,36 @@ class OnnxModel:
                 f"got {images.dtype} {images.shape}"
             )
 
+    @property
+    def engine(self) -> str:
+        """Which runtime runs the batches (engine_choice.ENGINES); openvino_engine overrides it."""
+        return "onnxruntime"
+
+    def engine_report(self) -> dict[str, Any]:
+        """What runs the model, for GET /model, the scorer's manifest and `model inspect`."""
+        return {
+            "engine": self.engine,
+            "version": self.ort_version,
+            "providers": self.providers,
+            "precision": self.card.precision,  # the file's own: fp32, fp16 or int8
+            "chosen": self.engine_reason,
+        }
+
+    def _infer(self, names: list[str], images: np.ndarray) -> list[np.ndarray]:
+        """The named outputs for checked images: the one place a batch reaches the runtime."""
+        return list(self.session.run(names, {INPUT_NAME: images}))
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, K) class probabilities."""
         self._check_images(images)
-        (probabilities,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
+        (probabilities,) = self._infer([OUTPUT_NAME], images)
         return np.asarray(probabilities, dtype=np.float32)
 
     def run(self, images: np.ndarray) -> ModelOutputs:
         """uint8 (N, H, W, 3) -> probabilities and the optional outputs this file has
         (embeddings, OOD score and the in-distribution flag from the card's threshold)."""
         self._check_images(images)
-        results = self.session.run(self.output_names, {INPUT_NAME: images})
+        results = self._infer(self.output_names, images)
         values = dict(zip(self.output_names, results, strict=True))
         embeddings = values.get(EMBEDDINGS_NAME)
         score = values.get(OOD_SCORE_NAME)

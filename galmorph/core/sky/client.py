@@ -13,8 +13,8 @@ layer"; a position off the footprint is a server error (500). A FITS cutout is a
 (nbands, H, W) cube in nanomaggies, (H, W) for one band, with BANDS/BANDn and a TAN WCS
 centred on (ra, dec) (DESIGN.md section 4).
 
-Defaults come from the model card so that the service returns exactly the field the model
-sees: size = card.input_size, pixscale = card.pixel_scale, bands = the card's bands (grz),
+Defaults come from the model's InputSpec (its card's) so that the service returns exactly the
+field the model sees: size = input_size, pixscale = pixel_scale, bands = its bands (grz),
 layer ls-dr10; `CutoutOptions` (galmorph.core.sky.options) overrides any of them, `base_url`
 points at a mirror or a stub.
 
@@ -65,7 +65,7 @@ from galmorph.core.cutouts import formats
 from galmorph.core.cutouts.fits_io import BLOCK, CARD, MAX_HEADER_BLOCKS, read_fits
 from galmorph.core.cutouts.limits import CutoutError, CutoutErrorKind, DecodeLimits
 from galmorph.core.cutouts.raster_io import read_raster
-from galmorph.core.modelfile.contract import LEGACY_SURVEY_PIXEL_SCALE, ModelCard
+from galmorph.core.inputspec import LEGACY_SURVEY_PIXEL_SCALE, InputSpec, canonical_scale
 from galmorph.core.sky.cache import CutoutCache
 from galmorph.core.sky.options import (
     DEFAULT_LAYER,
@@ -74,7 +74,6 @@ from galmorph.core.sky.options import (
     MAX_SIDE,
     CutoutOptions,
     Politeness,
-    canonical_scale,
     decimal_text,
 )
 
@@ -135,9 +134,9 @@ def parse_degrees(value: str | float, what: str) -> float:
 # ---------------------------------------------------------------- what to ask for
 
 
-def card_bands(card: ModelCard) -> str:
+def survey_bands(spec: InputSpec) -> str:
     """The survey bands the model's colour mapping uses, in wavelength order ('grz')."""
-    used = set(card.bands.values())
+    used = set(spec.bands.values())
     return "".join(sorted(used, key=lambda b: (b not in BAND_ORDER, BAND_ORDER.find(b), b)))
 
 
@@ -165,7 +164,7 @@ class CutoutSpec:
             )
         if not (math.isfinite(self.pixscale) and self.pixscale > 0):
             raise ValueError(f"pixscale must be a positive number of arcsec, got {self.pixscale}")
-        # frozen: the one place a scale from a card or --pixscale becomes the canonical one
+        # frozen: the one place a scale from a model or --pixscale becomes the canonical one
         object.__setattr__(self, "pixscale", canonical_scale(self.pixscale))
         for name, side in (("width", self.width), ("height", self.height)):
             if not 1 <= side <= MAX_SIDE:
@@ -179,17 +178,17 @@ class CutoutSpec:
             )
 
     @classmethod
-    def for_card(cls, card: ModelCard, options: CutoutOptions | None = None) -> CutoutSpec:
+    def for_input(cls, spec: InputSpec, options: CutoutOptions | None = None) -> CutoutSpec:
         """The request that returns exactly the model's field: its size at its pixel scale."""
         options = options or CutoutOptions()
-        height, width = card.input_size
+        height, width = spec.input_size
         if options.size is not None:
             height = width = options.size
         return cls(
             base_url=options.base_url.rstrip("/"),
             layer=options.layer,
-            bands=options.bands or card_bands(card),
-            pixscale=card.pixel_scale if options.pixscale is None else options.pixscale,
+            bands=options.bands or survey_bands(spec),
+            pixscale=spec.pixel_scale if options.pixscale is None else options.pixscale,
             width=width,
             height=height,
             image_format=options.image_format,

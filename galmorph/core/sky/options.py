@@ -17,15 +17,6 @@ MAX_SIDE = 3000  # the viewer's `maxsize`: larger sizes are cut to it without a 
 # image format -> (endpoint under the base URL, cache file suffix)
 IMAGE_FORMATS = {"fits": ("cutout.fits", ".fits"), "jpeg": ("cutout.jpg", ".jpg")}
 USER_AGENT = f"galmorph/{__version__} (galaxy morphology classifier; batch cutout client)"
-# A float32's precision: a scale read from a float32 HDF5 attribute (0.262 stored as
-# 0.2619999945...) is the scale its file meant, so a card, `--pixscale 1.048` and a cache key
-# name the same number.
-SCALE_DIGITS = 7
-
-
-def canonical_scale(arcsec_per_pixel: float) -> float:
-    """A pixel scale rounded to SCALE_DIGITS significant digits (1.0479999780654907 -> 1.048)."""
-    return float(f"{float(arcsec_per_pixel):.{SCALE_DIGITS}g}")
 
 
 def decimal_text(value: float) -> str:
@@ -44,13 +35,13 @@ def decimal_text(value: float) -> str:
 
 @dataclass(frozen=True)
 class CutoutOptions:
-    """What to ask the service for; None takes the value from the model card."""
+    """What to ask the service for; None takes the value from the model's InputSpec."""
 
     base_url: str = LEGACY_SURVEY_VIEWER
     layer: str = DEFAULT_LAYER
-    bands: str | None = None  # None: the card's bands (grz)
-    pixscale: float | None = None  # arcsec/px; None: card.pixel_scale
-    size: int | None = None  # pixels (square); None: card.input_size
+    bands: str | None = None  # None: the model's bands (grz)
+    pixscale: float | None = None  # arcsec/px; None: the model's pixel_scale
+    size: int | None = None  # pixels (square); None: the model's input_size
     image_format: str = "fits"  # or "jpeg": the viewer's own rendering
 
 
