@@ -425,7 +425,7 @@ def galmorph_index(folder: Path, n: int, dim: int, seed: int, threads: int) -> d
     import pyarrow.parquet as pq
 
     from galmorph.core.data.tables import embeddings_array
-    from galmorph.similarity.index import SimilarityIndex, build_index
+    from galmorph.similarity.index import EXPANSION_SEARCH, SimilarityIndex, build_index
 
     scores = folder / "scores"
     scores.mkdir()
@@ -463,6 +463,7 @@ def galmorph_index(folder: Path, n: int, dim: int, seed: int, threads: int) -> d
     return {
         "n": n,
         "dim": dim,
+        "search_breadth": EXPANSION_SEARCH,
         "build_s": round(build_s, 1),
         "build_s_on_idle_cores": round(cpu / threads, 1),
         "files_mb": files,

@@ -13,14 +13,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from galmorph.core.data.tables import IN_DISTRIBUTION_NAME, class_columns, embeddings_array
+from galmorph.core.data.tables import (
+    IN_DISTRIBUTION_NAME,
+    MODEL_SHA_COLUMN,
+    class_columns,
+    embeddings_array,
+)
 from galmorph.core.modelfile.contract import (
     EMBEDDINGS_NAME,
     OOD_SCORE_NAME,
     ModelCard,
     ModelOutputs,
 )
-from galmorph.scoring.shards import MODEL_SHA_COLUMN, ROW_INDEX
+from galmorph.scoring.shards import ROW_INDEX
 
 if TYPE_CHECKING:
     from galmorph.core.modelfile.engine import OnnxModel

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from galmorph.core.data.tables import MODEL_SHA_COLUMN
 from galmorph.core.files import atomic_write, atomic_write_text, leftover_temps
 from galmorph.scoring.table_writers import (
     SUFFIXES,
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 ROW_INDEX = "row_index"
-MODEL_SHA_COLUMN = "model_sha256"
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 
 

@@ -3,7 +3,8 @@
     python tools/code_stats.py [ROOT]
 
 Prints modules per folder, the module imports inside the core (arrows), the longest
-functions and how many are over 80 lines. Runs on any checkout (e.g. one made with `git archive REV | tar -x -C DIR`).
+functions and how many are over 80 lines. Runs on any checkout (e.g. one made with
+`git archive REV | tar -x -C DIR`).
 """
 
 from __future__ import annotations

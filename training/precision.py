@@ -19,32 +19,16 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from galmorph.core.cpu import CPU_BF16_FLAGS, cpu_bf16_flags
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32")
-# /proc/cpuinfo flags of the units that compute bf16 natively (AVX512-BF16 dot products, AMX).
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def cpu_bf16_flags() -> tuple[str, ...]:
-    """The CPU's bf16 flags (of CPU_BF16_FLAGS) from /proc/cpuinfo; none where it is unreadable."""
-    try:
-        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags.update(value.split())
-    return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
 
 
 @dataclass(frozen=True)

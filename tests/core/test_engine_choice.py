@@ -107,17 +107,6 @@ def test_auto_keeps_onnxruntime_without_bf16_units_package_or_on_a_gpu_path(
         assert reason in model.engine_report()["chosen"]
 
 
-def test_cpu_bf16_flags_are_read_from_cpuinfo(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(openvino_engine, "CPUINFO", cpuinfo)
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: sse2 avx512f avx512_vnni amx_bf16\n")
-    assert openvino_engine.cpu_bf16_flags() == ("amx_bf16",)
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: sse2 avx512f avx512_vnni\n")
-    assert openvino_engine.cpu_bf16_flags() == ()
-
-
 def test_the_environment_sets_the_default_and_a_misspelt_engine_is_refused(
     model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from galmorph.core import cpu as cpu_module
+from galmorph.core.cpu import cpu_bf16_flags
 from galmorph.training import precision as precision_module
 from galmorph.training.config import ConfigError, TrainConfig, load_config
-from galmorph.training.precision import Fp32Conv2d, Precision, cpu_bf16_flags, resolve_precision
+from galmorph.training.precision import Fp32Conv2d, Precision, resolve_precision
 from galmorph.training.state import load_checkpoint
 from galmorph.training.train import TrainingInterrupted, train
 from tests.support.training_helpers import make_synthetic, tiny_config
@@ -41,12 +43,12 @@ def _cpuinfo(tmp_path: Path, flags: str) -> Path:
 def test_cpu_bf16_flags_are_read_from_cpuinfo(
     flags: str, expected: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(precision_module, "CPUINFO", _cpuinfo(tmp_path, flags))
+    monkeypatch.setattr(cpu_module, "CPUINFO", _cpuinfo(tmp_path, flags))
     assert cpu_bf16_flags() == expected
 
 
 def test_unreadable_cpuinfo_means_no_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(precision_module, "CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(cpu_module, "CPUINFO", tmp_path / "missing")
     assert cpu_bf16_flags() == ()
     assert resolve_precision("auto", CPU).name == "fp32"
 

@@ -17,6 +17,10 @@ import pyarrow as pa
 # The OOD flag is a column only; the score and embeddings columns take the names of the model's
 # outputs (galmorph.core.modelfile.contract).
 IN_DISTRIBUTION_NAME = "in_distribution"
+# The row's id and the SHA-256 of the model that scored it: the scorer writes them, the
+# similarity index keys on the first and refuses scores of another model by the second.
+ID_COLUMN = "id_str"
+MODEL_SHA_COLUMN = "model_sha256"
 
 
 def class_columns(class_names: Iterable[str]) -> list[str]:

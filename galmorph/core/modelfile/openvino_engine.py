@@ -2,10 +2,11 @@
 
 onnxruntime's x86 CPU provider computes in fp32 only. On a CPU whose flags list avx512_bf16 or
 amx_bf16, OpenVINO compiling the very file with INFERENCE_PRECISION_HINT=bf16 runs the
-convolutions and matmuls on those units (astroformer_0, batch 32, 2 threads: ~1.5-2.5x
-onnxruntime fp32: benchmarks/results/models_cpu_engines.json). It reads the ONNX file itself,
-so no second artifact exists, and the `openvino` package does not clash with onnxruntime-gpu
-(onnxruntime's OpenVINO execution provider would: it ships its own `onnxruntime` module).
+convolutions and matmuls on those units (astroformer_0, batch 32, 2 threads: 1.8-1.9x
+onnxruntime fp32 here, benchmarks/results/*_cpu_engines.json, docs/scoring.md). It reads the
+ONNX file itself, so no second artifact exists, and the `openvino` package does not clash with
+onnxruntime-gpu (onnxruntime's OpenVINO execution provider would: it ships its own
+`onnxruntime` module).
 
 Measured and not chosen (issue #30): onnxruntime-openvino 1.24.1's execution provider refuses
 `precision=BF16` on a CPU and falls back to the CPU provider with a warning; with
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from galmorph.core.cpu import CPU_BF16_FLAGS, cpu_bf16_flags
 from galmorph.core.modelfile.contract import INPUT_NAME, OUTPUT_NAME
 from galmorph.core.modelfile.engine import (
     CPU_PROVIDER,
@@ -46,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 # /proc/cpuinfo flags of the units that compute bf16 natively (AVX512-BF16 dot products, AMX);
 # training/precision.py reads the same flags for bf16 autocast.
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-CPUINFO = Path("/proc/cpuinfo")
 # Largest |p_bf16 - p_fp32| allowed on any class probability of the parity images: one point
 # of probability, below what a reader of a class probability acts on. Random-weight
 # astroformer_0 moved by 5e-4 (runs in bf16); the demo's trained gm_astroformer_tiny by 0.057
@@ -65,20 +65,6 @@ class EngineUnavailable(ModelLoadError):
 
 def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
-
-
-def cpu_bf16_flags() -> tuple[str, ...]:
-    """The CPU's bf16 flags (of CPU_BF16_FLAGS); none where /proc/cpuinfo is unreadable."""
-    try:
-        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags.update(value.split())
-    return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
 
 
 def openvino_refusal(providers: Sequence[str] | None) -> str | None:
