@@ -187,6 +187,8 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# Long on purpose: the start-up sequence (settings -> model placement -> index -> metrics dir ->
+# uvicorn) with each refusal as its own exit line; the order matters and reads top to bottom.
 def serve_command(args: argparse.Namespace) -> int:
     import logging.config
 

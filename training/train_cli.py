@@ -60,6 +60,8 @@ def _evaluation_request() -> type[EvaluationRequest]:
     return EvaluationRequest
 
 
+# Long on purpose: one flat table of the train/evaluate/export flags as --help lists them;
+# splitting it would scatter the order users read.
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",

@@ -279,6 +279,8 @@ class _Layout:
     class_names_source: str
 
 
+# Long on purpose: the checks of an untrusted file in the order they must run (signature, then
+# shapes and dtypes before any data is read, then labels and votes), one message each.
 def _validate(path: Path, given_names: tuple[str, ...] | None) -> _Layout:
     """Check the layout (shapes and dtypes first, then labels and votes); say what it holds."""
     import h5py
