@@ -16,8 +16,8 @@ request and writes its response; everything between is here.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -39,7 +39,12 @@ from galmorph.service.metrics import ServiceMetrics
 from galmorph.service.results import build_result, png_base64
 from galmorph.service.schemas import ClassificationResult
 from galmorph.service.settings import Settings
-from galmorph.service.uploads import PayloadTooLargeError, Upload, UploadError
+from galmorph.service.uploads import (
+    PayloadTooLargeError,
+    Upload,
+    UploadError,
+    read_single_upload,
+)
 
 if TYPE_CHECKING:
     StretchName = str
@@ -162,6 +167,24 @@ class DataPlane:
         except (CutoutError, DecodeBusyError) as exc:
             self.count(refusal_status(exc))
             raise
+
+    @asynccontextmanager
+    async def predict_upload(
+        self, request: Request, options: ClassifyOptions, filename: str | None
+    ) -> AsyncIterator[tuple[Job, DecodedUpload, Prediction]]:
+        """One uploaded cutout read, admitted, decoded and predicted. Its body's memory stays
+        reserved until the caller's block ends: the answer may still hold the upload."""
+        claim_body = self.decoder.budget.claim_body
+        with claim_body() as body_reserve:
+            with self.counting():
+                upload = await read_single_upload(
+                    request, self.settings.max_body_bytes, filename, claim_body, body_reserve
+                )
+                self.admit(1)
+                job = self.start(options)
+                item = await job.decode(upload)
+            (prediction,) = await job.predict([item.cutout.image])
+            yield job, item, prediction
 
 
 def get_data_plane(

@@ -31,7 +31,6 @@ from galmorph.service.uploads import (
     UploadError,
     is_multipart,
     read_multipart_files,
-    read_single_upload,
     to_upload,
 )
 
@@ -91,17 +90,7 @@ async def classify(
     options: OptionsDep,
     filename: Annotated[str | None, Query(description="file name hint for a raw body")] = None,
 ) -> ClassificationResult:
-    claim_body = plane.decoder.budget.claim_body
-    # The body's memory is reserved until the answer is made (the upload is held till then).
-    with claim_body() as body_reserve:
-        with plane.counting():
-            upload = await read_single_upload(
-                request, plane.settings.max_body_bytes, filename, claim_body, body_reserve
-            )
-            plane.admit(1)
-            job = plane.start(options)
-            item = await job.decode(upload)
-        (prediction,) = await job.predict([item.cutout.image])
+    async with plane.predict_upload(request, options, filename) as (job, item, prediction):
         return await job.answer(item, prediction)
 
 

@@ -20,7 +20,6 @@ from galmorph.service.data_plane import ClassifyOptions, FitMode, PlaneDep, Stre
 from galmorph.service.dependencies import require_api_key
 from galmorph.service.schemas import ErrorResponse, error_responses
 from galmorph.service.settings import Settings
-from galmorph.service.uploads import read_single_upload
 
 if TYPE_CHECKING:
     import numpy as np
@@ -203,16 +202,8 @@ async def similar_to_upload(
             f"{plane.model.sha256[:12]}: their embeddings are not comparable",
         )
     options = ClassifyOptions(stretch, fit, None, False, embeddings=True)
-    claim_body = plane.decoder.budget.claim_body
-    with claim_body() as body_reserve:
-        with plane.counting():
-            upload = await read_single_upload(
-                request, plane.settings.max_body_bytes, filename, claim_body, body_reserve
-            )
-            plane.admit(1)
-            job = plane.start(options)
-            item = await job.decode(upload)
-        (prediction,) = await job.predict([item.cutout.image])
+    async with plane.predict_upload(request, options, filename) as (_, item, prediction):
+        upload = item.upload
     outputs = prediction.outputs
     assert outputs.embeddings is not None  # plane.start refuses a model without them
     best = int(outputs.probabilities.argmax())
