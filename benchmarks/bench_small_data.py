@@ -237,6 +237,7 @@ REAL_PROPORTIONS = (0.7, 0.3)  # the spirals are the rare class
 REAL_RARE_CLASS = "spiral"
 # 16-view TTA: 8 angles 45 degrees apart, each unflipped and flipped.
 TTA_ANGLES = tuple(float(a) for a in range(0, 360, 45))
+PRETRAINED = "pretrained on synthetic galaxies"
 # Settings on top of configs/small_data.yaml and the common overrides (later keys win).
 # "recipe" is the file as it is: since this benchmark, without loss weights.
 REAL_SETTINGS: dict[str, tuple[str, ...]] = {
@@ -255,8 +256,15 @@ REAL_SETTINGS: dict[str, tuple[str, ...]] = {
     "balanced weights, EMA 0.99": ("loss_weighting=balanced", "ema=true", "ema_decay=0.99"),
     "input 96 px": ("img_size=96",),
     "input 128 px": ("img_size=128",),
+    "fp32 (no bf16 autocast)": ("precision=fp32",),
+    # --init-from RUN: a run trained on synthetic galaxies (`galmorph data synth`) first.
+    PRETRAINED: ("init_from={init_from}",),
 }
 PEERS = ("timm resnet18", "timm coatnet C-C-C-T")
+# The recipe trained 3 times on one subset (training seeds +0, +100, +200), probabilities
+# averaged: what a seed ensemble exported as one model would answer.
+ENSEMBLE = "ensemble of 3 recipe runs"
+ENSEMBLE_SEED_OFFSETS = (0, 100, 200)
 
 
 def real_sets(real_dir: Path, workdir: Path, *, seeds: Sequence[int], n_train: int) -> dict:
@@ -313,18 +321,18 @@ def _real_overrides(common: Sequence[str], setting: Sequence[str], epochs: int) 
     return [f"epochs={epochs * 2}" if o == "epochs*2" else o for o in (*common, *setting)]
 
 
-def view_metrics(run_dir: Path, test: Path, rare: str) -> dict[str, float]:
-    """Plain, 8-view and 16-view TTA metrics of a run's model on every row of `test`.
+def view_probabilities(run_dir: Path, test: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(per-view probabilities (views, images, classes), labels, class names) of a run's model
+    on every row of `test`, for the 16 views of TTA_ANGLES.
 
     The model is opened as `galmorph evaluate` opens it (fp32, the same resize), and the
-    16 views of TTA_ANGLES hold the 8 dihedral views (the multiples of 90 degrees, exact
-    pixel moves), so one pass gives what `evaluate` and `evaluate --tta` report, and more.
+    16 views hold the 8 dihedral views (the multiples of 90 degrees, exact pixel moves), so
+    one pass gives what `evaluate` and `evaluate --tta` report, and more.
     """
     from galmorph.core.cutouts.resample import resize_images
     from galmorph.core.data.galaxy10 import Galaxy10File
     from galmorph.training.augment import rotated_views
     from galmorph.training.evaluate import EvaluationRequest, _open_model
-    from galmorph.training.metrics import classification_report
 
     predictor = _open_model(EvaluationRequest(model=run_dir, data=test, progress=False))[0]
     data = Galaxy10File(test)
@@ -332,32 +340,70 @@ def view_metrics(run_dir: Path, test: Path, rare: str) -> dict[str, float]:
         data.images(np.arange(data.num_images)), predictor.input_size, predictor.interpolation
     )
     per_view = np.stack([predictor.predict(v) for v in rotated_views(images, TTA_ANGLES)])
+    return per_view, data.labels, list(predictor.class_names)
+
+
+def view_metrics(
+    per_view: np.ndarray, labels: np.ndarray, class_names: Sequence[str], rare: str
+) -> dict[str, float]:
+    """Plain, 8-view and 16-view TTA top-1, macro-F1 and rare-class recall."""
+    from galmorph.training.metrics import classification_report
+
     flips = (0, len(TTA_ANGLES))  # rotated_views: unflipped views first, then flipped
     dihedral = [f + i for f in flips for i, a in enumerate(TTA_ANGLES) if a % 90 == 0]
     result: dict[str, float] = {}
     for suffix, views in (("", [0]), ("_tta", dihedral), ("_tta16", range(len(per_view)))):
-        report = classification_report(
-            per_view[list(views)].mean(0), data.labels, predictor.class_names
-        )
+        report = classification_report(per_view[list(views)].mean(0), labels, class_names)
         result[f"top1{suffix}"] = round(report["top1"], 4)
         result[f"macro_f1{suffix}"] = round(report["macro_f1"], 4)
         result[f"{rare}_recall{suffix}"] = round(report["per_class"][rare]["recall"], 4)
     return result
 
 
+def recipe_member(
+    args: argparse.Namespace, sets: dict, workdir: Path, data_seed: int, train_seed: int
+) -> tuple[Path, float]:
+    """The recipe trained on data seed `data_seed`'s subset with training seed `train_seed`;
+    an earlier run in the work folder is reused (the "recipe" setting's run is member one)."""
+    name = "recipe" if train_seed == data_seed else f"recipe_t{train_seed}"
+    out = workdir / "runs" / f"{name}_s{data_seed}"
+    if (out / "model.safetensors").exists():
+        return out, float("nan")
+    overrides = _real_overrides(args.common, (), args.epochs)
+    return train_run(RECIPE, sets["train"][data_seed], out, overrides, train_seed)
+
+
 def real_benchmark(args: argparse.Namespace, sets: dict, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for name in args.settings or [*REAL_SETTINGS, *PEERS]:
+    everything = [n for n in REAL_SETTINGS if n != PRETRAINED or args.init_from] + [*PEERS]
+    for name in args.settings or everything:
         runs = []
         for seed in args.seeds_list:
             out = workdir / "runs" / f"{name.replace(' ', '_')}_s{seed}"
             if name in PEERS:
                 run = train_peer(name, sets["train"][seed], sets["test"], seed, args)
+            elif name == ENSEMBLE:
+                # Members differ only in the training seed: the same 300 galaxies.
+                members = [
+                    recipe_member(args, sets, workdir, seed, seed + offset)
+                    for offset in ENSEMBLE_SEED_OFFSETS
+                ]
+                probabilities = [view_probabilities(d, sets["test"]) for d, _ in members]
+                per_view = np.mean([p for p, _, _ in probabilities], axis=0)
+                _, labels, class_names = probabilities[0]
+                run = {"train_seconds": round(sum(t for _, t in members if t == t), 1)}
+                run.update(view_metrics(per_view, labels, class_names, REAL_RARE_CLASS))
             else:
-                overrides = _real_overrides(args.common, REAL_SETTINGS[name], args.epochs)
-                run_dir, seconds = train_run(RECIPE, sets["train"][seed], out, overrides, seed)
+                setting = [o.format(init_from=args.init_from) for o in REAL_SETTINGS[name]]
+                overrides = _real_overrides(args.common, setting, args.epochs)
+                if name == "recipe":
+                    run_dir, seconds = recipe_member(args, sets, workdir, seed, seed)
+                else:
+                    run_dir, seconds = train_run(RECIPE, sets["train"][seed], out, overrides, seed)
                 run = {"train_seconds": round(seconds, 1)}
-                run.update(view_metrics(run_dir, sets["test"], REAL_RARE_CLASS))
+                run.update(
+                    view_metrics(*view_probabilities(run_dir, sets["test"]), REAL_RARE_CLASS)
+                )
             print(name, seed, json.dumps(run), flush=True)
             runs.append(run)
         overrides = list(REAL_SETTINGS.get(name, ()))
@@ -557,9 +603,15 @@ def main(argv: list[str] | None = None) -> int:
         "--real", type=Path, metavar="DIR", help="real sets from build_real_sets.py instead"
     )
     parser.add_argument(
-        "--settings", nargs="+", choices=[*REAL_SETTINGS, *PEERS], help="--real: just these"
+        "--settings",
+        nargs="+",
+        choices=[*REAL_SETTINGS, *PEERS, ENSEMBLE],
+        help="--real: just these",
     )
     parser.add_argument("--real-train", type=int, default=300, help="--real: training rows")
+    parser.add_argument(
+        "--init-from", help=f"--real: the run that setting {PRETRAINED!r} fine-tunes from"
+    )
     parser.add_argument(
         "--merge",
         nargs="+",
@@ -568,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         help="--real results (or --partial files) of other seeds/settings, merged into --out",
     )
     args = parser.parse_args(argv)
+    if PRETRAINED in (args.settings or ()) and args.init_from is None:
+        parser.error(f"setting {PRETRAINED!r} needs --init-from RUN")
     if args.merge is not None:
         if args.out is None:
             parser.error("--merge needs --out")

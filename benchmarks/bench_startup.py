@@ -8,13 +8,21 @@ few /classify requests and reads the server's resident memory (VmRSS, and the pe
 variant) and astroformer_0, 256x256, seeded random weights exported with model.export.
 Results: benchmarks/results/startup.json.
 
+With --engines, instead: the model load alone, in this process, per engine (issue #30):
+onnxruntime (session + card), openvino (onnxruntime's fp32 session as the reference, the bf16
+compile, the parity run on 8 images) and openvino with its parity result cached, in interleaved
+rounds after one warm-up round, for astroformer_0 at 256 px and gm_astroformer_small at 128 px
+(random weights). Results: benchmarks/results/startup_engines.json.
+
     .venv/bin/python -m benchmarks.bench_startup [--runs 5] [--threads 2]
+    .venv/bin/python -m benchmarks.bench_startup --engines [--runs 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -32,6 +40,8 @@ from benchmarks.common import RESULTS_DIR, thread_env, write_results
 from tests.support.server_process import free_port
 
 MODELS = ("gm_astroformer_tiny", "astroformer_0")
+# (model, input size) for --engines: the benchmark model and the real-data recipe's model.
+ENGINE_MODELS = (("astroformer_0", 256), ("gm_astroformer_small", 128))
 READY_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 0.02
 WARM_REQUESTS = 8
@@ -167,14 +177,81 @@ def measure_model(
     return figures
 
 
+def engine_loads(model: Path, runs: int, threads: int, cache: Path) -> dict[str, Any]:
+    """Seconds to open `model` on each engine: one warm-up round (imports, first compile, the
+    parity cache filled), then `runs` interleaved rounds."""
+    from galmorph.core.modelfile.engine_choice import open_model
+    from galmorph.core.modelfile.openvino_engine import PARITY_CACHE_ENV
+
+    def load(engine: str, parity_cache: str) -> tuple[float, bool]:
+        """(seconds, whether the parity result came from the cache)."""
+        os.environ[PARITY_CACHE_ENV] = parity_cache
+        started = time.perf_counter()
+        opened = open_model(model, engine=engine, intra_op_threads=threads, inter_op_threads=1)
+        seconds = time.perf_counter() - started
+        return seconds, bool(opened.engine_report().get("parity_cached"))
+
+    contenders = {
+        "onnxruntime": ("onnxruntime", "off"),
+        "openvino_parity_at_load": ("openvino", "off"),
+        "openvino_parity_cached": ("openvino", str(cache)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_index in range(runs + 1):
+        for name, (engine, parity_cache) in contenders.items():
+            seconds, cached = load(engine, parity_cache)
+            if round_index:  # round 0 warms up (and fills the cache)
+                assert cached == (name == "openvino_parity_cached"), (name, cached)
+                times[name].append(seconds)
+    figures: dict[str, Any] = {name: summarise(values) for name, values in times.items()}
+    baseline = figures["onnxruntime"]["median"]
+    figures["ratio_to_onnxruntime"] = {
+        name: round(figures[name]["median"] / baseline, 2) for name in contenders
+    }
+    return figures
+
+
+def measure_engines(args: argparse.Namespace) -> int:
+    from benchmarks.bench_models import make_checkpoint, timed_export
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="galmorph-engines-") as tmp:
+        work = Path(tmp)
+        for name, size in ENGINE_MODELS:
+            run_dir = make_checkpoint(name, size, work / name / "run")
+            model, _ = timed_export(run_dir, work / name / "model.onnx", args.threads)
+            results[name] = {"img_size": size}
+            results[name] |= engine_loads(model, args.runs, args.threads, work / "cache")
+            print(f"{name} @{size}: " + json.dumps(results[name]), flush=True)
+    out = args.out or RESULTS_DIR / "startup_engines.json"
+    write_results(
+        out,
+        {
+            "benchmark": "model load per engine, in process: seconds from open_model to return",
+            "threads": args.threads,
+            "runs": args.runs,
+            "weights": "random initialisation (torch.manual_seed(0)), model.export fp32",
+            "parity_images": "8 synthetic (the files have no sample images; 8 samples cost "
+            "the same)",
+            "models": results,
+        },
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="server starts per model")
+    parser.add_argument("--runs", type=int, default=5, help="server starts (loads) per model")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "startup.json")
+    parser.add_argument("--engines", action="store_true", help="time model loads per engine")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.engines:
+        return measure_engines(args)
+    args.out = args.out or RESULTS_DIR / "startup.json"
 
     from benchmarks.bench_models import make_checkpoint, timed_export
 

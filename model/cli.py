@@ -159,7 +159,9 @@ def _add_fit_arguments(export: argparse.ArgumentParser) -> None:
         help="labelled Galaxy10-layout .h5 for temperature scaling and the OOD threshold: the "
         "run's training file (its validation split is used) or a file of the same classes the "
         "model never saw (all its rows are used; the OOD class statistics still come from the "
-        "run's training rows). Default: the training file named in RUN_DIR/config.json",
+        "run's training rows). 8 of the held-out images are stored in the file as its sample "
+        "images (the openvino engine's parity check). Default: the training file named in "
+        "RUN_DIR/config.json",
     )
     export.add_argument(
         "--fit-count",
@@ -235,8 +237,15 @@ def _inspect(args: argparse.Namespace) -> int:
         return 2
     card = model.card
     engine = {} if args.engine is None else {"engine": model.engine_report()}
+    # A count only: the images themselves are PNG bytes in the metadata.
+    samples = 0 if model.sample_images is None else len(model.sample_images)
     if args.json:
-        document = {**asdict(card), "field_of_view": list(card.field_of_view), **engine}
+        document = {
+            **asdict(card),
+            "field_of_view": list(card.field_of_view),
+            "sample_images": samples,
+            **engine,
+        }
         print(json.dumps({"path": str(args.model), "sha256": model.sha256, **document}, indent=2))
         return 0
     height, width = card.input_size
@@ -284,6 +293,7 @@ def _inspect(args: argparse.Namespace) -> int:
         rows.append(
             ("metrics", f"top-1 {metrics['top1']:.4f}, macro-F1 {metrics.get('macro_f1', 0):.4f}")
         )
+    rows.append(("sample images", f"{samples} (what the openvino engine checks parity on)"))
     if engine:
         rows.append(("engine", ", ".join(f"{k} {v}" for k, v in engine["engine"].items())))
     width_col = max(len(name) for name, _ in rows)

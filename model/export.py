@@ -34,7 +34,8 @@ max |Δp| <= 1e-4 with identical argmax, or the export fails and leaves no file 
 `export_model` runs these as stages, each a function here that can be called alone, in file
 order: resolve (load the checkpoint, check every input) -> fit (temperature, OOD statistics) ->
 card -> trace (torch.onnx, ONNX checker) -> quantize (int8 only) -> check (onnxruntime parity)
--> write (atomic; a folder over 2 GiB).
+-> write (atomic; a folder over 2 GiB; with labelled images, SAMPLE_IMAGES of the held-out ones
+as the file's sample images, `pick_samples`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ from galmorph.core.modelfile.contract import (
     METADATA_PREFIX,
     OOD_SCORE_NAME,
     OUTPUT_NAME,
+    SAMPLE_IMAGES,
+    SAMPLE_IMAGES_KEY,
     ModelCard,
+    encode_sample_images,
 )
 from galmorph.core.version import __version__
 from galmorph.model.checkpoint import ModelSpec, load_model
@@ -181,7 +185,8 @@ def export_model(
                     candidate, reference, batches, card, int8, work, seconds, intra_op_threads
                 )
             parity = check(candidate, reference, batches, precision, intra_op_threads)
-        write(candidate, out, card, parity, external=source.external)
+        samples = None if fit_images is None else pick_samples(fit_images, seed)
+        write(candidate, out, card, parity, external=source.external, samples=samples)
     seconds["total"] = time.perf_counter() - started
     report = ExportReport(out, card, parity, seconds, artifact_size(out))
     log.info(
@@ -615,6 +620,19 @@ def make_card(
     return replace(card, targets=source.targets, calibration=fitted.calibration, ood=fitted.ood)
 
 
+def pick_samples(fit_images: FitImages, seed: int = 0) -> np.ndarray:
+    """SAMPLE_IMAGES held-out images for the file (the openvino engine checks its bf16 answers
+    on them), seeded and spread over the classes: one of each class in a seeded order, then
+    round again."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(fit_images.val_labels)
+    classes = rng.permutation(np.unique(labels))
+    by_class = [rng.permutation(np.flatnonzero(labels == label)) for label in classes]
+    rounds = range(max(len(rows) for rows in by_class))
+    order = [rows[rank] for rank in rounds for rows in by_class if rank < len(rows)]
+    return fit_images.val_images[np.sort(order[:SAMPLE_IMAGES])]
+
+
 # --- Stage: trace ----------------------------------------------------------------------------
 
 
@@ -957,28 +975,41 @@ def int8_accuracy_change(
 
 
 def write(
-    candidate: Path, out: Path, card: ModelCard, parity: ParityReport, *, external: bool
+    candidate: Path,
+    out: Path,
+    card: ModelCard,
+    parity: ParityReport,
+    *,
+    external: bool,
+    samples: np.ndarray | None = None,
 ) -> None:
-    """The checked candidate, with its card and parity record, put at out so that a crash
-    leaves the previous model or the new one whole: one file, or a folder when the weights are
-    external data (the candidate's folder, moved)."""
+    """The checked candidate, with its card, parity record and sample images (uint8 NHWC, when
+    given), put at out so that a crash leaves the previous model or the new one whole: one
+    file, or a folder when the weights are external data (the candidate's folder, moved)."""
     if external:
         # Only the graph file is rewritten; the weights file stays where it was checked.
         final = _load(candidate, load_external_data=False)
-        _set_metadata(final, card, parity)
+        _set_metadata(final, card, parity, samples)
         onnx_save(final, candidate)
         _replace_folder(candidate.parent, out)
         return
     final = _load(candidate)
-    _set_metadata(final, card, parity)
+    _set_metadata(final, card, parity, samples)
     with atomic_write(out) as staged:
         _write_proto(final, staged, external=False)
 
 
-def _set_metadata(proto: onnx.ModelProto, card: ModelCard, parity: ParityReport | None) -> None:
+def _set_metadata(
+    proto: onnx.ModelProto,
+    card: ModelCard,
+    parity: ParityReport | None,
+    samples: np.ndarray | None = None,
+) -> None:
     props = card.to_metadata()
     if parity is not None:
         props[PARITY_KEY] = json.dumps(asdict(parity))
+    if samples is not None:
+        props[SAMPLE_IMAGES_KEY] = encode_sample_images(samples)
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()

@@ -26,7 +26,13 @@ import numpy as np
 from fastapi import Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from galmorph.core.cutouts.decode import FIT_MODES, CutoutError, DecodedCutout, fit_array
+from galmorph.core.cutouts.decode import (
+    FIT_MODES,
+    CutoutError,
+    DecodedCutout,
+    fit_array,
+    sniff_format,
+)
 from galmorph.core.cutouts.imaging import STRETCHES
 from galmorph.core.cutouts.limits import Reserve
 from galmorph.core.modelfile.contract import ModelCard
@@ -174,17 +180,34 @@ class DataPlane:
     ) -> AsyncIterator[tuple[Job, DecodedUpload, Prediction]]:
         """One uploaded cutout read, admitted, decoded and predicted. Its body's memory stays
         reserved until the caller's block ends: the answer may still hold the upload."""
-        claim_body = self.decoder.budget.claim_body
-        with claim_body() as body_reserve:
+        with self.decoder.budget.claim_body() as body_reserve:
             with self.counting():
-                upload = await read_single_upload(
-                    request, self.settings.max_body_bytes, filename, claim_body, body_reserve
-                )
+                upload = await self._read_upload(request, filename, body_reserve)
                 self.admit(1)
                 job = self.start(options)
                 item = await job.decode(upload)
             (prediction,) = await job.predict([item.cutout.image])
             yield job, item, prediction
+
+    async def _read_upload(
+        self, request: Request, filename: str | None, reserve: Reserve
+    ) -> Upload:
+        """The upload; a raw body whose first bytes are no cutout format is refused (415)
+        unread, and its connection closed as a 413's is: the rest is never read, so the
+        connection cannot carry another request."""
+        try:
+            return await read_single_upload(
+                request,
+                self.settings.max_body_bytes,
+                filename,
+                self.decoder.budget.claim_body,
+                reserve,
+                check_head=partial(sniff_format, filename=filename),
+            )
+        except CutoutError as exc:  # only the head check decodes anything here
+            status = cutout_status(exc)
+            self.count(status)
+            raise HTTPException(status, exc.message, {"Connection": "close"}) from None
 
 
 def get_data_plane(

@@ -5,7 +5,9 @@ counted as they arrive and reading stops at the limit, so an oversized (or chunk
 body is never buffered whole. Every body is paid for from the server's memory budget
 (galmorph.service.decoding.MemoryBudget) through the `Reserve` its reader is given: the declared
 length before the first byte is read, or each piece of a chunked body as it arrives; a raw
-body is read into one buffer of that length (no list of pieces joined into a second copy).
+body is read into one buffer of that length (no list of pieces joined into a second copy),
+and its first SNIFF_BYTES can be judged (`check_head`) before the rest is read or that buffer
+made: a body of no cutout format is refused unread.
 Multipart bodies go through Starlette's parser fed by the same counting stream (its own
 `max_part_size` covers only non-file fields); files over 1 MiB spool to the temporary directory
 (a tmpfs in the containers, so the spool is memory too: it counts as part of the body), a
@@ -36,6 +38,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
+from galmorph.core.cutouts.formats import SNIFF_BYTES
 from galmorph.core.cutouts.limits import Reserve
 from galmorph.service.http_protocol import ConnectionPolicy, connection_policy
 
@@ -221,6 +224,11 @@ async def _next_message(
         receive.cancel()
 
 
+HeadCheck = Callable[[bytes], object]
+"""Sees a raw body's first SNIFF_BYTES while more of it may follow, and raises to refuse the
+body before the rest is read."""
+
+
 class BodyReader:
     """A body read in consecutive parts, each paid for from `reserve` before it is read (so a
     request can be refused on what its first part says before the rest arrives)."""
@@ -232,9 +240,14 @@ class BodyReader:
         self._left_over = b""  # what the last piece held beyond the part read
         self.received = 0
 
-    async def read(self, size: int, what: str) -> bytearray:
-        """The next `size` bytes in one buffer (fewer when the body ends first)."""
+    async def read(self, size: int, what: str, check_head: HeadCheck | None = None) -> bytearray:
+        """The next `size` bytes in one buffer (fewer when the body ends first); `check_head`
+        sees their first SNIFF_BYTES before the rest is read or its buffer made."""
         self._reserve(size, what)
+        if check_head is not None and size > SNIFF_BYTES:
+            while len(self._left_over) < SNIFF_BYTES and (piece := await self._next_piece()):
+                self._left_over += piece
+            check_head(self._left_over[:SNIFF_BYTES])
         buffer = bytearray(size)
         filled = 0
         with memoryview(buffer) as view:
@@ -268,27 +281,36 @@ class BodyReader:
 
 
 async def read_raw_body(
-    request: Request, limit: int, filename: str | None, reserve: Reserve
+    request: Request,
+    limit: int,
+    filename: str | None,
+    reserve: Reserve,
+    check_head: HeadCheck | None = None,
 ) -> Upload:
-    return Upload(
-        await read_body(request, limit, reserve), filename, request.headers.get("content-type")
-    )
+    body = await read_body(request, limit, reserve, check_head)
+    return Upload(body, filename, request.headers.get("content-type"))
 
 
-async def read_body(request: Request, limit: int, reserve: Reserve) -> bytearray:
+async def read_body(
+    request: Request, limit: int, reserve: Reserve, check_head: HeadCheck | None = None
+) -> bytearray:
     """The whole body in one buffer: made at the declared length (once that is reserved) and
-    filled in place, or grown piece by piece when chunked."""
+    filled in place, or grown piece by piece when chunked. `check_head` sees the first
+    SNIFF_BYTES of a body longer than that before the rest is read."""
     declared = declared_length(request)
     if declared is None:
         grown = bytearray()
         async for chunk in _metered(request, limit, reserve, 0):
             grown += chunk
+            if check_head is not None and len(grown) >= SNIFF_BYTES:
+                check_head(bytes(grown[:SNIFF_BYTES]))
+                check_head = None
         return grown
     if declared > limit:
         raise PayloadTooLargeError(limit)
     reader = BodyReader(request, declared, reserve)
     try:
-        return await reader.read(declared, "request body")
+        return await reader.read(declared, "request body", check_head)
     finally:
         await reader.aclose()
 
@@ -349,12 +371,17 @@ async def to_upload(file: UploadFile, limit: int, claim: ClaimBody) -> Upload:
 
 
 async def read_single_upload(
-    request: Request, limit: int, filename: str | None, claim: ClaimBody, reserve: Reserve
+    request: Request,
+    limit: int,
+    filename: str | None,
+    claim: ClaimBody,
+    reserve: Reserve,
+    check_head: HeadCheck | None = None,
 ) -> Upload:
-    """The cutout from a raw body (named `filename`), or from the multipart field `file`;
-    the body is paid for from `reserve`."""
+    """The cutout from a raw body (named `filename`; `check_head` sees its start), or from
+    the multipart field `file`; the body is paid for from `reserve`."""
     if not is_multipart(request):
-        return await read_raw_body(request, limit, filename, reserve)
+        return await read_raw_body(request, limit, filename, reserve, check_head)
     files = await read_multipart_files(
         request, field="file", total_limit=limit + MULTIPART_OVERHEAD, max_files=1,
         reserve=reserve,

@@ -19,6 +19,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 # `auto` picks on a bf16 CPU where it is installed) is tested on its own in
 # tests/core/test_engine_choice.py.
 os.environ.setdefault("GALMORPH_ENGINE", "onnxruntime")
+# Every openvino load checks parity; tests of its cache set their own folder.
+os.environ.setdefault("GALMORPH_PARITY_CACHE", "off")
 
 from tests.support.real_data import REAL_DATA, missing_real_files
 

@@ -10,6 +10,11 @@ Sources (each writes its own files; a source whose input is missing is skipped, 
   sorted into `spirals/` and `non_spirals/` by the GitHub repository isi-mube/Cosmic-Compendium
   (its own 1,400-image train and 600-image validation folders). Written as a 2-class
   train/test pair: `gz2_sdss_train.h5` (1,400 rows) and `gz2_sdss_test.h5` (600 rows).
+- gz2-sdss-all: the same repository's earlier commits hold every image its notebook labelled
+  (6,507: 1,549 spirals and 4,958 non-spirals; the last commit keeps 2,000). Written as
+  `gz2_sdss_all_train.h5`: all of them except the 600 galaxies of `gz2_sdss_test.h5`, so that
+  file stays the test file of both sources. Needs the repository with its history (a full
+  clone or a bare git directory).
 - galaxy10-decals: the 20 Galaxy10 DECaLS images that galmorph carries in tests/data,
   merged into the 4 classes of the outside benchmark (elliptical, spiral, edge-on, merger):
   `galaxy10_decals_4class.h5`, a cross-survey test file only (far too small to train on).
@@ -57,6 +62,10 @@ GZ2_MAPPING = {
     "non-spiral": "the repository's non_spirals/: every other galaxy (smooth, edge-on, and "
     "featured galaxies that missed one of the three thresholds)",
 }
+GZ2_ALL_ORIGIN = (
+    "GitHub isi-mube/Cosmic-Compendium, every {spirals,non_spirals}/ image of its git history "
+    "(data/spirals, data/non_spirals, data/galaxies/...), less the 600 of data/galaxies/validation"
+)
 # The Kaggle cutouts frame a galaxy in the central ~half of 424 px (Galaxy10 SDSS crops 207).
 GZ2_CROP = 212
 
@@ -127,6 +136,8 @@ class TreeReader:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.bare = not (root / "data").is_dir() and (root / "HEAD").is_file()
+        self.git_dir = root if self.bare else root / ".git"
+        self.has_history = self.bare or self.git_dir.exists()
 
     def list(self, folder: str) -> list[str]:
         if not self.bare:
@@ -141,9 +152,40 @@ class TreeReader:
             (self.root / path).read_bytes() if not self.bare else self._git("show", f"HEAD:{path}")
         )
 
-    def _git(self, *args: str) -> bytes:
+    def history(self) -> dict[str, str]:
+        """Path -> blob id of every file of every commit (a path changed later keeps one blob).
+
+        Commit by commit, not `rev-list --objects`: that names each blob once, under one path,
+        so two files with the same bytes would be one.
+        """
+        files: dict[str, str] = {}
+        for commit in self._git("rev-list", "--all").decode().split():
+            for entry in self._git("ls-tree", "-r", "-z", commit).decode().split("\0"):
+                if not entry:
+                    continue
+                meta, path = entry.split("\t", 1)  # <mode> <type> <id>\t<path>, unquoted (-z)
+                _mode, kind, blob = meta.split()
+                if kind == "blob":
+                    files.setdefault(path, blob)
+        return files
+
+    def read_blobs(self, blob_ids: Sequence[str]) -> Iterator[bytes]:
+        """The blobs' contents in order, from one `git cat-file --batch` (not one git a file)."""
+        request = "".join(f"{blob}\n" for blob in blob_ids).encode()
+        answer = io.BytesIO(self._git("cat-file", "--batch", stdin=request))
+        for _ in blob_ids:
+            header = answer.readline().split()  # <id> blob <size>, or <id> missing
+            if len(header) != 3:
+                raise SystemExit(f"{self.root}: git object {header[0].decode()} is missing")
+            yield answer.read(int(header[2]))
+            answer.readline()
+
+    def _git(self, *args: str, stdin: bytes | None = None) -> bytes:
         return subprocess.run(
-            ["git", "--git-dir", str(self.root), *args], check=True, capture_output=True
+            ["git", "--git-dir", str(self.git_dir), *args],
+            check=True,
+            capture_output=True,
+            input=stdin,
         ).stdout
 
 
@@ -165,6 +207,46 @@ def build_gz2(repo: Path, out: Path, size: int) -> list[Path]:
             raise SystemExit(f"{repo}: no images under data/galaxies/{split}/")
         written.append(write_set(out / name, rows, info))
     return written
+
+
+def gz2_history_labels(reader: TreeReader) -> dict[str, tuple[int, str, str]]:
+    """GalaxyID -> (label, blob id, path) for every image ever under a spirals/non_spirals folder.
+
+    A galaxy's image was committed under several paths (and re-encoded, same pixels) as the
+    repository was reorganised; the folder name is its label wherever it sits. A galaxy found
+    under both labels would be dropped (none is, in the repository's history).
+    """
+    found: dict[str, tuple[int, str, str]] = {}
+    clashing: set[str] = set()
+    for path, blob in sorted(reader.history().items()):
+        label = GZ2_FOLDERS.get(Path(path).parent.name)
+        if label is None or not path.lower().endswith(".jpg"):
+            continue
+        galaxy = Path(path).stem
+        if galaxy in found and found[galaxy][0] != label:
+            clashing.add(galaxy)
+        found.setdefault(galaxy, (label, blob, path))
+    return {galaxy: entry for galaxy, entry in found.items() if galaxy not in clashing}
+
+
+def build_gz2_all(repo: Path, out: Path, size: int) -> list[Path]:
+    reader = TreeReader(repo)
+    held_out = {
+        Path(path).stem
+        for folder in GZ2_FOLDERS
+        for path in reader.list(f"data/galaxies/validation/{folder}")
+    }
+    labels = gz2_history_labels(reader)
+    kept = sorted((g for g in labels if g not in held_out), key=int)
+    if not kept:
+        raise SystemExit(f"{repo}: no labelled images in its git history")
+    blobs = reader.read_blobs([labels[g][1] for g in kept])
+    rows = [
+        Row(to_square(Image.open(io.BytesIO(data)), size, GZ2_CROP), labels[g][0], labels[g][2])
+        for g, data in zip(kept, blobs, strict=True)
+    ]
+    info = SetInfo("gz2-sdss-all", GZ2_CLASSES, GZ2_ALL_ORIGIN, GZ2_LICENCE, GZ2_MAPPING)
+    return [write_set(out / "gz2_sdss_all_train.h5", rows, info)]
 
 
 def decals_rows(folder: Path, size: int) -> Iterator[Row]:
@@ -204,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         print("gz2-sdss skipped: give --cosmic-compendium", file=sys.stderr)
     else:
         written += build_gz2(args.cosmic_compendium, args.out, args.size)
+        if TreeReader(args.cosmic_compendium).has_history:
+            written += build_gz2_all(args.cosmic_compendium, args.out, args.size)
+        else:
+            print("gz2-sdss-all skipped: --cosmic-compendium has no git history", file=sys.stderr)
     for path in written:
         with h5py.File(path, "r") as handle:
             counts = np.bincount(handle["ans"][()], minlength=len(handle.attrs["class_names"]))

@@ -2,12 +2,15 @@
 
 `auto` is decided from mocked CPU flags, package presence and NVIDIA driver; the openvino engine
 itself runs where the package is installed and the CPU has bf16 units (skipped otherwise, with the
-reason), including its parity refusal on a model whose answers bf16 cannot keep.
+reason), including its parity refusal on a model whose answers bf16 cannot keep, the card's sample
+images it checks parity on (synthetic ones where the file has none or bad ones) and the cache of
+its parity result.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import json
 import logging
@@ -22,9 +25,15 @@ from onnx import numpy_helper
 from galmorph.cli import build_parser
 from galmorph.cli import main as galmorph_main
 from galmorph.core.modelfile import engine_choice, openvino_engine
+from galmorph.core.modelfile.contract import (
+    MAX_SAMPLE_IMAGES,
+    SAMPLE_IMAGES_KEY,
+    encode_sample_images,
+)
 from galmorph.core.modelfile.engine import CPU_PROVIDER, CUDA_PROVIDER, ModelLoadError, OnnxModel
 from galmorph.core.modelfile.engine_choice import ENGINES, open_model
 from galmorph.core.modelfile.openvino_engine import (
+    PARITY_CACHE_ENV,
     PARITY_TOLERANCE,
     EngineUnavailable,
     OpenVinoModel,
@@ -299,3 +308,164 @@ def test_files_exported_in_another_precision_stay_on_onnxruntime(tmp_path: Path)
     with pytest.raises(EngineUnavailable, match=r"runs fp32 files in bf16; .* is int8"):
         open_model(path, engine="openvino", intra_op_threads=1)
     assert open_model(path, engine="auto", intra_op_threads=1).engine == "onnxruntime"
+
+
+# --- the card's sample images -------------------------------------------------------------------
+
+SAMPLES = np.random.default_rng(7).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+
+
+def _with_samples(tmp_path: Path, value: str, name: str = "samples.onnx") -> Path:
+    return write_model(
+        tmp_path / name,
+        FactoryModel(ood_threshold=0.5, metadata_overrides={SAMPLE_IMAGES_KEY: value}),
+    )
+
+
+def _png_entry(image: np.ndarray) -> str:
+    return str(json.loads(encode_sample_images(image[None]))[0])
+
+
+def _grey_png(size: int) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (size, size)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+MALFORMED = {
+    "wrong size": encode_sample_images(np.zeros((8, 32, 64, 3), np.uint8)),
+    "garbage": "{not json",
+    "1000 entries": json.dumps([_png_entry(SAMPLES[0])] * 1000),
+    "not a png": json.dumps(["aGVsbG8gd29ybGQ="] * 8),
+    "grey": json.dumps([_png_entry(SAMPLES[0])] * 7 + [_grey_png(64)]),
+    "truncated": json.dumps(
+        [base64.b64encode(base64.b64decode(_png_entry(SAMPLES[0]))[:99]).decode()]
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(MALFORMED))
+def test_a_file_with_bad_samples_loads_with_one_warning_and_no_samples(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _with_samples(tmp_path, MALFORMED[damage])
+    with caplog.at_level(logging.WARNING):
+        model = open_model(path, engine="onnxruntime", intra_op_threads=1)
+    assert model.sample_images is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"metadata {SAMPLE_IMAGES_KEY} ignored: " in warnings[0]
+    assert str(path) in warnings[0] and "\n" not in warnings[0]
+    assert model.predict(SAMPLES[:2]).shape == (2, 10)
+
+
+def test_samples_are_checked_against_the_limits_before_decoding(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _with_samples(tmp_path, encode_sample_images(SAMPLES))
+    loaded = OnnxModel(path, providers=[CPU_PROVIDER], intra_op_threads=1).sample_images
+    assert loaded is not None and np.array_equal(loaded, SAMPLES)  # PNG is lossless
+    too_many = np.concatenate([SAMPLES] * 3)[: MAX_SAMPLE_IMAGES + 1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        path = _with_samples(tmp_path, encode_sample_images(too_many), "many.onnx")
+        assert OnnxModel(path, providers=[CPU_PROVIDER], intra_op_threads=1).sample_images is None
+    assert f"{MAX_SAMPLE_IMAGES + 1} images, more than {MAX_SAMPLE_IMAGES}" in caplog.text
+
+
+@OPENVINO_RUNS
+def test_openvino_checks_parity_on_the_card_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _with_samples(tmp_path, encode_sample_images(SAMPLES))
+    checked: list[np.ndarray] = []
+    measure = OpenVinoModel._max_abs_diff
+
+    def spy(self: OpenVinoModel, images: np.ndarray) -> float:
+        checked.append(images)
+        return measure(self, images)
+
+    monkeypatch.setattr(OpenVinoModel, "_max_abs_diff", spy)
+    model = open_model(path, engine="openvino", intra_op_threads=1)
+    assert model.engine_report()["parity_images"] == "8 card samples"
+    assert len(checked) == 1 and np.array_equal(checked[0], SAMPLES)
+
+
+@OPENVINO_RUNS
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [(None, "the file has no samples"), (MALFORMED["wrong size"], "its samples are malformed")],
+)
+def test_openvino_falls_back_to_synthetic_images(
+    tmp_path: Path, model_path: Path, value: str | None, words: str
+) -> None:
+    path = model_path if value is None else _with_samples(tmp_path, value)
+    model = open_model(path, engine="openvino", intra_op_threads=1)
+    assert model.engine_report()["parity_images"] == f"8 synthetic: {words}"
+
+
+@OPENVINO_RUNS
+def test_the_refusal_says_which_images_it_was_measured_on(
+    fragile_path: Path, tmp_path: Path
+) -> None:
+    fragile = onnx.load(str(fragile_path))
+    entry = fragile.metadata_props.add()
+    entry.key, entry.value = SAMPLE_IMAGES_KEY, encode_sample_images(SAMPLES)
+    path = tmp_path / "fragile_samples.onnx"
+    onnx.save(fragile, str(path))
+    with pytest.raises(EngineUnavailable, match=r"\(> 0.01\) on 8 card samples$"):
+        open_model(path, engine="openvino", intra_op_threads=1)
+    with pytest.raises(EngineUnavailable, match=r"on 8 synthetic: the file has no samples$"):
+        open_model(fragile_path, engine="openvino", intra_op_threads=1)
+
+
+# --- the parity cache ---------------------------------------------------------------------------
+
+
+@OPENVINO_RUNS
+def test_the_parity_result_is_cached_per_file_openvino_and_cpu(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PARITY_CACHE_ENV, str(tmp_path / "cache"))
+    first = open_model(model_path, engine="openvino", intra_op_threads=1)
+    assert first.engine_report()["parity_cached"] is False
+    (entry,) = (tmp_path / "cache").iterdir()
+
+    def no_run(self: OpenVinoModel, images: np.ndarray) -> float:
+        raise AssertionError("parity ran although its result is cached")
+
+    monkeypatch.setattr(OpenVinoModel, "_max_abs_diff", no_run)
+    again = open_model(model_path, engine="openvino", intra_op_threads=1)
+    assert again.engine_report()["parity_cached"] is True
+    assert again.parity_max_abs_diff == first.parity_max_abs_diff
+    assert again.parity_source == first.parity_source
+    # Another CPU is another key: the check runs (and here, refuses to be skipped).
+    monkeypatch.setattr(openvino_engine, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    with pytest.raises(AssertionError, match="parity ran"):
+        open_model(model_path, engine="openvino", intra_op_threads=1)
+    monkeypatch.undo()
+    monkeypatch.setenv(PARITY_CACHE_ENV, str(tmp_path / "cache"))
+    # The tolerance applies to a cached difference too; a damaged entry is measured again.
+    record = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**record, "max_abs_diff": 0.5}))
+    with pytest.raises(EngineUnavailable, match=r"by 0.5000 .* \(cached in "):
+        open_model(model_path, engine="openvino", intra_op_threads=1)
+    entry.write_text("{damaged")
+    model = open_model(model_path, engine="openvino", intra_op_threads=1)
+    assert model.engine_report()["parity_cached"] is False
+    assert json.loads(entry.read_text())["max_abs_diff"] == record["max_abs_diff"]
+
+
+@OPENVINO_RUNS
+def test_an_unwritable_cache_only_means_the_check_runs_each_time(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(PARITY_CACHE_ENV, str(blocker / "cache"))  # under a file: cannot exist
+    for _ in range(2):
+        model = open_model(model_path, engine="openvino", intra_op_threads=1)
+        assert model.engine_report()["parity_cached"] is False

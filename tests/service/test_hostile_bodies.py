@@ -11,6 +11,7 @@ one given before reading it (the server would otherwise wait for it and answer 4
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -21,12 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from galmorph.core.cutouts.limits import MIB
+from galmorph.core.cutouts.decode import sniff_format
+from galmorph.core.cutouts.formats import FITS_MAGIC, FORMATS
+from galmorph.core.cutouts.limits import MIB, CutoutError
 from galmorph.service.decoding import BodyBusyError, DecodeBusyError, MemoryBudget
 from galmorph.service.uploads import PayloadTooLargeError
 from tests.support import process_cost
+from tests.support.cutout_factory import make_grz_fits, make_png
 from tests.support.onnx_factory import FactoryModel, write_model
 from tests.support.raw_http import JUNK, Answer, exchange, junk, request_head
+from tests.support.real_data import REAL_DATA
 from tests.support.server_process import RunningServer, serve
 
 BUDGET = 64 * MIB  # the smallest budget the settings allow
@@ -216,6 +221,7 @@ def test_the_budget_counts_each_piece_of_a_chunked_body(server: RunningServer) -
     than the budget is refused once it has sent the budget's worth, not read to its end."""
 
     def pieces() -> Iterator[bytes]:
+        yield FITS_MAGIC  # a FITS start: past the format check, to the budget
         yield from (bytes(JUNK) for _ in range(100))  # 100 MiB, under max_body_bytes
 
     answer = httpx.post(f"{server.url}/classify", content=pieces(), timeout=60)
@@ -238,3 +244,81 @@ def test_bodies_and_decodes_draw_on_one_budget() -> None:
                 other(101, "request body")
         assert budget.used == 60
     assert budget.used == 0
+
+
+# A raw body is judged on its first SNIFF_BYTES: one of no cutout format is refused (415) and
+# its connection closed, however much is announced. On 8d8d00b a 50 MB junk body was read whole
+# before its 415. Each case sends the head and EARLY of the body, and the rest only if no
+# answer came within the wait: `body_sent` False is an answer given after at most EARLY bytes.
+EARLY = 64 * 1024
+JUNK_SIZE = 50_000_000
+
+
+def chunked_head(path: str) -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+
+
+def chunk(data: bytes | memoryview) -> bytes:
+    return b"%x\r\n" % len(data) + bytes(data) + b"\r\n"
+
+
+@pytest.mark.parametrize("path", ["/classify", "/classify?filename=galaxy.fits"])
+def test_a_junk_raw_body_is_415_after_its_first_bytes(server: RunningServer, path: str) -> None:
+    first = bytes(JUNK[:EARLY])
+    rest = (piece for piece in junk(JUNK_SIZE - EARLY))
+    answer = exchange(server.port, request_head(path, JUNK_SIZE) + first, rest, early_s=10)
+    assert answer.status == 415 and not answer.body_sent, answer
+    assert answer.headers["connection"] == "close"
+    # The refusal a whole-body decode gives for these bytes (named like FITS, or not).
+    filename = "galaxy.fits" if "filename" in path else None
+    with pytest.raises(CutoutError) as whole:
+        sniff_format(bytes(JUNK), filename)
+    assert answer.json()["detail"] == whole.value.message
+
+
+def test_a_chunked_junk_body_is_415_after_its_first_bytes(server: RunningServer) -> None:
+    first = chunk(JUNK[:EARLY])
+    rest = (chunk(piece) for piece in junk(JUNK_SIZE - EARLY))
+    answer = exchange(server.port, chunked_head("/classify") + first, rest, early_s=10)
+    assert answer.status == 415 and not answer.body_sent, answer
+    assert answer.headers["connection"] == "close"
+
+
+def test_a_client_streaming_a_junk_body_gets_its_415(server: RunningServer) -> None:
+    """An ordinary client that sends the whole body without waiting reads the 415, whether or
+    not the server closed before the body's end."""
+    answer = httpx.post(f"{server.url}/classify", content=junk(JUNK_SIZE), timeout=60)
+    assert answer.status_code == 415, answer.text
+    assert "unrecognised binary data" in answer.json()["detail"]
+
+
+def every_format() -> list[tuple[str, str, bytes]]:
+    """(format, case, bytes) for every registered format, real files where there are some."""
+    hst = (REAL_DATA / "hst-fits/abell_2744_spiral_galaxy_f105w.fits.gz").read_bytes()
+    real = REAL_DATA / "galaxy10-real"
+    cases = [
+        ("fits", "grz", make_grz_fits(size=64)),
+        ("fits", "fpack", make_grz_fits(size=64, fpack=True)),
+        ("fits", "hst-gzip", hst),
+        ("fits", "hst", gzip.decompress(hst)),
+        ("png", "galaxy10", (real / "class2_Round_Smooth.png").read_bytes()),
+        ("png", "under-sniff-bytes", make_png(size=(8, 8))),  # read whole, as before
+        ("jpeg", "galaxy10", (real / "sample_1_Disturbed.jpg").read_bytes()),
+    ]
+    assert {name for name, _, _ in cases} == {fmt.name for fmt in FORMATS}, "a format untested"
+    return cases
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+@pytest.mark.parametrize(
+    ("name", "data"), [pytest.param(n, d, id=f"{n}-{c}") for n, c, d in every_format()]
+)
+def test_every_supported_format_still_classifies_as_a_raw_body(
+    server: RunningServer, name: str, data: bytes, chunked: bool
+) -> None:
+    # A generator has no length: httpx sends it chunked, in pieces smaller than SNIFF_BYTES.
+    pieces = (data[i : i + 300] for i in range(0, len(data), 300))
+    content = pieces if chunked else data
+    answer = httpx.post(f"{server.url}/classify", content=content, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["preprocessing"]["format"] == name

@@ -100,6 +100,7 @@ def test_size_limit_stops_reading_the_body(server: RunningServer) -> None:
     chunked = (
         b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
+        b"9\r\nSIMPLE  =\r\n"  # a FITS start: past the format check, on to the size limit
     )
     chunk = b"10000\r\n" + b"\0" * 65536 + b"\r\n"
     sent, answer = send_until_refused(server.port, chunked, chunk, 1024)

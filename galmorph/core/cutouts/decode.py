@@ -166,7 +166,8 @@ def sniff_format(data: bytes, filename: str | None = None) -> CutoutFormat:
         return fmt
     kind = formats.identify_unsupported(data)
     if kind is None:
-        kind = "text" if _looks_like_text(data[:1024]) else "unrecognised binary data"
+        text = _looks_like_text(data[: formats.SNIFF_BYTES])
+        kind = "text" if text else "unrecognised binary data"
     named = formats.named_like(filename) if filename else None
     if named is not None:
         raise CutoutError(

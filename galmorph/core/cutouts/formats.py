@@ -15,6 +15,9 @@ from enum import StrEnum
 
 FITS_MAGIC = b"SIMPLE  ="  # plain FITS, and fpack (.fz), whose primary HDU is plain
 GZIP_MAGIC = b"\x1f\x8b"  # gzip-compressed FITS (.fits.gz)
+# The start of a file that says what it is: its magic bytes, or whether it reads as text (for
+# the refusal). The server judges a raw body on these before reading the rest of it.
+SNIFF_BYTES = 1024
 
 
 class Reader(StrEnum):
@@ -38,6 +41,8 @@ class CutoutFormat:
     def __post_init__(self) -> None:
         if not self.magics or not self.suffixes:
             raise ValueError(f"format {self.name!r} needs magic bytes and file suffixes")
+        if max(map(len, self.magics)) > SNIFF_BYTES:
+            raise ValueError(f"format {self.name!r}: magic bytes longer than SNIFF_BYTES")
         bad = [s for s in self.suffixes if not s.startswith(".") or s != s.lower()]
         if bad:
             raise ValueError(f"format {self.name!r}: suffixes must be lower case '.x': {bad}")

@@ -12,11 +12,20 @@ Linear layer) and `ood_score` float32 [N] (distance of the embedding to the trai
 above the card's `ood.threshold` the image is out of distribution). N is dynamic, H and W are
 fixed. Files made before embeddings and the OOD score existed lack those outputs: consumers key
 these features on what the file has (`ModelOutputs` fields are None).
+
+Sample images: an export with labelled images stores SAMPLE_IMAGES of its held-out images under
+SAMPLE_IMAGES_KEY (a JSON list of base64 PNGs at the input size), outside the card, so /model and
+`model inspect` never print their bytes; the openvino engine checks its bf16 answers on them.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
+import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +39,13 @@ LOGITS_NAME = "logits"
 EMBEDDINGS_NAME = "embeddings"
 OOD_SCORE_NAME = "ood_score"
 METADATA_PREFIX = "galmorph."
+SAMPLE_IMAGES_KEY = METADATA_PREFIX + "sample_images"
+# What an export stores, and the most a reader accepts: the file is semi-trusted, and more
+# images would only lengthen every load.
+SAMPLE_IMAGES = 8
+MAX_SAMPLE_IMAGES = 16
+
+logger = logging.getLogger(__name__)
 
 
 # What a model was trained on, and so what its `probabilities` are: one class per galaxy, or
@@ -113,7 +129,8 @@ class ModelCard:
         """Rebuild from metadata_props; raises ValueError naming what is missing or wrong."""
         values: dict[str, Any] = {}
         for key, raw in props.items():
-            if key.startswith(METADATA_PREFIX):
+            # The samples are no card field, and are read (or ignored) by read_sample_images.
+            if key.startswith(METADATA_PREFIX) and key != SAMPLE_IMAGES_KEY:
                 try:
                     values[key[len(METADATA_PREFIX) :]] = json.loads(raw)
                 except json.JSONDecodeError as exc:
@@ -173,3 +190,84 @@ class ModelOutputs:
             None if self.ood_score is None else self.ood_score[index],
             None if self.in_distribution is None else self.in_distribution[index],
         )
+
+
+def encode_sample_images(images: np.ndarray) -> str:
+    """uint8 RGB images (N, H, W, 3) as SAMPLE_IMAGES_KEY's value: a JSON list of base64 PNGs."""
+    from PIL import Image
+
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image, mode="RGB").save(buffer, format="PNG", optimize=True)
+        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return json.dumps(encoded)
+
+
+def read_sample_images(
+    props: Mapping[str, str], input_size: tuple[int, int], source: object = "model file"
+) -> np.ndarray | None:
+    """The file's sample images, uint8 (N, H, W, 3); None when it has none, or (with one
+    warning line naming `source`) when they break a limit: more than MAX_SAMPLE_IMAGES, or any
+    entry that is not a PNG of the input size in RGB. Every limit is checked before a pixel is
+    decoded."""
+    raw = props.get(SAMPLE_IMAGES_KEY)
+    if raw is None:
+        return None
+    try:
+        return _decode_samples(raw, input_size)
+    except ValueError as exc:
+        logger.warning("%s: metadata %s ignored: %s", source, SAMPLE_IMAGES_KEY, exc)
+        return None
+
+
+def _decode_samples(raw: str, input_size: tuple[int, int]) -> np.ndarray:
+    height, width = input_size
+    # A PNG of noise is barely larger than its pixels; base64 adds a third.
+    max_chars = 2 * height * width * 3 + 4096
+    if len(raw) > MAX_SAMPLE_IMAGES * (max_chars + 4):
+        raise ValueError(f"{len(raw)} characters, more than {MAX_SAMPLE_IMAGES} images can take")
+    try:
+        entries = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError("not valid JSON") from exc
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("not a non-empty JSON list")
+    if len(entries) > MAX_SAMPLE_IMAGES:
+        raise ValueError(f"{len(entries)} images, more than {MAX_SAMPLE_IMAGES}")
+    images = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, str) or len(entry) > max_chars:
+            raise ValueError(f"entry {index} is not a base64 string under {max_chars} characters")
+        try:
+            data = base64.b64decode(entry, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"entry {index} is not base64 ({exc})") from exc
+        images.append(_decode_png(data, index, height, width))
+    return np.stack(images)
+
+
+def _decode_png(data: bytes, index: int, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        # A semi-trusted file: whatever the decoder raises on damaged bytes (OSError,
+        # SyntaxError, zlib.error, ...) drops the samples, never the model.
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:
+        raise ValueError(f"entry {index} is not a readable PNG ({_short(exc)})") from exc
+    with image:
+        # Image.open read the header only: size and mode are checked before any decoding.
+        if image.format != "PNG" or image.size != (width, height) or image.mode != "RGB":
+            raise ValueError(
+                f"entry {index} is {image.format} {image.mode} {image.size[0]}x{image.size[1]}, "
+                f"not PNG RGB {width}x{height}"
+            )
+        try:
+            return np.asarray(image, dtype=np.uint8)
+        except Exception as exc:
+            raise ValueError(f"entry {index} is not a readable PNG ({_short(exc)})") from exc
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:120]

@@ -43,6 +43,7 @@ from galmorph.core.modelfile.contract import (
     OUTPUT_NAME,
     ModelCard,
     ModelOutputs,
+    read_sample_images,
 )
 
 logger = logging.getLogger(__name__)
@@ -332,14 +333,17 @@ class OnnxModel:
         # Why this engine runs the model; engine_choice.open_model says how `auto` decided.
         self.engine_reason = "onnxruntime asked for"
 
+        metadata = self.session.get_modelmeta().custom_metadata_map
         try:
-            self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+            self.card = ModelCard.from_metadata(metadata)
         except ValueError as exc:
             raise ModelLoadError(f"{self.path}: {exc}") from exc
         self.input_size: tuple[int, int] = (
             int(self.card.input_size[0]),
             int(self.card.input_size[1]),
         )
+        # None when the file has none, or bad ones (a warning says why; the model still loads).
+        self.sample_images = read_sample_images(metadata, self.input_size, self.path)
         self.max_batch_size = self._check_graph()
         self.output_names = self._output_names()
 
