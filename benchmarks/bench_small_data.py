@@ -360,6 +360,18 @@ def view_metrics(
     return result
 
 
+def _finished(run_dir: Path) -> bool:
+    """Whether a run folder holds a run trained to its last epoch (a run stopped early also
+    leaves model.safetensors: the trainer saves on SIGTERM)."""
+    try:
+        epochs = json.loads((run_dir / "config.json").read_text())["epochs"]
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except (OSError, KeyError, ValueError):
+        return False
+    done = [json.loads(line)["epoch"] for line in lines if '"kind": "epoch"' in line]
+    return bool(done) and done[-1] == epochs
+
+
 def recipe_member(
     args: argparse.Namespace, sets: dict, workdir: Path, data_seed: int, train_seed: int
 ) -> tuple[Path, float]:
@@ -367,7 +379,7 @@ def recipe_member(
     an earlier run in the work folder is reused (the "recipe" setting's run is member one)."""
     name = "recipe" if train_seed == data_seed else f"recipe_t{train_seed}"
     out = workdir / "runs" / f"{name}_s{data_seed}"
-    if (out / "model.safetensors").exists():
+    if _finished(out):
         return out, float("nan")
     overrides = _real_overrides(args.common, (), args.epochs)
     return train_run(RECIPE, sets["train"][data_seed], out, overrides, train_seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,16 @@ from tests.support.real_data import REAL_DATA, missing_real_files
 
 if TYPE_CHECKING:
     from tests.support.trained_model import TrainedExport
+
+
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_pretrain_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One session folder for `init_from: synthetic` starting points: each is built once per
+    session, and never in the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("synthetic_pretrain_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GALMORPH_PRETRAIN_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,24 @@ class ConfigError(ValueError):
     """A configuration value or file is wrong; the message names the key."""
 
 
+# init_from's value for the synthetic starting point (training/synthetic_pretrain.py).
+SYNTHETIC_INIT = "synthetic"
+
+
+@dataclass(frozen=True)
+class SyntheticPretrain:
+    """How `init_from: synthetic` builds its starting point; the defaults are the measured one
+    (docs/small_data.md): 6000 balanced synthetic galaxies rendered with seed 7, 3 epochs."""
+
+    images: int = 6000
+    epochs: int = 3
+    seed: int = 7  # the synthetic images' seed
+    # Filled in when the run resolves its start, so config.json and model.json name the cached
+    # folder and its key, and a resume reuses that folder instead of building again.
+    folder: str | None = None
+    key: str | None = None
+
+
 @dataclass
 class TrainConfig:
     # What to train on and where to write.
@@ -111,7 +129,10 @@ class TrainConfig:
     sam_eta: float = 0.01  # ASAM: T = |w| + eta
 
     # Fine-tuning (training/finetune.py).
-    init_from: str | None = None  # a galmorph run folder, or timm / official Astroformer weights
+    # A galmorph run folder, timm / official Astroformer weights, or "synthetic": a start
+    # trained on synthetic galaxies, built once per (model, img_size) and cached.
+    init_from: str | None = None
+    synthetic_pretrain: SyntheticPretrain = field(default_factory=SyntheticPretrain)
     freeze_stages: int = 0  # keep the stem and this many first stages frozen
     layer_decay: float = 1.0  # layer-wise lr decay; 1 = off
 
@@ -193,6 +214,7 @@ class TrainConfig:
             "needs init_from (freezing untrained stages keeps them random)",
         )
         _validate_distill(self.distill)
+        _validate_synthetic_pretrain(self.synthetic_pretrain)
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
         _validate_mixup(self.mixup)
@@ -476,6 +498,13 @@ def _validate_distill(d: DistillSettings) -> None:
     _check(d.kind in DISTILL_KINDS, "distill.kind", f"must be one of {DISTILL_KINDS}")
     _check(0 <= d.alpha <= 1, "distill.alpha", "must be in [0, 1]")
     _check(d.tau > 0, "distill.tau", "must be positive")
+
+
+def _validate_synthetic_pretrain(p: SyntheticPretrain) -> None:
+    # One galaxy of each of the 10 Galaxy10 classes at least.
+    _check(p.images >= 10, "synthetic_pretrain.images", "must be at least 10")
+    _check(p.epochs >= 1, "synthetic_pretrain.epochs", "must be at least 1")
+    _check(p.seed >= 0, "synthetic_pretrain.seed", "must be >= 0")
 
 
 def _validate_augment(a: AugmentSettings) -> None:

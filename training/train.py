@@ -47,7 +47,7 @@ from galmorph.training.augment import (
     to_uint8_nhwc,
 )
 from galmorph.training.checkpointing import Checkpointer, EpochTotals, Progress
-from galmorph.training.config import ConfigError, TrainConfig
+from galmorph.training.config import SYNTHETIC_INIT, ConfigError, TrainConfig
 from galmorph.training.dataset import (
     Batch,
     Galaxy10Dataset,
@@ -308,9 +308,10 @@ def build_model(
     frozen: list[nn.Module] = []
     try:
         if config.init_from is not None:
-            initialise_from(
-                model, config.init_from, model_name=spec.name, class_names=spec.class_names
-            )
+            source = config.init_from
+            if source == SYNTHETIC_INIT:
+                source = _synthetic_start(config)
+            initialise_from(model, source, model_name=spec.name, class_names=spec.class_names)
         frozen = freeze_stages(model, config.freeze_stages)
     except InitError as exc:
         raise ConfigError(str(exc)) from exc
@@ -335,6 +336,17 @@ def build_model(
         precision=precision,
         frozen=frozen,
     )
+
+
+def _synthetic_start(config: TrainConfig) -> str:
+    """The cached folder `galmorph train` resolved init_from: synthetic to (it builds it
+    there, training/synthetic_pretrain.py, as building it here would import this module)."""
+    if config.synthetic_pretrain.folder is None:
+        raise ConfigError(
+            "config key 'init_from' is 'synthetic' but no starting point was resolved: call "
+            "galmorph.training.synthetic_pretrain.resolve_start(config) first (galmorph train does)"
+        )
+    return config.synthetic_pretrain.folder
 
 
 def build_optimisation(

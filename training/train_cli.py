@@ -110,10 +110,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--init-from",
-        metavar="RUN|WEIGHTS",
+        metavar="RUN|WEIGHTS|synthetic",
         help="start from a galmorph run folder or timm/official Astroformer weights "
         "(.safetensors/.pth); the classifier is re-initialised when the classes differ "
-        "(see also freeze_stages, layer_decay)",
+        "(see also freeze_stages, layer_decay). 'synthetic': a start trained on synthetic "
+        "galaxies with the small-data recipe, built once per model and size and cached "
+        "($GALMORPH_PRETRAIN_CACHE, else ~/.cache/galmorph/synthetic-pretrain; "
+        "synthetic_pretrain.images/epochs/seed)",
     )
     train.add_argument(
         "--teacher",
@@ -195,6 +198,7 @@ def _names(text: str) -> tuple[str, ...]:
 def run_train(args: argparse.Namespace) -> int:
     from galmorph.training.config import ConfigError, load_config
     from galmorph.training.reporting import CONFIG_FILE
+    from galmorph.training.synthetic_pretrain import resolve_start
     from galmorph.training.train import TrainingInterrupted, train
 
     config_path = args.config
@@ -216,6 +220,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.resume and config.class_names is None:
             config = replace(config, class_names=_saved_class_names(saved))
         config.validate()
+        config = resolve_start(config)  # init_from: synthetic -> its cached folder, built once
         run_dir = train(config, resume=args.resume)
     except ConfigError as exc:  # also what a resume or the data file finds wrong
         logger.error("%s", exc)

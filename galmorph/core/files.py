@@ -76,3 +76,10 @@ def durable_replace(source: StrPath, target: StrPath) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def user_cache_dir(name: str) -> Path:
+    """galmorph's folder `name` in the user's cache: $XDG_CACHE_HOME/galmorph/NAME, else
+    ~/.cache/galmorph/NAME (each cache's own environment override is checked by its caller)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "galmorph" / name

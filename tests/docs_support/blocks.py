@@ -19,6 +19,8 @@ ports and addresses change (`adapt`), so each difference from what a user types 
 | `curl` | `--fail-with-body`: an HTTP error fails the block instead of printing a JSON error |
 | `/shared/...` | `shared/...` in the document's folder |
 
+`TINY_TRAIN` also shrinks an `init_from: synthetic` start to 40 images and 1 epoch.
+
 A `console` block runs its `$ ` lines (continuation lines included); what follows them is
 the expected output, shown to readers and not compared (it holds hashes, times and hosts).
 """
@@ -50,6 +52,8 @@ TINY_TRAIN = (
     *("--set", "img_size=32", "--set", "epochs=1", "--set", "warmup_epochs=0"),
     *("--set", "batch_size=16"),
     *("--set", "num_workers=0", "--set", "threads=1", "--set", "progress=false"),
+    # init_from: synthetic builds a seconds-long start (cached per session, tests/conftest.py).
+    *("--set", "synthetic_pretrain.images=40", "--set", "synthetic_pretrain.epochs=1"),
 )
 DOCS_PORT = 8000
 

@@ -88,11 +88,12 @@ def doc_folders(
     tmp_path_factory: pytest.TempPathFactory, docs_stand_ins: Path
 ) -> Iterator[dict[str, DocFolder]]:
     folders: dict[str, DocFolder] = {}
-    # GALMORPH_ENGINE stays: tests/conftest.py pins the fp32 engine the answers are checked with.
+    # GALMORPH_ENGINE stays: tests/conftest.py pins the fp32 engine the answers are checked with;
+    # GALMORPH_PRETRAIN_CACHE too: the session's synthetic starting points, not ~/.cache.
     environment = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("GALMORPH_") or k == "GALMORPH_ENGINE"
+        if not k.startswith("GALMORPH_") or k in ("GALMORPH_ENGINE", "GALMORPH_PRETRAIN_CACHE")
     }
     environment.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}",

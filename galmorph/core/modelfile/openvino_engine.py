@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from galmorph.core.cpu import CPU_BF16_FLAGS, cpu_bf16_flags, cpu_flags
-from galmorph.core.files import atomic_write_text
+from galmorph.core.files import atomic_write_text, user_cache_dir
 from galmorph.core.modelfile.contract import INPUT_NAME, OUTPUT_NAME, SAMPLE_IMAGES_KEY
 from galmorph.core.modelfile.engine import (
     CPU_PROVIDER,
@@ -107,8 +107,7 @@ def parity_cache_dir() -> Path | None:
         return None
     if explicit:
         return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "galmorph" / "openvino-parity"
+    return user_cache_dir("openvino-parity")
 
 
 class ParityCache:
