@@ -450,9 +450,10 @@ def accuracy(seeds: int, epochs: int, workdir: Path) -> dict[str, Any]:
 def _train_and_evaluate(data: Path, test: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
     from galmorph.training.config import load_config
     from galmorph.training.evaluate import EvaluationRequest, evaluate
+    from galmorph.training.synthetic_pretrain import resolve_start
     from galmorph.training.train import train
 
-    config = load_config(RECIPE, overrides, data=str(data), out=str(out))
+    config = resolve_start(load_config(RECIPE, overrides, data=str(data), out=str(out)))
     started = time.perf_counter()
     run_dir = train(config)
     result: dict[str, Any] = {"train_seconds": round(time.perf_counter() - started, 1)}
