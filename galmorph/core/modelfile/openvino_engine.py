@@ -30,6 +30,7 @@ version, CPU flags) in parity_cache_dir(); the tolerance is applied to the cache
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -169,6 +170,15 @@ def parity_images(height: int, width: int) -> np.ndarray:
     return np.stack(images).astype(np.uint8)
 
 
+@functools.cache
+def _core() -> Any:
+    """One OpenVINO Core for the process: each Core loads its own plugins and thread pools,
+    and a process that made one per model load (the test suite) crashed later (SIGSEGV)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoModel(OnnxModel):
     """The model compiled by OpenVINO for the CPU in bf16: OnnxModel's interface (run,
     predict, card, output_names), checked against onnxruntime fp32 at load."""
@@ -210,7 +220,7 @@ class OpenVinoModel(OnnxModel):
             "INFERENCE_NUM_THREADS": intra_op_threads or 0,
         }
         try:
-            self.compiled = ov.Core().compile_model(str(self.graph_file), "CPU", config)
+            self.compiled = _core().compile_model(str(self.graph_file), "CPU", config)
         except RuntimeError as exc:
             raise EngineUnavailable(
                 f"openvino cannot compile {self.path}: {' '.join(str(exc).split())[:300]}"
