@@ -36,6 +36,8 @@ from pathlib import Path
 from sybil import Document, Example
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
 
+from tests.support.training_helpers import TINY_SYNTHETIC_START
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = (
     "README.md",
@@ -53,7 +55,7 @@ TINY_TRAIN = (
     *("--set", "batch_size=16"),
     *("--set", "num_workers=0", "--set", "threads=1", "--set", "progress=false"),
     # init_from: synthetic builds a seconds-long start (cached per session, tests/conftest.py).
-    *("--set", "synthetic_pretrain.images=40", "--set", "synthetic_pretrain.epochs=1"),
+    *TINY_SYNTHETIC_START,
 )
 DOCS_PORT = 8000
 

@@ -33,6 +33,7 @@ from tests.support.sky_stub import SkyStub
 from tests.support.training_helpers import (
     FOUR_CLASSES,
     REPO_ROOT,
+    TINY_SYNTHETIC_START,
     child_env,
     four_class_file,
     galmorph_command,
@@ -42,7 +43,7 @@ from tests.support.training_helpers import (
 # The recipe as the README types it; the sizes are the only change (a test budget, not a recipe).
 SMALL = ("--model", "gm_astroformer_tiny", "--set", "epochs=3", "--set", "img_size=64")
 # When the recipe starts from the synthetic point: a seconds-long one (tests/conftest.py caches it).
-SMALL += ("--set", "synthetic_pretrain.images=40", "--set", "synthetic_pretrain.epochs=1")
+SMALL += TINY_SYNTHETIC_START
 REAL_PNGS = sorted((REPO_ROOT / "tests/data/galaxy10-real").glob("*.png"))
 # The galaxies themselves, not the error map or the PSF.
 REAL_FITS = sorted((REPO_ROOT / "tests/data/hst-fits").glob("abell_2744_*_galaxy_f105w.fits.gz"))

@@ -33,6 +33,7 @@ from tests.support.server_process import free_port, serve
 from tests.support.training_helpers import (
     FOUR_CLASSES,
     REPO_ROOT,
+    TINY_SYNTHETIC_START,
     child_env,
     four_class_file,
     make_synthetic,
@@ -44,7 +45,7 @@ RECIPE = (
     *("--config", str(REPO_ROOT / "configs/small_data.yaml"), "--model", "gm_astroformer_tiny"),
     *("--set", "img_size=32", "--set", "epochs=1", "--set", "warmup_epochs=0"),
     *("--set", "batch_size=16", "--set", "threads=1", "--set", "progress=false"),
-    *("--set", "synthetic_pretrain.images=40", "--set", "synthetic_pretrain.epochs=1"),
+    *TINY_SYNTHETIC_START,
 )
 CLASS_NAMES = ("--class-names", ",".join(FOUR_CLASSES))
 FAST_EXPORT = ("--threads", "1", "--fit-count", "100")

@@ -23,6 +23,10 @@ def make_synthetic(path: Path, n: int, seed: int = 0) -> Path:
 
 
 FOUR_CLASSES = ("elliptical", "spiral", "edge-on", "merger")
+# `init_from: synthetic` shrunk to seconds, for tests that run the small-data recipe.
+TINY_SYNTHETIC_START = (
+    *("--set", "synthetic_pretrain.images=40", "--set", "synthetic_pretrain.epochs=1"),
+)
 
 
 def four_class_file(path: Path, source: Path, names: tuple[str, ...] | None) -> Path:

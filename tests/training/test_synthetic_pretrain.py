@@ -16,6 +16,7 @@ from galmorph.training.train import Trainer, train
 from tests.support.training_helpers import (
     FOUR_CLASSES,
     REPO_ROOT,
+    TINY_SYNTHETIC_START,
     child_env,
     four_class_file,
     galmorph_command,
@@ -30,7 +31,7 @@ TINY = (
     *("--config", str(REPO_ROOT / "configs/small_data.yaml"), "--model", "gm_astroformer_tiny"),
     *("--set", "img_size=32", "--set", "epochs=1", "--set", "warmup_epochs=0"),
     *("--set", "batch_size=16", "--set", "threads=1", "--set", "progress=false"),
-    *("--set", "synthetic_pretrain.images=40", "--set", "synthetic_pretrain.epochs=1"),
+    *TINY_SYNTHETIC_START,
 )
 BUILDING = "building the synthetic starting point once"
 
