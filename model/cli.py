@@ -99,10 +99,21 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
         "saw: all its rows then set the temperature and the threshold. The export checks "
         "onnxruntime against PyTorch (max |dp| <= 1e-4, same argmax in fp32) and writes nothing "
         "if they disagree. Models over 2 GiB are written as a folder (model.onnx + "
-        "model.onnx.data) that serve, score and Classifier load like a file.",
+        "model.onnx.data) that serve, score and Classifier load like a file. Several run "
+        "folders (the same model, data and split trained with different --seed values) are "
+        "exported as one seed ensemble: one file whose probabilities are the mean of theirs; "
+        "the first run's training file and split are used as for one run.",
     )
-    export.add_argument("run_dir", type=Path, help="run folder holding model.safetensors/.json")
-    export.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/model.onnx")
+    export.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run folder holding model.safetensors/.json (several: a seed ensemble)",
+    )
+    export.add_argument(
+        "--out", type=Path, default=None, help="default: RUN_DIR/model.onnx (one run)"
+    )
     export.add_argument(
         "--opset",
         type=int,
@@ -144,7 +155,8 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
         "--metrics",
         type=Path,
         help="JSON file of evaluation metrics to store in the metadata "
-        "(default: RUN_DIR/evaluation.json, written by `galmorph evaluate`, when it exists)",
+        "(default for one run: RUN_DIR/evaluation.json, written by `galmorph evaluate`, when "
+        "it exists; an ensemble's are its own: evaluate the exported file)",
     )
     _add_fit_arguments(export)
     export.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
@@ -316,20 +328,27 @@ def _bands(bands: dict[str, str]) -> str:
 @with_library_defaults
 def _export(args: argparse.Namespace) -> int:
     from galmorph.model.checkpoint import CheckpointError, load_spec
+    from galmorph.model.ensemble import load_ensemble
     from galmorph.model.export import export_model
     from galmorph.model.sample_images import load_images
 
+    args.run_dir = args.run_dirs[0]  # an ensemble's data, split and training file: the first's
+    ensemble = len(args.run_dirs) > 1
     try:
-        spec = load_spec(args.run_dir)
+        spec = load_ensemble(args.run_dirs)[1] if ensemble else load_spec(args.run_dir)
     except CheckpointError as exc:
-        print(
-            f"galmorph export: {exc} (is {args.run_dir} a finished training run?)", file=sys.stderr
-        )
+        runs = "are they finished training runs" if ensemble else f"is {args.run_dir} one"
+        print(f"galmorph export: {exc} ({runs}?)", file=sys.stderr)
+        return 2
+    if ensemble and args.out is None:
+        print("galmorph export: an ensemble of runs needs --out FILE.onnx", file=sys.stderr)
         return 2
     out = args.out or args.run_dir / "model.onnx"
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
-    metrics_path = args.metrics or args.run_dir / "evaluation.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    metrics_path = args.metrics or (None if ensemble else args.run_dir / "evaluation.json")
+    metrics = None
+    if metrics_path is not None and metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
 
     parity_images = None
     if args.parity_data:
@@ -342,7 +361,7 @@ def _export(args: argparse.Namespace) -> int:
 
     calib_images, eval_images, eval_labels = _int8_images(args, spec)
     report = export_model(
-        args.run_dir,
+        args.run_dirs,
         out,
         opset=args.opset,
         parity_images=parity_images,

@@ -40,6 +40,7 @@ as the file's sample images, `pick_samples`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -76,7 +77,8 @@ from galmorph.core.modelfile.contract import (
     encode_sample_images,
 )
 from galmorph.core.version import __version__
-from galmorph.model.checkpoint import ModelSpec, load_model
+from galmorph.model.checkpoint import CheckpointError, ModelSpec, load_model
+from galmorph.model.ensemble import load_ensemble
 from galmorph.model.head import PreLogitsModel
 from galmorph.model.preprocess import ImagePreprocess
 
@@ -86,6 +88,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# One run folder, or several exported as one seed ensemble.
+RunDirs = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 # Tolerance on probabilities for the export to pass. fp16 rounds activations to 11 bits;
 # int8 is judged by the accuracy change on held-out images instead (recorded, not enforced).
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3}
@@ -135,7 +139,7 @@ def export_onnx(
 
 
 def export_model(
-    run_dir: str | os.PathLike[str],
+    run_dir: RunDirs,
     out_path: str | os.PathLike[str],
     *,
     opset: int = 20,
@@ -152,7 +156,8 @@ def export_model(
     seed: int = 0,
 ) -> ExportReport:
     """Checkpoint (model.safetensors + model.json) -> verified ONNX model at out_path (a file,
-    or a folder when the weights exceed 2 GiB).
+    or a folder when the weights exceed 2 GiB). Several run folders: one file answering with
+    the mean of their probabilities (a seed ensemble, galmorph.model.ensemble).
 
     parity_images: real uint8 NHWC images at the model's input size, checked in addition to
     random ones. int8 needs calib_images (static QDQ calibration) and eval_images/eval_labels
@@ -237,10 +242,11 @@ class Source:
     spec: ModelSpec
     targets: str  # what the run was trained on: "labels" or "votes" (its config.json)
     external: bool  # weights over protobuf's 2 GiB limit: the model is written as a folder
+    members: int = 1  # runs averaged (galmorph.model.ensemble); 1: a single run
 
 
 def resolve(
-    run_dir: str | os.PathLike[str],
+    run_dir: RunDirs,
     precision: str = "fp32",
     *,
     images: Mapping[str, np.ndarray | None] | None = None,
@@ -249,8 +255,16 @@ def resolve(
 ) -> Source:
     """The checkpoint loaded (CheckpointError when missing or damaged) and every input checked
     against it before anything is traced or written; `images`: uint8 image sets by what they
-    are for (parity, calibration, evaluation), None where not given."""
-    model, spec = load_model(run_dir)
+    are for (parity, calibration, evaluation), None where not given. Several run folders
+    are exported as one seed ensemble (galmorph.model.ensemble.load_ensemble)."""
+    run_dirs = _run_dirs(run_dir)
+    if len(run_dirs) == 1:
+        model, spec = load_model(run_dirs[0])
+    else:
+        model, spec = load_ensemble(run_dirs)
+    targets = {_run_targets(Path(d)) for d in run_dirs}
+    if len(targets) > 1:
+        raise CheckpointError(f"the runs were trained on different targets: {sorted(targets)}")
     for what, given in (images or {}).items():
         if given is not None:
             _check_images(given, spec.img_size, what)
@@ -261,7 +275,13 @@ def resolve(
     external = _needs_external_data(model, precision)
     if external and precision == "int8":
         raise ExportError("int8 export of a model over 2 GiB is not supported; use fp16")
-    return Source(model, spec, _run_targets(Path(run_dir)), external)
+    return Source(model, spec, targets.pop(), external, len(run_dirs))
+
+
+def _run_dirs(run_dir: RunDirs) -> list[str | os.PathLike[str]]:
+    if isinstance(run_dir, str | os.PathLike):
+        return [run_dir]
+    return list(run_dir)
 
 
 def _check_images(images: np.ndarray, size: int, what: str) -> None:
@@ -617,7 +637,16 @@ def make_card(
     """The exported file's card: the checkpoint's, with what the run was trained on and what the
     export fitted; explicit metrics override the spec's."""
     card = build_card(source.spec, precision=precision, metrics=metrics)
-    return replace(card, targets=source.targets, calibration=fitted.calibration, ood=fitted.ood)
+    model_config = card.model_config
+    if source.members > 1:
+        model_config = {**model_config, "ensemble_members": source.members}
+    return replace(
+        card,
+        targets=source.targets,
+        calibration=fitted.calibration,
+        ood=fitted.ood,
+        model_config=model_config,
+    )
 
 
 def pick_samples(fit_images: FitImages, seed: int = 0) -> np.ndarray:
@@ -703,7 +732,7 @@ def build_graphs(
     reference = graph(source.model, spec.mean, spec.std).eval()
     if precision != "fp16":
         return reference, reference
-    twin = _copy_model(spec, source.model)
+    twin = _copy_model(source.model)
     return reference, graph(twin, spec.mean, spec.std, compute_dtype=torch.float16).eval()
 
 
@@ -720,11 +749,10 @@ def trace(
     return candidate
 
 
-def _copy_model(spec: ModelSpec, model: nn.Module) -> nn.Module:
-    """A second instance with the same weights (the fp16 graph must not touch the reference)."""
-    twin = spec.build()
-    twin.load_state_dict(model.state_dict())
-    return twin.eval()
+def _copy_model(model: nn.Module) -> nn.Module:
+    """A second instance with the same weights (the fp16 graph must not touch the reference);
+    a copy of the module itself, as a seed ensemble has no one registry entry to rebuild."""
+    return copy.deepcopy(model).eval()
 
 
 def _output_names(graph_module: nn.Module) -> list[str]:

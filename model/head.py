@@ -11,13 +11,14 @@ from torch import nn
 
 class PreLogitsModel(Protocol):
     """What every registered model offers besides forward: its pre-logit representation (the
-    embeddings the export puts in the graph) and the last Linear layer that reads it, with
+    embeddings the export puts in the graph) and the layer that reads it (a Linear layer; for
+    a seed ensemble, galmorph.model.ensemble, its members' heads), with
     forward(x) == classifier(forward_pre_logits(x)) in eval mode."""
 
     def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor: ...
 
     @property
-    def classifier(self) -> nn.Linear: ...
+    def classifier(self) -> nn.Module: ...
 
 
 class NormMlpHead(nn.Module):

@@ -612,7 +612,8 @@ def test_train_image_runs_download_train_evaluate_export(tmp_path: Path) -> None
     assert (str(parsed[1].data), str(parsed[1].out)) == (data_file, run_dir)
     assert parsed[1].model == "astroformer_4"
     assert (str(parsed[2].model), parsed[2].split) == (run_dir, "test")
-    assert (str(parsed[3].run_dir), str(parsed[3].parity_data)) == (run_dir, data_file)
+    assert [str(run) for run in parsed[3].run_dirs] == [run_dir]
+    assert str(parsed[3].parity_data) == data_file
     assert Path(parsed[3].out).parent == models, "export stages on the models volume"
     # Published by rename: only the final file is left on the models volume.
     assert sorted(path.name for path in models.iterdir()) == ["model.onnx"]

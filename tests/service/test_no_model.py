@@ -131,6 +131,6 @@ def test_without_compose_the_commands_are_galmorph_commands(tmp_path: Path) -> N
     parsed = [parser.parse_args(shlex.split(line)[1:]) for line in commands]
     # Each step reads what the one before wrote, and export writes where serve looks.
     assert Path(parsed[1].data).parent == Path(parsed[0].out)
-    assert parsed[2].run_dir == parsed[1].out
+    assert parsed[2].run_dirs == [parsed[1].out]
     assert Path(parsed[2].out) == model
     assert "docker compose" not in text
