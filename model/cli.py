@@ -263,9 +263,13 @@ def _inspect(args: argparse.Namespace) -> int:
     height, width = card.input_size
     fov_h, fov_w = card.field_of_view
     metrics = card.metrics
+    members = card.model_config.get("ensemble_members")
+    name = (
+        f"{card.model_name} x {members} runs (mean probabilities)" if members else card.model_name
+    )
     rows = [
         ("file", f"{args.model} (sha256 {model.sha256[:12]})"),
-        ("model", f"{card.model_name}, {card.precision}, galmorph {card.package_version}"),
+        ("model", f"{name}, {card.precision}, galmorph {card.package_version}"),
         ("created", card.created or "unknown"),
         ("classes", f"{card.num_classes}: {', '.join(card.class_names)}"),
         ("input", f"{height}x{width} RGB uint8, resized with {card.interpolation}"),

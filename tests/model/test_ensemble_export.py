@@ -97,6 +97,8 @@ def test_exported_ensemble_is_the_mean_of_the_members_exports(
         atol=1e-4,
     )
     assert both.card.model_config["ensemble_members"] == 2
+    assert main(["model", "inspect", str(out)]) == 0
+    assert "gm_astroformer_tiny x 2 runs (mean probabilities), fp32" in capsys.readouterr().out
     # A member's evaluation.json is not the ensemble's: none is stored by default.
     assert both.card.metrics == {}
     capsys.readouterr()

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from galmorph.core.data.galaxy10 import Galaxy10File
-from tests.training.test_small_data import _build_real_sets
+from tests.support.real_data import build_real_sets_module
 
 BRIGHT, DARK = 200, 50  # spirals/ images are bright, non_spirals/ dark, so a label can be checked
 
@@ -64,7 +64,7 @@ def test_gz2_all_takes_every_labelled_image_of_the_history_but_the_test_split(
     _cosmic_like_history(repo)
     bare = tmp_path / "cosmic.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True)
-    build = _build_real_sets()
+    build = build_real_sets_module()
     for source, out in ((repo, tmp_path / "from_tree"), (bare, tmp_path / "from_bare")):
         assert build.main(["--cosmic-compendium", str(source), "--out", str(out)]) == 0
         data = Galaxy10File(out / "gz2_sdss_all_train.h5")
@@ -84,7 +84,7 @@ def test_gz2_all_is_skipped_for_a_folder_without_git_history(tmp_path: Path) -> 
     for split in ("train", "validation"):
         _save(repo, f"galaxies/{split}/spirals", 1, BRIGHT)
         _save(repo, f"galaxies/{split}/non_spirals", 2, DARK)
-    build = _build_real_sets()
+    build = build_real_sets_module()
     assert build.main(["--cosmic-compendium", str(repo), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "gz2_sdss_train.h5").exists()
     assert not (tmp_path / "out" / "gz2_sdss_all_train.h5").exists()

@@ -3,11 +3,8 @@ fine-tuning with --init-from (another class count, timm weights, frozen stages, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -25,6 +22,7 @@ from galmorph.training.finetune import freeze_stages, initialise_from, layer_ids
 from galmorph.training.optim import CosineSchedule, adamw
 from galmorph.training.train import train
 from galmorph.training.train_cli import _with_split_flags
+from tests.support.real_data import build_real_sets_module
 from tests.support.training_helpers import (
     FOUR_CLASSES,
     four_class_file,
@@ -258,19 +256,8 @@ def test_a_file_of_another_size_stating_no_pixel_scale_is_warned_about(
     assert "Galaxy10 DECaLS's 0.262\"/px" in warnings[0] and "pixel_scale" in warnings[0]
 
 
-def _build_real_sets() -> Any:
-    """scripts/real_data/build_real_sets.py (a tool, not a package module)."""
-    path = Path(__file__).resolve().parents[2] / "scripts" / "real_data" / "build_real_sets.py"
-    spec = importlib.util.spec_from_file_location("build_real_sets", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_real_sets_merge_the_carried_galaxy10_images_into_four_classes(tmp_path: Path) -> None:
-    build = _build_real_sets()
+    build = build_real_sets_module()
     assert build.main(["--out", str(tmp_path), "--size", "32"]) == 0
     data = Galaxy10File(tmp_path / "galaxy10_decals_4class.h5")
     assert data.class_names == ("elliptical", "spiral", "edge-on", "merger")
@@ -298,7 +285,7 @@ def test_real_sets_read_the_gz2_folders_of_a_work_tree(tmp_path: Path) -> None:
             target.mkdir(parents=True)
             for i in range(count):
                 Image.new("RGB", (424, 424), (shade, shade, shade)).save(target / f"{i}.jpg")
-    build = _build_real_sets()
+    build = build_real_sets_module()
     assert build.main(["--cosmic-compendium", str(repo), "--out", str(tmp_path / "out")]) == 0
     train = Galaxy10File(tmp_path / "out" / "gz2_sdss_train.h5")
     test = Galaxy10File(tmp_path / "out" / "gz2_sdss_test.h5")
