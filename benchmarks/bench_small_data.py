@@ -186,7 +186,8 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """mean and sd over seeds of every numeric field (records such as `served` stay per run)."""
     summary: dict[str, Any] = {"seeds": len(runs)}
     for key in runs[0]:
-        if not isinstance(runs[0][key], int | float):
+        # Runs merged from several benchmark versions may lack a field the first one has.
+        if not all(isinstance(run.get(key), int | float) for run in runs):
             continue
         values = [float(run[key]) for run in runs]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
