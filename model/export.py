@@ -131,9 +131,7 @@ class ExportReport:
     size_bytes: int = 0
 
 
-def export_onnx(
-    run_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], **options: Any
-) -> Path:
+def export_onnx(run_dir: RunDirs, out_path: str | os.PathLike[str], **options: Any) -> Path:
     """Export a run folder's checkpoint to ONNX and return the file; options as `export_model`."""
     return export_model(run_dir, out_path, **options).path
 

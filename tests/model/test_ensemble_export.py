@@ -101,6 +101,13 @@ def test_exported_ensemble_is_the_mean_of_the_members_exports(
     assert "gm_astroformer_tiny x 2 runs (mean probabilities), fp32" in capsys.readouterr().out
     # A member's evaluation.json is not the ensemble's: none is stored by default.
     assert both.card.metrics == {}
+    # fp16 (a half-precision copy of the whole ensemble) passes the export's own check.
+    half = tmp_path / "both_fp16.onnx"
+    assert (
+        main(["export", str(runs["s1"]), str(runs["s2"]), "--out", str(half), "--fp16", *plain])
+        == 0
+    )
+    assert np.abs(engine(half).run(images).probabilities - mean).max() < 5e-3
     capsys.readouterr()
 
 
