@@ -332,14 +332,14 @@ def _bands(bands: dict[str, str]) -> str:
 @with_library_defaults
 def _export(args: argparse.Namespace) -> int:
     from galmorph.model.checkpoint import CheckpointError, load_spec
-    from galmorph.model.ensemble import load_ensemble
+    from galmorph.model.ensemble import ensemble_spec
     from galmorph.model.export import export_model
     from galmorph.model.sample_images import load_images
 
     args.run_dir = args.run_dirs[0]  # an ensemble's data, split and training file: the first's
     ensemble = len(args.run_dirs) > 1
     try:
-        spec = load_ensemble(args.run_dirs)[1] if ensemble else load_spec(args.run_dir)
+        spec = ensemble_spec(args.run_dirs) if ensemble else load_spec(args.run_dir)
     except CheckpointError as exc:
         runs = "are they finished training runs" if ensemble else f"is {args.run_dir} one"
         print(f"galmorph export: {exc} ({runs}?)", file=sys.stderr)

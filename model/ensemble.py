@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from galmorph.core.data.splits import Split, SplitError
-from galmorph.model.checkpoint import CheckpointError, ModelSpec, load_model
+from galmorph.model.checkpoint import CheckpointError, ModelSpec, load_model, load_spec
 from galmorph.model.head import PreLogitsModel
 
 # model.json fields every member must share: what the file's one input spec and class list say.
@@ -70,8 +70,15 @@ class SeedEnsemble(nn.Module):
 
 
 def load_ensemble(run_dirs: Sequence[str | os.PathLike[str]]) -> tuple[SeedEnsemble, ModelSpec]:
-    """The runs as one SeedEnsemble (eval mode) and its spec: the first run's, with no metrics
-    (a member's are not the ensemble's) and the member runs named in its training_data.
+    """The runs as one SeedEnsemble (eval mode) and its spec (`ensemble_spec`)."""
+    spec = ensemble_spec(run_dirs)
+    return SeedEnsemble([load_model(run_dir)[0] for run_dir in run_dirs]).eval(), spec
+
+
+def ensemble_spec(run_dirs: Sequence[str | os.PathLike[str]]) -> ModelSpec:
+    """The spec of the runs as one ensemble, from their model.json and split.json alone (no
+    weights are read): the first run's, with no metrics (a member's are not the ensemble's)
+    and the member runs named in its training_data.
 
     CheckpointError unless every run shares model, classes and input, was trained on the same
     data (its fingerprint) and has the same split: a held-out row of one member must not be a
@@ -79,10 +86,10 @@ def load_ensemble(run_dirs: Sequence[str | os.PathLike[str]]) -> tuple[SeedEnsem
     if not 2 <= len(run_dirs) <= MAX_MEMBERS:
         raise CheckpointError(f"an ensemble takes 2 to {MAX_MEMBERS} runs, got {len(run_dirs)}")
     paths = [Path(d) for d in run_dirs]
-    loaded = [load_model(path) for path in paths]
-    first_path, (_, first) = paths[0], loaded[0]
+    specs = [load_spec(path) for path in paths]
+    first_path, first = paths[0], specs[0]
     first_split = _split(first_path)
-    for path, (_, spec) in zip(paths[1:], loaded[1:], strict=True):
+    for path, spec in zip(paths[1:], specs[1:], strict=True):
         differs = [f for f in SHARED_FIELDS if getattr(spec, f) != getattr(first, f)]
         if _data_digest(spec) != _data_digest(first):
             differs.append("training data")
@@ -95,8 +102,7 @@ def load_ensemble(run_dirs: Sequence[str | os.PathLike[str]]) -> tuple[SeedEnsem
                 "different --seed values only)"
             )
     training_data = {**first.training_data, "ensemble_runs": [str(p) for p in paths]}
-    spec = replace(first, metrics={}, training_data=training_data)
-    return SeedEnsemble([model for model, _ in loaded]).eval(), spec
+    return replace(first, metrics={}, training_data=training_data)
 
 
 def _pre_logits_model(member: nn.Module) -> PreLogitsModel:

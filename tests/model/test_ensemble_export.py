@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from galmorph.cli import main
 from galmorph.core.cutouts.resample import resize_images
@@ -22,18 +24,14 @@ from galmorph.core.data.galaxy10 import Galaxy10File
 from galmorph.core.modelfile.engine import CPU_PROVIDER, OnnxModel
 from galmorph.model.checkpoint import CheckpointError, load_model
 from galmorph.model.ensemble import SeedEnsemble, load_ensemble
+from tests.support.server_process import serve
 from tests.support.training_helpers import (
     FOUR_CLASSES,
-    REPO_ROOT,
+    TINY_RECIPE,
     four_class_file,
     make_synthetic,
 )
 
-RECIPE = (
-    *("--config", str(REPO_ROOT / "configs/small_data.yaml"), "--model", "gm_astroformer_tiny"),
-    *("--set", "img_size=32", "--set", "epochs=1", "--set", "warmup_epochs=0"),
-    *("--set", "batch_size=16", "--set", "threads=1", "--set", "progress=false"),
-)
 FAST_EXPORT = ("--threads", "1", "--fit-count", "100")
 
 
@@ -52,7 +50,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     found = {"test": test}
     for name, data, seed in (("s1", mine, 1), ("s2", mine, 2), ("other", other, 1)):
         out = root / name
-        command = ["train", "--data", str(data), "--out", str(out), *RECIPE]
+        command = ["train", "--data", str(data), "--out", str(out), *TINY_RECIPE]
         assert main([*command, "--set", f"seed={seed}"]) == 0
         found[name] = out
     return found
@@ -129,6 +127,16 @@ def test_ensemble_exports_with_calibration_and_ood_then_evaluates(
     assert main([*evaluate, str(report_dir), "--threads", "1", "--no-progress"]) == 0
     report = json.loads((report_dir / "evaluation.json").read_text())
     assert 0.0 <= report["top1"] <= 1.0 and report["num_images"] == 32
+    # Served as any model: a PNG cutout through /classify answers the file's probabilities.
+    image = Galaxy10File(runs["test"]).images(np.arange(1))[0]
+    png = tmp_path / "galaxy.png"
+    Image.fromarray(image).save(png)
+    with serve(out, tmp_path) as server:
+        answer = httpx.post(f"{server.url}/classify", files={"file": png.read_bytes()}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    expected = model.run(resize_images(image[None], 32)).probabilities[0]
+    served = answer.json()["probabilities"]
+    assert np.allclose([served[name] for name in FOUR_CLASSES], expected, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -32,21 +32,13 @@ from tests.support.onnx_factory import write_model
 from tests.support.server_process import free_port, serve
 from tests.support.training_helpers import (
     FOUR_CLASSES,
-    REPO_ROOT,
-    TINY_SYNTHETIC_START,
+    TINY_RECIPE,
     child_env,
     four_class_file,
     make_synthetic,
     run_galmorph,
 )
 
-# The README's small-data command with only the sizes made small.
-RECIPE = (
-    *("--config", str(REPO_ROOT / "configs/small_data.yaml"), "--model", "gm_astroformer_tiny"),
-    *("--set", "img_size=32", "--set", "epochs=1", "--set", "warmup_epochs=0"),
-    *("--set", "batch_size=16", "--set", "threads=1", "--set", "progress=false"),
-    *TINY_SYNTHETIC_START,
-)
 CLASS_NAMES = ("--class-names", ",".join(FOUR_CLASSES))
 FAST_EXPORT = ("--threads", "1", "--fit-count", "100")
 
@@ -65,7 +57,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def train_run(files: dict[str, Path], out: Path, *flags: str) -> Path:
-    command = ["train", "--data", str(files["mine"]), "--out", str(out), *RECIPE, *flags]
+    command = ["train", "--data", str(files["mine"]), "--out", str(out), *TINY_RECIPE, *flags]
     assert main(command) == 0
     return out
 

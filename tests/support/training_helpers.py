@@ -27,6 +27,14 @@ FOUR_CLASSES = ("elliptical", "spiral", "edge-on", "merger")
 TINY_SYNTHETIC_START = (
     *("--set", "synthetic_pretrain.images=40", "--set", "synthetic_pretrain.epochs=1"),
 )
+# The README's small-data recipe (`--config configs/small_data.yaml`) with only the sizes made
+# small: the tiny model at 32 px for one epoch, one thread, the synthetic start shrunk.
+TINY_RECIPE = (
+    *("--config", str(REPO_ROOT / "configs/small_data.yaml"), "--model", "gm_astroformer_tiny"),
+    *("--set", "img_size=32", "--set", "epochs=1", "--set", "warmup_epochs=0"),
+    *("--set", "batch_size=16", "--set", "threads=1", "--set", "progress=false"),
+    *TINY_SYNTHETIC_START,
+)
 
 
 def four_class_file(path: Path, source: Path, names: tuple[str, ...] | None) -> Path:

@@ -15,8 +15,7 @@ from galmorph.training.synthetic_pretrain import resolve_start
 from galmorph.training.train import Trainer, train
 from tests.support.training_helpers import (
     FOUR_CLASSES,
-    REPO_ROOT,
-    TINY_SYNTHETIC_START,
+    TINY_RECIPE,
     child_env,
     four_class_file,
     galmorph_command,
@@ -26,13 +25,6 @@ from tests.support.training_helpers import (
     torchrun_train,
 )
 
-# The small-data recipe with the sizes made small, the synthetic start shrunk to seconds.
-TINY = (
-    *("--config", str(REPO_ROOT / "configs/small_data.yaml"), "--model", "gm_astroformer_tiny"),
-    *("--set", "img_size=32", "--set", "epochs=1", "--set", "warmup_epochs=0"),
-    *("--set", "batch_size=16", "--set", "threads=1", "--set", "progress=false"),
-    *TINY_SYNTHETIC_START,
-)
 BUILDING = "building the synthetic starting point once"
 
 
@@ -58,7 +50,7 @@ def entries(cache: Path) -> list[Path]:
 
 def train_cli(mine: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     result = run_galmorph(
-        "train", "--data", mine, "--out", out, "--init-from", "synthetic", *TINY, *extra
+        "train", "--data", mine, "--out", out, "--init-from", "synthetic", *TINY_RECIPE, *extra
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -95,7 +87,7 @@ def test_cli_builds_once_then_reuses_and_records_the_start(
 def test_resume_reuses_the_recorded_start(mine: Path, cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     stopped = run_galmorph(
-        "train", "--data", mine, "--out", out, "--init-from", "synthetic", *TINY,
+        "train", "--data", mine, "--out", out, "--init-from", "synthetic", *TINY_RECIPE,
         *("--set", "stop_after_step=1"),
     )  # fmt: skip
     assert stopped.returncode == 143, stopped.stderr[-3000:]
@@ -110,7 +102,7 @@ def test_two_concurrent_runs_build_it_once(mine: Path, cache: Path, tmp_path: Pa
         subprocess.Popen(
             galmorph_command(
                 "train", "--data", mine, "--out", tmp_path / name, "--init-from", "synthetic",
-                *TINY,
+                *TINY_RECIPE,
             ),
             env=child_env(),
             stdout=subprocess.PIPE,
@@ -181,7 +173,7 @@ def test_a_changed_setting_builds_a_new_entry(mine: Path, cache: Path, tmp_path:
 def test_a_missing_data_file_stops_before_any_build(cache: Path, tmp_path: Path) -> None:
     result = run_galmorph(
         "train", "--data", tmp_path / "typo.h5", "--out", tmp_path / "run",
-        "--init-from", "synthetic", *TINY,
+        "--init-from", "synthetic", *TINY_RECIPE,
     )  # fmt: skip
     assert result.returncode == 2
     assert "typo.h5" in result.stderr.splitlines()[-1]
