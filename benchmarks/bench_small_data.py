@@ -262,6 +262,8 @@ REAL_SETTINGS: dict[str, tuple[str, ...]] = {
     "no label smoothing": ("mixup.label_smoothing=0",),
     "balanced weights, no label smoothing": ("loss_weighting=balanced", "mixup.label_smoothing=0"),
     "EMA 0.99": ("ema=true", "ema_decay=0.99"),
+    "SWA of the last 8 epochs": ("swa_epochs=8",),
+    "shift 6 % + zoom 0.9-1.1": ("augment.shift_fraction=0.0625", "augment.scale_range=[0.9,1.1]"),
     "stochastic depth 0.1": ("drop_path_rate=0.1",),
     "dropout 0.1 (the paper's)": ("drop_rate=0.1",),
     "balanced weights, EMA 0.99": ("loss_weighting=balanced", "ema=true", "ema_decay=0.99"),

@@ -15,12 +15,13 @@ from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.swa_utils import AveragedModel
 
 from galmorph.model.checkpoint import ModelSpec, save_model
 from galmorph.training import distributed
 from galmorph.training.config import ConfigError, TrainConfig, flatten_keys, migrate_legacy_keys
 from galmorph.training.evaluate import SPLIT_FILE_NAME
-from galmorph.training.optim import ModelEma
+from galmorph.training.optim import ModelEma, published_weights
 from galmorph.training.state import has_checkpoint, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Progress:
 
 
 class Checkpointer:
-    """Saves and restores one run's weights, optimizer, EMA and position."""
+    """Saves and restores one run's weights, optimizer, weight average and position."""
 
     def __init__(
         self,
@@ -68,6 +69,7 @@ class Checkpointer:
         *,
         model: nn.Module,
         ema: ModelEma | None,
+        swa: AveragedModel | None,
         optimizer: Optimizer,
         steps_per_epoch: int,
     ) -> None:
@@ -76,6 +78,7 @@ class Checkpointer:
         self.run_dir = run_dir
         self.model = model  # the bare model, not its DDP or compiled wrapper
         self.ema = ema
+        self.swa = swa
         self.optimizer = optimizer
         self.steps_per_epoch = steps_per_epoch
 
@@ -89,8 +92,7 @@ class Checkpointer:
             if progress.history:
                 last = progress.history[-1]
                 spec.metrics = {k: v for k, v in last.items() if k.startswith("val_")}
-            # The weights a run publishes: the EMA when enabled.
-            save_model(self.run_dir, self.model if self.ema is None else self.ema.module, spec)
+            save_model(self.run_dir, published_weights(self.model, self.ema, self.swa), spec)
             state = {
                 "format": STATE_FORMAT,
                 "epoch": progress.epoch,
@@ -105,6 +107,7 @@ class Checkpointer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "swa": self.swa.state_dict() if self.swa is not None else None,
             }
             save_checkpoint(self.run_dir, state, progress.step)
         distributed.barrier(self.ctx)
@@ -127,6 +130,10 @@ class Checkpointer:
             if state["ema"] is None:
                 raise ConfigError("config enables 'ema' but the checkpoint has no EMA weights")
             self.ema.load_state_dict(state["ema"])
+        if self.swa is not None:
+            if state.get("swa") is None:
+                raise ConfigError("config sets 'swa_epochs' but the checkpoint has no SWA weights")
+            self.swa.load_state_dict(state["swa"])
         progress = Progress(
             epoch=int(state["epoch"]), step=int(state["step"]), history=list(state["history"])
         )

@@ -117,6 +117,11 @@ class TrainConfig:
     drop_path_rate: float = 0.0
     ema: bool = False
     ema_decay: float = 0.9998
+    # Stochastic weight averaging (Izmailov et al. 2018): the cosine reaches swa_lr
+    # swa_epochs before the end, the lr stays there, and the run publishes the mean of those
+    # epochs' end weights with BatchNorm statistics recomputed for it. 0 = off.
+    swa_epochs: int = 0
+    swa_lr: float | None = None  # None: a tenth of the peak lr
     # Mixup, CutMix and label smoothing (training/mixup.py).
     mixup: MixupSettings = field(default_factory=MixupSettings)
 
@@ -183,6 +188,18 @@ class TrainConfig:
         _check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "must be in [0, epochs)")
         _check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be positive")
         _check(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
+        _check(
+            0 <= self.swa_epochs < self.epochs - self.warmup_epochs,
+            "swa_epochs",
+            f"must be in [0, {self.epochs - self.warmup_epochs:g}) (epochs - warmup_epochs): "
+            "the cosine needs epochs of its own before the averaged ones",
+        )
+        _check(self.swa_lr is None or self.swa_lr > 0, "swa_lr", "must be positive")
+        _check(
+            not (self.ema and self.swa_epochs),
+            "swa_epochs",
+            "cannot be combined with 'ema': a run publishes one kind of averaged weights",
+        )
         _check(self.sampling in SAMPLINGS, "sampling", f"must be one of {SAMPLINGS}")
         _check(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", "balanced or none")
         _check(self.targets in TARGETS, "targets", f"must be one of {TARGETS}")
@@ -233,6 +250,10 @@ class TrainConfig:
 
     def global_batch_size(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum_steps * world_size
+
+    def swa_learning_rate(self, world_size: int) -> float:
+        """The lr the SWA epochs hold (swa_epochs > 0)."""
+        return self.swa_lr if self.swa_lr is not None else self.learning_rate(world_size) / 10
 
     def learning_rate(self, world_size: int) -> float:
         """Peak lr; timm's rule: lr_base x (global batch / lr_base_size), sqrt for AdamW."""

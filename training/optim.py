@@ -1,14 +1,17 @@
-"""Optimizer, learning-rate schedule and weight EMA, following timm's conventions."""
+"""Optimizer, learning-rate schedule and weight averages (EMA, SWA), following timm's
+conventions."""
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 # Parameters timm's models exempt from weight decay besides biases and norms (1-D tensors).
 NO_DECAY_NAME_PARTS = ("relative_position_bias_table", "pos_embed", "cls_token")
@@ -63,6 +66,9 @@ class CosineSchedule:
     timm's cosine scheduler with warmup_prefix=False: the cosine is a function of the whole
     run's progress, warmup overrides its start. timm steps it once per epoch; we evaluate
     it at the fractional epoch of every step (same curve, without the staircase).
+
+    With `hold_epochs` (SWA) the cosine ends `hold_epochs` early at `hold_lr` instead of
+    min_lr, and the lr stays there to the end: the SWA paper's schedule.
     """
 
     peak_lr: float
@@ -71,13 +77,16 @@ class CosineSchedule:
     warmup_epochs: float
     epochs: int
     steps_per_epoch: int
+    hold_epochs: int = 0
+    hold_lr: float = 0.0
 
     def lr_at(self, step: int) -> float:
         epoch = step / self.steps_per_epoch
         if epoch < self.warmup_epochs:
             return self.warmup_lr + epoch * (self.peak_lr - self.warmup_lr) / self.warmup_epochs
-        progress = min(epoch / self.epochs, 1.0)
-        return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        floor = self.hold_lr if self.hold_epochs else self.min_lr
+        progress = min(epoch / (self.epochs - self.hold_epochs), 1.0)
+        return floor + 0.5 * (self.peak_lr - floor) * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every group's lr (times its layer-decay `lr_scale`); returns the base lr."""
@@ -85,6 +94,28 @@ class CosineSchedule:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
+
+
+def published_weights(
+    model: nn.Module, ema: ModelEma | None, swa: AveragedModel | None
+) -> nn.Module:
+    """The weights a run publishes: the EMA when enabled, the SWA mean once it holds an
+    epoch (before that it is a copy of the initial weights), else the model itself."""
+    if ema is not None:
+        return ema.module
+    if swa is not None and int(swa.n_averaged) > 0:
+        return swa.module
+    return model
+
+
+@torch.no_grad()
+def fold_into_average(
+    average: AveragedModel, model: nn.Module, batches: Iterable[torch.Tensor]
+) -> None:
+    """Add `model`'s weights to the SWA mean, then recompute the mean's BatchNorm statistics
+    over `batches`: averaged weights make activations that no averaged statistic describes."""
+    average.update_parameters(model)
+    update_bn(batches, average)
 
 
 class ModelEma:

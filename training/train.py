@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from galmorph.core.data.duplicates import duplicate_groups
@@ -61,7 +62,13 @@ from galmorph.training.evaluate import SPLIT_FILE_NAME, TorchPredictor, predict_
 from galmorph.training.finetune import InitError, freeze_stages, initialise_from
 from galmorph.training.metrics import classification_report, vote_fraction_error
 from galmorph.training.mixup import Mixup, soft_target_cross_entropy
-from galmorph.training.optim import CosineSchedule, ModelEma, adamw
+from galmorph.training.optim import (
+    CosineSchedule,
+    ModelEma,
+    adamw,
+    fold_into_average,
+    published_weights,
+)
 from galmorph.training.precision import Precision, resolve_precision
 from galmorph.training.reporting import EpochBar, RunFacts, RunReport
 from galmorph.training.sam import SharpnessAware, frozen_batchnorm_statistics
@@ -142,9 +149,10 @@ class TrainData:
 class TrainModel:
     """The model, its input step and its wrappers."""
 
-    model: nn.Module  # the bare model: the optimizer, EMA and checkpoints use this one
+    model: nn.Module  # the bare model: the optimizer, EMA, SWA and checkpoints use this one
     train_model: nn.Module  # what a training step calls: the model, DDP-wrapped and/or compiled
     ema: ModelEma | None
+    swa: AveragedModel | None
     preprocess: ImagePreprocess
     precision: Precision  # the input batch goes into the weights' memory format
     frozen: list[nn.Module] = field(default_factory=list)  # freeze_stages: kept in eval mode
@@ -160,8 +168,7 @@ class TrainModel:
         return self.precision.to_memory_format(self.preprocess(images))
 
     def deployable(self) -> nn.Module:
-        """The weights a run publishes: the EMA when enabled."""
-        return self.ema.module if self.ema is not None else self.model
+        return published_weights(self.model, self.ema, self.swa)
 
 
 @dataclass
@@ -321,8 +328,9 @@ def build_model(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     precision.prepare(model, training=True)
-    # The EMA copies the model before any wrapper, so it holds plain weights.
+    # The averages copy the model before any wrapper, so they hold plain weights.
     ema = ModelEma(model, config.ema_decay) if config.ema else None
+    swa = AveragedModel(model) if config.swa_epochs else None
     train_model: nn.Module = model
     if ctx.distributed:
         train_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if cuda else None)
@@ -332,6 +340,7 @@ def build_model(
         model=model,
         train_model=train_model,
         ema=ema,
+        swa=swa,
         preprocess=ImagePreprocess.of(spec.input_spec).to(ctx.device),
         precision=precision,
         frozen=frozen,
@@ -374,6 +383,8 @@ def build_optimisation(
             warmup_epochs=config.warmup_epochs,
             epochs=config.epochs,
             steps_per_epoch=data.sampler.steps_per_epoch,
+            hold_epochs=config.swa_epochs,
+            hold_lr=config.swa_learning_rate(ctx.world_size) if config.swa_epochs else 0.0,
         ),
         mixup=Mixup(config.mixup, data.num_classes),
         class_weights=class_weights,
@@ -466,6 +477,7 @@ class Trainer:
             self.run_dir,
             model=self.net.model,
             ema=self.net.ema,
+            swa=self.net.swa,
             optimizer=self.optim.optimizer,
             steps_per_epoch=self.data.sampler.steps_per_epoch,
         )
@@ -691,6 +703,8 @@ class Trainer:
             "images_per_s": timing.images_per_s(),
             "epoch_seconds": timing.seconds,
         }
+        if self.net.swa is not None and self._averages_epoch(self.progress.epoch):
+            fold_into_average(self.net.swa, self.net.model, self._batchnorm_batches())
         self.progress.epoch += 1
         self.totals = EpochTotals()
         if self.ctx.is_main:
@@ -700,6 +714,18 @@ class Trainer:
         self._save_checkpoint()
         if self.ctx.is_main:
             self.report.curves(self.progress.history)
+
+    def _batchnorm_batches(self) -> Iterator[torch.Tensor]:
+        """This epoch's training batches as a step sees them, augmented but not mixed (the
+        inputs the SWA mean's BatchNorm statistics are for); this rank's shard under DDP."""
+        self.data.sampler.set_epoch(self.progress.epoch)
+        for index, (images, _, _) in enumerate(self.data.loader):
+            key = [self.config.seed, self.progress.epoch, index, self.ctx.rank]
+            generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence(key).generate_state(1)[0])
+            )
+            augmented = self.data.augmenter(images.to(self.device), generator)
+            yield self.net.inputs(resize_batch(augmented, self.img_size))
 
     def _validate(self) -> dict[str, Any]:
         if self.data.split.val.size == 0:
@@ -757,11 +783,20 @@ class Trainer:
                 "train_class_counts": self.data.class_counts.tolist(),
                 "epochs_completed": self.progress.epoch,
                 "steps_completed": self.progress.step,
-                "weights": "ema" if config.ema else "final",
+                "weights": self._published_kind(),
                 "precision": self.precision.describe(training=True),
                 "recipe": {k: v for k, v in config.to_dict().items() if k not in ("data", "out")},
             },
         )
+
+    def _averages_epoch(self, epoch: int) -> bool:
+        """Whether SWA folds the weights at the end of `epoch` (0-based) into its mean."""
+        return self.config.swa_epochs > 0 and epoch >= self.config.epochs - self.config.swa_epochs
+
+    def _published_kind(self) -> str:
+        if self.config.ema:
+            return "ema"
+        return "swa" if self._averages_epoch(self.progress.epoch - 1) else "final"
 
     def _facts(self) -> RunFacts:
         split = self.data.split

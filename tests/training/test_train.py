@@ -324,7 +324,14 @@ def _checkpointer(run_dir: Path, **overrides: object) -> Checkpointer:
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     return Checkpointer(
-        config, SINGLE, run_dir, model=model, ema=None, optimizer=optimizer, steps_per_epoch=4
+        config,
+        SINGLE,
+        run_dir,
+        model=model,
+        ema=None,
+        swa=None,
+        optimizer=optimizer,
+        steps_per_epoch=4,
     )
 
 
