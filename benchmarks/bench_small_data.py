@@ -267,6 +267,7 @@ REAL_SETTINGS: dict[str, tuple[str, ...]] = {
     "stochastic depth 0.1": ("drop_path_rate=0.1",),
     "dropout 0.1 (the paper's)": ("drop_rate=0.1",),
     "balanced weights, EMA 0.99": ("loss_weighting=balanced", "ema=true", "ema_decay=0.99"),
+    "input 64 px": ("img_size=64",),
     "input 96 px": ("img_size=96",),
     "input 128 px": ("img_size=128",),
     "fp32 (no bf16 autocast)": ("precision=fp32",),
