@@ -384,7 +384,7 @@ def build_optimisation(
             epochs=config.epochs,
             steps_per_epoch=data.sampler.steps_per_epoch,
             hold_epochs=config.swa_epochs,
-            hold_lr=config.swa_learning_rate(ctx.world_size) if config.swa_epochs else 0.0,
+            hold_lr=config.swa_learning_rate(ctx.world_size),
         ),
         mixup=Mixup(config.mixup, data.num_classes),
         class_weights=class_weights,
@@ -721,9 +721,8 @@ class Trainer:
         self.data.sampler.set_epoch(self.progress.epoch)
         for index, (images, _, _) in enumerate(self.data.loader):
             key = [self.config.seed, self.progress.epoch, index, self.ctx.rank]
-            generator = torch.Generator().manual_seed(
-                int(np.random.SeedSequence(key).generate_state(1)[0])
-            )
+            (augment_seed,) = np.random.SeedSequence(key).generate_state(1)
+            generator = torch.Generator().manual_seed(int(augment_seed))
             augmented = self.data.augmenter(images.to(self.device), generator)
             yield self.net.inputs(resize_batch(augmented, self.img_size))
 
