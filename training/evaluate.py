@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from galmorph.core import allocator
 from galmorph.core.cutouts.resample import resize_images
 from galmorph.core.data.galaxy10 import Galaxy10File
 from galmorph.core.data.splits import SPLIT_NAMES, Split, SplitError
@@ -277,6 +278,8 @@ def _open_model(request: EvaluationRequest) -> tuple[Predictor, str, Path, str |
         if request.threads:
             torch.set_num_threads(request.threads)
         device = resolve_device(request.device)
+        if device.type == "cpu":
+            logger.info("CPU memory: %s", allocator.retain_freed_memory())
         precision = resolve_precision(request.precision, device)
         logger.info("precision: %s", precision.describe())
         model, spec = load_model(path)

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
+from galmorph.core import allocator
 from galmorph.core.data.duplicates import duplicate_groups
 from galmorph.core.data.galaxy10 import VOTES_KEY, Galaxy10Error, Galaxy10File
 from galmorph.core.data.splits import Split, SplitError, make_split
@@ -455,6 +456,8 @@ class Trainer:
         self.device = ctx.device
         if config.threads:
             torch.set_num_threads(config.threads)
+        if self.device.type == "cpu":
+            logger.info("CPU memory: %s", allocator.retain_freed_memory())
         self.teacher = self._teacher()
         teacher_size = self.teacher.input_size if self.teacher is not None else 0
         self.data = build_data(

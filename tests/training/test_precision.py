@@ -131,6 +131,7 @@ def test_the_run_records_what_ran_and_why(
             )
         )
     assert "precision: fp32 on cpu: precision=auto, CPU has none of" in caplog.text
+    assert "CPU memory: " in caplog.text  # galmorph.core.allocator asked, on a CPU
     # A resume reads config.json: it holds what ran, not "auto".
     assert json.loads((run_dir / "config.json").read_text())["precision"] == "fp32"
     card = json.loads((run_dir / "model.json").read_text())
