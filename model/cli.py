@@ -132,7 +132,8 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--parity-data",
         type=Path,
-        help="real images for the parity check: a Galaxy10-layout .h5 or a folder of PNG/JPEG",
+        help="real images for the parity check: a Galaxy10-layout .h5 or a folder of PNG/JPEG "
+        "(default: --data's images, if given)",
     )
     export.add_argument("--parity-count", type=int, default=64)
     export.add_argument(
@@ -355,9 +356,11 @@ def _export(args: argparse.Namespace) -> int:
         metrics = json.loads(metrics_path.read_text())
 
     parity_images = None
-    if args.parity_data:
+    # The labelled file the fits read is real galaxies too: check the graph on them as well.
+    parity_source = args.parity_data or args.data
+    if parity_source:
         parity_images, _ = load_images(
-            args.parity_data,
+            parity_source,
             size=spec.img_size,
             interpolation=spec.interpolation,
             count=args.parity_count,
