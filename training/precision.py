@@ -100,13 +100,13 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {setting!r}")
     native, why = _native_bf16(device)
     if setting == "fp32":
-        return Precision("fp32", device.type, "precision=fp32 was asked for")
+        return Precision("fp32", device.type, "precision=fp32: no autocast")
     if setting == "bf16":
         if not native:
             logger.warning(
                 "precision=bf16 on a device without native bf16 (%s): it is emulated", why
             )
-        return Precision("bf16", device.type, f"precision=bf16 was asked for ({why})")
+        return Precision("bf16", device.type, f"precision=bf16: autocast ({why})")
     return Precision("bf16" if native else "fp32", device.type, f"precision=auto, {why}")
 
 
