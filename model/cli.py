@@ -133,7 +133,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
         "--parity-data",
         type=Path,
         help="real images for the parity check: a Galaxy10-layout .h5 or a folder of PNG/JPEG "
-        "(default: --data's images, if given)",
+        "(default: the held-out images the temperature and OOD fits read, if any)",
     )
     export.add_argument("--parity-count", type=int, default=64)
     export.add_argument(
@@ -355,16 +355,18 @@ def _export(args: argparse.Namespace) -> int:
     if metrics_path is not None and metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
 
+    fit_images = _fit_images(args, spec)
     parity_images = None
-    # The labelled file the fits read is real galaxies too: check the graph on them as well.
-    parity_source = args.parity_data or args.data
-    if parity_source:
+    if args.parity_data:
         parity_images, _ = load_images(
-            parity_source,
+            args.parity_data,
             size=spec.img_size,
             interpolation=spec.interpolation,
             count=args.parity_count,
         )
+    elif fit_images is not None:
+        # The held-out galaxies the fits read are real ones: check the graph on them too.
+        parity_images = fit_images.val_images[: args.parity_count]
 
     calib_images, eval_images, eval_labels = _int8_images(args, spec)
     report = export_model(
@@ -377,7 +379,7 @@ def _export(args: argparse.Namespace) -> int:
         calib_images=calib_images,
         eval_images=eval_images,
         eval_labels=eval_labels,
-        fit_images=_fit_images(args, spec),
+        fit_images=fit_images,
         calibrate=not args.no_calibrate,
         ood_fpr=None if args.no_ood else args.ood_fpr,
         intra_op_threads=args.threads,
