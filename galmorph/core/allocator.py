@@ -24,9 +24,14 @@ KEEP_ALL = 2**31 - 1
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on glibc, the C library whose malloc this module tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def retain_freed_memory() -> str:
     """Ask glibc malloc to keep freed memory for reuse; says what was done (for the log)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return "allocator left as is (not glibc)"
     chosen = [name for name in USER_SETTINGS if name in os.environ]
     if "malloc" in os.environ.get("LD_PRELOAD", ""):

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="glibc malloc only",
-)
+from galmorph.core.allocator import on_glibc
+
+pytestmark = pytest.mark.skipif(not on_glibc(), reason="glibc malloc only")
 
 # Allocate, touch and free a 64 MiB array five times; count the page faults of the last four.
 # Through malloc itself: numpy and torch may ask for huge pages, which hides the count.
